@@ -14,6 +14,7 @@ import uuid
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 
 from .coordinator import GenerateError
 from .generated import kimi_cluster_pb2 as pb
@@ -103,7 +104,7 @@ class StopMatcher:
             self.stopped = True
             out, self.held = self.held[:cut], ""
             return out
-        out = self.held[:len(self.held) - self.keep] if self.keep else self.held
+        out = self.held[:max(0, len(self.held) - self.keep)]  # hold the last `keep` characters
         self.held = self.held[len(out):]
         return out
 
@@ -112,22 +113,33 @@ class StopMatcher:
         return out
 
 
+class RequireKey:
+    """401 unless `Authorization: Bearer KEY`. A plain ASGI middleware: one made with
+    @app.middleware("http") (BaseHTTPMiddleware) hides a client's disconnect from a streaming
+    response, which then never stops and never frees its session."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
+                response = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                    code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kimi-cluster", docs_url=None, redoc_url=None)
     tokenizer = coordinator.tokenizer
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
         return error.response()
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                                code="invalid_api_key").response()
-        return await call_next(request)
 
     @app.get("/v1/models")
     def models():
@@ -141,7 +153,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         messages = _messages(body)
         thinking = _thinking(body)
         max_tokens = _number(body, "max_completion_tokens", None, low=1, integer=True)
-        max_tokens = _number(body, "max_tokens", max_tokens or DEFAULT_MAX_TOKENS, low=1, integer=True)
+        max_tokens = _number(body, "max_tokens", max_tokens, low=1, integer=True)
         temperature = _number(body, "temperature", 1.0 if thinking is not False else 0.6, low=0, high=2)
         top_p = _number(body, "top_p", 0.95, low=0, high=1, low_open=True)
         seed = _number(body, "seed", None, integer=True)
@@ -155,6 +167,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             prompt = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **extra)
         except Exception as e:  # the template refused these messages
             raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
+        if max_tokens is None:  # not given: what the context leaves, up to DEFAULT_MAX_TOKENS
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, coordinator.context - len(prompt)))
         if len(prompt) + max_tokens > coordinator.context:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; with max_tokens {max_tokens} it exceeds the "
                                 f"cluster's context of {coordinator.context} tokens: shorten `messages` or lower "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from mlx_lm.models.cache import KVCache
-from mlx_lm.utils import common_prefix_len, load_tokenizer
+from mlx_lm.utils import load_tokenizer
 
 from mlx_kimi.checkpoint import open_checkpoint, text_config
 
@@ -26,6 +26,7 @@ from .auth import fingerprint
 from .discovery import Browser
 from .node import NodeService, StageError
 from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, sizes_for_model
+from .prompt_cache import CachedSession, pick_reusable
 from .units import format_bytes
 from .wire import CHUNK_PAYLOAD_BYTES, failed_node, node_stub, open_channel
 
@@ -96,7 +97,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.min_nodes = min_nodes
         self.plan: Plan | None = None
         self.chain: list[Member] = []
-        self.prompt_cache: OrderedDict[str, list] = OrderedDict()  # session id -> tokens its caches hold, LRU first
+        self.prompt_cache: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
         self.state, self.message = "waiting", "waiting for nodes"
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -320,23 +321,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                     pass
 
     def _claim_cached(self, prompt: list) -> tuple:
-        """The cached session sharing the longest prefix with `prompt` (taken out of the cache while
-        in use), and how many of its positions to keep: at least the last prompt token is computed
-        again, as mlx-lm's generate samples from it."""
+        """(session id, positions to keep): the cached session `prompt` continues, taken out of
+        the cache while in use, or a new session."""
         with self._lock:
-            best, best_len = None, 0
-            for session_id, held in self.prompt_cache.items():
-                n = common_prefix_len(held, prompt)
-                if n > best_len:
-                    best, best_len = session_id, n
+            best, keep = pick_reusable(self.prompt_cache, prompt)
             if best is None:
                 return uuid.uuid4().hex, 0
             del self.prompt_cache[best]
-            return best, min(best_len, len(prompt) - 1)
+            return best, keep
 
-    def _keep_cached(self, session_id: str, held: list):
+    def _keep_cached(self, session_id: str, cached: CachedSession):
         with self._lock:
-            self.prompt_cache[session_id] = held
+            self.prompt_cache[session_id] = cached
         while len(self.prompt_cache) > MAX_CACHED_SESSIONS and self._evict_one():
             pass
 
@@ -359,10 +355,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
         then the last prompt token, then one token at a time.
 
-        The nodes' caches for the longest common prefix of an earlier conversation are reused and
-        only the rest is prefilled; afterwards the session stays cached for the next turn unless
-        `stats["cancelled"]` is set (a client that went away). `stats` receives the session id and
-        the number of cached prompt tokens."""
+        When `prompt` continues a cached conversation (prompt_cache.pick_reusable), the nodes'
+        caches for the shared prefix are reused and only the rest is prefilled; afterwards the
+        session stays cached for the next turn unless `stats["cancelled"]` is set (a client that
+        went away). `stats` receives the session id and the number of cached prompt tokens."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
         stats = {} if stats is None else stats
@@ -386,13 +382,26 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                         self._mark_lost(e.node)
                     raise GenerateError(e.code, e.message) from e
 
-        try:
-            offset = cached
+        def prefill(offset: int) -> pb.ForwardReply:
             while len(prompt) - offset > 1:
                 n = min(self.prefill_chunk, len(prompt) - offset - 1)
                 step(prompt[offset:offset + n], offset, sample=False)
                 offset += n
-            reply = step(prompt[offset:], offset, sample=True, new_generation=True)
+            return step(prompt[offset:], offset, sample=True, new_generation=True)
+
+        try:
+            try:
+                reply = prefill(cached)
+            except GenerateError as e:
+                if not cached or e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # A node no longer holds the cached session (it freed it after --session-ttl idle
+                # seconds): free what is left of it elsewhere and start this prompt afresh.
+                log.info("cached session %s is gone on a node (%s); prefilling from scratch", session_id, e.message)
+                self.release(session_id)
+                session_id, cached = uuid.uuid4().hex, 0
+                stats.update(session_id=session_id, cached_tokens=cached)
+                reply = prefill(0)
             offset = len(prompt)
             for n in range(1, max_tokens + 1):
                 generated.append(reply.token)
@@ -407,7 +416,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise
         finally:
             if kept:  # the caches hold the prompt and every token but the last one sampled
-                self._keep_cached(session_id, prompt + generated[:-1])
+                self._keep_cached(session_id, CachedSession(prompt + generated[:-1], len(prompt)))
             else:
                 self.release(session_id)
 

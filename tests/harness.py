@@ -184,3 +184,50 @@ def wait_for_log(node: NodeProcess, pattern: str, timeout: float = START_TIMEOUT
                 f"node {node.name} never logged /{pattern}/ (exit {node.proc.poll()}); log:\n{node.log()}"
             )
         time.sleep(0.1)  # pacing between reads of the log; the line is what we wait on
+
+
+# ---- helpers for OpenAI-compatible API tests -------------------------------------------------------
+
+API_LINE = r"OpenAI API on (http://\S+/v1) \(model '([^']*)'\)"
+
+
+class ApiCluster(LocalCluster):
+    """A LocalCluster whose coordinator also serves the OpenAI API.
+
+    `extra` goes to every node, `coordinator_extra` (e.g. ["--api-port", "0", "--api-key", KEY])
+    to the coordinator only: `up` refuses the API flags on a node without --model. Once both the
+    API line and "cluster ready" have been printed (in either order), `api_url` is the base URL
+    the coordinator printed (http://HOST:PORT/v1) and `model_name` the model id it serves."""
+
+    def __init__(self, workdir: Path, model: Path, stages: int, memory: str = "1GB", extra=(),
+                 coordinator_extra=(), env=None):
+        self.workdir, self.env = workdir, env or test_env(workdir / "home")
+        self.peers, self.coordinator = [], None
+        self.api_url = self.model_name = None
+        try:
+            for i in range(1, stages):
+                self.peers.append(start_node(workdir, f"peer{i}", memory, extra=extra, env=self.env))
+            self.coordinator = start_node(workdir, "coord", memory, model=model,
+                                          peers=[p.address for p in self.peers],
+                                          extra=[*extra, *coordinator_extra], env=self.env)
+            ready = False
+            while self.api_url is None or not ready:
+                m = self.coordinator.wait_for(rf"{API_LINE}|(cluster ready)")
+                if m.group(3):
+                    ready = True
+                else:
+                    self.api_url, self.model_name = m.group(1), m.group(2)
+        except BaseException:
+            self.__exit__()  # the constructor raised, so `with` will not clean up
+            raise
+        self.secret = self.env["KIMI_CLUSTER_SECRET"].encode()
+        self.channel = open_channel(self.coordinator.address, self.secret)
+        self.client = coordinator_stub(self.channel)
+
+    def kv_state(self) -> dict:
+        """{node name: (sessions, KV bytes reserved)} from every node's Health."""
+        out = {}
+        for node in self.nodes:
+            health = self.node_stub(node).Health(pb.HealthRequest(), timeout=10)
+            out[node.name] = (health.sessions, health.kv_bytes)
+        return out

@@ -1,0 +1,481 @@
+"""The OpenAI-compatible API end to end: real `kimi-cluster up` processes, real HTTP, the official
+`openai` client. Every generated text is compared with single-process mlx-lm on the same
+checkpoint (the `oracle` fixture): greedy tokens cut at the first EOS, split at </think> the way
+Kimi replies are, each part turned into text the way mlx-lm's generate() does it.
+
+Clusters (module-scoped, started when first needed):
+  `api`    2 stages, --api-key, --context 512: almost every test; they leave it usable by the next.
+  `reaper` 1 stage, --session-ttl 1: a node frees an idle session the coordinator still lists.
+"""
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import mlx.core as mx
+import openai
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import common_prefix_len
+
+import harness
+from harness import KIMI, ApiCluster
+
+API_KEY = "sk-test-0123456789"
+CONTEXT = 512
+SYSTEM = "Be brief."
+NO_THINKING = {"thinking": False}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def chat(user: str, system: str = SYSTEM) -> list:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def poll(read, done, timeout: float, what: str):
+    """Read observable state until `done(state)`, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = read()
+        if done(state):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last state: {state}")
+        time.sleep(0.05)  # pacing between reads; the state is what we wait on
+
+
+# ---- the oracle -----------------------------------------------------------------------------------
+
+
+def detokenize(tokenizer, tokens: list) -> str:
+    """The text mlx-lm's own generate() gives for these tokens: its streaming detokenizer, which
+    (for this byte-level BPE vocabulary) drops the reply's leading space where decode() keeps it."""
+    detokenizer = tokenizer.detokenizer
+    for t in tokens:
+        detokenizer.add_token(t)
+    detokenizer.finalize()
+    return detokenizer.text
+
+
+@dataclass
+class Expected:
+    prompt: list        # the chat-templated prompt
+    generated: list     # what the cluster samples: up to and including the first EOS, or max_tokens
+    tokens: list        # the reply's tokens (before EOS)
+    logprobs: list      # log-probability of each reply token
+    reasoning: str
+    content: str
+    finish: str
+
+
+@pytest.fixture(scope="module")
+def expect(oracle):
+    """expect(messages, max_tokens, thinking=None, tools=None) -> Expected, from mlx-lm greedy."""
+    model, tokenizer = oracle
+    think_start, think_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
+    tool_section = tokenizer.convert_tokens_to_ids("<|tool_calls_section_begin|>")
+    memo = {}
+
+    def get(messages, max_tokens, thinking=None, tools=None) -> Expected:
+        extra = {} if thinking is None else {"thinking": thinking}
+        prompt = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra))
+        key = (tuple(prompt), max_tokens)
+        if key not in memo:
+            generated, logprobs = [], []
+            for token, lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+                generated.append(int(token))
+                logprobs.append(float(lp[int(token)]))
+                if int(token) in tokenizer.eos_token_ids:
+                    break
+            memo[key] = generated, logprobs
+        generated, logprobs = memo[key]
+        stopped = generated[-1] in tokenizer.eos_token_ids
+        tokens = generated[:-1] if stopped else generated
+        assert tool_section not in tokens, "the oracle reply calls a tool: pick other messages"
+        # reasoning until </think> when the prompt ends inside <think>, content after it
+        parts, mode, segment = {"reasoning": "", "content": ""}, \
+            "reasoning" if prompt[-1] == think_start else "content", []
+        for t in tokens + [None]:
+            if t in (think_start, think_end, None):
+                parts[mode] += detokenize(tokenizer, segment)
+                mode, segment = ("reasoning" if t == think_start else "content"), []
+            else:
+                segment.append(t)
+        return Expected(prompt, generated, tokens, logprobs[:len(tokens)], parts["reasoning"], parts["content"],
+                        "stop" if stopped else "length")
+
+    return get
+
+
+# ---- clusters and clients -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, tiny_dir):
+    with ApiCluster(tmp_path_factory.mktemp("api"), tiny_dir, stages=2,
+                    coordinator_extra=["--api-port", "0", "--api-key", API_KEY, "--context", str(CONTEXT)]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    with openai.OpenAI(base_url=api.api_url, api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+def create(client, api, messages, max_tokens, **kwargs):
+    """A greedy chat completion (temperature 0) for the served model."""
+    return client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=max_tokens,
+                                          temperature=0, **kwargs)
+
+
+def reasoning_of(message) -> str:
+    return (message.model_extra or {}).get("reasoning_content") or ""
+
+
+def raw(api, path: str, body: dict | None = None, key: str | None = API_KEY):
+    """(status, body text) of a plain HTTP request; `key=None` sends no Authorization header."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(api.api_url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+# ---- models, greedy text, streaming ---------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(api, client, tiny_dir):
+    assert api.model_name == tiny_dir.name  # the checkpoint directory's name, as `up` printed it
+    assert [m.id for m in client.models.list().data] == [api.model_name]
+
+
+@pytest.mark.parametrize("how", [{"thinking": False}, {"chat_template_kwargs": {"thinking": False}}],
+                         ids=["thinking", "chat_template_kwargs"])
+def test_greedy_without_thinking_matches_mlx_lm(api, client, expect, how):
+    messages = chat("Hi!")
+    want = expect(messages, 40, thinking=False)
+    assert len(want.tokens) > 10 and want.content
+    reply = create(client, api, messages, 40, extra_body=how)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == want.content
+    assert reasoning_of(choice.message) == ""
+    assert choice.message.tool_calls is None
+    assert choice.finish_reason == want.finish
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(want.prompt), len(want.tokens))
+    assert reply.usage.total_tokens == len(want.prompt) + len(want.tokens)
+    assert reply.model == api.model_name and reply.object == "chat.completion"
+
+
+def test_greedy_with_thinking_matches_mlx_lm(api, client, expect):
+    messages = chat("Why is the sky blue?")
+    want = expect(messages, 40)  # the template's default: the prompt ends with <think>
+    assert want.reasoning, "a thinking reply starts as reasoning"
+    reply = create(client, api, messages, 40)
+    message = reply.choices[0].message
+    assert reasoning_of(message) == want.reasoning
+    assert message.content == want.content
+    assert reasoning_of(message) + message.content == want.reasoning + want.content
+    assert reply.choices[0].finish_reason == want.finish
+    assert reply.usage.prompt_tokens == len(want.prompt)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_stream_equals_non_stream(api, client, expect, thinking):
+    messages = chat("Tell me a story.")
+    want = expect(messages, 32, thinking=thinking)
+    whole = create(client, api, messages, 32, extra_body={"thinking": thinking})
+    chunks = list(create(client, api, messages, 32, extra_body={"thinking": thinking}, stream=True,
+                         stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choice = [c for c in chunks if c.choices]
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in with_choice)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in with_choice)
+    finishes = [c.choices[0].finish_reason for c in with_choice]
+    assert content == whole.choices[0].message.content == want.content
+    assert reasoning == reasoning_of(whole.choices[0].message) == want.reasoning
+    assert finishes[-1] == whole.choices[0].finish_reason == want.finish
+    assert all(f is None for f in finishes[:-1])
+    # include_usage: one last chunk without choices, with the same usage as the whole reply
+    assert not chunks[-1].choices and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == len(want.prompt)
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == len(want.tokens)
+
+
+def test_raw_stream_ends_with_done(api, expect):
+    messages = chat("Count to three.")
+    want = expect(messages, 12, thinking=False)
+    status, text = raw(api, "/chat/completions", {"model": api.model_name, "messages": messages, "max_tokens": 12,
+                                                  "temperature": 0, "thinking": False, "stream": True})
+    assert status == 200, text
+    events = [line for line in text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in events), events
+    assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+    chunks = [json.loads(line[len("data: "):]) for line in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want.content
+    assert chunks[-1]["choices"][0]["finish_reason"] == want.finish
+
+
+# ---- refusals -------------------------------------------------------------------------------------
+
+LONG = " ".join(map(str, range(300)))  # about 780 prompt tokens: past the 512-token context
+
+
+@pytest.mark.parametrize("change,param,code", [
+    ({"temperature": -0.5}, "temperature", None),
+    ({"top_p": 0}, "top_p", None),
+    ({"top_p": 1.5}, "top_p", None),
+    ({"max_tokens": 0}, "max_tokens", None),
+    ({"messages": []}, "messages", None),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", None),
+    ({"messages": [*chat("x"), {"role": "tool", "content": "21 C"}]}, "messages[2].tool_call_id", None),
+    ({"messages": chat(LONG)}, "messages", "context_length_exceeded"),
+    ({"max_tokens": CONTEXT}, "messages", "context_length_exceeded"),  # fits alone, not with max_tokens
+], ids=["temperature<0", "top_p=0", "top_p>1", "max_tokens=0", "no-messages", "unknown-role",
+        "tool-without-id", "long-prompt", "prompt+max_tokens"])
+def test_bad_request_names_the_field(api, client, change, param, code):
+    request = {"messages": chat("Hi!"), "max_tokens": 8, **change}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=api.model_name, **request)
+    error = info.value
+    assert error.status_code == 400
+    body = error.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"] == error.body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == error.param == param
+    assert f"`{param.split('[')[0]}" in body["error"]["message"]
+    assert body["error"]["code"] == code
+
+
+def test_unknown_model_is_404(api, client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=chat("Hi!"), max_tokens=4)
+    assert info.value.code == "model_not_found" and api.model_name in info.value.message
+
+
+def test_wrong_or_missing_key_is_401(api):
+    with openai.OpenAI(base_url=api.api_url, api_key="sk-wrong", max_retries=0) as wrong:
+        for call in (lambda: wrong.models.list(),
+                     lambda: wrong.chat.completions.create(model=api.model_name, messages=chat("Hi!"), max_tokens=4)):
+            with pytest.raises(openai.AuthenticationError) as info:
+                call()
+            assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    body = {"model": api.model_name, "messages": chat("Hi!"), "max_tokens": 4}
+    for path, request in (("/models", None), ("/chat/completions", body)):
+        status, text = raw(api, path, request, key=None)
+        assert status == 401, text
+        assert json.loads(text)["error"]["code"] == "invalid_api_key"
+    assert raw(api, "/models", key=API_KEY)[0] == 200  # the same request with the key is served
+
+
+def test_exposed_api_without_key_is_refused_at_start(tmp_path, tiny_dir):
+    env = harness.test_env(tmp_path / "home")
+    base = [KIMI, "up", "--model", str(tiny_dir), "--no-mdns", "--port", "0", "--api-port", "0"]
+    started = time.monotonic()
+    exposed = subprocess.run([*base, "--api-host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)
+    assert exposed.returncode != 0
+    assert "--api-key" in exposed.stderr and "--api-allow-no-key" in exposed.stderr, exposed.stderr
+    assert "listening on" not in exposed.stdout  # refused before it served anything
+    assert time.monotonic() - started < 30
+    no_model = subprocess.run([KIMI, "up", "--no-mdns", "--port", "0", "--api-port", "0"],
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert no_model.returncode != 0 and "--model" in no_model.stderr, no_model.stderr
+
+
+# ---- stop strings, logprobs -----------------------------------------------------------------------
+
+
+def pick_stop(text: str) -> tuple:
+    """A short piece of `text` whose first occurrence is past its first third: (stop, text before it)."""
+    for length in range(3, 9):
+        for start in range(len(text) // 2, len(text) - length):
+            stop = text[start:start + length]
+            if text.find(stop) >= len(text) // 3:
+                return stop, text[:text.find(stop)]
+    pytest.fail(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_reply(api, client, expect, stream):
+    messages = chat("Name a colour.")
+    want = expect(messages, 48, thinking=False)
+    stop, before = pick_stop(want.content)
+    other = "\u00a7never\u00a7"  # a second stop that never occurs
+    reply = create(client, api, messages, 48, extra_body=NO_THINKING, stop=[other, stop], stream=stream)
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        content, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert content == before and finish == "stop"
+
+
+def test_stop_string_that_never_occurs_changes_nothing(api, client, expect):
+    messages = chat("Name a colour.")
+    want = expect(messages, 48, thinking=False)
+    reply = create(client, api, messages, 48, extra_body=NO_THINKING, stop="\u00a7never\u00a7")
+    assert reply.choices[0].message.content == want.content
+    assert reply.choices[0].finish_reason == want.finish
+
+
+def test_default_max_tokens_fits_the_context(api, client, expect):
+    """Without max_tokens the reply may use what the context leaves; a stop string ends it early."""
+    messages = chat("Name a colour.")
+    want = expect(messages, 48, thinking=False)
+    stop, before = pick_stop(want.content)
+    reply = client.chat.completions.create(model=api.model_name, messages=messages, temperature=0,
+                                           extra_body=NO_THINKING, stop=stop)
+    assert reply.choices[0].message.content == before and reply.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_one_per_generated_token(api, client, expect, oracle, stream):
+    messages = chat("Say something.")
+    want = expect(messages, 24, thinking=False)
+    reply = create(client, api, messages, 24, extra_body=NO_THINKING, logprobs=True, stream=stream)
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    else:
+        entries, content = reply.choices[0].logprobs.content, reply.choices[0].message.content
+        assert reply.usage.completion_tokens == len(entries)
+    assert content == want.content
+    assert len(entries) == len(want.tokens)
+    tokenizer = oracle[1]
+    assert [e.token for e in entries] == [tokenizer.decode([t]) for t in want.tokens]
+    for entry, logprob in zip(entries, want.logprobs):
+        assert entry.logprob <= 0 and entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert bytes(entry.bytes) == entry.token.encode()
+
+
+# ---- prompt cache, concurrency, tools -------------------------------------------------------------
+
+
+def test_next_turn_reuses_the_cached_prefix(api, client, expect):
+    """Turn 2 = turn 1 + its reply + a new question. The cluster kept turn 1's session with the
+    prompt and every reply token but the last sampled one (the next turn computes at least its
+    last prompt token again), so turn 2's cached_tokens is exactly the common prefix of that and
+    turn 2's prompt, capped at len(prompt) - 1. It covers at least all of turn 1's prompt (the
+    template renders the earlier reply after the same `<think></think>` turn 1 ended with), and
+    reusing those positions must not change turn 2's greedy reply."""
+    turn1 = chat("Plan a trip to Rome.", system="You are a travel agent.")
+    want1 = expect(turn1, 24, thinking=False)
+    reply1 = create(client, api, turn1, 24, extra_body=NO_THINKING)
+    assert reply1.choices[0].message.content == want1.content
+    turn2 = turn1 + [{"role": "assistant", "content": reply1.choices[0].message.content},
+                     {"role": "user", "content": "And on day two?"}]
+    want2 = expect(turn2, 24, thinking=False)
+    held = want1.prompt + want1.generated[:-1]
+    cached = min(common_prefix_len(held, want2.prompt), len(want2.prompt) - 1)
+    assert cached >= len(want1.prompt)
+    reply2 = create(client, api, turn2, 24, extra_body=NO_THINKING)
+    assert reply2.usage.prompt_tokens == len(want2.prompt)
+    assert reply2.usage.prompt_tokens_details.cached_tokens == cached
+    prefilled = reply2.usage.prompt_tokens - reply2.usage.prompt_tokens_details.cached_tokens
+    assert prefilled <= len(want2.prompt) - len(want1.prompt)
+    assert reply2.choices[0].message.content == want2.content
+
+
+def test_concurrent_requests_each_match_mlx_lm(api, client, expect):
+    questions = ["What is 2+2?", "Describe a cat.", "Write a haiku."]
+    wants = [expect(chat(q), 32, thinking=False) for q in questions]
+    assert len({w.content for w in wants}) == 3, "the test needs three different replies"
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda q: create(client, api, chat(q), 32, extra_body=NO_THINKING), questions))
+    for reply, want in zip(replies, wants):
+        assert reply.choices[0].message.content == want.content
+        assert reply.choices[0].finish_reason == want.finish
+
+
+def test_tools_end_to_end(api, client, expect):
+    """The tool is declared in the prompt (the template renders it) and a conversation that used it
+    goes on; the random tiny model does not call it, so its reply is compared as text."""
+    messages = chat("Weather in Paris?")
+    want = expect(messages, 16, thinking=False, tools=[WEATHER_TOOL])
+    assert len(want.prompt) > len(expect(messages, 16, thinking=False).prompt)
+    reply = create(client, api, messages, 16, extra_body=NO_THINKING, tools=[WEATHER_TOOL])
+    assert reply.usage.prompt_tokens == len(want.prompt)
+    assert reply.choices[0].message.content == want.content
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == want.finish
+
+    call = {"id": "functions.get_weather:0", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+    followed = messages + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}]
+    want = expect(followed, 16, thinking=False, tools=[WEATHER_TOOL])
+    reply = create(client, api, followed, 16, extra_body=NO_THINKING, tools=[WEATHER_TOOL])
+    assert reply.usage.prompt_tokens == len(want.prompt)
+    assert reply.choices[0].message.content == want.content
+
+
+def test_unrelated_request_keeps_another_conversations_cache(api, client, expect):
+    system = "You answer in one line."
+    first = chat("What is the capital of France?", system=system)
+    reply = create(client, api, first, 8, extra_body=NO_THINKING)
+    create(client, api, chat("Spell cat.", system=system), 8, extra_body=NO_THINKING)  # someone else
+    turn2 = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": "And of Spain?"}]
+    again = create(client, api, turn2, 8, extra_body=NO_THINKING)
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(expect(first, 8, thinking=False).prompt)
+
+
+# ---- cancellation ---------------------------------------------------------------------------------
+
+
+def test_client_that_goes_away_frees_the_session_on_every_node(api, client, expect):
+    messages = chat("Tell me everything.")  # continues no cached conversation: it gets a session of its own
+    before = api.kv_state()
+    stream = create(client, api, messages, 400, extra_body=NO_THINKING, stream=True)
+    chunks = iter(stream)
+    for _ in range(5):
+        next(chunks)
+    during = api.kv_state()
+    for name, (sessions, kv) in during.items():  # the request holds a new session on every node
+        assert sessions == before[name][0] + 1 and kv > before[name][1], (name, before, during)
+    stream.close()
+    poll(api.kv_state, lambda state: state == before, 15, f"every node's KV to be back at {before}")
+    # nothing of it is reused: the next request starts from scratch, and is right
+    want = expect(messages, 12, thinking=False)
+    reply = create(client, api, messages, 12, extra_body=NO_THINKING)
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    assert reply.choices[0].message.content == want.content
+
+
+# ---- a session a node freed on its own ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reaper(tmp_path_factory, tiny_dir):
+    with ApiCluster(tmp_path_factory.mktemp("reaper"), tiny_dir, stages=1, extra=["--session-ttl", "1"],
+                    coordinator_extra=["--api-port", "0"]) as c:
+        yield c
+
+
+def test_request_after_the_node_freed_an_idle_session(reaper, expect):
+    """The coordinator still lists the conversation as cached; the node has freed it (idle past
+    --session-ttl). The next request must be served from scratch, not fail."""
+    messages = chat("Hello again.")
+    want = expect(messages, 12, thinking=False)
+    with openai.OpenAI(base_url=reaper.api_url, api_key="unused", max_retries=0, timeout=60) as client:
+        assert create(client, reaper, messages, 12, extra_body=NO_THINKING).choices[0].message.content == want.content
+        poll(reaper.kv_state, lambda state: all(s == (0, 0) for s in state.values()), 15,
+             "the node to free the idle session")
+        reply = create(client, reaper, messages, 12, extra_body=NO_THINKING)
+        assert reply.choices[0].message.content == want.content
+        assert reply.usage.prompt_tokens_details.cached_tokens == 0
