@@ -24,11 +24,12 @@ from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .auth import fingerprint
 from .discovery import Browser
-from .node import NodeService, StageError
+from .link import ForwardLink, StageError
+from .node import NodeService
 from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, sizes_for_model
 from .prompt_cache import CachedSession, pick_reusable
 from .units import format_bytes
-from .wire import CHUNK_PAYLOAD_BYTES, failed_node, node_stub, open_channel
+from .wire import CHUNK_PAYLOAD_BYTES, node_stub, open_channel
 
 log = logging.getLogger("kimi_cluster.coordinator")
 
@@ -54,6 +55,7 @@ class Member:
     stub: object
     info: pb.NodeInfo | None = None
     status: str = "waiting"  # waiting, loading, ready, lost, spare
+    link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
 
     @property
     def name(self) -> str:
@@ -205,7 +207,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             for m in self.members.values():
                 m.status = "loading" if m in self.chain else "spare"
 
-    def _load_request(self, index: int) -> pb.LoadRequest:
+    def _load_request(self, index: int, drop_sessions: bool = False) -> pb.LoadRequest:
         stage = self.plan.stages[index]
         after = self.chain[index + 1] if index + 1 < len(self.chain) else None
         return pb.LoadRequest(
@@ -213,14 +215,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             start=stage.start, end=stage.end,
             kv_budget_bytes=max(0, stage.usable_bytes - stage.weight_bytes - stage.scratch_bytes),
             next_address=after.address if after else "", next_name=after.name if after else "",
-            coordinator=self.local.address,
+            coordinator=self.local.address, drop_sessions=drop_sessions,
         )
 
-    def _load(self, index: int, on_progress=None) -> bool:
+    def _load(self, index: int, on_progress=None, drop_sessions: bool = False) -> bool:
         member = self.chain[index]
         member.status = "loading"
         try:
-            for update in member.stub.Load(self._load_request(index), timeout=3600):
+            for update in member.stub.Load(self._load_request(index, drop_sessions), timeout=3600):
                 if on_progress:
                     on_progress(member.name, update)
         except grpc.RpcError as e:
@@ -278,7 +280,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                     log.info("%s is back at %s; loading layers %d-%d again", member.name, member.address,
                              self.plan.stages[i].start, self.plan.stages[i].end - 1)
                     self._refresh(member)
-                    self._load(i)
+                    self._load(i, drop_sessions=True)
                     if i > 0 and self.chain[i - 1].info.loaded.next_address != member.address:
                         self._load(i - 1)  # same slice: the node only re-points its next stage
                     self._update_state()
@@ -299,18 +301,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         first = self.chain[0]
         if first.address == self.local.address:
             return self.local.forward(request, timeout)
-        try:
-            return first.stub.Forward(request, timeout=timeout)
-        except grpc.RpcError as e:
-            named = failed_node(e)
-            if named:
-                raise StageError(e.code(), e.details(), named) from e
-            code = e.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise StageError(grpc.StatusCode.UNAVAILABLE,
-                                 f"node {first.name} ({first.address}) is unreachable: {e.details()}",
-                                 first.name) from e
-            raise StageError(code, f"node {first.name}: {e.details()}", first.name) from e
+        if first.link is None or first.link.address != first.address:
+            if first.link:
+                first.link.close()
+            first.link = ForwardLink(first.stub, first.name, first.address)
+        return first.link.call(request, timeout)
 
     def release(self, session_id: str):
         for m in self.chain:

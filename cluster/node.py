@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,32 +21,17 @@ from mlx_kimi.slice import LayerRange, ModelSlice, load_slice
 from . import __version__
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
+from .link import ForwardLink, StageError
 from .machine import Machine
-from .wire import (
-    FAILED_NODE_KEY,
-    WireError,
-    check_tensor,
-    decode_tensor,
-    encode_tensor,
-    failed_node,
-    node_stub,
-    open_channel,
-)
+from .wire import FAILED_NODE_KEY, WireError, check_tensor, decode_tensor, encode_tensor, node_stub, open_channel
 
 log = logging.getLogger("kimi_cluster.node")
 
 # Each hop gives the next one a little less time, so the stage nearest a stalled node reports it.
 HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
+STREAM_WORKERS = 16   # requests of one ForwardStream in flight at once (sessions in the pipeline)
 MAX_CHUNK_TOKENS = 8192
-
-
-class StageError(Exception):
-    """A request this stage (or one after it) could not serve; `node` names the node at fault."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, node: str = ""):
-        super().__init__(message)
-        self.code, self.message, self.node = code, message, node
 
 
 class ComputeWorker:
@@ -115,7 +100,7 @@ class Stage:
     kv_budget_bytes: int
     next_name: str = ""
     next_address: str = ""
-    next_stub: object = None
+    next_link: ForwardLink | None = None
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -188,13 +173,19 @@ class NodeService(pb_grpc.NodeServicer):
             if stage and stage.model_id == request.model_id and stage.slice.layers == layers:
                 # Already holds this slice: only the next stage or the budget changed.
                 stage.kv_budget_bytes = request.kv_budget_bytes
+                if request.drop_sessions and self.sessions:
+                    log.info("dropping %d sessions of a broken chain", len(self.sessions))
+                    self.sessions.clear()
                 if stage.next_address != request.next_address:
+                    if stage.next_link:
+                        stage.next_link.close()
                     stage.next_name, stage.next_address = request.next_name, request.next_address
-                    stage.next_stub = node_stub(open_channel(request.next_address, self.secret)) \
-                        if request.next_address else None
+                    stage.next_link = self._link(request.next_name, request.next_address)
                 n = stage.slice.nbytes()
                 progress(n, n)
                 return stage
+            if stage and stage.next_link:
+                stage.next_link.close()
             self.stage = None
             self.sessions.clear()
 
@@ -213,13 +204,15 @@ class NodeService(pb_grpc.NodeServicer):
             slice=model_slice, model_id=checkpoint.model_id, model_name=checkpoint.name,
             num_layers=checkpoint.num_layers, kv_budget_bytes=request.kv_budget_bytes,
             next_name=request.next_name, next_address=request.next_address,
+            next_link=self._link(request.next_name, request.next_address),
         )
-        if request.next_address:
-            stage.next_stub = node_stub(open_channel(request.next_address, self.secret))
         with self._lock:
             self.stage = stage
         log.info("loaded %s layers %s (%d bytes)", checkpoint.name, layers, model_slice.nbytes())
         return stage
+
+    def _link(self, name: str, address: str) -> ForwardLink | None:
+        return ForwardLink(node_stub(open_channel(address, self.secret)), name, address) if address else None
 
     # ---- the data path -----------------------------------------------------------------------
 
@@ -334,22 +327,20 @@ class NodeService(pb_grpc.NodeServicer):
             sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
         )
         timeout = (time_left if time_left is not None else DEFAULT_TIMEOUT_S) - HOP_MARGIN_S
-        try:
-            return stage.next_stub.Forward(onward, timeout=max(timeout, 0.1))
-        except grpc.RpcError as e:
-            raise self._next_failure(stage, e, timeout) from e
+        return stage.next_link.call(onward, max(timeout, 0.1))
 
-    def _next_failure(self, stage: Stage, e: grpc.RpcError, timeout: float) -> StageError:
-        named = failed_node(e)
-        if named:  # a node further down already said who failed
-            return StageError(e.code(), e.details(), named)
-        who = f"node {stage.next_name} ({stage.next_address})"
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return StageError(grpc.StatusCode.UNAVAILABLE, f"{who} did not answer within {timeout:.1f} s",
-                              stage.next_name)
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            return StageError(grpc.StatusCode.UNAVAILABLE, f"{who} is unreachable: {e.details()}", stage.next_name)
-        return StageError(e.code(), f"{who}: {e.details()}", stage.next_name)
+    def _serve(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        """One request of a ForwardStream: its reply, or the failure in it."""
+        try:
+            reply = self.forward(request, request.time_left_s or None)
+        except StageError as e:
+            reply = pb.ForwardReply(failure=e.failure())
+        except Exception as e:  # a bug: still answer, or the sender waits out its deadline
+            log.exception("forward failed")
+            reply = pb.ForwardReply(failure=StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}",
+                                                       self.name).failure())
+        reply.seq = request.seq
+        return reply
 
     # ---- gRPC handlers ---------------------------------------------------------------------------
 
@@ -372,6 +363,25 @@ class NodeService(pb_grpc.NodeServicer):
             if e.node:
                 context.set_trailing_metadata(((FAILED_NODE_KEY, e.node),))
             context.abort(e.code, e.message)
+
+    def ForwardStream(self, requests, context):
+        replies = queue.Queue()
+
+        def read():
+            # Requests are served concurrently: while one session waits on the stages after this
+            # one, this stage computes another's (the pipeline overlaps sessions).
+            try:
+                with ThreadPoolExecutor(max_workers=STREAM_WORKERS, thread_name_prefix="forward") as pool:
+                    for request in requests:
+                        pool.submit(lambda r=request: replies.put(self._serve(r)))
+            except grpc.RpcError:  # the sender went away; what is in flight still finishes
+                pass
+            finally:
+                replies.put(None)
+
+        threading.Thread(target=read, name="forward-stream", daemon=True).start()
+        while (reply := replies.get()) is not None:
+            yield reply
 
     def Load(self, request, context):
         updates = queue.Queue()

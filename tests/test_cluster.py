@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
+from cluster.link import ForwardLink, StageError
 from cluster.wire import coordinator_stub, node_stub, open_channel
 from harness import LocalCluster
 from mlx_kimi.checkpoint import open_checkpoint, text_config
@@ -277,6 +278,17 @@ def test_malformed_forward_is_rejected_without_disturbing_others(cluster3, tiny_
             assert second.name in info.value.details()
             # nothing was reserved for the refused request
             assert not stub.Release(pb.ReleaseRequest(session_id=f"bad-{what}"), timeout=30).found
+        # the same on the chain's data path: one ForwardStream answers each with the failure
+        link = ForwardLink(stub, second.name, second.address)
+        try:
+            for what, (tensor, says) in bad.items():
+                request = pb.ForwardRequest(session_id=f"bad-{what}", offset=0, hidden=tensor, max_positions=8)
+                with pytest.raises(StageError) as failed:
+                    link.call(request, 30.0)
+                assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT, (what, failed.value)
+                assert says in failed.value.message and failed.value.node == second.name, (what, failed.value)
+        finally:
+            link.close()
         with pytest.raises(grpc.RpcError) as info:
             stub.Forward(pb.ForwardRequest(session_id="bad-none", offset=0, max_positions=8), timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,4 +1,4 @@
-"""What a cluster does when things go wrong: a node killed mid-reply, a node that does not share
+"""What a cluster does when things go wrong: a node killed or stalled mid-reply, a node that does not share
 the secret, a KV cache budget too small for a request. Real processes, real gRPC, real MLX; the
 single-process mlx-lm model is the reference for every token."""
 
@@ -48,69 +48,84 @@ def poll(fn, ok, timeout: float, what: str):
         time.sleep(0.2)  # pacing between polls only; the condition is what we wait on
 
 
-# ---- 4. a node killed during generation -----------------------------------------------------------
+# ---- 4. a node killed or stalled during generation ------------------------------------------------
+
+
+def middle_of(cluster):
+    """(the middle stage's node process, its name, the other node processes) of a 3-stage cluster."""
+    stages = sorted(cluster.memory_map().nodes, key=lambda n: n.start)
+    assert [(s.start, s.end) for s in stages] == [(0, 2), (2, 4), (4, 6)]
+    middle = next(n for n in cluster.peers if n.name == stages[1].name)
+    return middle, middle.name, [n for n in cluster.nodes if n is not middle]
+
+
+def interrupt_generation(cluster, prompt_ids, interrupt) -> dict:
+    """Start a long generation, call `interrupt()` once 5 tokens have streamed, and return what
+    the client saw: the tokens, and the error with the seconds from the interruption to it."""
+    streamed = threading.Event()
+    outcome = {}
+
+    def generate():
+        request = pb.GenerateRequest(prompt_tokens=prompt_ids, max_tokens=400)
+        ids = []
+        try:
+            for event in cluster.client.Generate(request, timeout=120):
+                if event.HasField("token") and event.token.id >= 0:
+                    ids.append(event.token.id)
+                    if len(ids) >= 5:
+                        streamed.set()
+            outcome["finished"] = ids
+        except grpc.RpcError as e:
+            outcome["error"], outcome["at"], outcome["ids"] = e, time.monotonic(), ids
+        streamed.set()
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    try:
+        assert streamed.wait(60), "no tokens streamed"
+        assert "error" not in outcome and "finished" not in outcome, outcome
+        interrupted_at = time.monotonic()
+        interrupt()
+    finally:
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert "finished" not in outcome, "the reply finished although a stage was interrupted"
+    outcome["after_s"] = outcome["at"] - interrupted_at
+    return outcome
+
+
+def assert_degraded_and_released(cluster, lost_name: str, survivors: list):
+    reply = poll(cluster.memory_map, lambda m: m.state == "degraded", 30, "a degraded map")
+    status = {n.name: n.status for n in reply.nodes}
+    assert status[lost_name] == "lost", status
+    assert all(status[n.name] == "ready" for n in survivors), status
+    assert lost_name in reply.message
+    # the surviving stages dropped the broken session
+    for node in survivors:
+        stub = cluster.node_stub(node)
+        poll(lambda: stub.Health(pb.HealthRequest(), timeout=10), lambda h: h.sessions == 0 and h.kv_bytes == 0,
+             30, f"{node.name} to free its sessions")
 
 
 def test_kill_middle_node_then_restart(tmp_path, tiny_dir, oracle, chat_prompt_ids):
     expected = oracle_greedy(oracle, chat_prompt_ids)
     with LocalCluster(tmp_path, tiny_dir, stages=3) as cluster:
-        stages = sorted(cluster.memory_map().nodes, key=lambda n: n.start)
-        assert [(s.start, s.end) for s in stages] == [(0, 2), (2, 4), (4, 6)]
-        middle_name = stages[1].name
-        middle = next(n for n in cluster.peers if n.name == middle_name)
-        survivors = [n for n in cluster.nodes if n is not middle]
+        middle, middle_name, survivors = middle_of(cluster)
         port = int(middle.address.rsplit(":", 1)[1])
 
-        streamed = threading.Event()
-        outcome = {}
-
-        def generate():
-            request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=400)
-            ids = []
-            try:
-                for event in cluster.client.Generate(request, timeout=120):
-                    if event.HasField("token") and event.token.id >= 0:
-                        ids.append(event.token.id)
-                        if len(ids) >= 5:
-                            streamed.set()
-                outcome["finished"] = ids
-            except grpc.RpcError as e:
-                outcome["error"], outcome["at"], outcome["ids"] = e, time.monotonic(), ids
-            streamed.set()
-
-        thread = threading.Thread(target=generate)
-        thread.start()
-        try:
-            assert streamed.wait(60), "no tokens streamed"
-            assert "error" not in outcome and "finished" not in outcome, outcome
-            killed_at = time.monotonic()
-            middle.kill(signal.SIGKILL)
-        finally:
-            thread.join(timeout=60)
-        assert not thread.is_alive()
-        assert "finished" not in outcome, "the reply finished although a stage was killed"
+        outcome = interrupt_generation(cluster, chat_prompt_ids, lambda: middle.kill(signal.SIGKILL))
         error = outcome["error"]
-        assert outcome["at"] - killed_at < 10.0
+        assert outcome["after_s"] < 10.0
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
         assert middle_name in error.details(), error.details()
-        # what streamed before the kill was right
-        assert outcome["ids"] == expected[:len(outcome["ids"])]
+        assert outcome["ids"] == expected[:len(outcome["ids"])]  # what streamed before the kill was right
 
-        reply = poll(cluster.memory_map, lambda m: m.state == "degraded", 30, "a degraded map")
-        status = {n.name: n.status for n in reply.nodes}
-        assert status[middle_name] == "lost", status
-        assert all(status[n.name] == "ready" for n in survivors), status
-        assert middle_name in reply.message
+        assert_degraded_and_released(cluster, middle_name, survivors)
         # a request now is refused up front, naming the state
         with pytest.raises(grpc.RpcError) as info:
             cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=4)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "degraded" in info.value.details()
-        # the surviving stages dropped the dead session
-        for node in survivors:
-            stub = cluster.node_stub(node)
-            poll(lambda: stub.Health(pb.HealthRequest(), timeout=10), lambda h: h.sessions == 0 and h.kv_bytes == 0,
-                 30, f"{node.name} to free its sessions")
 
         # the same node comes back (same name, memory and address) and is loaded again
         restarted = start_node(tmp_path, middle_name, "1GB", env=cluster.env, port=port)
@@ -120,6 +135,32 @@ def test_kill_middle_node_then_restart(tmp_path, tiny_dir, oracle, chat_prompt_i
         entry = next(n for n in reply.nodes if n.name == middle_name)
         assert entry.status == "ready" and (entry.start, entry.end) == (2, 4)
         assert entry.resident_bytes == open_checkpoint(tiny_dir).sizes().range_bytes(2, 4)
+        ids, _ = cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=GREEDY_TOKENS)
+        assert ids == expected
+
+
+def test_stalled_middle_node_is_named_then_resumes(tmp_path, tiny_dir, oracle, chat_prompt_ids):
+    """A node that stops answering without closing its connections (SIGSTOP: a hung process, a
+    sleeping Mac) is reported by the stage before it once its deadline passes; when it answers
+    again it is loaded again, holding none of the broken chain's sessions."""
+    expected = oracle_greedy(oracle, chat_prompt_ids)
+    with LocalCluster(tmp_path, tiny_dir, stages=3) as cluster:
+        middle, middle_name, survivors = middle_of(cluster)
+        try:
+            outcome = interrupt_generation(cluster, chat_prompt_ids, lambda: middle.kill(signal.SIGSTOP))
+            error = outcome["error"]
+            assert outcome["after_s"] < 10.0
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            assert middle_name in error.details(), error.details()
+            assert outcome["ids"] == expected[:len(outcome["ids"])]
+            assert_degraded_and_released(cluster, middle_name, survivors)
+        finally:
+            middle.kill(signal.SIGCONT)
+        reply = poll(cluster.memory_map, lambda m: m.state == "ready", 60, "the map to be ready again")
+        assert {n.name: n.status for n in reply.nodes}[middle_name] == "ready"
+        for node in cluster.nodes:  # nothing of the broken session is left anywhere
+            health = cluster.node_stub(node).Health(pb.HealthRequest(), timeout=10)
+            assert (health.sessions, health.kv_bytes) == (0, 0), (node.name, health)
         ids, _ = cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=GREEDY_TOKENS)
         assert ids == expected
 

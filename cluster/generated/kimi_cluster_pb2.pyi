@@ -63,7 +63,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., chip: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., loaded: _Optional[_Union[LoadedSlice, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., is_coordinator: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator")
+    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class LoadRequest(_message.Message):
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NEXT_NAME_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    DROP_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_id: str
     start: int
@@ -80,7 +81,8 @@ class LoadRequest(_message.Message):
     next_address: str
     next_name: str
     coordinator: str
-    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ...) -> None: ...
+    drop_sessions: bool
+    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "message", "done")
@@ -119,7 +121,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation")
+    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,8 @@ class ForwardRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     NEW_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -136,17 +140,33 @@ class ForwardRequest(_message.Message):
     sampling: SamplingParams
     max_positions: int
     new_generation: bool
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ...) -> None: ...
+    seq: int
+    time_left_s: float
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("sampled", "token", "logprob")
+    __slots__ = ("sampled", "token", "logprob", "seq", "failure")
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     sampled: bool
     token: int
     logprob: float
-    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+    seq: int
+    failure: StageFailure
+    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ...) -> None: ...
+
+class StageFailure(_message.Message):
+    __slots__ = ("code", "message", "node")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    node: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id",)

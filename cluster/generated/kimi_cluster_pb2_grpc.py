@@ -49,6 +49,11 @@ class NodeStub:
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/kimi_cluster.v1.Node/ForwardStream',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kimi_cluster.v1.Node/Release',
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ReleaseRequest.SerializeToString,
@@ -85,6 +90,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """The chain's data path: Forward for a long-lived stream of requests from the stage before
+        (or the coordinator), served concurrently and answered on the stream, matched by `seq`.
+        One call per stage pair, authenticated once, instead of a new call per token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Free a session's KV caches.
         """
@@ -113,6 +127,11 @@ def add_NodeServicer_to_server(servicer, server):
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardRequest.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardRequest.FromString,
                     response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.SerializeToString,
             ),
@@ -206,6 +225,33 @@ class Node:
             request,
             target,
             '/kimi_cluster.v1.Node/Forward',
+            cluster_dot_generated_dot_kimi__cluster__pb2.ForwardRequest.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kimi_cluster.v1.Node/ForwardStream',
             cluster_dot_generated_dot_kimi__cluster__pb2.ForwardRequest.SerializeToString,
             cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.FromString,
             options,
