@@ -33,6 +33,7 @@ from .wire import CHUNK_PAYLOAD_BYTES, node_stub, open_channel
 
 log = logging.getLogger("kimi_cluster.coordinator")
 
+MDNS_QUIET_S = 5.0          # alone this long while browsing: say what may hide the other nodes
 MAX_CACHED_SESSIONS = 16    # conversations whose KV caches stay on the nodes for their next turn
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
@@ -101,6 +102,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.chain: list[Member] = []
         self.prompt_cache: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
         self.state, self.message = "waiting", "waiting for nodes"
+        self._waiting_since = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._changed = threading.Event()
@@ -163,11 +165,29 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         found = f"found {len(present)} node{'s' * (len(present) != 1)} ({', '.join(m.name for m in present)}), " \
                 f"{format_bytes(usable)} usable of {format_bytes(self.sizes.total_bytes)} of weights"
         if self.min_nodes:
-            return len(present) >= self.min_nodes, f"{found}; waiting for {self.min_nodes} nodes"
-        plan = self._plan_for(present)
-        return plan.feasible, f"{found}; waiting for more: {plan.advice[0] if plan.advice else 'does not fit'}"
+            enough, why = len(present) >= self.min_nodes, f"{found}; waiting for {self.min_nodes} nodes"
+        else:
+            plan = self._plan_for(present)
+            enough, why = plan.feasible, f"{found}; waiting for more: {plan.advice[0] if plan.advice else 'does not fit'}"
+        return enough, why + self._discovery_hint(len(present))
+
+    def _discovery_hint(self, present: int) -> str:
+        """What may keep other nodes from being found (said while waiting for them)."""
+        if self.browser is None:
+            return ""
+        others = sorted(f"{a.name} ({a.address})" for a in self.browser.ignored_nodes())
+        hint = ""
+        if others:
+            hint += (f"; ignoring {', '.join(others)}: another cluster secret, copy this cluster's secret "
+                     "there (see `kimi-cluster up` output) if it should join")
+        if present <= 1 and time.monotonic() - self._waiting_since > MDNS_QUIET_S:
+            hint += ("; no other node answered over mDNS: multicast may be blocked (some Wi-Fi and switches), or "
+                     "macOS has not yet allowed the terminal 'Local Network' access; bind every node with "
+                     "--host to the same network, or name them with --peer HOST:PORT")
+        return hint
 
     def _wait_for_members(self) -> list:
+        self._waiting_since = time.monotonic()
         while not self._stop.is_set():
             self._changed.clear()
             with self._lock:

@@ -132,5 +132,10 @@ class Browser:
         if before != found and self.on_change:
             self.on_change("join" if before is None else "update", found)
 
+    def ignored_nodes(self) -> list:
+        """Nodes of other clusters seen on the network (another secret's fingerprint)."""
+        with self._lock:
+            return list(self.ignored.values())
+
     def close(self):
         self._browser.cancel()

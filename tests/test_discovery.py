@@ -231,3 +231,22 @@ def test_spare_leave_and_rejoin(mdns_cluster, tiny_dir, chat):
     ids, _ = cluster.generate(messages)
     assert ids == expected
     assert "mDNS: foreign" not in cluster.coordinator.log()
+
+
+def test_a_waiting_coordinator_says_what_it_found_and_why_not_more(tmp_path, tiny_dir):
+    """Alone on the network but for a node of another cluster: while it waits, the coordinator
+    names that node and why it is ignored, and says what may hide the others (multicast,
+    macOS Local Network permission) and how to get past it."""
+    lonely = MdnsCluster(tmp_path, tiny_dir)
+    try:
+        foreign = lonely.start("foreign", secret=lonely.other_secret)
+        coordinator = lonely.start("coord", model=tiny_dir, extra=["--nodes", "2"])
+        # the hint comes once it has been alone a few seconds (MDNS_QUIET_S), not at every start
+        line = coordinator.wait_for(rf"coordinator: found 1 node \(coord\).*ignoring foreign "
+                                    rf"\({re.escape(foreign.address)}\): another cluster secret.*"
+                                    r"no other node answered over mDNS.*").group(0)
+        assert "Local Network" in line, line
+        assert "--peer HOST:PORT" in line and "--host" in line, line
+        assert "cluster ready" not in coordinator.log()
+    finally:
+        lonely.close()
