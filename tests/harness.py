@@ -12,12 +12,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.wire import coordinator_stub, node_stub, open_channel
 
 KIMI = str(Path(sys.executable).parent / "kimi-cluster")
 TEST_SECRET = "kimi-cluster-test-secret-0123456789abcdef"
 START_TIMEOUT_S = 120.0
+
+
+def oracle_reply(oracle, prompt_ids, max_tokens: int, sampler=None, seed=None) -> list:
+    """The reference: mlx-lm's own generation on the whole model ((model, tokenizer) = `oracle`),
+    cut before the first EOS like the coordinator's token stream."""
+    model, tokenizer = oracle
+    if seed is not None:
+        mx.random.seed(seed)
+    out = []
+    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler):
+        if int(token) in tokenizer.eos_token_ids:
+            break
+        out.append(int(token))
+    return out
 
 
 def test_env(home: Path, secret: str = TEST_SECRET) -> dict:
@@ -74,23 +91,29 @@ def start_node(workdir: Path, name: str, memory: str = "1GB", model: Path | None
 
 
 class LocalCluster:
-    """A coordinator plus `stages - 1` peers (each with `memory`), all on loopback."""
+    """A coordinator plus `stages - 1` peers (each with `memory`), all on loopback. `extra` goes
+    to every node, `coordinator_extra` to the coordinator only."""
 
-    def __init__(self, workdir: Path, model: Path, stages: int, memory: str = "1GB", extra=(), env=None):
+    def __init__(self, workdir: Path, model: Path, stages: int, memory: str = "1GB", extra=(), env=None,
+                 coordinator_extra=()):
         self.workdir, self.env = workdir, env or test_env(workdir / "home")
         self.peers, self.coordinator = [], None
         try:
             for i in range(1, stages):
                 self.peers.append(start_node(workdir, f"peer{i}", memory, extra=extra, env=self.env))
             self.coordinator = start_node(workdir, "coord", memory, model=model,
-                                          peers=[p.address for p in self.peers], extra=extra, env=self.env)
-            self.coordinator.wait_for(r"cluster ready")
+                                          peers=[p.address for p in self.peers],
+                                          extra=[*extra, *coordinator_extra], env=self.env)
+            self._wait_ready()
         except BaseException:
             self.__exit__()  # the constructor raised, so `with` will not clean up
             raise
         self.secret = self.env["KIMI_CLUSTER_SECRET"].encode()
         self.channel = open_channel(self.coordinator.address, self.secret)
         self.client = coordinator_stub(self.channel)
+
+    def _wait_ready(self):
+        self.coordinator.wait_for(r"cluster ready")
 
     @property
     def nodes(self) -> list:
@@ -119,6 +142,14 @@ class LocalCluster:
 
     def memory_map(self) -> pb.MemoryMapReply:
         return self.client.MemoryMap(pb.MemoryMapRequest(), timeout=30)
+
+    def kv_state(self) -> dict:
+        """{node name: (sessions, KV bytes reserved)} from every node's Health."""
+        out = {}
+        for node in self.nodes:
+            health = self.node_stub(node).Health(pb.HealthRequest(), timeout=10)
+            out[node.name] = (health.sessions, health.kv_bytes)
+        return out
 
     def cli(self, *args, timeout=120) -> subprocess.CompletedProcess:
         return subprocess.run([KIMI, *args], capture_output=True, text=True, env=self.env, timeout=timeout)
@@ -172,6 +203,19 @@ def start_mdns_node(workdir: Path, name: str, env: dict, memory: str = "1GB", mo
     return launch_node(workdir, name, args, env)
 
 
+def poll(read, done, timeout: float, what: str):
+    """Read observable state (an RPC, a log) until `done(state)`, and return it; fail after
+    `timeout` seconds naming `what` and the last state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = read()
+        if done(state):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last state: {state}")
+        time.sleep(0.05)  # pacing between reads; the state is what we wait on
+
+
 def wait_for_log(node: NodeProcess, pattern: str, timeout: float = START_TIMEOUT_S) -> re.Match:
     """Block until the node's log (stdout and stderr, so its `logging` lines too) matches `pattern`.
     Unlike NodeProcess.wait_for this consumes nothing and also sees lines already written."""
@@ -192,42 +236,18 @@ API_LINE = r"OpenAI API on (http://\S+/v1) \(model '([^']*)'\)"
 
 
 class ApiCluster(LocalCluster):
-    """A LocalCluster whose coordinator also serves the OpenAI API.
+    """A LocalCluster whose coordinator also serves the OpenAI API: give it the API flags in
+    `coordinator_extra` (e.g. ["--api-port", "0", "--api-key", KEY]; `up` refuses them on a node
+    without --model). Once both the API line and "cluster ready" have been printed (in either
+    order), `api_url` is the base URL the coordinator printed (http://HOST:PORT/v1) and
+    `model_name` the model id it serves."""
 
-    `extra` goes to every node, `coordinator_extra` (e.g. ["--api-port", "0", "--api-key", KEY])
-    to the coordinator only: `up` refuses the API flags on a node without --model. Once both the
-    API line and "cluster ready" have been printed (in either order), `api_url` is the base URL
-    the coordinator printed (http://HOST:PORT/v1) and `model_name` the model id it serves."""
-
-    def __init__(self, workdir: Path, model: Path, stages: int, memory: str = "1GB", extra=(),
-                 coordinator_extra=(), env=None):
-        self.workdir, self.env = workdir, env or test_env(workdir / "home")
-        self.peers, self.coordinator = [], None
+    def _wait_ready(self):
         self.api_url = self.model_name = None
-        try:
-            for i in range(1, stages):
-                self.peers.append(start_node(workdir, f"peer{i}", memory, extra=extra, env=self.env))
-            self.coordinator = start_node(workdir, "coord", memory, model=model,
-                                          peers=[p.address for p in self.peers],
-                                          extra=[*extra, *coordinator_extra], env=self.env)
-            ready = False
-            while self.api_url is None or not ready:
-                m = self.coordinator.wait_for(rf"{API_LINE}|(cluster ready)")
-                if m.group(3):
-                    ready = True
-                else:
-                    self.api_url, self.model_name = m.group(1), m.group(2)
-        except BaseException:
-            self.__exit__()  # the constructor raised, so `with` will not clean up
-            raise
-        self.secret = self.env["KIMI_CLUSTER_SECRET"].encode()
-        self.channel = open_channel(self.coordinator.address, self.secret)
-        self.client = coordinator_stub(self.channel)
-
-    def kv_state(self) -> dict:
-        """{node name: (sessions, KV bytes reserved)} from every node's Health."""
-        out = {}
-        for node in self.nodes:
-            health = self.node_stub(node).Health(pb.HealthRequest(), timeout=10)
-            out[node.name] = (health.sessions, health.kv_bytes)
-        return out
+        ready = False
+        while self.api_url is None or not ready:
+            m = self.coordinator.wait_for(rf"{API_LINE}|(cluster ready)")
+            if m.group(3):
+                ready = True
+            else:
+                self.api_url, self.model_name = m.group(1), m.group(2)

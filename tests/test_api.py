@@ -23,7 +23,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import common_prefix_len
 
 import harness
-from harness import KIMI, ApiCluster
+from harness import KIMI, ApiCluster, poll
 
 API_KEY = "sk-test-0123456789"
 CONTEXT = 512
@@ -36,18 +36,6 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 def chat(user: str, system: str = SYSTEM) -> list:
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
-
-def poll(read, done, timeout: float, what: str):
-    """Read observable state until `done(state)`, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = read()
-        if done(state):
-            return state
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last state: {state}")
-        time.sleep(0.05)  # pacing between reads; the state is what we wait on
 
 
 # ---- the oracle -----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import grpc
 import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 from mlx.utils import tree_flatten
 
@@ -23,33 +22,12 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
 from cluster.link import ForwardLink, StageError
 from cluster.wire import coordinator_stub, node_stub, open_channel
-from harness import LocalCluster
+from harness import LocalCluster, oracle_reply
 from mlx_kimi.checkpoint import open_checkpoint, text_config
 from mlx_kimi.tiny import TinyShape, make_tiny
 
 GREEDY_TOKENS = 48
 SYSTEM, USER = "Be brief.", "Hi!"
-
-
-
-
-def until_eos(ids, eos) -> list:
-    """What the coordinator streams for a token sequence: everything before the first EOS id."""
-    out = []
-    for t in ids:
-        if t in eos:
-            break
-        out.append(int(t))
-    return out
-
-
-def oracle_reply(oracle, prompt_ids, max_tokens, sampler=None, seed=None) -> list:
-    """mlx-lm's own generation on the whole model, cut at EOS like the coordinator's stream."""
-    model, tokenizer = oracle
-    if seed is not None:
-        mx.random.seed(seed)
-    ids = [int(t) for t, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler)]
-    return until_eos(ids, tokenizer.eos_token_ids)
 
 
 @pytest.fixture(scope="module")

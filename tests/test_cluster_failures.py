@@ -7,45 +7,18 @@ import threading
 import time
 
 import grpc
-import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step
 
 from cluster.coordinator import model_sizes
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.planner import kv_cache_bytes, prefill_scratch_bytes
 from cluster.wire import CHUNK_PAYLOAD_BYTES, coordinator_stub, node_stub, open_channel
 import harness
-from harness import TEST_SECRET, LocalCluster, start_node
+from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node
 from mlx_kimi.checkpoint import open_checkpoint
 from mlx_kimi.slice import LayerRange, load_slice
 
 GREEDY_TOKENS = 48
-
-
-
-
-def oracle_greedy(oracle, prompt_ids, max_tokens=GREEDY_TOKENS) -> list:
-    model, tokenizer = oracle
-    out = []
-    for tok, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
-        if int(tok) in tokenizer.eos_token_ids:
-            break
-        out.append(int(tok))
-    return out
-
-
-def poll(fn, ok, timeout: float, what: str):
-    """Call fn() until ok(result) or the deadline; returns the last result. Each call is an RPC,
-    so the loop waits on the cluster's own answers, not on a sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if ok(result):
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {result}")
-        time.sleep(0.2)  # pacing between polls only; the condition is what we wait on
 
 
 # ---- 4. a node killed or stalled during generation ------------------------------------------------
@@ -108,7 +81,7 @@ def assert_degraded_and_released(cluster, lost_name: str, survivors: list):
 
 
 def test_kill_middle_node_then_restart(tmp_path, tiny_dir, oracle, chat_prompt_ids):
-    expected = oracle_greedy(oracle, chat_prompt_ids)
+    expected = oracle_reply(oracle, chat_prompt_ids, GREEDY_TOKENS)
     with LocalCluster(tmp_path, tiny_dir, stages=3) as cluster:
         middle, middle_name, survivors = middle_of(cluster)
         port = int(middle.address.rsplit(":", 1)[1])
@@ -143,7 +116,7 @@ def test_stalled_middle_node_is_named_then_resumes(tmp_path, tiny_dir, oracle, c
     """A node that stops answering without closing its connections (SIGSTOP: a hung process, a
     sleeping Mac) is reported by the stage before it once its deadline passes; when it answers
     again it is loaded again, holding none of the broken chain's sessions."""
-    expected = oracle_greedy(oracle, chat_prompt_ids)
+    expected = oracle_reply(oracle, chat_prompt_ids, GREEDY_TOKENS)
     with LocalCluster(tmp_path, tiny_dir, stages=3) as cluster:
         middle, middle_name, survivors = middle_of(cluster)
         try:
@@ -266,7 +239,7 @@ def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_id
 
         # a short reply still fits beside it, and is right
         ids, _ = cluster.generate(prompt_tokens=prompt, max_tokens=16)
-        assert ids == oracle_greedy(oracle, prompt, 16)
+        assert ids == oracle_reply(oracle, prompt, 16)
         assert held() == (2, one + short)  # the short conversation stays cached for its next turn
 
         released = node.Release(pb.ReleaseRequest(session_id="holder"), timeout=10)

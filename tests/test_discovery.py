@@ -19,30 +19,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step
 
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.wire import coordinator_stub, open_channel
 import harness
-from harness import start_mdns_node, wait_for_log
+from harness import oracle_reply, start_mdns_node, wait_for_log
 from mlx_kimi.checkpoint import open_checkpoint
 
 GREEDY_TOKENS = 32
 SYSTEM, USER = "Be brief.", "Hi!"
 MAP_TIMEOUT_S = 30.0
-
-
-def greedy_reply(oracle, prompt_ids, max_tokens=GREEDY_TOKENS) -> list:
-    """mlx-lm's greedy tokens on the whole model, cut at the first EOS like the coordinator's stream."""
-    model, tokenizer = oracle
-    out = []
-    for tok, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
-        if int(tok) in tokenizer.eos_token_ids:
-            break
-        out.append(int(tok))
-    return out
 
 
 class MdnsCluster:
@@ -133,7 +120,7 @@ def mdns_cluster(tmp_path_factory, tiny_dir):
 def chat(oracle, make_chat_prompt):
     """(messages, mlx-lm's greedy reply to them)."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
-    expected = greedy_reply(oracle, make_chat_prompt(oracle[1], USER, SYSTEM))
+    expected = oracle_reply(oracle, make_chat_prompt(oracle[1], USER, SYSTEM), GREEDY_TOKENS)
     assert len(expected) > 10, "the oracle reply is too short to say anything"
     return messages, expected
 

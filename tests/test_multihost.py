@@ -15,12 +15,10 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step
 
 import harness
-from harness import KIMI, start_mdns_node, wait_for_log
+from harness import KIMI, oracle_reply, start_mdns_node, wait_for_log
 from mlx_kimi.checkpoint import open_checkpoint
 
 HOSTS = 3
@@ -141,20 +139,9 @@ def network():
         assert not errors, f"could not delete namespaces: {errors}"
 
 
-def oracle_reply(oracle, messages, max_tokens) -> list:
-    """mlx-lm's greedy tokens for the chat, cut at the first EOS like the coordinator's stream."""
-    model, tokenizer = oracle
-    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    out = []
-    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
-        if int(tok) in tokenizer.eos_token_ids:
-            break
-        out.append(int(tok))
-    return out
-
-
 def test_three_namespaces_discover_plan_and_chat(network, tmp_path, tiny_dir, oracle):
-    expected = oracle_reply(oracle, [{"role": "user", "content": TEXT}], MAX_TOKENS)
+    prompt = list(oracle[1].apply_chat_template([{"role": "user", "content": TEXT}], add_generation_prompt=True))
+    expected = oracle_reply(oracle, prompt, MAX_TOKENS)
     assert len(expected) > 10, "the oracle reply is too short to say anything"
     network.check_multicast()
 
