@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Decode speed of loopback pipeline clusters against single-process mlx-lm, and the cost of one hop.
 
-    python scripts/bench_pipeline.py            # full run (about 75 s on a 2-core CPU)
-    python scripts/bench_pipeline.py --quick    # smoke run (about 25 s)
+    python scripts/bench_pipeline.py            # full run (about 100 s on a 2-core CPU)
+    python scripts/bench_pipeline.py --quick    # smoke run (about 20 s)
 
 What it measures, all in one run on one tiny Kimi-architecture checkpoint (see mlx_kimi/tiny.py)
 sized so that one decode token costs >= 20 ms of compute on this machine:
@@ -343,7 +343,7 @@ def parse_args():
     p.add_argument("--out", type=Path, help="work directory (default: a new temporary directory, removed at exit)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per timed generation (default 64; 24 with --quick)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds of single / 2-stage / 3-stage (default 7; 2 with --quick)")
+                   help="interleaved rounds of single / sync / 2-stage / 3-stage (default 7; 2 with --quick)")
     p.add_argument("--hop-calls", type=int, default=None, help="timed calls per hop measurement (default 2000; 400 with --quick)")
     p.add_argument("--layers", type=int, default=20,
                    help="decoder layers (default 20: about 22-40 ms/token in float32 on a 2-core CPU)")
