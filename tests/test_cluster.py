@@ -197,6 +197,14 @@ def test_wrong_or_missing_secret_is_refused(cluster3, chat_prompt_ids):
             pb_grpc.NodeStub(grpc.insecure_channel(peer.address)).Forward(
                 pb.ForwardRequest(session_id="x", tokens=[1]), timeout=30)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the data path's stream too, with the wrong secret
+        link = ForwardLink(node_stub(wrong_peer), peer.name, peer.address)
+        try:
+            with pytest.raises(StageError) as failed:
+                link.call(pb.ForwardRequest(session_id="x", tokens=[1]), 30.0)
+            assert failed.value.code == grpc.StatusCode.UNAUTHENTICATED, failed.value
+        finally:
+            link.close()
     finally:
         for c in (wrong, plain, wrong_peer):
             c.close()
