@@ -289,8 +289,37 @@ def open_checkpoint(path) -> Checkpoint:
     for part, what in (("embed", "embedding (model.embed_tokens)"), ("head", "final norm / lm_head")):
         if part not in parts:
             raise CheckpointError(f"{path}: {what} missing from the files; the checkpoint is incomplete")
+    if missing := missing_tensors(text_config(config), set(tensors), prefix):
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensor{'s' * (len(missing) != 1)} missing from the files: {shown}; the "
+            "checkpoint is incomplete (or its index comes from another conversion): copy it again"
+        )
 
     return Checkpoint(path, config, tensors, model_identity(config, tensors))
+
+
+def missing_tensors(text: dict, names: set, prefix: str) -> list:
+    """Tensors a complete checkpoint would also hold: the embedding, final norm and lm_head
+    weights, and in every decoder layer each tensor that the other layers of its kind (dense or
+    MoE) hold. Header-only: what an incomplete copy lacks shows before any node loads."""
+    required = [f"{prefix}model.embed_tokens.weight", f"{prefix}model.norm.weight"]
+    if not text.get("tie_word_embeddings", False):
+        required.append(f"{prefix}lm_head.weight")
+    missing = [n for n in required if n not in names]
+    dense, freq = text.get("first_k_dense_replace", 0), text.get("moe_layer_freq", 1) or 1
+    by_layer = {}
+    for name in names:
+        part = tensor_part(name, prefix)
+        if isinstance(part, int):
+            by_layer.setdefault(part, set()).add(name[len(f"{prefix}model.layers.{part}."):])
+    kinds = {}  # kind -> every tensor suffix some layer of that kind holds
+    for layer, suffixes in by_layer.items():
+        kinds.setdefault(layer >= dense and layer % freq == 0, set()).update(suffixes)
+    for layer in sorted(by_layer):
+        expected = kinds[layer >= dense and layer % freq == 0]
+        missing += [f"{prefix}model.layers.{layer}.{s}" for s in sorted(expected - by_layer[layer])]
+    return missing
 
 
 def _ranges(indices: list) -> str:

@@ -182,9 +182,7 @@ def test_head_dropped_from_the_index(copy):
 
 
 def test_lm_head_missing_but_norm_present(copy):
-    """The part check sees the final norm as "head"; the missing lm_head must still be reported,
-    at the latest when the last slice loads, naming the missing tensors."""
-    from mlx_kimi.slice import LayerRange, load_slice
+    """The part check sees the final norm as "head"; the missing lm_head is still named."""
 
     def drop(d):
         for name in list(d["weight_map"]):
@@ -192,10 +190,41 @@ def test_lm_head_missing_but_norm_present(copy):
                 del d["weight_map"][name]
 
     _edit_json(copy / INDEX_FILE, drop)
+    msg = _open_fails(copy)
+    assert str(copy) in msg
+    assert "language_model.lm_head.weight" in msg and "missing from the files" in msg
+
+
+def test_one_tensor_of_a_layer_missing(copy):
+    """One expert tensor of one MoE layer is gone: named at open time, from the headers alone,
+    because the other MoE layers hold it."""
+    gone = "language_model.model.layers.3.mlp.switch_mlp.down_proj.scales"
+
+    def drop(d):
+        assert gone in d["weight_map"]
+        del d["weight_map"][gone]
+
+    _edit_json(copy / INDEX_FILE, drop)
+    msg = _open_fails(copy)
+    assert str(copy) in msg
+    assert f"1 tensor missing from the files: {gone};" in msg
+
+
+def test_a_mismatched_slice_still_fails_at_load(copy):
+    """A tensor that every layer lacks passes the header check (nothing to compare it with); the
+    slice load names it."""
+    from mlx_kimi.slice import LayerRange, load_slice
+
+    def drop(d):
+        for name in list(d["weight_map"]):
+            if name.endswith(".mlp.shared_experts.down_proj.biases"):
+                del d["weight_map"][name]
+
+    _edit_json(copy / INDEX_FILE, drop)
     with pytest.raises(CheckpointError) as e:
-        load_slice(open_checkpoint(copy), LayerRange(5, 6))
+        load_slice(open_checkpoint(copy), LayerRange(1, 2))
     assert str(copy) in str(e.value)
-    assert "language_model.lm_head.weight" in str(e.value)
+    assert "shared_experts.down_proj" in str(e.value)
 
 
 def test_missing_config(copy):
