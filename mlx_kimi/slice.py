@@ -133,6 +133,10 @@ class ModelSlice:
         mask = create_attention_mask(h, caches[0], return_array=True)
         for layer, cache in zip(self._backbone.layers, caches):
             h = layer(h, mask, cache=cache)
+            # Start computing this layer while Python builds the next one's graph. A stage cannot
+            # overlap building with the previous token's compute the way mlx-lm's generate does
+            # (its input comes over the network), but it can overlap them layer by layer.
+            mx.async_eval(h)
         if self.is_last:
             return self._lm_head(self._backbone.norm(h))
         return h
