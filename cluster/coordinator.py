@@ -102,7 +102,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.chain: list[Member] = []
         self.prompt_cache: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
         self.state, self.message = "waiting", "waiting for nodes"
-        self._waiting_since = time.monotonic()
+        self._waiting_since = time.monotonic()  # started waiting for nodes (see _discovery_hint)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._changed = threading.Event()
@@ -187,7 +187,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return hint
 
     def _wait_for_members(self) -> list:
-        self._waiting_since = time.monotonic()
         while not self._stop.is_set():
             self._changed.clear()
             with self._lock:

@@ -98,9 +98,15 @@ class Stage:
     model_name: str
     num_layers: int
     kv_budget_bytes: int
-    next_name: str = ""
-    next_address: str = ""
-    next_link: ForwardLink | None = None
+    next_link: ForwardLink | None = None  # the stage after this one; None on the last
+
+    @property
+    def next_name(self) -> str:
+        return self.next_link.name if self.next_link else ""
+
+    @property
+    def next_address(self) -> str:
+        return self.next_link.address if self.next_link else ""
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -179,7 +185,6 @@ class NodeService(pb_grpc.NodeServicer):
                 if stage.next_address != request.next_address:
                     if stage.next_link:
                         stage.next_link.close()
-                    stage.next_name, stage.next_address = request.next_name, request.next_address
                     stage.next_link = self._link(request.next_name, request.next_address)
                 n = stage.slice.nbytes()
                 progress(n, n)
@@ -203,7 +208,6 @@ class NodeService(pb_grpc.NodeServicer):
         stage = Stage(
             slice=model_slice, model_id=checkpoint.model_id, model_name=checkpoint.name,
             num_layers=checkpoint.num_layers, kv_budget_bytes=request.kv_budget_bytes,
-            next_name=request.next_name, next_address=request.next_address,
             next_link=self._link(request.next_name, request.next_address),
         )
         with self._lock:
