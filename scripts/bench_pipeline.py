@@ -164,19 +164,19 @@ def run_single(model, prompt: list, n: int) -> dict:
     return {"tok_s": decode_rate(stamps), "client_tok_s": decode_rate(stamps), "ids": ids, "finish": "length"}
 
 
-def run_single_sync(model, prompt: list, n: int) -> dict:
+def run_stepwise(forward, caches: list, prompt: list, n: int) -> dict:
     """Greedy decode in one process the way a pipeline stage has to run it: build a token's graph
-    only once the previous token is known, then evaluate it. mlx-lm's generate_step instead builds
-    token n+1's graph while token n computes (mx.async_eval), hiding the graph-building time, which
-    a stage cannot do: its input arrives over the network. The graph-building time is recorded."""
-    cache = make_prompt_cache(model)
-    logits = model(mx.array(prompt)[None], cache=cache)
+    with `forward(tokens, caches) -> logits` only once the previous token is known, then evaluate
+    it. mlx-lm's generate_step instead builds token n+1's graph while token n computes
+    (mx.async_eval), which a stage cannot do: its input arrives over the network. The time
+    `forward` takes to return (building the graph) is recorded."""
+    logits = forward(mx.array(prompt)[None], caches)
     y = mx.argmax(logits[:, -1, :], axis=-1)
     mx.eval(y)
     stamps, ids, builds = [time.perf_counter()], [y.item()], []
     for _ in range(n - 1):
         started = time.perf_counter()
-        logits = model(y[None], cache=cache)
+        logits = forward(y[None], caches)
         y = mx.argmax(logits[:, -1, :], axis=-1)
         builds.append(time.perf_counter() - started)
         mx.eval(y)
@@ -186,23 +186,15 @@ def run_single_sync(model, prompt: list, n: int) -> dict:
             "build_ms": 1e3 * statistics.median(builds)}
 
 
+def run_single_sync(model, prompt: list, n: int) -> dict:
+    """The mlx-lm model, evaluated once per token: graph building is not hidden at all."""
+    return run_stepwise(lambda x, caches: model(x, cache=caches), make_prompt_cache(model), prompt, n)
+
+
 def run_single_slice(model_slice, prompt: list, n: int) -> dict:
-    """Greedy decode in one process with the stages' own code: all layers as one
-    mlx_kimi.slice.ModelSlice, whose forward evaluates layer by layer (mx.async_eval after each
-    layer, so Python builds layer i+1's graph while layer i computes), then a synchronous eval
-    per token as a stage does."""
-    caches = model_slice.make_caches()
-    logits = model_slice.forward(mx.array(prompt)[None], caches)
-    y = mx.argmax(logits[:, -1, :], axis=-1)
-    mx.eval(y)
-    stamps, ids = [time.perf_counter()], [y.item()]
-    for _ in range(n - 1):
-        logits = model_slice.forward(y[None], caches)
-        y = mx.argmax(logits[:, -1, :], axis=-1)
-        mx.eval(y)
-        ids.append(y.item())
-        stamps.append(time.perf_counter())
-    return {"tok_s": decode_rate(stamps), "client_tok_s": decode_rate(stamps), "ids": ids, "finish": "length"}
+    """The stages' own code: all layers as one mlx_kimi.slice.ModelSlice, whose forward overlaps
+    building and compute layer by layer (mx.async_eval after each layer)."""
+    return run_stepwise(model_slice.forward, model_slice.make_caches(), prompt, n)
 
 
 def pick_prompt(model, tokenizer, eos: set, n: int) -> tuple:
@@ -366,7 +358,7 @@ def parse_args():
     p.add_argument("--out", type=Path, help="work directory (default: a new temporary directory, removed at exit)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per timed generation (default 64; 24 with --quick)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds of single / sync / 2-stage / 3-stage (default 7; 2 with --quick)")
+                   help="interleaved rounds of single / sync / slice / 2-stage / 3-stage (default 7; 2 with --quick)")
     p.add_argument("--hop-calls", type=int, default=None, help="timed calls per hop measurement (default 2000; 400 with --quick)")
     p.add_argument("--layers", type=int, default=20,
                    help="decoder layers (default 20: about 22-40 ms/token in float32 on a 2-core CPU)")
