@@ -105,7 +105,10 @@ def test_reset_clears_history_but_keeps_system_and_thinking():
     assert c.kind == "reset"
     assert s.messages == [{"role": "system", "content": SYSTEM}]
     assert s.last_stats is None and s.thinking is False
-    assert ChatSession().handle("/reset") and ChatSession().messages == []
+    plain = ChatSession()
+    plain.handle("Hi!")
+    plain.add_reply("Hello!")
+    assert plain.handle("/reset").kind == "reset" and plain.messages == []
 
 
 def test_drop_pending_takes_back_only_an_unanswered_message():
