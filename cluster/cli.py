@@ -131,8 +131,14 @@ def cmd_plan(args) -> None:
 def cmd_make_tiny(args) -> None:
     from mlx_kimi.tiny import TinyShape, make_tiny
 
-    out = make_tiny(args.dir, TinyShape(layers=args.layers), seed=args.seed, model_type=args.model_type,
-                    dtype=args.dtype)
+    if args.script is not None:
+        from mlx_kimi.scripted import make_scripted
+
+        out = make_scripted(args.dir, args.script, TinyShape(layers=args.layers), model_type=args.model_type,
+                            dtype=args.dtype)
+    else:
+        out = make_tiny(args.dir, TinyShape(layers=args.layers), seed=args.seed, model_type=args.model_type,
+                        dtype=args.dtype)
     checkpoint = open_checkpoint(out)
     console.print(
         f"wrote {out}: {checkpoint.num_layers} layers, {len(checkpoint.tensors)} tensors, "
@@ -423,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-type", default="kimi_k25", choices=["kimi_k25", "deepseek_v3"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of unquantized weights and activations (float32 runs fastest on CPU)")
+    p.add_argument("--script", metavar="TEXT",
+                   help="weights whose greedy decoding, after TEXT's first token (e.g. <think>), emits the rest "
+                        "of TEXT, then [EOS]; special tokens are written as text, e.g. "
+                        "'<think>Hm.</think>Hi!<|im_end|>'")
     p.set_defaults(func=cmd_make_tiny)
 
     secret_help = "file holding the cluster secret (default: $KIMI_CLUSTER_SECRET or the config dir)"
