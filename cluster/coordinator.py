@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import grpc
 from mlx_lm.models.cache import KVCache
-from mlx_lm.utils import load_tokenizer
 
 from mlx_kimi.checkpoint import open_checkpoint, text_config
+from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
@@ -87,8 +87,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.local, self.secret, self.context = local, secret, context
         self.checkpoint = open_checkpoint(model_path)
         self.sizes = model_sizes(self.checkpoint)
-        eos = self.checkpoint.config.get("eos_token_id")
-        self.tokenizer = load_tokenizer(self.checkpoint.path, eos_token_ids=eos)
+        self.tokenizer = load_tokenizer(self.checkpoint.path)
         hidden_bytes = self.sizes.hidden_bytes_per_token
         self.prefill_chunk = max(1, min(MLX_PREFILL_STEP, CHUNK_PAYLOAD_BYTES // hidden_bytes))
         local.is_coordinator = True

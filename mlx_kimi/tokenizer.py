@@ -1,14 +1,22 @@
-"""A small, deterministic Kimi-style tokenizer for tiny test checkpoints.
+"""Small, deterministic Kimi tokenizers for tiny test checkpoints, in two layouts.
 
-The real Kimi K2 tokenizer is a 160k tiktoken vocabulary with custom code; a
-tiny test model only needs something with the same special tokens and chat
-template that mlx-lm and transformers can load without remote code.
+- `write_tokenizer`: a tokenizer.json (byte-level BPE) with Kimi's special tokens and chat
+  template, which mlx-lm and transformers load as they are.
+- `write_tiktoken_tokenizer`: the layout of the real checkpoints: tiktoken.model (tiktoken's BPE
+  file), tokenizer_config.json naming TikTokenTokenizer and the special tokens at the real offsets
+  after the base ranks, chat_template.jinja, generation_config.json and a stand-in
+  tokenization_kimi.py. It is read by `mlx_kimi.kimi_tokenizer`, never by running that file.
 """
 
+import base64
 import json
+from collections import Counter
 from pathlib import Path
 
+import regex
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .kimi_tokenizer import KIMI_PAT_STR, SPECIAL_TOKEN_COUNT
 
 KIMI_SPECIAL_TOKENS = [
     "[BOS]",
@@ -182,3 +190,105 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 512) -> list[int]:
     (out_dir / "chat_template.jinja").write_text(KIMI_CHAT_TEMPLATE)
 
     return [tokenizer.token_to_id("[EOS]"), tokenizer.token_to_id("<|im_end|>")]
+
+
+# Mixed text for the tiktoken vocabulary, so its merges include multi-byte pieces of Chinese
+# characters and emoji (a character then often spans several tokens, as in the real vocabulary).
+_MULTILINGUAL_CORPUS = """\
+你好！我是Kimi，由月之暗面科技有限公司开发的人工智能助手。我可以回答问题、写代码、翻译文本。
+今天天气很好，我们去公园散步吧。北京、上海、深圳和杭州都是中国的大城市。
+模型把每一层放在不同的机器上，隐藏状态从一台机器传到下一台机器。请用中文回答这个问题。
+这个集群有三台电脑，每台电脑有一百九十二GB的内存。中文English混排test测试123，很常见。
+日本語のテキストです。한국어 텍스트입니다. Русский текст. Ελληνικά γράμματα. naïve café résumé.
+Emoji: 🚀 🔥 👍🏽 😀 🎉 ✅ ❤️ 🤖 🌏 — done! 你好 🚀 世界 🔥 HelloWorld CamelCaseWord getHTTPResponse.
+"""
+
+# tokenizer_config's named special tokens, at their offsets after the base ranks in Kimi K2's
+# files (163584 + offset); the other offsets are <|reserved_token_{id}|>.
+KIMI_SPECIAL_OFFSETS = {
+    "[BOS]": 0, "[EOS]": 1, "<|im_end|>": 2, "<|im_user|>": 3, "<|im_assistant|>": 4,
+    "<|start_header_id|>": 6, "<|end_header_id|>": 7, "[EOT]": 9, "<|im_system|>": 10,
+    "<|tool_calls_section_begin|>": 11, "<|tool_calls_section_end|>": 12, "<|tool_call_begin|>": 13,
+    "<|tool_call_argument_begin|>": 14, "<|tool_call_end|>": 15, "<|im_middle|>": 17,
+    "<|media_begin|>": 18, "<|media_content|>": 19, "<|media_end|>": 20, "<|media_pad|>": 21,
+    "<think>": 22, "</think>": 23, "[UNK]": 254, "[PAD]": 255,
+}
+# Embedding rows past the base ranks: 256, while the tokenizer numbers 258 specials (as in K2,
+# whose last two reserved ids lie past vocab_size).
+EMBEDDED_SPECIALS = 256
+
+_STAND_IN_TOKENIZATION_KIMI = '''\
+# Stand-in for Moonshot's tokenization_kimi.py, so this tiny checkpoint has the real layout.
+# kimi-cluster never imports or runs it: it reads tiktoken.model and tokenizer_config.json itself.
+raise ImportError("tokenization_kimi.py of a kimi-cluster tiny checkpoint is a stand-in, not a tokenizer")
+'''
+
+
+def train_byte_bpe(text: str, num_ranks: int) -> dict[bytes, int]:
+    """Byte-level BPE ranks: the 256 bytes, then the most frequent adjacent pair within the
+    pieces Kimi's split pattern cuts `text` into, merged until there are `num_ranks`."""
+    words = Counter(tuple(bytes([b]) for b in piece.encode()) for piece in regex.findall(KIMI_PAT_STR, text,
+                                                                                          flags=regex.V1))
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < num_ranks:
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            raise ValueError(f"the corpus gives only {len(ranks)} ranks, fewer than {num_ranks}")
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merged = best[0] + best[1]
+        ranks[merged] = len(ranks)
+        words = Counter({_merge(word, best, merged): count for word, count in words.items()})
+    return ranks
+
+
+def _merge(word: tuple, pair: tuple, merged: bytes) -> tuple:
+    out, i = [], 0
+    while i < len(word):
+        if word[i:i + 2] == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def write_tiktoken_tokenizer(out_dir: Path, vocab_size: int = 1024) -> list[int]:
+    """Kimi's tokenizer files for a model of `vocab_size` embedding rows (vocab_size - 256 base
+    ranks, then the specials); returns the stop ids ([EOS], <|im_end|>)."""
+    num_ranks = vocab_size - EMBEDDED_SPECIALS
+    if num_ranks < 256 + 64:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a tiktoken vocabulary: it needs the 256 "
+                         f"byte ranks, some merges and {EMBEDDED_SPECIALS} specials (at least {256 + 64 + 256})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = train_byte_bpe(_CORPUS + _MULTILINGUAL_CORPUS, num_ranks)
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
+    (out_dir / "tiktoken.model").write_text("".join(lines))
+
+    ids = {name: num_ranks + offset for name, offset in KIMI_SPECIAL_OFFSETS.items()}
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    config = {
+        "added_tokens_decoder": {str(i): {"content": name, **flags} for name, i in sorted(ids.items(), key=lambda x: x[1])},
+        "additional_special_tokens": ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
+                                      "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"],
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+        "bos_token": "[BOS]",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "[EOS]",
+        "extra_special_tokens": {},
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "[PAD]",
+        "tokenizer_class": "TikTokenTokenizer",
+        "unk_token": "[UNK]",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "chat_template.jinja").write_text(KIMI_CHAT_TEMPLATE)
+    (out_dir / "tokenization_kimi.py").write_text(_STAND_IN_TOKENIZATION_KIMI)
+    generation = {"eos_token_id": ids["<|im_end|>"], "max_length": 131072}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    assert num_ranks + SPECIAL_TOKEN_COUNT > max(ids.values())
+    return [ids["[EOS]"], ids["<|im_end|>"]]
