@@ -20,6 +20,8 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 
+from .client import map_json, print_map, read_reply
+
 THINK_START, THINK_END = "<think>", "</think>"
 PROMPT = "you> "
 
@@ -165,22 +167,21 @@ def stream_reply(stub, session: ChatSession, sampling, max_tokens: int, out=None
     raises ReplyCancelled; a failed call raises grpc.RpcError."""
     out = out or sys.stdout
     call = stub.Generate(session.request(sampling, max_tokens), timeout=timeout)
-    text, done = [], None
+    text = []
+
+    def show(token):
+        if token.text:
+            text.append(token.text)
+            out.write(token.text)
+            out.flush()
+
     try:
-        for event in call:
-            if event.HasField("token"):
-                if event.token.text:
-                    text.append(event.token.text)
-                    out.write(event.token.text)
-                    out.flush()
-            else:
-                done = event.done
+        reply = read_reply(call, show)
     except KeyboardInterrupt:
         call.cancel()
         raise ReplyCancelled("".join(text)) from None
-    if done is None:
-        raise RuntimeError("the coordinator ended the reply without its summary")
-    return ReplyStats("".join(text), done.prompt_tokens, done.completion_tokens, done.cached_tokens,
+    done = reply.done
+    return ReplyStats(reply.text, done.prompt_tokens, done.completion_tokens, done.cached_tokens,
                       done.finish_reason, done.ttft_s, done.decode_s)
 
 
@@ -282,9 +283,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="start with thinking off")
 
 
-def run_from_args(args) -> None:
-    """Run the REPL for parsed `kimi-cluster chat` arguments."""
-    from .cli import _coordinator_stub, _sampling, _secret, map_json, print_map
+def run_from_args(args, stub, sampling) -> None:
+    """Run the REPL for parsed `kimi-cluster chat` arguments against a connected coordinator."""
     from .generated import kimi_cluster_pb2 as pb
 
     if sys.stdin.isatty():
@@ -292,10 +292,10 @@ def run_from_args(args) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    stub = _coordinator_stub(args.coordinator, _secret(args))
+    console = Console(soft_wrap=True)
 
     def show_map():
-        print_map(map_json(stub.MemoryMap(pb.MemoryMapRequest(), timeout=30)))
+        print_map(map_json(stub.MemoryMap(pb.MemoryMapRequest(), timeout=30)), console)
 
     session = ChatSession(system=args.system, thinking=args.thinking)
-    run_repl(stub, _sampling(args), args.max_tokens, show_map=show_map, session=session, timeout=args.timeout)
+    run_repl(stub, sampling, args.max_tokens, show_map=show_map, session=session, timeout=args.timeout)

@@ -3,11 +3,14 @@
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -17,17 +20,18 @@ from rich.table import Table
 from mlx_kimi.checkpoint import CheckpointError, SizeReport, open_checkpoint, text_config
 from mlx_kimi.builtin import BUILTIN_MODELS
 
-from .auth import AuthError, AuthInterceptor, load_secret
+from .auth import AuthError, AuthInterceptor
 from .chat import add_arguments as add_chat_arguments
+from . import client
+from .client import DEFAULT_PORT
 from .units import format_bytes, parse_size
 
-DEFAULT_PORT = 7470
 # Rich assumes 80 columns when stdout is not a terminal; tables of nodes need more.
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def fail(message: str, code: int = 2):
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     sys.exit(code)
 
 
@@ -147,10 +151,7 @@ def cmd_make_tiny(args) -> None:
 
 
 def _secret(args, create=False) -> bytes:
-    secret, note = load_secret(args.secret_file, create=create)
-    if note:
-        Console(stderr=True).print(note, highlight=False)
-    return secret
+    return client.secret(args.secret_file, create=create)
 
 
 class LoadBars:
@@ -206,19 +207,107 @@ def serve(args, secret: bytes):
     if zeroconf:
         advertiser = Advertiser(zeroconf, Announcement(
             node.node_id, name, __version__, machine.backend, machine.chip, machine.total_bytes,
-            machine.usable_bytes, args.host, port, fingerprint(secret)))
+            machine.usable_bytes, args.host, port, fingerprint(secret), coordinator=coordinator is not None))
 
     def stop():
         if coordinator:
             coordinator.stop()
+            _release_workers(coordinator, secret)
         if advertiser:
             advertiser.close()
         if zeroconf:
             zeroconf.close()
+        node.unload()
         node.stop()
         server.stop(grace=2).wait()
 
     return node, coordinator, stop
+
+
+def _release_workers(coordinator, secret: bytes) -> None:
+    """Ask every other node holding a slice for this coordinator to drop it (they stay up)."""
+    from .generated import kimi_cluster_pb2 as pb
+    from .wire import node_stub, open_channel
+
+    for entry in coordinator.memory_map().nodes:
+        if entry.address == coordinator.local.address or not (entry.has_layers and entry.resident_bytes):
+            continue
+        try:
+            reply = node_stub(open_channel(entry.address, secret)).Stop(pb.StopRequest(), timeout=5)
+            print(f"released {format_bytes(reply.freed_bytes)} on {reply.name}", flush=True)
+        except grpc.RpcError as e:
+            print(f"could not release {entry.name} ({entry.address}): {e.details()}", flush=True)
+
+
+def _setup_logging(args) -> None:
+    handlers = [logging.StreamHandler()]
+    if args.log_file:
+        args.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=handlers, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _choose_host(args) -> None:
+    from .interfaces import NoHostError, pick_host
+
+    if args.host is not None:
+        return
+    try:
+        choice = pick_host()
+    except NoHostError as e:
+        fail(str(e))
+    args.host = choice.address
+    print(f"using {choice.address}: {choice.reason} (--host to choose another)", flush=True)
+
+
+JOIN_BROWSE_S = 3.0
+
+
+def _join_or_create_secret(args) -> bytes:
+    """The cluster secret. Without one, the first node of a network creates it; a node that sees
+    other kimi-cluster nodes announced says what to copy from where, and waits for it."""
+    from .auth import SECRET_ENV, config_dir, fingerprint
+    from .discovery import Browser, open_zeroconf
+
+    try:
+        return _secret(args)
+    except AuthError:
+        if args.secret_file is not None or args.no_mdns:
+            return _secret(args, create=args.secret_file is None)
+    zeroconf = open_zeroconf(args.host)
+    seen = threading.Event()
+    browser = Browser(zeroconf, "", on_change=None)  # every announcement lands in `ignored`
+    try:
+        deadline = time.monotonic() + JOIN_BROWSE_S
+        while not browser.ignored_nodes() and time.monotonic() < deadline:
+            seen.wait(0.1)  # pacing between reads of what the browser found
+        others = browser.ignored_nodes()
+    finally:
+        browser.close()
+        zeroconf.close()
+    if not others:
+        return _secret(args, create=True)
+    path = config_dir() / "secret"
+    try:
+        remote = '"$HOME/' + str(path.relative_to(Path.home())) + '"'
+    except ValueError:
+        remote = f'"{path}"'
+    first = sorted(others, key=lambda a: a.name)[0]
+    print(f"this node has no cluster secret, and {len(others)} kimi-cluster node(s) answer on this network "
+          f"({', '.join(sorted({a.name + ' at ' + a.host for a in others}))}). Copy the secret from one of them, "
+          f"e.g. {first.name}, with this one line (then this node goes on by itself):", flush=True)
+    print(f"  mkdir -p '{path.parent}' && ssh {first.host} 'cat {remote}' > '{path}' && chmod 600 '{path}'",
+          flush=True)
+    print(f"or set {SECRET_ENV} to its contents and restart; waiting for {path} ...", flush=True)
+    while True:
+        try:
+            secret = _secret(args)
+        except AuthError:
+            time.sleep(1.0)  # pacing between looks for the file the user copies
+            continue
+        print(f"found the cluster secret (fingerprint {fingerprint(secret)}); joining", flush=True)
+        return secret
 
 
 def cmd_up(args) -> None:
@@ -226,27 +315,53 @@ def cmd_up(args) -> None:
         if not args.model:
             fail("--api-port serves the model: it needs --model (only the coordinator serves the API)")
         _check_api_exposure(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    secret = _secret(args, create=True)
+    if args.nodes is not None and not args.model:
+        fail("--nodes says how many nodes the coordinator waits for: it needs --model (give it to the node "
+             "that coordinates, and start the others with plain `kimi-cluster up`)")
+    _setup_logging(args)
+    _choose_host(args)
+    secret = _join_or_create_secret(args)
     node, coordinator, stop = serve(args, secret)
     m = node.machine
     print(f"node {node.name} listening on {node.address} ({m.backend}, usable {format_bytes(m.usable_bytes)} "
           f"of {format_bytes(m.total_bytes)}{'' if args.no_mdns else ', announced over mDNS'})", flush=True)
-    stopped = threading.Event()
+    stopped, interrupted = threading.Event(), []
+
+    def on_signal(signum, _frame):
+        interrupted.append(signal.Signals(signum).name)
+        stopped.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
+        signal.signal(sig, on_signal)
+    node.on_exit_request = stopped.set
     api = None
+    state = {"address": node.address, "coordinator": coordinator is not None}
     if coordinator:
         coordinator.on_status = lambda message: print(f"coordinator: {message}", flush=True)
         coordinator.on_load_progress = LoadBars()
         coordinator.start()
-        threading.Thread(target=_announce_ready, args=(coordinator, stopped), daemon=True).start()
         if args.api_port is not None:
             api = _start_api(args, coordinator)
-    stopped.wait()
-    if api:
-        api.should_exit = True
-    stop()
+            state["api_url"] = api.url
+        threading.Thread(target=_announce_ready, args=(coordinator, stopped, node.address, api), daemon=True).start()
+    client.write_node_state(node.name, **state)
+    try:
+        stopped.wait()
+        what = ("coordinator and node" if coordinator else "node") + f" {node.name}"
+        if interrupted:
+            print(f"\n{interrupted[0]}: stopping {what}"
+                  + ("" if not coordinator or coordinator.ready.is_set() else f" (cluster was {coordinator.state})"),
+                  flush=True)
+        else:
+            print(f"asked to stop over the network: stopping {what}", flush=True)
+        if api:
+            api.server.should_exit = True
+        stop()
+    finally:
+        client.remove_node_state(node.name)
+    print(f"stopped {node.name}: its slice and sessions are released", flush=True)
+    if interrupted and interrupted[0] == "SIGINT":
+        sys.exit(130)
 
 
 def _check_api_exposure(args) -> None:
@@ -263,7 +378,13 @@ def _check_api_exposure(args) -> None:
              "add --api-key KEY, or pass --api-allow-no-key if you accept that")
 
 
-def _start_api(args, coordinator):
+@dataclass
+class RunningApi:
+    server: object
+    url: str
+
+
+def _start_api(args, coordinator) -> RunningApi:
     import uvicorn
 
     from .api import build_app
@@ -276,37 +397,29 @@ def _start_api(args, coordinator):
             break
         threading.Event().wait(0.05)
     port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.api_port
-    print(f"OpenAI API on http://{args.api_host}:{port}/v1 (model {coordinator.checkpoint.name!r})", flush=True)
-    return server
+    url = f"http://{args.api_host}:{port}/v1"
+    print(f"OpenAI API on {url} (model {coordinator.checkpoint.name!r})", flush=True)
+    return RunningApi(server, url)
 
 
-def _announce_ready(coordinator, stopped):
+def _announce_ready(coordinator, stopped, address: str, api):
     while not stopped.is_set():
         if coordinator.ready.wait(0.5):
             print(f"cluster ready: {coordinator.checkpoint.name} on "
                   + ", ".join(f"{s.node} [{s.start}, {s.end})" for s in coordinator.plan.stages), flush=True)
+            print(f"  chat:   kimi-cluster chat --coordinator {address}", flush=True)
+            if api:
+                print(f"  API:    {api.url}   web view: {api.url[:-3]}/", flush=True)
             return
 
 
-def _coordinator_stub(address: str, secret: bytes):
-    from .generated import kimi_cluster_pb2 as pb
-    from .wire import coordinator_stub, node_stub, open_channel
-
-    info = node_stub(open_channel(address, secret)).Info(pb.InfoRequest(), timeout=10)
-    if not info.is_coordinator:
-        if not info.coordinator:
-            fail(f"{info.name} ({address}) serves no coordinator yet; run this against the coordinator")
-        address = info.coordinator
-    return coordinator_stub(open_channel(address, secret))
+def _connect(args):
+    cluster_secret = _secret(args)
+    return client.connect(client.find_coordinator(args.coordinator, cluster_secret, args.host), cluster_secret)
 
 
 def _sampling(args):
-    from .generated import kimi_cluster_pb2 as pb
-
-    s = pb.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
-    if args.seed is not None:
-        s.seed = args.seed
-    return s
+    return client.sampling(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
 
 
 def cmd_chat(args) -> None:
@@ -317,80 +430,104 @@ def cmd_chat(args) -> None:
             fail("--json needs --prompt")
         from .chat import run_from_args
 
-        return run_from_args(args)
+        return run_from_args(args, _connect(args), _sampling(args))
 
-    stub = _coordinator_stub(args.coordinator, _secret(args))
+    stub = _connect(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     request = pb.GenerateRequest(messages_json=json.dumps(messages), max_tokens=args.max_tokens,
                                  sampling=_sampling(args))
     if args.thinking is not None:
         request.thinking = args.thinking
-    text, ids, done = [], [], None
-    for event in stub.Generate(request, timeout=args.timeout):
-        if event.HasField("token"):
-            if event.token.id >= 0:
-                ids.append(event.token.id)
-            text.append(event.token.text)
-            if not args.json:
-                print(event.token.text, end="", flush=True)
-        else:
-            done = event.done
-    decode_tok_s = (done.completion_tokens - 1) / done.decode_s if done.decode_s > 0 else 0.0
+    show = None if args.json else (lambda token: print(token.text, end="", flush=True))
+    call = stub.Generate(request, timeout=args.timeout)
+    try:
+        reply = client.read_reply(call, show)
+    except KeyboardInterrupt:
+        call.cancel()
+        print("\nreply cancelled", file=sys.stderr)
+        sys.exit(130)
+    done = reply.done
     if args.json:
         print(json.dumps({
-            "text": "".join(text), "token_ids": ids, "prompt_tokens": done.prompt_tokens,
+            "text": reply.text, "token_ids": reply.token_ids, "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason,
-            "ttft_s": done.ttft_s, "decode_tok_s": decode_tok_s,
+            "ttft_s": done.ttft_s, "decode_tok_s": reply.decode_tok_s,
         }))
     else:
         print()
-        Console(stderr=True).print(
-            f"[dim]{done.prompt_tokens} prompt tokens, {done.completion_tokens} generated ({done.finish_reason}); "
-            f"TTFT {done.ttft_s * 1000:.0f} ms, {decode_tok_s:.1f} tok/s[/]"
-        )
-
-
-def map_json(reply) -> dict:
-    nodes = []
-    for n in reply.nodes:
-        nodes.append({
-            "name": n.name, "address": n.address, "node_id": n.node_id, "backend": n.backend, "chip": n.chip,
-            "status": n.status, "total_bytes": n.total_bytes, "usable_bytes": n.usable_bytes,
-            "layers": [n.start, n.end] if n.has_layers else None, "weight_bytes": n.weight_bytes,
-            "resident_bytes": n.resident_bytes, "kv_bytes": n.kv_bytes, "free_bytes": n.free_bytes,
-        })
-    return {"state": reply.state, "model": reply.model, "model_id": reply.model_id,
-            "num_layers": reply.num_layers, "message": reply.message, "nodes": nodes}
-
-
-def print_map(m: dict) -> None:
-    table = Table(title=f"{m['model']}: {m['state']}" + (f" ({m['message']})" if m["message"] else ""),
-                  title_justify="left")
-    for col in ("node", "address", "backend", "status", "layers", "weights", "KV", "free", "usable", "total"):
-        table.add_column(col, justify="right" if col in ("weights", "KV", "free", "usable", "total") else "left")
-    for n in sorted(m["nodes"], key=lambda n: (n["layers"] is None, n["layers"] or 0, n["name"])):
-        layers = f"{n['layers'][0]}-{n['layers'][1] - 1}" if n["layers"] else "-"
-        table.add_row(n["name"], n["address"], n["backend"], n["status"], layers,
-                      format_bytes(n["resident_bytes"] or n["weight_bytes"]), format_bytes(n["kv_bytes"]),
-                      format_bytes(n["free_bytes"]), format_bytes(n["usable_bytes"]), format_bytes(n["total_bytes"]))
-    total = {k: sum(n[k] for n in m["nodes"]) for k in ("resident_bytes", "kv_bytes", "free_bytes", "usable_bytes",
-                                                          "total_bytes")}
-    table.add_row("[bold]cluster", "", "", "", f"{m['num_layers']} layers", format_bytes(total["resident_bytes"]),
-                  format_bytes(total["kv_bytes"]), format_bytes(total["free_bytes"]),
-                  format_bytes(total["usable_bytes"]), format_bytes(total["total_bytes"]))
-    console.print(table)
+        Console(stderr=True).print(f"[dim]{reply.stats_line()}[/]", highlight=False)
 
 
 def cmd_map(args) -> None:
     from .generated import kimi_cluster_pb2 as pb
 
-    reply = _coordinator_stub(args.coordinator, _secret(args)).MemoryMap(pb.MemoryMapRequest(), timeout=30)
-    m = map_json(reply)
+    m = client.map_json(_connect(args).MemoryMap(pb.MemoryMapRequest(), timeout=30))
     if args.json:
         print(json.dumps(m))
     else:
-        print_map(m)
+        client.print_map(m, console)
+
+
+def cmd_status(args) -> None:
+    """This machine's nodes, then the cluster at a glance (when a coordinator answers)."""
+    from .generated import kimi_cluster_pb2 as pb
+
+    local = client.local_nodes()
+    out = {"local_nodes": local, "cluster": None, "error": None}
+    try:
+        out["cluster"] = client.map_json(_connect(args).MemoryMap(pb.MemoryMapRequest(), timeout=30))
+    except (client.ClientError, AuthError, grpc.RpcError) as e:
+        out["error"] = str(e) if not isinstance(e, grpc.RpcError) else f"{e.code().name}: {e.details()}"
+    if args.json:
+        print(json.dumps(out))
+        sys.exit(0 if local or out["cluster"] else 1)
+    if local:
+        for n in local:
+            role = "coordinator and node" if n.get("coordinator") else "node"
+            api = f", API {n['api_url']}" if n.get("api_url") else ""
+            console.print(f"this machine runs {role} {n['name']} on {n['address']} (pid {n['pid']}{api})",
+                          highlight=False)
+    else:
+        console.print("no kimi-cluster node runs on this machine (start one with `kimi-cluster up`)")
+    if out["cluster"]:
+        client.print_map(out["cluster"], console)
+    else:
+        console.print(f"cluster: {out['error']}", highlight=False)
+    if not local and not out["cluster"]:
+        sys.exit(1)
+
+
+def cmd_stop(args) -> None:
+    """Stop this machine's nodes (SIGTERM: each releases its slice), or with --cluster every node."""
+    from .generated import kimi_cluster_pb2 as pb
+    from .wire import node_stub, open_channel
+
+    if args.cluster:
+        cluster_secret = _secret(args)
+        address = client.find_coordinator(args.coordinator, cluster_secret, args.host)
+        nodes = client.connect(address, cluster_secret).MemoryMap(pb.MemoryMapRequest(), timeout=30).nodes
+        for entry in sorted(nodes, key=lambda n: n.address == address):  # the coordinator last
+            try:
+                reply = node_stub(open_channel(entry.address, cluster_secret)).Stop(pb.StopRequest(exit=True),
+                                                                                 timeout=10)
+                console.print(f"stopped {reply.name} ({entry.address}), released {format_bytes(reply.freed_bytes)}",
+                              highlight=False)
+            except grpc.RpcError as e:
+                console.print(f"could not stop {entry.name} ({entry.address}): {e.details()}", highlight=False)
+        return
+    local = [n for n in client.local_nodes() if args.name in (None, n["name"])]
+    if not local:
+        fail("no kimi-cluster node " + (f"named {args.name} " if args.name else "") + "runs on this machine "
+             "(--cluster stops every node of the cluster)", code=1)
+    for n in local:
+        os.kill(n["pid"], signal.SIGTERM)
+    left = client.wait_gone([n["pid"] for n in local], timeout=30)
+    for n in local:
+        console.print(f"{n['name']}: " + ("still running after 30 s" if n["pid"] in left else "stopped"),
+                      highlight=False)
+    if left:
+        sys.exit(1)
 
 
 def _size(text: str) -> int:
@@ -401,7 +538,10 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="kimi-cluster", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kimi-cluster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="exact bytes per layer of a checkpoint or a built-in model")
@@ -437,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     secret_help = "file holding the cluster secret (default: $KIMI_CLUSTER_SECRET or the config dir)"
     p = sub.add_parser("up", help="start a node (and, with --model, the coordinator)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
+    p.add_argument("--host", help="address to bind and announce on (default: the Thunderbolt bridge, else the "
+                                  "default route's interface on macOS; the only private address on Linux)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
     p.add_argument("--name", help="node name (default: host name)")
     p.add_argument("--memory", type=_size, help="memory this node may use, e.g. 96GB or 512MiB")
@@ -454,14 +595,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-allow-no-key", action="store_true",
                    help="serve the API on a non-loopback address without a key (anyone there can use it)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="free idle sessions after this many seconds")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", type=Path, help="also write the log to this file")
     p.set_defaults(func=cmd_up)
 
-    for command, func, what in (("chat", cmd_chat, "chat with the cluster"), ("map", cmd_map, "memory map")):
+    for command, func, what in (("chat", cmd_chat, "chat with the cluster"), ("map", cmd_map, "memory map"),
+                                ("status", cmd_status, "this machine's nodes and the cluster at a glance"),
+                                ("stop", cmd_stop, "stop this machine's nodes (releasing their slices), or all")):
         p = sub.add_parser(command, help=what)
-        p.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
+        p.add_argument("--coordinator", metavar="HOST[:PORT]",
+                       help=f"the coordinator (default: the one on this machine, else found over mDNS; "
+                            f"port {DEFAULT_PORT} when left out)")
+        p.add_argument("--host", help="look for the coordinator over mDNS on this address's interface "
+                                      "(default: the one `up` would choose)")
         p.add_argument("--secret-file", type=Path, help=secret_help)
-        p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=func)
+        if command == "stop":
+            p.add_argument("--cluster", action="store_true", help="stop every node of the cluster")
+            p.add_argument("--name", help="stop only this machine's node of this name")
+            continue
+        p.add_argument("--json", action="store_true", help="print JSON")
         if command == "chat":
             p.add_argument("--prompt", help="send one message and exit (default: an interactive chat)")
             add_chat_arguments(p)
@@ -481,5 +634,10 @@ def main(argv=None) -> None:
         args.func(args)
     except (CheckpointError, AuthError, ValueError) as e:
         fail(str(e))
+    except client.ClientError as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted", highlight=False)
+        sys.exit(130)
     except grpc.RpcError as e:
         fail(f"{e.code().name}: {e.details()}", code=1)

@@ -35,6 +35,7 @@ class Announcement:
     host: str
     port: int
     fingerprint: str
+    coordinator: bool = False  # this node runs the cluster's coordinator (clients connect to it)
 
     @property
     def address(self) -> str:
@@ -48,7 +49,7 @@ class Announcement:
         props = {
             "id": self.node_id, "name": self.name, "version": self.version, "backend": self.backend,
             "chip": self.chip[:100], "total": str(self.total_bytes), "usable": str(self.usable_bytes),
-            "fp": self.fingerprint,
+            "fp": self.fingerprint, "coord": "1" if self.coordinator else "0",
         }
         return ServiceInfo(
             SERVICE_TYPE, self.instance, addresses=[socket.inet_aton(self.host)], port=self.port,
@@ -64,11 +65,32 @@ class Announcement:
                 node_id=props["id"], name=props["name"], version=props.get("version", ""),
                 backend=props.get("backend", ""), chip=props.get("chip", ""),
                 total_bytes=int(props["total"]), usable_bytes=int(props["usable"]),
-                host=addresses[0], port=info.port, fingerprint=props["fp"],
+                host=addresses[0], port=info.port, fingerprint=props["fp"], coordinator=props.get("coord") == "1",
             )
         except (KeyError, ValueError, IndexError):
             log.warning("ignoring malformed announcement %s", info.name)
             return None
+
+
+def find_coordinators(fingerprint: str, host: str | None, timeout: float) -> list:
+    """Coordinators of this cluster announced on `host`'s interface (None: the interface `up`
+    would choose), waiting up to `timeout` s for the first."""
+    if host is None:
+        from .interfaces import NoHostError, pick_host
+
+        try:
+            host = pick_host().address
+        except NoHostError:
+            host = "127.0.0.1"
+    zeroconf = open_zeroconf(host)
+    found = threading.Event()
+    browser = Browser(zeroconf, fingerprint, on_change=lambda kind, a: a.coordinator and found.set())
+    try:
+        found.wait(timeout)
+        return [a for a in browser.nodes.values() if a.coordinator]
+    finally:
+        browser.close()
+        zeroconf.close()
 
 
 def open_zeroconf(host: str) -> Zeroconf:

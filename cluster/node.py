@@ -120,6 +120,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.worker = ComputeWorker()
         self.stage: Stage | None = None
         self.sessions: dict[str, Session] = {}
+        self.on_exit_request = None  # called when asked to shut down (Stop with exit)
         self._lock = threading.Lock()  # guards stage and sessions
         self._stop = threading.Event()
         threading.Thread(target=self._reap_idle_sessions, name="session-reaper", daemon=True).start()
@@ -167,6 +168,23 @@ class NodeService(pb_grpc.NodeServicer):
 
     def stop(self):
         self._stop.set()
+
+    def unload(self) -> int:
+        """Drop the slice and every session; returns the bytes released."""
+        with self._lock:
+            stage, self.stage = self.stage, None
+            sessions, self.sessions = self.sessions, {}
+        freed = (stage.slice.nbytes() if stage else 0) + sum(s.reserved_bytes for s in sessions.values())
+        if stage and stage.next_link:
+            stage.next_link.close()
+        return freed
+
+    def Stop(self, request, context):
+        freed = self.unload()
+        log.info("released %d bytes on request%s", freed, "; shutting down" if request.exit else "")
+        if request.exit and self.on_exit_request:
+            self.on_exit_request()
+        return pb.StopReply(name=self.name, freed_bytes=freed)
 
     # ---- loading -----------------------------------------------------------------------------
 

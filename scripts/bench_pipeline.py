@@ -72,6 +72,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import harness  # noqa: E402  (tests/harness.py)
+from cluster.client import read_reply  # noqa: E402
 from cluster.generated import kimi_cluster_pb2 as pb  # noqa: E402
 from cluster.link import ForwardLink, StageError  # noqa: E402
 from cluster.node import ComputeWorker  # noqa: E402
@@ -217,15 +218,10 @@ def pick_prompt(model, tokenizer, eos: set, n: int) -> tuple:
 def run_cluster(cluster, prompt: list, n: int) -> dict:
     request = pb.GenerateRequest(max_tokens=n, sampling=pb.SamplingParams(temperature=0.0))
     request.prompt_tokens.extend(prompt)
-    stamps, ids, done = [], [], None
-    for event in cluster.client.Generate(request, timeout=600):
-        if event.HasField("done"):
-            done = event.done
-        elif event.token.id >= 0:
-            stamps.append(time.perf_counter())
-            ids.append(event.token.id)
-    if done is None:
-        raise RuntimeError("the Generate stream ended without a DoneEvent")
+    stamps = []
+    reply = read_reply(cluster.client.Generate(request, timeout=600),
+                       lambda token: token.id >= 0 and stamps.append(time.perf_counter()))
+    ids, done = reply.token_ids, reply.done
     if done.completion_tokens >= 2 and done.decode_s > 0:
         tok_s = (done.completion_tokens - 1) / done.decode_s
     else:

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
+from cluster.client import read_reply
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.wire import coordinator_stub, node_stub, open_channel
 
@@ -132,13 +133,8 @@ class LocalCluster:
             request.prompt_tokens.extend(prompt_tokens)
         else:
             request.messages_json = json.dumps(messages)
-        ids, done = [], None
-        for event in self.client.Generate(request, timeout=timeout):
-            if event.HasField("done"):
-                done = event.done
-            elif event.token.id >= 0:
-                ids.append(event.token.id)
-        return ids, done
+        reply = read_reply(self.client.Generate(request, timeout=timeout))
+        return reply.token_ids, reply.done
 
     def memory_map(self) -> pb.MemoryMapReply:
         return self.client.MemoryMap(pb.MemoryMapRequest(), timeout=30)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from cluster.client import read_reply
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.wire import coordinator_stub, open_channel
 import harness
@@ -91,13 +92,8 @@ class MdnsCluster:
 
     def generate(self, messages, max_tokens=GREEDY_TOKENS):
         request = pb.GenerateRequest(messages_json=json.dumps(messages), max_tokens=max_tokens)
-        ids, done = [], None
-        for event in self.client.Generate(request, timeout=120):
-            if event.HasField("done"):
-                done = event.done
-            elif event.token.id >= 0:
-                ids.append(event.token.id)
-        return ids, done
+        reply = read_reply(self.client.Generate(request, timeout=120))
+        return reply.token_ids, reply.done
 
     def close(self):
         if self.channel:

@@ -10,6 +10,20 @@ class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class StopRequest(_message.Message):
+    __slots__ = ("exit",)
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    exit: bool
+    def __init__(self, exit: _Optional[bool] = ...) -> None: ...
+
+class StopReply(_message.Message):
+    __slots__ = ("name", "freed_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    freed_bytes: int
+    def __init__(self, name: _Optional[str] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
 class LoadedSlice(_message.Message):
     __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "weight_bytes", "kv_budget_bytes", "next_address", "next_name")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

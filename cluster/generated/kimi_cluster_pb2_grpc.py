@@ -64,6 +64,11 @@ class NodeStub:
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthRequest.SerializeToString,
                 response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/kimi_cluster.v1.Node/Stop',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.StopRequest.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.StopReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -112,6 +117,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stop(self, request, context):
+        """Drop the loaded slice and every session (memory back to the machine); with `exit`, the node's
+        process also shuts down (`kimi-cluster stop --cluster`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthRequest.FromString,
                     response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthReply.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.StopRequest.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.StopReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Node:
             '/kimi_cluster.v1.Node/Health',
             cluster_dot_generated_dot_kimi__cluster__pb2.HealthRequest.SerializeToString,
             cluster_dot_generated_dot_kimi__cluster__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimi_cluster.v1.Node/Stop',
+            cluster_dot_generated_dot_kimi__cluster__pb2.StopRequest.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.StopReply.FromString,
             options,
             channel_credentials,
             insecure,

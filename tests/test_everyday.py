@@ -1,0 +1,131 @@
+"""Everyday use: the interface `up` picks, clients that find the coordinator, status, stop, Ctrl-C.
+
+Live tests run one 2-node cluster on loopback with mDNS on and a secret of their own (other
+clusters on loopback use other secrets, so they are invisible to these clients)."""
+
+import json
+import secrets
+import signal
+import subprocess
+
+import pytest
+
+import harness
+from cluster.client import ClientError, with_port
+from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.interfaces import HostChoice, Interface, NoHostError, choose_host
+from cluster.wire import node_stub, open_channel
+from harness import KIMI, start_mdns_node, wait_for_log
+
+LO = Interface("lo", "127.0.0.1")
+
+
+@pytest.mark.parametrize("interfaces, system, default, want", [
+    ([LO, Interface("en0", "192.168.1.20"), Interface("bridge0", "169.254.10.2")], "Darwin", "en0",
+     HostChoice("169.254.10.2", "Thunderbolt bridge bridge0")),
+    ([LO, Interface("en1", "10.0.0.5"), Interface("en0", "192.168.1.20")], "Darwin", "en0",
+     HostChoice("192.168.1.20", "en0, the interface of the default route (no Thunderbolt bridge)")),
+    ([LO, Interface("eth0", "10.1.2.3"), Interface("docker0", "8.8.4.4")], "Linux", "eth0",
+     HostChoice("10.1.2.3", "eth0, the only private IPv4 interface")),
+])
+def test_up_picks_the_interface(interfaces, system, default, want):
+    assert choose_host(interfaces, system, default) == want
+
+
+@pytest.mark.parametrize("interfaces, system, default, words", [
+    ([LO, Interface("eth0", "10.1.2.3"), Interface("wlan0", "192.168.1.7")], "Linux", "eth0",
+     "2 private IPv4 interfaces (IPv4 interfaces: eth0 10.1.2.3, wlan0 192.168.1.7): pass --host"),
+    ([LO], "Linux", None, "no private IPv4 interfaces (IPv4 interfaces: none): pass --host"),
+    ([LO, Interface("en0", "192.168.1.20")], "Darwin", None, "no Thunderbolt bridge and no default route"),
+])
+def test_up_refuses_to_guess_between_interfaces(interfaces, system, default, words):
+    with pytest.raises(NoHostError, match="^" + words.replace("(", r"\(").replace(")", r"\)")):
+        choose_host(interfaces, system, default)
+
+
+def test_coordinator_address_gets_the_default_port():
+    assert with_port("10.0.0.1") == "10.0.0.1:7470"
+    assert with_port("10.0.0.1:7999") == "10.0.0.1:7999"
+    assert with_port("mac-a.local") == "mac-a.local:7470"
+    with pytest.raises(ClientError, match="must be a number"):
+        with_port("10.0.0.1:x")
+
+
+def run(*args, env=None, timeout=60):
+    return subprocess.run([KIMI, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_version_and_nodes_without_model(tmp_path):
+    env = harness.test_env(tmp_path / "home")
+    assert run("--version", env=env).stdout.startswith("kimi-cluster ")
+    refused = run("up", "--host", "127.0.0.1", "--nodes", "2", env=env)
+    assert refused.returncode == 2 and "--nodes says how many nodes the coordinator waits for: it needs --model" \
+        in refused.stderr
+
+
+def test_clients_say_what_to_do_when_no_coordinator_runs(tmp_path):
+    env = harness.test_env(tmp_path / "home", f"kimi-everyday-{secrets.token_hex(12)}")
+    done = run("map", "--host", "127.0.0.1", env=env)
+    assert done.returncode == 1
+    assert "no coordinator found: none runs on this machine and none of this cluster answered over mDNS" \
+        in done.stderr and "kimi-cluster up --model DIR" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_dir):
+    workdir = tmp_path_factory.mktemp("everyday")
+    env = harness.test_env(workdir / "home", f"kimi-everyday-{secrets.token_hex(12)}")
+    worker = start_mdns_node(workdir, "worker", env)
+    coordinator = start_mdns_node(workdir, "coord", env, model=tiny_dir, extra=["--nodes", "2", "--api-port", "0"])
+    try:
+        coordinator.wait_for(r"cluster ready")
+        yield env, worker, coordinator
+    finally:
+        for node in (coordinator, worker):
+            node.kill()
+
+
+def test_ready_says_how_to_connect(cluster):
+    _, _, coordinator = cluster
+    assert coordinator.wait_for(r"chat: +kimi-cluster chat --coordinator (\S+)").group(1) == coordinator.address
+    assert coordinator.wait_for(r"API: +(http://\S+/v1)")
+
+
+def test_status_shows_this_machines_nodes_and_the_cluster(cluster):
+    env, worker, coordinator = cluster
+    done = run("status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert {n["name"]: (n["address"], n["coordinator"]) for n in status["local_nodes"]} == {
+        "worker": (worker.address, False), "coord": (coordinator.address, True)}
+    assert status["cluster"]["state"] == "ready"
+    assert sorted(n["name"] for n in status["cluster"]["nodes"]) == ["coord", "worker"]
+
+
+def test_client_on_another_machine_finds_the_coordinator_over_mdns(cluster, tmp_path):
+    env, _, coordinator = cluster
+    elsewhere = {**env, "KIMI_CLUSTER_HOME": str(tmp_path / "other-home")}  # no local state there
+    done = run("map", "--json", "--host", "127.0.0.1", env=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert {n["address"] for n in json.loads(done.stdout)["nodes"]} >= {coordinator.address}
+
+
+def test_ctrl_c_stops_the_coordinator_says_so_and_releases_the_workers(cluster):
+    env, worker, coordinator = cluster
+    secret = env["KIMI_CLUSTER_SECRET"].encode()
+    assert node_stub(open_channel(worker.address, secret)).Info(pb.InfoRequest(), timeout=10).HasField("loaded")
+    coordinator.kill(signal.SIGINT)
+    assert coordinator.proc.wait(timeout=30) == 130
+    wait_for_log(coordinator, r"SIGINT: stopping coordinator and node coord")
+    wait_for_log(coordinator, r"released \S+ \S+ on worker")
+    info = node_stub(open_channel(worker.address, secret)).Info(pb.InfoRequest(), timeout=10)
+    assert not info.HasField("loaded") and worker.proc.poll() is None
+
+
+def test_stop_stops_this_machines_nodes(cluster):
+    env, worker, _ = cluster
+    done = run("stop", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "worker: stopped" in done.stdout and worker.proc.wait(timeout=10) == 0
+    status = run("status", "--json", "--host", "127.0.0.1", env=env)
+    assert json.loads(status.stdout)["local_nodes"] == [] and status.returncode == 1
