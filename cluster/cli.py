@@ -537,6 +537,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _memory(text: str) -> int:
+    if text.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: write e.g. {text.strip()}GB (10^9 bytes) or "
+                                         f"{text.strip()}GiB (2^30 bytes)")
+    return _size(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -581,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default route's interface on macOS; the only private address on Linux)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
     p.add_argument("--name", help="node name (default: host name)")
-    p.add_argument("--memory", type=_size, help="memory this node may use, e.g. 96GB or 512MiB")
+    p.add_argument("--memory", type=_memory, help="memory this node may use, with a unit: e.g. 96GB or 512MiB "
+                                                  "(at most the machine's memory)")
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS")
     p.add_argument("--secret-file", type=Path, help=secret_help)
     p.add_argument("--model", help="checkpoint directory: also run the coordinator")

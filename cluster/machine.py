@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .auth import config_dir
+from .units import format_bytes
 
 # Left to the OS and other programs on top of what the GPU may wire (or what is free on Linux).
 OS_RESERVE_BYTES = 2 * 10**9
@@ -69,6 +70,9 @@ def describe_machine(memory_override: int | None = None) -> Machine:
     total = info.get("memory_size") or meminfo.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
         "SC_PHYS_PAGES"
     )
+    if memory_override is not None and memory_override > total:
+        raise ValueError(f"--memory {format_bytes(memory_override)} is more than this machine has "
+                         f"({format_bytes(int(total))}); give at most that, or leave --memory out")
     if memory_override is not None:
         usable = memory_override
     elif wired:

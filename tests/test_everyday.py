@@ -129,3 +129,13 @@ def test_stop_stops_this_machines_nodes(cluster):
     assert "worker: stopped" in done.stdout and worker.proc.wait(timeout=10) == 0
     status = run("status", "--json", "--host", "127.0.0.1", env=env)
     assert json.loads(status.stdout)["local_nodes"] == [] and status.returncode == 1
+
+
+@pytest.mark.parametrize("memory, words", [
+    ("96", "'96' has no unit: write e.g. 96GB (10^9 bytes) or 96GiB (2^30 bytes)"),
+    ("900TB", "--memory 900.0 TB is more than this machine has"),
+])
+def test_memory_needs_a_unit_and_fits_the_machine(tmp_path, memory, words):
+    done = run("up", "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--memory", memory,
+               env=harness.test_env(tmp_path / "home"))
+    assert done.returncode == 2 and words in done.stderr, done.stderr
