@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP API in front of the coordinator: /v1/models, /v1/chat/completions.
+"""An OpenAI-compatible HTTP API in front of the coordinator: /v1/models, /v1/chat/completions,
+/v1/completions (a raw prompt), and /health for load balancers.
 
 Sampling runs on the cluster's last stage; this layer turns the token stream into OpenAI's
 shapes: reasoning_content, content and tool_calls (Kimi's formats, see reply.py), stop strings,
@@ -11,6 +12,8 @@ import json
 import time
 import uuid
 
+from pathlib import Path
+
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,9 +21,36 @@ from starlette.datastructures import Headers
 
 from .coordinator import GenerateError
 from .generated import kimi_cluster_pb2 as pb
-from .reply import ReplyParser, prompt_ends_thinking
+from .reply import RawText, ReplyParser, prompt_ends_thinking
+from .sampling import generation_defaults
 
 ROLES = ("system", "user", "assistant", "tool")
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _nonzero(value) -> bool:
+    return value not in (None, 0, 0.0)
+
+
+# Accepted by OpenAI, not done here: a request that asks for them is refused rather than ignored.
+UNSUPPORTED = {
+    "n": lambda v: v not in (None, 1),
+    "best_of": lambda v: v not in (None, 1),
+    "response_format": lambda v: v not in (None, {"type": "text"}),
+    "presence_penalty": _nonzero,
+    "frequency_penalty": _nonzero,
+    "logit_bias": bool,
+    "echo": bool,
+    "suffix": bool,
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    bad = [name for name, asked in UNSUPPORTED.items() if asked(body.get(name))]
+    if bad:
+        names = ", ".join(f"`{name}`" for name in bad)
+        raise ApiError(400, f"not supported by kimi-cluster: {names} (one choice per request, plain text, no "
+                            "penalties or logit bias); drop them from the request", bad[0], "unsupported_parameter")
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 1024
 
@@ -114,7 +144,7 @@ class StopMatcher:
 
 
 class RequireKey:
-    """401 unless `Authorization: Bearer KEY`. A plain ASGI middleware: one made with
+    """401 on /v1/ unless `Authorization: Bearer KEY`. A plain ASGI middleware: one made with
     @app.middleware("http") (BaseHTTPMiddleware) hides a client's disconnect from a streaming
     response, which then never stops and never frees its session."""
 
@@ -122,7 +152,8 @@ class RequireKey:
         self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        # /v1 needs the key; /health (for load balancers) and the web view's static files do not
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             given = Headers(scope=scope).get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
                 response = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
@@ -134,6 +165,8 @@ class RequireKey:
 def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kimi-cluster", docs_url=None, redoc_url=None)
     tokenizer = coordinator.tokenizer
+    defaults = generation_defaults(coordinator.checkpoint.path)
+    created = int((Path(coordinator.checkpoint.path) / "config.json").stat().st_mtime)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
 
@@ -141,22 +174,58 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
     async def api_error(request, error: ApiError):
         return error.response()
 
+    @app.get("/health")
+    def health():
+        body = {"status": coordinator.state, "message": coordinator.message, "model": model_name}
+        return JSONResponse(body, status_code=200 if coordinator.state == "ready" else 503)
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "kimi-cluster",
+                "state": coordinator.state}
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "kimi-cluster"}]}
+        return {"object": "list", "data": [model_card()]}
 
-    def prepare(body: dict) -> dict:
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        if model_id != model_name:
+            raise ApiError(404, f"model {model_id!r} is not served here; this cluster serves {model_name!r}",
+                           "model", "model_not_found")
+        return model_card()
+
+    def check_model(body: dict) -> None:
         if body.get("model") not in (None, model_name):
             raise ApiError(404, f"model {body.get('model')!r} is not served here; this cluster serves {model_name!r}",
                            "model", "model_not_found")
+
+    def sampling(body: dict):
+        _refuse_unsupported(body)
+        temperature = _number(body, "temperature", defaults["temperature"], low=0, high=2)
+        top_p = _number(body, "top_p", defaults["top_p"] or 1.0, low=0, high=1, low_open=True)
+        seed = _number(body, "seed", None, integer=True)
+        params = pb.SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 and top_p < 1 else 0,
+                                   top_k=defaults["top_k"] if temperature > 0 else 0)
+        if seed is not None:
+            params.seed = seed % 2**64
+        return params
+
+    def fit_context(prompt: list, max_tokens, default_max: int, field: str) -> int:
+        if max_tokens is None:  # not given: what the context leaves, up to default_max
+            max_tokens = max(1, min(default_max, coordinator.context - len(prompt)))
+        if len(prompt) + max_tokens > coordinator.context:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; with max_tokens {max_tokens} it exceeds the "
+                                f"cluster's context of {coordinator.context} tokens: shorten `{field}` or lower "
+                                "`max_tokens`", field, "context_length_exceeded")
+        return max_tokens
+
+    def prepare(body: dict) -> dict:
+        check_model(body)
         messages = _messages(body)
         thinking = _thinking(body)
         max_tokens = _number(body, "max_completion_tokens", None, low=1, integer=True)
         max_tokens = _number(body, "max_tokens", max_tokens, low=1, integer=True)
-        temperature = _number(body, "temperature", 1.0 if thinking is not False else 0.6, low=0, high=2)
-        top_p = _number(body, "top_p", 0.95, low=0, high=1, low_open=True)
-        seed = _number(body, "seed", None, integer=True)
+        params = sampling(body)
         tools = body.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise ApiError(400, "`tools` must be a list of tool definitions", "tools")
@@ -167,23 +236,15 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             prompt = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **extra)
         except Exception as e:  # the template refused these messages
             raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
-        if max_tokens is None:  # not given: what the context leaves, up to DEFAULT_MAX_TOKENS
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, coordinator.context - len(prompt)))
-        if len(prompt) + max_tokens > coordinator.context:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; with max_tokens {max_tokens} it exceeds the "
-                                f"cluster's context of {coordinator.context} tokens: shorten `messages` or lower "
-                                "`max_tokens`", "messages", "context_length_exceeded")
-        sampling = pb.SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 0)
-        if seed is not None:
-            sampling.seed = seed % 2**64
-        return dict(prompt=prompt, max_tokens=max_tokens, sampling=sampling, stops=_stop(body),
+        max_tokens = fit_context(prompt, max_tokens, DEFAULT_MAX_TOKENS, "messages")
+        return dict(prompt=prompt, max_tokens=max_tokens, sampling=params, stops=_stop(body), raw=False,
                     thinking=prompt_ends_thinking(tokenizer, prompt), logprobs=bool(body.get("logprobs")),
                     stream=bool(body.get("stream")),
                     include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
     def run(job: dict, stats: dict):
         """(delta, token, logprob) per generated token; the last item carries the finish reason."""
-        parser = ReplyParser(tokenizer, job["thinking"])
+        parser = RawText(tokenizer) if job["raw"] else ReplyParser(tokenizer, job["thinking"])
         stop = StopMatcher(job["stops"])
         eos = tokenizer.eos_token_ids
         finish = "length"
@@ -280,8 +341,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(tokens.close)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def read_body(request: Request) -> dict:
         try:
             body = await request.json()
         except ValueError:
@@ -291,9 +351,75 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         if coordinator.state != "ready":
             raise ApiError(503, f"the cluster is {coordinator.state}: {coordinator.message}", kind="server_error",
                            code="cluster_unavailable")
-        job = prepare(body)
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        job = prepare(await read_body(request))
         if job["stream"]:
             return StreamingResponse(stream(job), media_type="text/event-stream")
         return await anyio.to_thread.run_sync(complete, job)
+
+    def prepare_text(body: dict) -> dict:
+        check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "`prompt` must be a non-empty string (one prompt per request)", "prompt")
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        max_tokens = _number(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, low=1, integer=True)
+        if body.get("logprobs") not in (None, 0, False):
+            raise ApiError(400, "not supported by kimi-cluster: `logprobs` on /v1/completions (use "
+                                "/v1/chat/completions)", "logprobs", "unsupported_parameter")
+        return dict(prompt=ids, max_tokens=fit_context(ids, max_tokens, max_tokens, "prompt"), sampling=sampling(body),
+                    stops=_stop(body), raw=True, thinking=False, logprobs=False, stream=bool(body.get("stream")),
+                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+
+    def text_completion(job: dict) -> dict:
+        stats, text = {}, []
+        try:
+            for delta, _, _ in run(job, stats):
+                text.append(delta.content)
+        except GenerateError as e:
+            raise ApiError(503, e.message, kind="server_error", code="cluster_unavailable") from e
+        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": stats["finish_reason"]}
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice], "usage": usage(job, stats)}
+
+    async def stream_text(job: dict):
+        stats, base = {}, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                           "created": int(time.time()), "model": model_name}
+
+        def chunk(text: str, finish=None) -> str:
+            body = {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        tokens = run(job, stats)
+        done = False
+        try:
+            while (item := await anyio.to_thread.run_sync(next, tokens, None)) is not None:
+                if item[0].content:
+                    yield chunk(item[0].content)
+            yield chunk("", stats["finish_reason"])
+            if job["include_usage"]:
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(job, stats)})}\n\n"
+            yield "data: [DONE]\n\n"
+            done = True
+        except GenerateError as e:
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
+            done = True
+        finally:
+            if not done:
+                stats["cancelled"] = True
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(tokens.close)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        job = prepare_text(await read_body(request))
+        if job["stream"]:
+            return StreamingResponse(stream_text(job), media_type="text/event-stream")
+        return await anyio.to_thread.run_sync(text_completion, job)
 
     return app

@@ -39,6 +39,24 @@ def prompt_ends_thinking(tokenizer, prompt: list) -> bool:
     return bool(prompt) and prompt[-1] == think
 
 
+class RawText:
+    """The ReplyParser interface for a raw completion: every token is text, special ones included."""
+
+    tool_calls: list = []
+
+    def __init__(self, tokenizer):
+        self.detokenizer = tokenizer.detokenizer
+        self.detokenizer.reset()
+
+    def feed(self, token: int) -> ReplyDelta:
+        self.detokenizer.add_token(token)
+        return ReplyDelta(content=self.detokenizer.last_segment)
+
+    def finish(self) -> ReplyDelta:
+        self.detokenizer.finalize()
+        return ReplyDelta(content=self.detokenizer.last_segment)
+
+
 class ReplyParser:
     def __init__(self, tokenizer, thinking: bool):
         self.tokenizer = tokenizer

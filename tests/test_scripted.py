@@ -7,6 +7,9 @@ The script is the oracle here, checked first against single-process mlx-lm on th
 
 import json
 import subprocess
+import urllib.error
+import urllib.request
+from unittest.mock import ANY as ANY_MESSAGE
 
 import mlx.core as mx
 import mlx_lm
@@ -16,6 +19,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_tokenizer
 
 from harness import KIMI, ApiCluster
+from cluster.sampling import generation_defaults
 from mlx_kimi.scripted import ScriptError, script_ids
 
 REASONING, CONTENT = "Call a tool", "Sure, 世界!"
@@ -135,3 +139,69 @@ def test_cli_chat_prints_the_scripted_reply(api):
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     assert reply["text"] == SCRIPT[len("<think>"):-len("<|im_end|>")] and reply["finish_reason"] == "stop"
+
+
+# ---- API completeness --------------------------------------------------------------------------------
+
+
+def get(api, path: str, key: str | None = API_KEY):
+    request = urllib.request.Request(api.api_url.removesuffix("/v1") + path,
+                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_needs_no_key_and_says_ready(api):
+    assert get(api, "/health", key=None) == (200, {"status": "ready", "message": ANY_MESSAGE, "model": api.model_name})
+
+
+def test_models_show_state_and_when_the_checkpoint_was_made(api, client, scripted_dir):
+    created = int((scripted_dir / "config.json").stat().st_mtime)
+    [card] = client.models.list().data
+    assert (card.id, card.created, card.model_extra["state"]) == (api.model_name, created, "ready")
+    assert client.models.retrieve(api.model_name).created == created
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        client.models.retrieve("gpt-4")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_continue_a_raw_prompt(api, client, scripted_dir, stream):
+    reply = client.completions.create(model=api.model_name, prompt="<think>", max_tokens=80, temperature=0,
+                                      stop=["<|tool_calls_section_begin|>"], stream=stream)
+    if stream:
+        chunks = list(reply)
+        text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+        # generated: the script after the <think> prompt, up to and including the token the stop string is
+        assert reply.usage.completion_tokens == len(script_tokens_until(scripted_dir, "<|tool_calls_section_begin|>"))
+        assert reply.usage.prompt_tokens == 1
+    assert (text, finish) == (f"{REASONING}</think>{CONTENT}", "stop")
+
+
+def script_tokens_until(scripted_dir, stop: str) -> list:
+    """The scripted ids from <think> up to (not including) the token that starts `stop`."""
+    tokenizer = load_tokenizer(scripted_dir)
+    ids = script_ids(tokenizer, SCRIPT)
+    return ids[:ids.index(tokenizer.convert_tokens_to_ids(stop))]
+
+
+@pytest.mark.parametrize("extra, names", [
+    ({"n": 2}, "`n`"),
+    ({"response_format": {"type": "json_object"}}, "`response_format`"),
+    ({"presence_penalty": 0.5, "frequency_penalty": 1.0}, "`presence_penalty`, `frequency_penalty`"),
+])
+def test_unsupported_parameters_are_refused_by_name(api, client, extra, names):
+    with pytest.raises(openai.BadRequestError, match=f"not supported by kimi-cluster: {names}"):
+        client.chat.completions.create(model=api.model_name, messages=MESSAGES, max_tokens=4, extra_body=extra)
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    assert generation_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.0, "top_k": 0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": 40}))
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 40}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "do_sample": False}))
+    assert generation_defaults(tmp_path)["temperature"] == 0.0
