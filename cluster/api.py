@@ -9,6 +9,7 @@ mid-stream stops the generation and frees its caches on every node.
 
 import hmac
 import json
+import logging
 import time
 import uuid
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 
 from .coordinator import GenerateError
@@ -24,6 +26,9 @@ from .generated import kimi_cluster_pb2 as pb
 from .reply import RawText, ReplyParser, prompt_ends_thinking
 from .sampling import generation_defaults
 
+log = logging.getLogger("kimi_cluster.api")
+
+WEB_DIR = Path(__file__).parent / "web"
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -242,13 +247,40 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
                     stream=bool(body.get("stream")),
                     include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
+    activity = {"in_flight": 0, "served": 0, "last_decode_tok_s": 0.0}
+
     def run(job: dict, stats: dict):
         """(delta, token, logprob) per generated token; the last item carries the finish reason."""
+        activity["in_flight"] += 1
+        began = time.monotonic()
+        try:
+            yield from generate_reply(job, stats)
+        finally:
+            activity["in_flight"] -= 1
+            log_request(job, stats, began)
+
+    def log_request(job: dict, stats: dict, began: float) -> None:
+        completion = stats.get("completion_tokens", 0)
+        first, last = stats.get("first_token_at"), stats.get("last_token_at")
+        ttft = (first - began) if first else 0.0
+        tok_s = (completion - 1) / (last - first) if completion > 1 and last > first else 0.0
+        activity["served"] += 1
+        if tok_s:
+            activity["last_decode_tok_s"] = tok_s
+        nodes = ", ".join(s.node for s in coordinator.plan.stages) if coordinator.plan else "-"
+        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
+                 stats.get("session_id", "-"), len(job["prompt"]), stats.get("cached_tokens", 0), completion,
+                 "cancelled" if stats.get("cancelled") else stats.get("finish_reason", "error"), ttft * 1000, tok_s,
+                 nodes)
+
+    def generate_reply(job: dict, stats: dict):
         parser = RawText(tokenizer) if job["raw"] else ReplyParser(tokenizer, job["thinking"])
         stop = StopMatcher(job["stops"])
         eos = tokenizer.eos_token_ids
         finish = "length"
         for token, logprob in coordinator.generate(job["prompt"], job["max_tokens"], job["sampling"], stats):
+            stats["last_token_at"] = time.monotonic()
+            stats.setdefault("first_token_at", stats["last_token_at"])
             if token in eos:
                 finish = "stop"
                 break
@@ -415,11 +447,23 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(tokens.close)
 
+    @app.get("/v1/cluster")
+    def cluster():
+        """The cluster at a glance, for the web view."""
+        from .client import map_json
+
+        return {**map_json(coordinator.memory_map()), "context": coordinator.context,
+                "requests_in_flight": activity["in_flight"], "requests_served": activity["served"],
+                "cached_conversations": len(coordinator.prompt_cache),
+                "last_decode_tok_s": activity["last_decode_tok_s"]}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         job = prepare_text(await read_body(request))
         if job["stream"]:
             return StreamingResponse(stream_text(job), media_type="text/event-stream")
         return await anyio.to_thread.run_sync(text_completion, job)
+
+    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")  # last: /v1 and /health first
 
     return app

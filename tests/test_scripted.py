@@ -6,6 +6,7 @@ The script is the oracle here, checked first against single-process mlx-lm on th
 """
 
 import json
+import os
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,6 +18,9 @@ import openai
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_tokenizer
+from pathlib import Path
+
+import browser as browser_module
 
 from harness import KIMI, ApiCluster
 from cluster.sampling import generation_defaults
@@ -205,3 +209,65 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 40}
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "do_sample": False}))
     assert generation_defaults(tmp_path)["temperature"] == 0.0
+
+
+# ---- the web view, in a real headless Chromium ---------------------------------------------------------
+
+ARTIFACTS = Path(os.environ.get("KIMI_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if browser_module.CHROMIUM is None:
+        pytest.skip("no chromium: scripts/setup installs it (apt-get install chromium)")
+    b = browser_module.Browser(tmp_path_factory.mktemp("chromium"))
+    yield b
+    b.close()
+
+
+def open_page(browser, api, page: str):
+    root = api.api_url.removesuffix("/v1") + "/"
+    browser.goto(root + "chat.html")  # any page of the origin, to reach its localStorage
+    browser.evaluate(f"localStorage.setItem('kimi-cluster-api-key', {json.dumps(API_KEY)})")
+    browser.goto(root + page)
+
+
+def test_web_cluster_page_shows_every_node_and_its_layers(api, browser):
+    open_page(browser, api, "")
+    want = {n.name: n for n in api.memory_map().nodes}
+    rows = browser.wait_for(f"document.querySelectorAll('tr.node').length === {len(want)} && "
+                            "[...document.querySelectorAll('tr.node')].map(r => [...r.cells].map(c => c.innerText))",
+                            30)
+    assert {r[0]: (r[1], r[2], r[3]) for r in rows} == {
+        n.name: (n.address, "ready", f"{n.start}-{n.end - 1}") for n in want.values()}
+    bar = browser.evaluate("[...document.querySelectorAll('#layerbar .stage')].map(s => "
+                           "[s.dataset.node, parseFloat(s.style.width)])")
+    total = api.memory_map().num_layers
+    assert [(name, round(width, 3)) for name, width in bar] == [
+        (n.name, round(100 * (n.end - n.start) / total, 3)) for n in sorted(want.values(), key=lambda n: n.start)]
+    assert browser.evaluate("document.getElementById('state').textContent") == "ready"
+    browser.screenshot(ARTIFACTS / "web-cluster.png")
+
+
+def test_web_chat_streams_the_reply_with_thinking_folded(api, browser):
+    open_page(browser, api, "chat.html")
+    browser.evaluate("""(() => {
+        window.seen = []; window.stopEnabled = false;
+        new MutationObserver(() => {
+            const c = document.querySelector('.msg.assistant .content');
+            if (c) window.seen.push(c.textContent);
+            if (!document.getElementById('stop').disabled) window.stopEnabled = true;
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+        document.getElementById('prompt').value = 'Weather?';
+        document.getElementById('send').click();
+    })()""")
+    browser.wait_for("!!document.querySelector('.msg.assistant.done')", 60)
+    content = browser.evaluate("document.querySelector('.msg.assistant .content').textContent")
+    reasoning = browser.evaluate("document.querySelector('.msg.assistant details .reasoning').textContent")
+    folded = browser.evaluate("!document.querySelector('.msg.assistant details').open && "
+                              "!document.querySelector('.msg.assistant details').hidden")
+    assert (content, reasoning, folded) == (CONTENT, REASONING, True)
+    partial = {t for t in browser.evaluate("window.seen") if t and t != CONTENT}
+    assert partial and all(CONTENT.startswith(t) for t in partial), partial  # it arrived in pieces
+    assert browser.evaluate("window.stopEnabled") and browser.evaluate("document.getElementById('error').textContent") == ""
+    browser.screenshot(ARTIFACTS / "web-chat.png")
