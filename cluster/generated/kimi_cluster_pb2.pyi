@@ -25,7 +25,7 @@ class StopReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadedSlice(_message.Message):
-    __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "weight_bytes", "kv_budget_bytes", "next_address", "next_name")
+    __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "weight_bytes", "kv_budget_bytes", "next_address", "next_name", "source", "received_bytes", "cache_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,9 @@ class LoadedSlice(_message.Message):
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NEXT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_name: str
     start: int
@@ -44,7 +47,10 @@ class LoadedSlice(_message.Message):
     kv_budget_bytes: int
     next_address: str
     next_name: str
-    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ...) -> None: ...
+    source: str
+    received_bytes: int
+    cache_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., source: _Optional[str] = ..., received_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "version", "backend", "chip", "total_bytes", "usable_bytes", "loaded", "kv_bytes", "sessions", "address", "coordinator", "is_coordinator")
@@ -77,7 +83,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., chip: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., loaded: _Optional[_Union[LoadedSlice, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., is_coordinator: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions")
+    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +93,7 @@ class LoadRequest(_message.Message):
     NEXT_NAME_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     DROP_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_id: str
     start: int
@@ -96,19 +103,82 @@ class LoadRequest(_message.Message):
     next_name: str
     coordinator: str
     drop_sessions: bool
-    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ...) -> None: ...
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
-    __slots__ = ("bytes_done", "bytes_total", "message", "done")
+    __slots__ = ("bytes_done", "bytes_total", "message", "done", "phase")
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     bytes_done: int
     bytes_total: int
     message: str
     done: bool
-    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+    phase: str
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., phase: _Optional[str] = ...) -> None: ...
+
+class ManifestRequest(_message.Message):
+    __slots__ = ("model_id", "parts")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    parts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., parts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TensorEntry(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PartManifest(_message.Message):
+    __slots__ = ("name", "tensors", "chunk_bytes", "chunk_sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
+    chunk_bytes: int
+    chunk_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ManifestReply(_message.Message):
+    __slots__ = ("model_id", "model_name", "config_json", "parts")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_name: str
+    config_json: str
+    parts: _containers.RepeatedCompositeFieldContainer[PartManifest]
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., config_json: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PartManifest, _Mapping]]] = ...) -> None: ...
+
+class FetchPartRequest(_message.Message):
+    __slots__ = ("model_id", "part", "first_chunk")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    part: str
+    first_chunk: int
+    def __init__(self, model_id: _Optional[str] = ..., part: _Optional[str] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+
+class PartChunk(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -267,7 +337,7 @@ class MemoryMapRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeEntry(_message.Message):
-    __slots__ = ("name", "address", "backend", "total_bytes", "usable_bytes", "has_layers", "start", "end", "weight_bytes", "resident_bytes", "kv_bytes", "free_bytes", "status", "node_id", "chip")
+    __slots__ = ("name", "address", "backend", "total_bytes", "usable_bytes", "has_layers", "start", "end", "weight_bytes", "resident_bytes", "kv_bytes", "free_bytes", "status", "node_id", "chip", "source", "cache_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +353,8 @@ class NodeEntry(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     backend: str
@@ -298,7 +370,9 @@ class NodeEntry(_message.Message):
     status: str
     node_id: str
     chip: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., has_layers: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., status: _Optional[str] = ..., node_id: _Optional[str] = ..., chip: _Optional[str] = ...) -> None: ...
+    source: str
+    cache_bytes: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., has_layers: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., status: _Optional[str] = ..., node_id: _Optional[str] = ..., chip: _Optional[str] = ..., source: _Optional[str] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class MemoryMapReply(_message.Message):
     __slots__ = ("state", "model", "model_id", "num_layers", "nodes", "message")

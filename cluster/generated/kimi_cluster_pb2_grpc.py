@@ -364,6 +364,130 @@ class Node:
             _registered_method=True)
 
 
+class SlicesStub:
+    """Slices of a model this node can give others: parts of its whole checkpoint (`--model` or
+    `--model-dir`) or verified parts in its cache. Served by every node.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Manifest = channel.unary_unary(
+                '/kimi_cluster.v1.Slices/Manifest',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ManifestReply.FromString,
+                _registered_method=True)
+        self.FetchPart = channel.unary_stream(
+                '/kimi_cluster.v1.Slices/FetchPart',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.FetchPartRequest.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.PartChunk.FromString,
+                _registered_method=True)
+
+
+class SlicesServicer:
+    """Slices of a model this node can give others: parts of its whole checkpoint (`--model` or
+    `--model-dir`) or verified parts in its cache. Served by every node.
+    """
+
+    def Manifest(self, request, context):
+        """The manifests of the parts asked for that this node holds (the others are left out).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchPart(self, request, context):
+        """A part's data from chunk `first_chunk` on, one chunk per message; gRPC's flow control keeps
+        only a few chunks in memory on either side.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SlicesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Manifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Manifest,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ManifestRequest.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ManifestReply.SerializeToString,
+            ),
+            'FetchPart': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchPart,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.FetchPartRequest.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.PartChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kimi_cluster.v1.Slices', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kimi_cluster.v1.Slices', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Slices:
+    """Slices of a model this node can give others: parts of its whole checkpoint (`--model` or
+    `--model-dir`) or verified parts in its cache. Served by every node.
+    """
+
+    @staticmethod
+    def Manifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimi_cluster.v1.Slices/Manifest',
+            cluster_dot_generated_dot_kimi__cluster__pb2.ManifestRequest.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.ManifestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kimi_cluster.v1.Slices/FetchPart',
+            cluster_dot_generated_dot_kimi__cluster__pb2.FetchPartRequest.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.PartChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class CoordinatorStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -1,0 +1,275 @@
+"""Slices over the cluster's own channel: serve the parts this node holds, fetch the ones it lacks.
+
+A node loads a slice from a whole checkpoint it holds (`--model`, `--model-dir`), else from its
+cache, after fetching the parts the cache lacks from the nodes the coordinator names as sources:
+fastest answer first, parts spread over every source that holds them, each chunk checked against
+the manifest of the first source before it is written. A part cut short resumes after its last
+verified chunk; a chunk that fails its sha256 twice stops the load with the reason.
+"""
+
+import json
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from mlx_kimi.checkpoint import Checkpoint, CheckpointError
+from mlx_kimi.slice_cache import CHUNK_BYTES, PartManifest, SliceCache, checkpoint_part, slice_parts
+
+from .generated import kimi_cluster_pb2 as pb
+from .generated import kimi_cluster_pb2_grpc as pb_grpc
+from .wire import open_channel
+
+log = logging.getLogger("kimi_cluster.transfer")
+
+PARALLEL_PARTS = 4          # parts received at once
+MANIFEST_TIMEOUT_S = 600.0  # a source hashes the parts it serves from a whole checkpoint
+PART_TIMEOUT_S = 3600.0
+MAX_BAD_CHUNKS = 2          # the same chunk failing its sha256 this often stops the transfer
+
+
+class TransferError(Exception):
+    """This node cannot receive its slice; the message says why and what to do."""
+
+
+def manifest_to_pb(m: PartManifest) -> pb.PartManifest:
+    return pb.PartManifest(
+        name=m.name, chunk_bytes=m.chunk_bytes, chunk_sha256=[bytes.fromhex(c) for c in m.chunks],
+        tensors=[pb.TensorEntry(name=n, dtype=d, shape=list(s)) for n, d, s in m.tensors],
+    )
+
+
+def manifest_from_pb(m: pb.PartManifest) -> PartManifest:
+    manifest = PartManifest(m.name, tuple((t.name, t.dtype, tuple(t.shape)) for t in m.tensors),
+                            m.chunk_bytes, tuple(c.hex() for c in m.chunk_sha256))
+    manifest.check()
+    return manifest
+
+
+class SliceStore:
+    """What this node holds of models: whole checkpoints and its cache. Parts of a whole checkpoint
+    are hashed once, when first asked for."""
+
+    def __init__(self, cache: SliceCache, checkpoints=(), chunk_bytes: int = CHUNK_BYTES):
+        self.cache, self.chunk_bytes = cache, chunk_bytes
+        self.checkpoints = {c.model_id: c for c in checkpoints}
+        self._readers = {}
+        self._lock = threading.Lock()
+
+    def whole(self, model_id: str) -> Checkpoint | None:
+        return self.checkpoints.get(model_id)
+
+    def reader(self, model_id: str, name: str):
+        """A PartReader for a part this node can serve, or None."""
+        checkpoint = self.checkpoints.get(model_id)
+        if checkpoint is None:
+            return self.cache.reader(model_id, name)
+        with self._lock:
+            key = (model_id, name)
+            if key not in self._readers:
+                self._readers[key] = checkpoint_part(checkpoint, name, self.chunk_bytes)
+            return self._readers[key]
+
+    def config(self, model_id: str) -> tuple:
+        """(model name, config) of a model this node holds in any form, or None."""
+        if checkpoint := self.checkpoints.get(model_id):
+            return checkpoint.name, checkpoint.config
+        path = self.cache.model_dir(model_id)
+        if (path / "config.json").exists():
+            return path.name, json.loads((path / "config.json").read_text())
+        return None
+
+
+class SlicesService(pb_grpc.SlicesServicer):
+    def __init__(self, store: SliceStore):
+        self.store = store
+
+    def Manifest(self, request, context):
+        held = self.store.config(request.model_id)
+        if held is None:
+            return pb.ManifestReply()
+        reply = pb.ManifestReply(model_id=request.model_id, model_name=held[0], config_json=json.dumps(held[1]))
+        for name in request.parts:
+            try:
+                reader = self.store.reader(request.model_id, name)
+            except CheckpointError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            if reader is not None:
+                reply.parts.append(manifest_to_pb(reader.manifest))
+        return reply
+
+    def FetchPart(self, request, context):
+        reader = self.store.reader(request.model_id, request.part)
+        if reader is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"part {request.part} of model {request.model_id[:16]} is not here")
+        # One chunk at a time: the generator is resumed only when gRPC has room to send.
+        for index in range(request.first_chunk, len(reader.manifest.chunks)):
+            yield pb.PartChunk(index=index, data=reader.chunk(index))
+
+
+@dataclass
+class Source:
+    address: str
+    stub: object
+    rtt_s: float = 0.0
+    parts: dict = field(default_factory=dict)  # part name -> PartManifest
+
+
+@dataclass
+class Received:
+    """What a load took from where (shown in the map)."""
+
+    source: str
+    received_bytes: int = 0
+
+
+class SliceFetcher:
+    """Finds or fetches the parts of one slice into the cache (one per load)."""
+
+    def __init__(self, store: SliceStore, secret: bytes, progress=None, max_rate: float = 0.0):
+        self.store, self.secret = store, secret
+        self.progress = progress or (lambda done, total: None)
+        self.max_rate = max_rate  # bytes/s over all parts, 0 for no limit
+        self.received = 0
+        self._done = self._total = 0
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def checkpoint(self, model_id: str, start: int, end: int, sources: list) -> tuple:
+        """(Checkpoint holding at least layers [start, end), Received)."""
+        if whole := self.store.whole(model_id):
+            return whole, Received(f"local {whole.path}")
+        cache = self.store.cache
+        sources = [Source(a, pb_grpc.SlicesStub(open_channel(a, self.secret))) for a in sources]
+        if self.store.config(model_id) is None:
+            self._add_model(model_id, sources)
+        path = cache.model_dir(model_id)
+        config = json.loads((path / "config.json").read_text())
+        text = config.get("text_config", config) if config.get("model_type") == "kimi_k25" else config
+        names = slice_parts(start, end, text["num_hidden_layers"])
+        missing = []
+        for name in names:
+            if cache.manifest(model_id, name) is None:
+                missing.append(name)
+            elif why := cache.verify(model_id, name):
+                log.warning("cached part %s is corrupt (%s); fetching it again", name, why)
+                cache.remove_part(model_id, name)
+                missing.append(name)
+        held = [n for n in names if n not in missing]
+        if missing:
+            self._fetch(model_id, missing, sources, held)
+        used = sorted({s.address for s in sources if s.parts and any(n in s.parts for n in missing)})
+        origin = f"fetched from {', '.join(used)}" if missing else "cache"
+        return cache.checkpoint(model_id, names), Received(origin, self.received)
+
+    def _add_model(self, model_id: str, sources: list):
+        for source in sources:
+            try:
+                reply = source.stub.Manifest(pb.ManifestRequest(model_id=model_id), timeout=MANIFEST_TIMEOUT_S)
+            except grpc.RpcError as e:
+                log.warning("source %s did not answer: %s", source.address, e.details())
+                continue
+            if reply.model_id == model_id:
+                self.store.cache.add_model(model_id, reply.model_name, json.loads(reply.config_json))
+                return
+        raise TransferError(f"no source holds model {model_id[:16]} (asked {', '.join(s.address for s in sources) or 'none'}); "
+                            "start a node that holds the checkpoint (--model or --model-dir)")
+
+    def _ask(self, model_id: str, missing: list, sources: list) -> dict:
+        """part -> the sources that hold it, fastest first; every source's manifest must agree
+        with the first source's."""
+        request = pb.ManifestRequest(model_id=model_id, parts=missing)
+        for source in sources:
+            began = time.monotonic()
+            try:
+                reply = source.stub.Manifest(request, timeout=MANIFEST_TIMEOUT_S)
+            except grpc.RpcError as e:
+                log.warning("source %s did not answer: %s", source.address, e.details())
+                continue
+            source.rtt_s = time.monotonic() - began
+            source.parts = {m.name: manifest_from_pb(m) for m in reply.parts}
+        holders = {}
+        for name in missing:
+            having = [s for s in sources if name in s.parts]
+            agreed = [s for s in having if s.parts[name] == having[0].parts[name]]
+            holders[name] = sorted(agreed, key=lambda s: s.rtt_s)
+        return holders
+
+    def _fetch(self, model_id: str, missing: list, sources: list, held: list):
+        holders = self._ask(model_id, missing, sources)
+        if lacking := [n for n in missing if not holders[n]]:
+            raise TransferError(f"no source holds {', '.join(lacking)} of model {model_id[:16]} "
+                                f"(asked {', '.join(s.address for s in sources) or 'none'})")
+        manifests = {n: holders[n][0].parts[n] for n in missing}
+        cache = self.store.cache
+        need = sum(len(m.header()) + m.data_bytes for m in manifests.values())
+        free = shutil.disk_usage(cache.model_dir(model_id)).free
+        if free < need:
+            raise TransferError(f"disk full: the slice needs {need:,} bytes in {cache.root} and only {free:,} are free; "
+                                "free space there or start the node with another --cache-dir")
+        held_bytes = sum(cache.manifest(model_id, n).data_bytes for n in held)
+        self._total = held_bytes + sum(m.data_bytes for m in manifests.values())
+        self._done = held_bytes
+        self.progress(self._done, self._total)
+        with ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch") as pool:
+            jobs = []
+            for i, name in enumerate(missing):
+                # Spread the parts over the sources that hold them, fastest first.
+                order = holders[name][i % len(holders[name]):] + holders[name][:i % len(holders[name])]
+                jobs.append(pool.submit(self.fetch_part, model_id, manifests[name], order))
+            for job in jobs:
+                job.result()
+
+    def fetch_part(self, model_id: str, manifest: PartManifest, order: list):
+        """Receive one part into the cache, trying the sources in `order` in turn."""
+        bad = {}  # chunk index -> sources whose copy failed its sha256
+        errors = []
+        with self.store.cache.receiving(model_id, manifest) as writer:
+            self._count(writer.next_chunk and manifest.chunk_span(writer.next_chunk - 1)[1], 0)
+            attempt = 0
+            while not writer.done:
+                if attempt >= len(order) * MAX_BAD_CHUNKS:
+                    raise TransferError(f"cannot receive {manifest.name}: {'; '.join(errors)}")
+                source = order[attempt % len(order)]
+                attempt += 1
+                request = pb.FetchPartRequest(model_id=model_id, part=manifest.name, first_chunk=writer.next_chunk)
+                call = source.stub.FetchPart(request, timeout=PART_TIMEOUT_S)
+                try:
+                    for chunk in call:
+                        self._count(0, len(chunk.data))
+                        if not writer.write(chunk.index, chunk.data):
+                            bad.setdefault(chunk.index, []).append(source.address)
+                            log.warning("chunk %d of %s from %s fails its sha256; fetching it again",
+                                        chunk.index, manifest.name, source.address)
+                            if len(bad[chunk.index]) >= MAX_BAD_CHUNKS:
+                                raise TransferError(
+                                    f"checksum mismatch twice: chunk {chunk.index} of {manifest.name} "
+                                    f"(from {', '.join(bad[chunk.index])}) does not match its manifest")
+                            call.cancel()
+                            break
+                        self._count(len(chunk.data), 0)
+                        self._pace()
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.CANCELLED:
+                        errors.append(f"{source.address}: {e.details()}")
+                        log.warning("fetching %s from %s failed: %s", manifest.name, source.address, e.details())
+            writer.complete()
+        log.info("received %s (%d bytes)", manifest.name, manifest.data_bytes)
+
+    def _count(self, verified: int, received: int):
+        with self._lock:
+            self.received += received
+            self._done += verified
+            done, total = self._done, self._total
+        if verified:
+            self.progress(done, total)
+
+    def _pace(self):
+        if self.max_rate:
+            ahead = self.received / self.max_rate - (time.monotonic() - self._started)
+            if ahead > 0:
+                time.sleep(ahead)  # hold the link to --max-transfer-rate

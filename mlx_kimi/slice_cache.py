@@ -1,0 +1,341 @@
+"""Slices of a checkpoint as files: what a node holds of a model it did not download whole.
+
+A slice is made of parts: one per decoder layer, the embedding and the head. Each part is one
+safetensors file whose header follows from its tensor list, so a part travels as its data bytes
+alone, cut into chunks with a sha256 each (its `PartManifest`). A node's cache keeps, per model
+identity, the parts it received, each beside its manifest; every part is checked against its
+manifest before it is loaded, and a part cut short resumes after its last verified chunk.
+
+No networking here: cluster/transfer.py moves the chunks.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import DTYPE_BYTES, Checkpoint, CheckpointError, TensorInfo, tensor_part
+
+CHUNK_BYTES = 4 * 1024 * 1024
+MODEL_FILE = "model.json"   # in a model's cache directory: its identity and name
+_PARTIAL = ".partial"
+
+
+def part_name(part) -> str:
+    """A pipeline part (layer index, "embed" or "head") as a file stem."""
+    return f"layer-{part:04d}" if isinstance(part, int) else part
+
+
+def slice_parts(start: int, end: int, num_layers: int) -> list:
+    """The part names a slice [start, end) is made of, in pipeline order."""
+    parts = (["embed"] if start == 0 else []) + [part_name(i) for i in range(start, end)]
+    return parts + (["head"] if end == num_layers else [])
+
+
+@dataclass(frozen=True)
+class PartManifest:
+    name: str
+    tensors: tuple        # (name, dtype, shape) in file order
+    chunk_bytes: int
+    chunks: tuple         # sha256 hex digest of each chunk of the data
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(_nbytes(dtype, shape) for _, dtype, shape in self.tensors)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.safetensors"
+
+    def chunk_span(self, index: int) -> tuple:
+        begin = index * self.chunk_bytes
+        return begin, min(begin + self.chunk_bytes, self.data_bytes)
+
+    def header(self) -> bytes:
+        """The safetensors header (length prefix included) every copy of this part starts with."""
+        entries, offset = {"__metadata__": {"format": "mlx"}}, 0
+        for name, dtype, shape in self.tensors:
+            n = _nbytes(dtype, shape)
+            entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(entries, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "tensors": [[n, d, list(s)] for n, d, s in self.tensors],
+                "chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PartManifest":
+        return cls(data["name"], tuple((n, d, tuple(s)) for n, d, s in data["tensors"]),
+                   data["chunk_bytes"], tuple(data["chunks"]))
+
+    def check(self) -> None:
+        """Refuse a manifest whose numbers cannot describe a part (it comes from another node)."""
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise CheckpointError(f"part name {self.name!r} is not a file name")
+        if any(dtype not in DTYPE_BYTES for _, dtype, _ in self.tensors):
+            raise CheckpointError(f"part {self.name}: unknown dtype in its manifest")
+        if self.chunk_bytes <= 0 or len(self.chunks) != -(-self.data_bytes // self.chunk_bytes):
+            raise CheckpointError(f"part {self.name}: manifest has {len(self.chunks)} chunk digests for "
+                                  f"{self.data_bytes} bytes in chunks of {self.chunk_bytes}")
+
+
+def _nbytes(dtype: str, shape) -> int:
+    n = DTYPE_BYTES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def digest(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- reading parts out of a whole checkpoint ------------------------------------------------------
+
+def _part_tensors(checkpoint: Checkpoint, name: str) -> list:
+    parts = {part_name(i): i for i in range(checkpoint.num_layers)} | {"embed": "embed", "head": "head"}
+    if name not in parts:
+        raise CheckpointError(f"{checkpoint.path}: no part {name!r} in this model")
+    want = parts[name]
+    return sorted((t for t in checkpoint.tensors.values() if tensor_part(t.name, checkpoint.prefix) == want),
+                  key=lambda t: t.name)
+
+
+def _segments(checkpoint: Checkpoint, tensors: list) -> list:
+    """(file, offset, nbytes) of each tensor's data, in part order."""
+    starts = {}
+    for t in tensors:
+        if t.file not in starts:
+            starts[t.file] = _data_offsets(checkpoint.path / t.file)
+    return [(checkpoint.path / t.file, starts[t.file][t.name], t.nbytes) for t in tensors]
+
+
+def _data_offsets(path: Path) -> dict:
+    """Absolute file offset of each tensor's data in a safetensors file."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    return {name: 8 + header_len + entry["data_offsets"][0]
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def _read_span(segments: list, begin: int, end: int) -> bytes:
+    """Bytes [begin, end) of the concatenation of `segments`."""
+    out, position = [], 0
+    for path, offset, nbytes in segments:
+        lo, hi = max(begin, position), min(end, position + nbytes)
+        if lo < hi:
+            with open(path, "rb") as f:
+                f.seek(offset + lo - position)
+                out.append(f.read(hi - lo))
+        position += nbytes
+        if position >= end:
+            break
+    data = b"".join(out)
+    if len(data) != end - begin:
+        raise CheckpointError(f"{segments[0][0]}: file shorter than its header says; copy it again")
+    return data
+
+
+class PartReader:
+    """A part's data read straight from the files that hold it (a whole checkpoint or a cached part)."""
+
+    def __init__(self, manifest: PartManifest, segments: list):
+        self.manifest, self.segments = manifest, segments
+
+    def chunk(self, index: int) -> bytes:
+        return _read_span(self.segments, *self.manifest.chunk_span(index))
+
+
+def checkpoint_part(checkpoint: Checkpoint, name: str, chunk_bytes: int = CHUNK_BYTES) -> PartReader:
+    """A part of a whole checkpoint, hashed chunk by chunk (reads the part's bytes once)."""
+    tensors = _part_tensors(checkpoint, name)
+    segments = _segments(checkpoint, tensors)
+    total = sum(t.nbytes for t in tensors)
+    spec = PartManifest(name, tuple((t.name, t.dtype, t.shape) for t in tensors), chunk_bytes, ())
+    chunks = tuple(digest(_read_span(segments, *spec.chunk_span(i))) for i in range(-(-total // chunk_bytes)))
+    return PartReader(PartManifest(name, spec.tensors, chunk_bytes, chunks), segments)
+
+
+# ---- the cache ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CachedModel:
+    model_id: str
+    model_name: str
+    path: Path
+    parts: list        # complete part names
+    bytes: int         # everything under the model's directory, partial parts included
+
+
+class SliceCache:
+    """Parts of models under `root/<model id>/<model name>/`: `<part>.safetensors` beside
+    `<part>.json` (its manifest), `config.json`, and `<part>.safetensors.partial` while receiving."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def model_dir(self, model_id: str, model_name: str | None = None) -> Path:
+        key = self.root / model_id[:32]
+        if model_name is None:
+            info = key / MODEL_FILE
+            model_name = json.loads(info.read_text())["model_name"] if info.exists() else "model"
+        return key / model_name
+
+    def add_model(self, model_id: str, model_name: str, config: dict) -> Path:
+        if not model_name or "/" in model_name or model_name.startswith("."):
+            raise CheckpointError(f"model name {model_name!r} is not a directory name")
+        path = self.model_dir(model_id, model_name)
+        path.mkdir(parents=True, exist_ok=True)
+        _write_json(path / "config.json", config)
+        _write_json(path.parent / MODEL_FILE, {"model_id": model_id, "model_name": model_name})
+        return path
+
+    def manifest(self, model_id: str, name: str) -> PartManifest | None:
+        """The manifest of a complete cached part (not yet verified), or None."""
+        path = self.model_dir(model_id)
+        if not (path / f"{name}.safetensors").exists() or not (path / f"{name}.json").exists():
+            return None
+        return PartManifest.from_json(json.loads((path / f"{name}.json").read_text()))
+
+    def reader(self, model_id: str, name: str) -> PartReader | None:
+        manifest = self.manifest(model_id, name)
+        if manifest is None:
+            return None
+        path = self.model_dir(model_id) / manifest.file
+        return PartReader(manifest, [(path, len(manifest.header()), manifest.data_bytes)])
+
+    def verify(self, model_id: str, name: str) -> str | None:
+        """Why a complete cached part is not what its manifest says (None when it is)."""
+        manifest = self.manifest(model_id, name)
+        if manifest is None:
+            return "not in the cache"
+        path = self.model_dir(model_id) / manifest.file
+        header = manifest.header()
+        if path.stat().st_size != len(header) + manifest.data_bytes:
+            return f"{path}: {path.stat().st_size} bytes, its manifest says {len(header) + manifest.data_bytes}"
+        with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                return f"{path}: header differs from its manifest"
+            for i, want in enumerate(manifest.chunks):
+                begin, end = manifest.chunk_span(i)
+                if digest(f.read(end - begin)) != want:
+                    return f"{path}: chunk {i} (bytes {begin}-{end} of the data) fails its sha256"
+        return None
+
+    def remove_part(self, model_id: str, name: str) -> None:
+        path = self.model_dir(model_id)
+        for suffix in (".safetensors", ".json", ".safetensors" + _PARTIAL):
+            (path / f"{name}{suffix}").unlink(missing_ok=True)
+
+    @contextmanager
+    def receiving(self, model_id: str, manifest: PartManifest):
+        """A `PartWriter` for a part, held under a lock so two nodes sharing the cache never write
+        the same part at once."""
+        manifest.check()
+        path = self.model_dir(model_id)
+        with open(path / f".{manifest.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield PartWriter(path, manifest)
+
+    def checkpoint(self, model_id: str, names: list) -> Checkpoint:
+        """The cached parts `names` as a Checkpoint that load_slice reads (they must be complete)."""
+        path = self.model_dir(model_id)
+        config = json.loads((path / "config.json").read_text())
+        prefix = "language_model." if config.get("model_type") == "kimi_k25" else ""
+        tensors = {}
+        for name in names:
+            manifest = self.manifest(model_id, name)
+            if manifest is None:
+                raise CheckpointError(f"{path}: part {name} is not in the cache")
+            for tname, dtype, shape in manifest.tensors:
+                if not tname.startswith(prefix):
+                    raise CheckpointError(f"{path / manifest.file}: tensor {tname!r} outside the text model")
+                tensors[tname] = TensorInfo(tname, manifest.file, dtype, shape, _nbytes(dtype, shape))
+        return Checkpoint(path, config, tensors, model_id)
+
+    def models(self) -> list:
+        out = []
+        for info in sorted(self.root.glob(f"*/{MODEL_FILE}")):
+            data = json.loads(info.read_text())
+            path = info.parent / data["model_name"]
+            parts = sorted(p.stem for p in path.glob("*.safetensors") if (path / f"{p.stem}.json").exists())
+            size = sum(f.stat().st_size for f in info.parent.rglob("*") if f.is_file())
+            out.append(CachedModel(data["model_id"], data["model_name"], path, parts, size))
+        return out
+
+    def prune(self, keep_model_ids=()) -> list:
+        """Delete every cached model but `keep_model_ids` (id prefixes); returns what was deleted."""
+        gone = [m for m in self.models() if not any(m.model_id.startswith(k) for k in keep_model_ids)]
+        for m in gone:
+            shutil.rmtree(m.path.parent)
+        return gone
+
+
+class PartWriter:
+    """Receives one part chunk by chunk into `<part>.safetensors.partial`; complete() verifies the
+    whole file and puts it in place with its manifest."""
+
+    def __init__(self, path: Path, manifest: PartManifest):
+        self.manifest = manifest
+        self.final = path / manifest.file
+        self.partial = path / (manifest.file + _PARTIAL)
+        self.header = manifest.header()
+        self.next_chunk = self._resume()
+
+    def _resume(self) -> int:
+        """Chunks already verified in a partial file (what is after them is cut off)."""
+        if not self.partial.exists():
+            with open(self.partial, "wb") as f:
+                f.write(self.header)
+            return 0
+        verified = 0
+        with open(self.partial, "r+b") as f:
+            if f.read(len(self.header)) != self.header:
+                f.seek(0)
+                f.truncate()
+                f.write(self.header)
+                return 0
+            for i, want in enumerate(self.manifest.chunks):
+                begin, end = self.manifest.chunk_span(i)
+                data = f.read(end - begin)
+                if len(data) != end - begin or digest(data) != want:
+                    break
+                verified = i + 1
+            f.truncate(len(self.header) + self.manifest.chunk_span(verified)[0])
+        return verified
+
+    @property
+    def done(self) -> bool:
+        return self.next_chunk == len(self.manifest.chunks)
+
+    def write(self, index: int, data: bytes) -> bool:
+        """Append chunk `index` if it is the next one and matches its sha256; False when it does not."""
+        begin, end = self.manifest.chunk_span(index)
+        if index != self.next_chunk or len(data) != end - begin or digest(data) != self.manifest.chunks[index]:
+            return False
+        with open(self.partial, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.next_chunk += 1
+        return True
+
+    def complete(self) -> None:
+        if not self.done:
+            raise CheckpointError(f"{self.partial}: {self.next_chunk} of {len(self.manifest.chunks)} chunks received")
+        _write_json(self.final.with_suffix(".json"), self.manifest.to_json())
+        os.replace(self.partial, self.final)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

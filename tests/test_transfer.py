@@ -1,0 +1,173 @@
+"""Slice parts over real gRPC between in-process servers: only the slice's bytes travel, every chunk
+is checked, a cut transfer resumes after its last verified chunk, a corrupt chunk is fetched again,
+and a corrupt cached part is found before it is loaded."""
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import mlx.core as mx
+import pytest
+
+from cluster.auth import AuthInterceptor
+from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
+from cluster.transfer import SliceFetcher, SliceStore, SlicesService, Source, TransferError
+from cluster.wire import SERVER_OPTIONS, open_channel
+from mlx_kimi.checkpoint import open_checkpoint, tensor_part
+from mlx_kimi.slice import LayerRange, load_slice
+from mlx_kimi.slice_cache import SliceCache, part_name, slice_parts
+
+SECRET = b"transfer-test-secret-0123456789"
+CHUNK = 64 * 1024
+
+
+class Server:
+    """A node's Slices service on loopback, serving a whole checkpoint and/or its cache."""
+
+    def __init__(self, cache_dir, checkpoints=()):
+        self.store = SliceStore(SliceCache(cache_dir), checkpoints, chunk_bytes=CHUNK)
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(SECRET)],
+                                  options=SERVER_OPTIONS)
+        pb_grpc.add_SlicesServicer_to_server(SlicesService(self.store), self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def source(self) -> Source:
+        return Source(self.address, pb_grpc.SlicesStub(open_channel(self.address, SECRET)))
+
+
+@pytest.fixture
+def coordinator(tiny_dir, tmp_path):
+    server = Server(tmp_path / "coord-cache", [open_checkpoint(tiny_dir)])
+    yield server
+    server.server.stop(0)
+
+
+def _data_bytes(checkpoint, names):
+    return sum(t.nbytes for t in checkpoint.tensors.values()
+               if part_name(tensor_part(t.name, checkpoint.prefix)) in names)
+
+
+def test_a_node_receives_exactly_its_slice_and_loads_it(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    n = source.num_layers
+    store = SliceStore(SliceCache(tmp_path / "worker"))
+    fetcher = SliceFetcher(store, SECRET)
+    checkpoint, received = fetcher.checkpoint(source.model_id, 1, n, [coordinator.address])
+    names = slice_parts(1, n, n)
+    slice_bytes = _data_bytes(source, names)
+    assert received.received_bytes == slice_bytes == fetcher.received
+    assert received.source == f"fetched from {coordinator.address}"
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "worker").rglob("*") if f.is_file())
+    assert slice_bytes <= on_disk <= slice_bytes * 1.01 + 64 * 1024  # the slice plus headers and manifests
+    assert sorted(p.stem for p in checkpoint.path.glob("*.safetensors")) == sorted(names)
+    assert "embed" not in names and all(store.cache.verify(source.model_id, p) is None for p in names)
+
+    layers = LayerRange(1, n)
+    fetched, original = load_slice(checkpoint, layers), load_slice(source, layers)
+    x = mx.random.normal((1, 3, fetched.args.hidden_size), key=mx.random.key(0)).astype(mx.float32)
+    assert mx.array_equal(fetched.forward(x, fetched.make_caches()), original.forward(x, original.make_caches()))
+
+    again = SliceFetcher(store, SECRET)
+    _, held = again.checkpoint(source.model_id, 1, n, [coordinator.address])
+    assert (held.source, held.received_bytes) == ("cache", 0)
+    # A re-plan that moves one layer fetches only that layer.
+    moved = SliceFetcher(store, SECRET)
+    moved.checkpoint(source.model_id, 0, n, [coordinator.address])
+    assert moved.received == _data_bytes(source, ["embed", "layer-0000"])
+
+
+def test_a_cut_transfer_resumes_after_its_last_verified_chunk(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    part = "layer-0001"
+    src = coordinator.source()
+    manifest = SliceFetcher(SliceStore(SliceCache(tmp_path / "x")), SECRET)._ask(source.model_id, [part], [src])[part][0].parts[part]
+    assert len(manifest.chunks) >= 4
+    cache = SliceCache(tmp_path / "worker")
+    cache.add_model(source.model_id, source.name, source.config)
+    # The network goes away after three chunks.
+    call = src.stub.FetchPart(pb.FetchPartRequest(model_id=source.model_id, part=part), timeout=30)
+    with cache.receiving(source.model_id, manifest) as writer:
+        for chunk in call:
+            assert writer.write(chunk.index, chunk.data)
+            if writer.next_chunk == 3:
+                call.cancel()
+                break
+    kept = manifest.chunk_span(2)[1]
+    fetcher = SliceFetcher(SliceStore(cache), SECRET)
+    fetcher.checkpoint(source.model_id, 1, 2, [coordinator.address])
+    assert fetcher.received == manifest.data_bytes - kept
+    assert cache.verify(source.model_id, part) is None
+
+
+def test_a_corrupt_chunk_is_fetched_again_and_twice_is_named(tiny_dir, tmp_path):
+    good = Server(tmp_path / "good-cache", [open_checkpoint(tiny_dir)])
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    bad = Server(tmp_path / "bad-cache", [open_checkpoint(copy)])
+    try:
+        model_id = open_checkpoint(tiny_dir).model_id
+        part = "layer-0002"
+        bad_source, good_source = bad.source(), good.source()
+        fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
+        fetcher.store.cache.add_model(model_id, "tiny", open_checkpoint(tiny_dir).config)
+        manifest = fetcher._ask(model_id, [part], [bad_source, good_source])[part][0].parts[part]
+        # The bad node's disk flips a byte of the part after it made its manifest.
+        position = manifest.chunk_span(1)[0] + 5  # in the part's data
+        for path, offset, nbytes in bad.store.reader(model_id, part).segments:
+            if position < nbytes:
+                break
+            position -= nbytes
+        with open(path, "r+b") as f:
+            f.seek(offset + position)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+        fetcher.fetch_part(model_id, manifest, [bad_source, good_source])
+        assert fetcher.received == manifest.data_bytes + CHUNK  # the bad chunk came twice
+        assert fetcher.store.cache.verify(model_id, part) is None
+
+        alone = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker2")), SECRET)
+        alone.store.cache.add_model(model_id, "tiny", open_checkpoint(tiny_dir).config)
+        with pytest.raises(TransferError, match=rf"checksum mismatch twice: chunk 1 of {part} \(from {bad.address}"):
+            alone.fetch_part(model_id, manifest, [bad_source])
+    finally:
+        good.server.stop(0)
+        bad.server.stop(0)
+
+
+def test_a_corrupt_cached_part_is_found_at_load_and_fetched_again(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    store = SliceStore(SliceCache(tmp_path / "worker"))
+    checkpoint, _ = SliceFetcher(store, SECRET).checkpoint(source.model_id, 2, 3, [coordinator.address])
+    path = checkpoint.path / "layer-0002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert "fails its sha256" in store.cache.verify(source.model_id, "layer-0002")
+    again = SliceFetcher(store, SECRET)
+    again.checkpoint(source.model_id, 2, 3, [coordinator.address])
+    assert again.received == source.sizes().layer_bytes[2]
+    assert store.cache.verify(source.model_id, "layer-0002") is None
+
+
+def test_a_peer_serves_the_parts_of_its_cache(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    peer = Server(tmp_path / "peer-cache")
+    try:
+        SliceFetcher(peer.store, SECRET).checkpoint(source.model_id, 1, 3, [coordinator.address])
+        coordinator.server.stop(0)  # only the peer is left
+        fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
+        _, received = fetcher.checkpoint(source.model_id, 2, 3, [coordinator.address, peer.address])
+        assert received.source == f"fetched from {peer.address}"
+        assert received.received_bytes == source.sizes().layer_bytes[2]
+    finally:
+        peer.server.stop(0)
+
+
+def test_a_model_no_source_holds_is_named(tmp_path, coordinator):
+    fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
+    with pytest.raises(TransferError, match="no source holds model"):
+        fetcher.checkpoint("0" * 64, 0, 1, [coordinator.address])
