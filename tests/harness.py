@@ -166,9 +166,10 @@ class LocalCluster:
 # ---- helpers for mDNS discovery tests ---------------------------------------------------------------
 
 
-def launch_node(workdir: Path, name: str, args: list, env: dict) -> NodeProcess:
+def launch_node(workdir: Path, name: str, args: list, env: dict, wait_listening: bool = True) -> NodeProcess:
     """Run `args` (a `kimi-cluster up` command line, possibly behind a prefix such as
-    `ip netns exec NS`), log its output to workdir/NAME.log and wait until it listens."""
+    `ip netns exec NS`), log its output to workdir/NAME.log and wait until it listens (unless
+    `wait_listening` is false)."""
     log_path = workdir / f"{name}.log"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log_path, "a"), text=True, env=env)
     node = NodeProcess(name, proc, log_path)
@@ -181,6 +182,8 @@ def launch_node(workdir: Path, name: str, args: list, env: dict) -> NodeProcess:
         node.lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
+    if not wait_listening:
+        return node
     try:
         node.address = node.wait_for(r"listening on (\S+)").group(1)
     except BaseException:
