@@ -10,13 +10,13 @@
 
 import base64
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
-import regex
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .kimi_tokenizer import KIMI_PAT_STR, SPECIAL_TOKEN_COUNT
+from .kimi_tokenizer import SPECIAL_TOKEN_COUNT
 
 KIMI_SPECIAL_TOKENS = [
     "[BOS]",
@@ -225,10 +225,11 @@ raise ImportError("tokenization_kimi.py of a kimi-cluster tiny checkpoint is a s
 
 
 def train_byte_bpe(text: str, num_ranks: int) -> dict[bytes, int]:
-    """Byte-level BPE ranks: the 256 bytes, then the most frequent adjacent pair within the
-    pieces Kimi's split pattern cuts `text` into, merged until there are `num_ranks`."""
-    words = Counter(tuple(bytes([b]) for b in piece.encode()) for piece in regex.findall(KIMI_PAT_STR, text,
-                                                                                          flags=regex.V1))
+    """Byte-level BPE ranks: the 256 bytes, then the most frequent adjacent pair merged until there
+    are `num_ranks`. Pairs are counted within whitespace-delimited words, coarser pieces than Kimi's
+    split gives, so that some tokens span its boundaries (' 你', 'oW') as in real vocabularies: a
+    tokenizer splitting any other way then gives other ids."""
+    words = Counter(tuple(bytes([b]) for b in word.encode()) for word in re.findall(r" ?\S+|\s+", text))
     ranks = {bytes([b]): b for b in range(256)}
     while len(ranks) < num_ranks:
         pairs = Counter()
