@@ -614,7 +614,8 @@ def _infeasible_plan(sizes, nodes, context, prefill_chunk) -> Plan:
     else:
         shortfall = missing if missing > 0 else min(fixes)
 
-    participants = sum(node.usable_bytes > layers.scratch for node in nodes)
+    # at least one node takes part and reserves the scratch, even when none has room for it
+    participants = max(1, sum(node.usable_bytes > layers.scratch for node in nodes))
     advice = []
     if not nodes:
         advice.append(f"No nodes: the model needs {format_bytes(shortfall)} on one or more nodes.")
@@ -622,7 +623,7 @@ def _infeasible_plan(sizes, nodes, context, prefill_chunk) -> Plan:
         advice.append(
             f"Does not fit: {format_bytes(shortfall)} missing. Needed: weights {format_bytes(sizes.total_bytes)}"
             f" + KV cache {format_bytes(kv_total)} for {context:,} tokens + prefill scratch"
-            f" {format_bytes(layers.scratch)} on each of {participants} nodes"
+            f" {format_bytes(layers.scratch)} on each of {participants} node{'s' if participants > 1 else ''}"
             f" = {format_bytes(held + participants * layers.scratch)};"
             f" usable: {format_bytes(sum(node.usable_bytes for node in nodes))}."
         )
@@ -661,20 +662,18 @@ def _infeasible_plan(sizes, nodes, context, prefill_chunk) -> Plan:
     if fitting_context is not None:
         shown = fitting_context - fitting_context % 1024 if fitting_context >= 1024 else fitting_context
         advice.append(f"Option: lower --context to {shown:,} tokens.")
-    fitting_chunk = _largest_fitting(
-        1, min(prefill_chunk, max(context, 1)) - 1, lambda k: _fits(_Layers(sizes, context, k), nodes)
-    )
-    if fitting_chunk is not None:
+    else:
+        advice.append("A shorter --context alone does not make it fit.")
+    if shortfall < sizes.total_bytes:
         advice.append(
-            f"Option: lower --prefill-chunk to {1 << (fitting_chunk.bit_length() - 1)} tokens"
-            f" (prefill scratch is {format_bytes(layers.scratch)} per stage at {prefill_chunk})."
+            f"Option: use a smaller quantization: the weights would have to shrink by at least"
+            f" {format_bytes(shortfall)} ({100 * shortfall / sizes.total_bytes:.1f}%)."
         )
-    if fitting_context is None and fitting_chunk is None:
-        advice.append("A shorter --context or --prefill-chunk alone does not make it fit.")
-    advice.append(
-        f"Option: use a smaller quantization: the weights would have to shrink by at least"
-        f" {format_bytes(shortfall)} ({100 * shortfall / max(1, sizes.total_bytes):.1f}%)."
-    )
+    else:
+        advice.append(
+            f"Smaller weights cannot make it fit: {format_bytes(shortfall)} is missing, more than all the weights"
+            f" ({format_bytes(sizes.total_bytes)}); the KV cache and prefill scratch need the room."
+        )
     wired, wired_lines = _wired_limit_advice(sizes, nodes, context, prefill_chunk)
     advice.extend(wired_lines)
     return Plan(
