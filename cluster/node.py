@@ -90,7 +90,7 @@ class Session:
 
 
 @dataclass
-class Stage:
+class LocalStage:
     """What this node runs: its slice and the node after it."""
 
     slice: ModelSlice
@@ -118,7 +118,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.coordinator_address = ""
         self.is_coordinator = False
         self.worker = ComputeWorker()
-        self.stage: Stage | None = None
+        self.stage: LocalStage | None = None
         self.sessions: dict[str, Session] = {}
         self.on_exit_request = None  # called when asked to shut down (Stop with exit)
         self._lock = threading.Lock()  # guards stage and sessions
@@ -188,7 +188,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ---- loading -----------------------------------------------------------------------------
 
-    def load(self, request: pb.LoadRequest, progress) -> Stage:
+    def load(self, request: pb.LoadRequest, progress) -> LocalStage:
         """Load layers [start, end) of the checkpoint at request.model_path (on the compute thread)."""
         layers = LayerRange(request.start, request.end)
         self.coordinator_address = request.coordinator or self.coordinator_address
@@ -223,7 +223,7 @@ class NodeService(pb_grpc.NodeServicer):
             return checkpoint, load_slice(checkpoint, layers, progress)
 
         checkpoint, model_slice = self.worker.run(work)
-        stage = Stage(
+        stage = LocalStage(
             slice=model_slice, model_id=checkpoint.model_id, model_name=checkpoint.name,
             num_layers=checkpoint.num_layers, kv_budget_bytes=request.kv_budget_bytes,
             next_link=self._link(request.next_name, request.next_address),
@@ -238,7 +238,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ---- the data path -----------------------------------------------------------------------
 
-    def _open_session(self, stage: Stage, request: pb.ForwardRequest) -> Session:
+    def _open_session(self, stage: LocalStage, request: pb.ForwardRequest) -> Session:
         with self._lock:
             session = self.sessions.get(request.session_id)
             if session is not None:
@@ -257,7 +257,7 @@ class NodeService(pb_grpc.NodeServicer):
             self.sessions[request.session_id] = session
             return session
 
-    def _reserve(self, stage: Stage, session: Session, positions: int):
+    def _reserve(self, stage: LocalStage, session: Session, positions: int):
         """Reserve KV bytes for `positions` from this node's budget (caller holds the lock)."""
         need = stage.slice.kv_bytes(positions) - session.reserved_bytes
         held = sum(s.reserved_bytes for s in self.sessions.values())
@@ -272,7 +272,7 @@ class NodeService(pb_grpc.NodeServicer):
         session.reserved_bytes += need
         session.positions = positions
 
-    def _check_input(self, stage: Stage, request: pb.ForwardRequest) -> int:
+    def _check_input(self, stage: LocalStage, request: pb.ForwardRequest) -> int:
         """Validate a request before it touches memory; returns its number of positions."""
         if stage.slice.is_first:
             n = len(request.tokens)
@@ -289,12 +289,12 @@ class NodeService(pb_grpc.NodeServicer):
             raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions}")
         return n
 
-    def _input(self, stage: Stage, request: pb.ForwardRequest) -> mx.array:
+    def _input(self, stage: LocalStage, request: pb.ForwardRequest) -> mx.array:
         if stage.slice.is_first:
             return mx.array(list(request.tokens), dtype=mx.int32)[None]
         return decode_tensor(request.hidden, (1, None, stage.slice.args.hidden_size))
 
-    def _compute(self, stage: Stage, session: Session, request: pb.ForwardRequest):
+    def _compute(self, stage: LocalStage, session: Session, request: pb.ForwardRequest):
         """Runs on the compute thread: MLX arrays are made and evaluated only there."""
         x = self._input(stage, request)
         caches = session.caches
@@ -343,7 +343,7 @@ class NodeService(pb_grpc.NodeServicer):
             return out
         return self._call_next(stage, request, out, time_left)
 
-    def _call_next(self, stage: Stage, request: pb.ForwardRequest, hidden: pb.Tensor, time_left) -> pb.ForwardReply:
+    def _call_next(self, stage: LocalStage, request: pb.ForwardRequest, hidden: pb.Tensor, time_left) -> pb.ForwardReply:
         onward = pb.ForwardRequest(
             session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
             sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,

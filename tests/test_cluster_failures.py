@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 
-from cluster.coordinator import model_sizes
+from cluster.loading import checkpoint_sizes, prefill_chunk
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.planner import kv_cache_bytes, prefill_scratch_bytes
-from cluster.wire import CHUNK_PAYLOAD_BYTES, coordinator_stub, node_stub, open_channel
+from cluster.wire import coordinator_stub, node_stub, open_channel
 import harness
 from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node
 from mlx_kimi.checkpoint import open_checkpoint
@@ -194,8 +194,8 @@ def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_id
     scratch and the KV cache of 1024 positions. Its budget then holds one session of 768 positions
     but not two, while a short session still fits beside the long one."""
     checkpoint = open_checkpoint(tiny_dir)
-    sizes = model_sizes(checkpoint)
-    chunk = max(1, min(2048, CHUNK_PAYLOAD_BYTES // sizes.hidden_bytes_per_token))
+    sizes = checkpoint_sizes(checkpoint)
+    chunk = prefill_chunk(sizes)
     scratch = prefill_scratch_bytes(sizes, CONTEXT, chunk)
     planned_kv = kv_cache_bytes(sizes, checkpoint.num_layers, CONTEXT)
     memory = sizes.total_bytes + scratch + planned_kv
@@ -205,7 +205,7 @@ def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_id
     assert whole.kv_bytes(CONTEXT) == planned_kv  # node and planner count the same bytes
     assert one <= planned_kv < 2 * one and one + short <= planned_kv
     prompt = chat_prompt_ids
-    with LocalCluster(tmp_path, tiny_dir, stages=1, memory=str(memory), extra=["--context", str(CONTEXT)]) as cluster:
+    with LocalCluster(tmp_path, tiny_dir, stages=1, memory=f"{memory}B", extra=["--context", str(CONTEXT)]) as cluster:
         node = cluster.node_stub(cluster.coordinator)
         info = node.Info(pb.InfoRequest(), timeout=10)
         assert info.usable_bytes == memory

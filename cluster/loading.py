@@ -1,0 +1,70 @@
+"""Planning and loading: which node holds which layers, and getting them there.
+
+The plan comes from the checkpoint's exact sizes and each node's usable memory (planner.py);
+loading sends every stage its LoadRequest at once and follows the progress each streams back.
+"""
+
+import logging
+
+import grpc
+from mlx_lm.models.cache import KVCache
+
+from mlx_kimi.checkpoint import text_config
+
+from .generated import kimi_cluster_pb2 as pb
+from .membership import Member
+from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, sizes_for_model
+from .wire import CHUNK_PAYLOAD_BYTES
+
+log = logging.getLogger("kimi_cluster.loading")
+
+MLX_PREFILL_STEP = 2048  # mlx-lm's generate prefills in chunks of this many tokens
+LOAD_TIMEOUT_S = 3600
+
+
+def checkpoint_sizes(checkpoint) -> ModelSizes:
+    report = checkpoint.sizes()
+    return sizes_for_model(report.layer_bytes, report.embed_bytes, report.head_bytes,
+                           text_config(checkpoint.config), checkpoint.activation_itemsize)
+
+
+def prefill_chunk(sizes: ModelSizes) -> int:
+    """Prompt tokens per Forward: mlx-lm's step, or fewer when their hidden states would not fit a message."""
+    return max(1, min(MLX_PREFILL_STEP, CHUNK_PAYLOAD_BYTES // sizes.hidden_bytes_per_token))
+
+
+def plan_for(sizes: ModelSizes, present: list, context: int, chunk: int) -> Plan:
+    nodes = [NodeCapacity(m.info.name, m.info.usable_bytes, total_bytes=m.info.total_bytes) for m in present]
+    # Nodes allocate KV caches in whole KVCache steps; plan for what they will reserve.
+    allocated = -(-context // KVCache.step) * KVCache.step
+    return plan_partition(sizes, nodes, context=allocated, prefill_chunk=chunk)
+
+
+def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: str,
+                 drop_sessions: bool = False) -> pb.LoadRequest:
+    stage = plan.stages[index]
+    after = chain[index + 1] if index + 1 < len(chain) else None
+    return pb.LoadRequest(
+        model_path=str(checkpoint.path.resolve()), model_id=checkpoint.model_id,
+        start=stage.start, end=stage.end,
+        kv_budget_bytes=max(0, stage.usable_bytes - stage.weight_bytes - stage.scratch_bytes),
+        next_address=after.address if after else "", next_name=after.name if after else "",
+        coordinator=coordinator, drop_sessions=drop_sessions,
+    )
+
+
+def load_member(member: Member, request: pb.LoadRequest, on_progress) -> str | None:
+    """Load `member`'s slice, following its progress; None when done, else what went wrong
+    (the member is then `lost` when unreachable, `failed` otherwise)."""
+    member.status = "loading"
+    try:
+        for update in member.stub.Load(request, timeout=LOAD_TIMEOUT_S):
+            on_progress(member.name, update)
+    except grpc.RpcError as e:
+        member.status = "lost" if e.code() == grpc.StatusCode.UNAVAILABLE else "failed"
+        message = f"loading {member.name} failed: {e.details()}"
+        log.error(message)
+        return message
+    member.refresh()
+    member.status = "ready"
+    return None

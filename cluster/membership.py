@@ -1,0 +1,156 @@
+"""Membership and health: which nodes are present, which are lost, which came back.
+
+Nodes join from the command line (--peer) or over mDNS. Once the chain is planned, every node
+of it is health-checked each second: one that stops answering is lost, and one that answers
+again (or restarts under the same name on a new address) is handed back to be loaded again.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from .auth import fingerprint
+from .discovery import Browser
+from .generated import kimi_cluster_pb2 as pb
+from .link import ForwardLink
+from .wire import node_stub, open_channel
+
+log = logging.getLogger("kimi_cluster.membership")
+
+MDNS_QUIET_S = 5.0          # alone this long while browsing: say what may hide the other nodes
+HEALTH_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Member:
+    """A node as the coordinator sees it."""
+
+    address: str
+    stub: object
+    info: pb.NodeInfo | None = None
+    status: str = "waiting"  # waiting, loading, ready, lost, failed, spare
+    link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
+
+    @property
+    def name(self) -> str:
+        return self.info.name if self.info else self.address
+
+    def refresh(self) -> bool:
+        """Ask the node for its NodeInfo; whether it answered."""
+        try:
+            self.info = self.stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
+            return True
+        except grpc.RpcError:
+            return False
+
+
+class Membership:
+    """The nodes of one cluster: named on the command line (`static`, all must answer) or found
+    over mDNS, and the planned `chain` among them."""
+
+    def __init__(self, local_address: str, secret: bytes, peers: list, zeroconf=None):
+        self.secret = secret
+        self.members = {a: Member(a, node_stub(open_channel(a, secret))) for a in [local_address, *peers]}
+        self.static = set(self.members)
+        self.chain: list[Member] = []
+        self.lock = threading.Lock()  # members and chain change from zeroconf's threads
+        self.changed = threading.Event()
+        self.on_lost = lambda name: None  # set by the coordinator
+        self._waiting_since = time.monotonic()  # started waiting for nodes (see discovery_hint)
+        self.browser = Browser(zeroconf, fingerprint(secret), self.on_discovery) if zeroconf else None
+
+    def close(self):
+        self.changed.set()
+        if self.browser:
+            self.browser.close()
+
+    def snapshot(self) -> tuple:
+        """(chain, every member), copied under the lock."""
+        with self.lock:
+            return list(self.chain), list(self.members.values())
+
+    def on_discovery(self, kind: str, found):
+        """A node of this cluster joined, changed or left (mDNS)."""
+        lost_name = None
+        with self.lock:
+            member = self.members.get(found.address)
+            if kind == "leave":
+                if member and member not in self.chain and found.address not in self.static:
+                    del self.members[found.address]
+                elif member:
+                    lost_name = member.name
+            elif member is None:
+                stub = node_stub(open_channel(found.address, self.secret))
+                back = next((m for m in self.chain if m.name == found.name), None)
+                if back:  # a planned node restarted on a new address (names are unique): load it there
+                    del self.members[back.address]
+                    back.address, back.stub, back.status = found.address, stub, "lost"
+                    self.members[found.address] = back
+                    lost_name = back.name
+                else:
+                    self.members[found.address] = Member(found.address, stub,
+                                                         status="spare" if self.chain else "waiting")
+            log.info("mDNS: %s %s at %s", found.name, kind, found.address)
+        if lost_name:
+            self.on_lost(lost_name)
+        self.changed.set()
+
+    def wait_for_members(self, enough, stop: threading.Event, on_status) -> list:
+        """Wait until every static node answers and `enough(present)` says (True, _); meanwhile
+        tell `on_status` why not. Returns the members present ([] when stopped)."""
+        while not stop.is_set():
+            self.changed.clear()
+            with self.lock:
+                members = list(self.members.values())
+            present = [m for m in members if m.refresh()]
+            missing = [m.address for m in members if m not in present and m.address in self.static]
+            ok, why = enough(present)
+            if not missing and ok:
+                return present
+            on_status(f"waiting for {', '.join(missing)} to answer" if missing
+                      else why + self.discovery_hint(len(present)))
+            self.changed.wait(HEALTH_INTERVAL_S)
+        return []
+
+    def discovery_hint(self, present: int) -> str:
+        """What may keep other nodes from being found (said while waiting for them)."""
+        if self.browser is None:
+            return ""
+        others = sorted(f"{a.name} ({a.address})" for a in self.browser.ignored_nodes())
+        hint = ""
+        if others:
+            hint += (f"; ignoring {', '.join(others)}: another cluster secret, copy this cluster's secret "
+                     "there (see `kimi-cluster up` output) if it should join")
+        if present <= 1 and time.monotonic() - self._waiting_since > MDNS_QUIET_S:
+            hint += ("; no other node answered over mDNS: multicast may be blocked (some Wi-Fi and switches), or "
+                     "macOS has not yet allowed the terminal 'Local Network' access; bind every node with "
+                     "--host to the same network, or name them with --peer HOST:PORT")
+        return hint
+
+    def mark_lost(self, name: str) -> bool:
+        """Mark the chain's node `name` lost; whether it was not already."""
+        changed = False
+        for m in self.chain:
+            if m.name == name and m.status != "lost":
+                log.warning("lost node %s (%s)", m.name, m.address)
+                m.status, changed = "lost", True
+        return changed
+
+    def watch(self, stop: threading.Event, on_back):
+        """Health-check the chain each second until `stop`; a node that stops answering goes to
+        `on_lost`, one that answers again (or lost its slice) to `on_back(index, member)`."""
+        while not stop.wait(HEALTH_INTERVAL_S):
+            for i, member in enumerate(list(self.chain)):
+                try:
+                    health = member.stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                except grpc.RpcError:
+                    if member.status != "lost":
+                        self.on_lost(member.name)
+                    continue
+                if member.status == "lost" or (member.status == "ready" and not health.loaded):
+                    member.refresh()
+                    on_back(i, member)

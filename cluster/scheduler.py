@@ -1,0 +1,124 @@
+"""Scheduling: how one request runs through the chain.
+
+The prompt goes to the first stage in chunks (prefill), then one token at a time (decode); the
+stages pass hidden states along the chain and the last one's sampled token comes back as the
+reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn skip its prefix.
+"""
+
+import logging
+import uuid
+
+import grpc
+
+from .generated import kimi_cluster_pb2 as pb
+from .link import ForwardLink, StageError
+from .prompt_cache import CachedSession
+
+log = logging.getLogger("kimi_cluster.scheduler")
+
+DECODE_TIMEOUT_S = 8.0       # a node silent this long during a step is reported as lost
+PREFILL_S_PER_TOKEN = 0.01   # extra time allowed per prompt token of a chunk
+
+
+class GenerateError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def sampling_error(s: pb.SamplingParams) -> str | None:
+    if not s.temperature >= 0:
+        return f"temperature must be >= 0, got {s.temperature}"
+    if not 0 <= s.top_p <= 1:
+        return f"top_p must be in (0, 1] (0 turns it off), got {s.top_p}"
+    if s.top_k < 0:
+        return f"top_k must be >= 0, got {s.top_k}"
+    if not 0 <= s.min_p <= 1:
+        return f"min_p must be in [0, 1], got {s.min_p}"
+    return None
+
+
+class Scheduler:
+    """Runs requests through `membership.chain`; `local` is this process's own node."""
+
+    def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost):
+        self.local, self.membership, self.sessions = local, membership, sessions
+        self.prefill_chunk = prefill_chunk
+        self.on_lost = on_lost  # (node name) a node did not answer
+
+    def _forward(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardReply:
+        first = self.membership.chain[0]
+        if first.address == self.local.address:
+            return self.local.forward(request, timeout)
+        if first.link is None or first.link.address != first.address:
+            if first.link:
+                first.link.close()
+            first.link = ForwardLink(first.stub, first.name, first.address)
+        return first.link.call(request, timeout)
+
+    def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None):
+        """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
+        then the last prompt token, then one token at a time.
+
+        When `prompt` continues a cached conversation (prompt_cache.pick_reusable), the nodes'
+        caches for the shared prefix are reused and only the rest is prefilled; afterwards the
+        session stays cached for the next turn unless `stats["cancelled"]` is set (a client that
+        went away). `stats` receives the session id and the number of cached prompt tokens."""
+        stats = {} if stats is None else stats
+        session_id, cached = self.sessions.claim(prompt)
+        stats.update(session_id=session_id, cached_tokens=cached)
+        max_positions = len(prompt) + max_tokens
+        generated, kept = [], False
+
+        def step(tokens: list, offset: int, sample: bool, new_generation: bool = False):
+            request = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
+                                        offset=offset, sample=sample, new_generation=new_generation)
+            request.tokens.extend(tokens)
+            timeout = DECODE_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(tokens)
+            while True:
+                try:
+                    return self._forward(request, timeout)
+                except StageError as e:
+                    if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.sessions.evict_one():
+                        continue  # retrying is safe: every stage trims back to `offset`
+                    if e.code == grpc.StatusCode.UNAVAILABLE and e.node:
+                        self.on_lost(e.node)
+                    raise GenerateError(e.code, e.message) from e
+
+        def prefill(offset: int) -> pb.ForwardReply:
+            while len(prompt) - offset > 1:
+                n = min(self.prefill_chunk, len(prompt) - offset - 1)
+                step(prompt[offset:offset + n], offset, sample=False)
+                offset += n
+            return step(prompt[offset:], offset, sample=True, new_generation=True)
+
+        try:
+            try:
+                reply = prefill(cached)
+            except GenerateError as e:
+                if not cached or e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # A node no longer holds the cached session (it freed it after --session-ttl idle
+                # seconds): free what is left of it elsewhere and start this prompt afresh.
+                log.info("cached session %s is gone on a node (%s); prefilling from scratch", session_id, e.message)
+                self.sessions.release(session_id)
+                session_id, cached = uuid.uuid4().hex, 0
+                stats.update(session_id=session_id, cached_tokens=cached)
+                reply = prefill(0)
+            offset = len(prompt)
+            for n in range(1, max_tokens + 1):
+                generated.append(reply.token)
+                yield reply.token, reply.logprob
+                if n == max_tokens:
+                    break
+                reply = step([reply.token], offset, sample=True)
+                offset += 1
+            kept = not stats.get("cancelled")
+        except GeneratorExit:  # the consumer stopped reading (an EOS, a stop string, or it went away)
+            kept = not stats.get("cancelled")
+            raise
+        finally:
+            if kept:  # the caches hold the prompt and every token but the last one sampled
+                self.sessions.keep(session_id, CachedSession(prompt + generated[:-1], len(prompt)))
+            else:
+                self.sessions.release(session_id)
