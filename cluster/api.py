@@ -454,7 +454,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
 
         return {**map_json(coordinator.memory_map()), "context": coordinator.context,
                 "requests_in_flight": activity["in_flight"], "requests_served": activity["served"],
-                "cached_conversations": len(coordinator.prompt_cache),
+                "cached_conversations": len(coordinator.sessions.cached),
                 "last_decode_tok_s": activity["last_decode_tok_s"]}
 
     @app.post("/v1/completions")
