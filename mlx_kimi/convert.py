@@ -1,0 +1,496 @@
+"""Convert Moonshot's official Kimi checkpoints to MLX, streaming, one shard per pipeline part.
+
+Sources (Hugging Face layout): FP8 e4m3 with 128x128 block scales (K2-Instruct), compressed-tensors
+INT4 routed experts (K2-Thinking, K2.5, K2.6), or bf16. The output is what mlx-lm's own conversion
+gives (its deepseek_v3 `sanitize`: FP8 dequantized to bf16, native INT4 kept as MLX 4-bit group 32
+with biases = -8 x scale, experts stacked, kv_b_proj split into embed_q / unembed_out, the MTP
+layer and rotary tables dropped; then cast and quantized per module), bit for bit, but computed a
+row block at a time from byte offsets in the source files, so memory stays flat whatever the
+model's size. Every part (embedding, each decoder layer, final norm + head) is its own shard,
+written to a temporary file and renamed when complete, and recorded with its digest so that an
+interrupted conversion resumes where it stopped.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .checkpoint import (
+    DTYPE_BYTES,
+    INDEX_FILE,
+    CheckpointError,
+    TensorInfo,
+    model_identity,
+    open_checkpoint,
+    read_safetensors_header,
+    text_config,
+    weight_prefix,
+)
+from .slice import LayerRange, build_slice_module
+
+STATE_FILE = "convert-state.json"
+# Rows of a weight are read, dequantized and quantized this many f32 bytes at a time.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+FP8_BLOCK = 128
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenization_kimi.py", "generation_config.json")
+_NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F8_E4M3": np.uint8, "I32": np.int32,
+              "U32": np.uint32, "U8": np.uint8}
+_MX_NAMES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+OUTPUT_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+class ConvertError(CheckpointError):
+    """A source or output that cannot be converted, with the file and the problem named."""
+
+
+# --- reading the source by byte offsets -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple
+    offset: int  # of the first byte in the file
+
+    def read_rows(self, start: int, end: int) -> mx.array:
+        """Rows [start, end) of the first axis, as stored (F8_E4M3 as uint8, BF16 as bfloat16)."""
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * DTYPE_BYTES[self.dtype]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * row)
+            data = f.read((end - start) * row)
+        if len(data) != (end - start) * row:
+            raise ConvertError(f"{self.path}: truncated while reading {self.name!r}; copy the file again")
+        array = mx.array(np.frombuffer(data, dtype=_NP_DTYPES[self.dtype]).reshape((end - start,) + self.shape[1:]))
+        return array.view(mx.bfloat16) if self.dtype == "BF16" else array
+
+    def read(self) -> mx.array:
+        return self.read_rows(0, self.shape[0]) if self.shape else self.read_rows(0, 1).reshape(())
+
+
+def _data_offsets(path: Path) -> tuple:
+    """Start of the data section and each tensor's first byte within it (header already validated)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return 8 + header_len, {n: e["data_offsets"][0] for n, e in header.items() if n != "__metadata__"}
+
+
+@dataclass
+class Source:
+    path: Path
+    config: dict
+    tensors: dict  # name -> SourceTensor
+
+    @property
+    def text(self) -> dict:
+        return text_config(self.config)
+
+    @property
+    def prefix(self) -> str:
+        return weight_prefix(self.config)
+
+    def identity(self) -> str:
+        infos = {n: TensorInfo(n, t.path.name, t.dtype, t.shape, 0) for n, t in self.tensors.items()}
+        return model_identity(self.config, infos)
+
+
+def _load_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise ConvertError(f"{file}: missing model config; is {path} a checkpoint directory?")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{file}: invalid JSON ({e})") from e
+
+
+def open_source(path) -> Source:
+    """Read an official checkpoint's config and every shard's header; no tensor data is read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConvertError(f"{path}: not a directory (expected an official Kimi checkpoint)")
+    config = _load_config(path)
+    if config.get("model_type") not in ("kimi_k2", "kimi_k25", "deepseek_v3"):
+        raise ConvertError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a Kimi K2 model")
+    index_file = path / INDEX_FILE
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text()).get("weight_map") or {}
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ConvertError(f"{index_file}: missing ({len(files)} safetensors files and no index)")
+        weight_map = {n: files[0].name for n in read_safetensors_header(files[0])}
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        shard = path / file
+        if not shard.exists():
+            raise ConvertError(f"{shard}: missing shard file named by {INDEX_FILE}; copy it from the source")
+        header = read_safetensors_header(shard)
+        data_start, offsets = _data_offsets(shard)
+        for name, (dtype, shape, _) in header.items():
+            if weight_map.get(name) == file:
+                tensors[name] = SourceTensor(name, shard, dtype, shape, data_start + offsets[name])
+    if missing := sorted(set(weight_map) - set(tensors)):
+        raise ConvertError(f"{path / weight_map[missing[0]]}: does not contain {missing[0]!r} named by the index")
+    return Source(path, config, tensors)
+
+
+# --- what each output tensor is made of -----------------------------------------------------------
+
+@dataclass
+class Target:
+    """One output weight (or a module's weight to quantize): its MLX name and where it comes from."""
+
+    name: str  # MLX parameter name, e.g. model.layers.3.mlp.switch_mlp.up_proj.weight
+    shape: tuple  # dequantized shape
+    sources: list  # source tensor names, one per stacked expert
+    quant: Optional[dict] = None  # {"bits", "group_size"} or None to keep it in float
+    split: Optional[str] = None  # "k" / "v": half of kv_b_proj
+
+    @property
+    def module(self) -> str:
+        return self.name[: -len(".weight")]
+
+    def outputs(self, dtype) -> list:
+        """(name, safetensors dtype, shape) of the tensors this target writes."""
+        if self.name.endswith("e_score_correction_bias"):
+            return [(self.name, "F32", self.shape)]
+        if not self.quant:
+            return [(self.name, _MX_NAMES[dtype], self.shape)]
+        bits, group = self.quant["bits"], self.quant["group_size"]
+        lead, cols = self.shape[:-1], self.shape[-1]
+        return [(self.name, "U32", lead + (cols * bits // 32,)),
+                (f"{self.module}.scales", _MX_NAMES[dtype], lead + (cols // group,)),
+                (f"{self.module}.biases", _MX_NAMES[dtype], lead + (cols // group,))]
+
+
+def plan_targets(source: Source, recipe: Callable) -> dict:
+    """part ("embed", layer index, "head") -> its Targets, from mlx-lm's own modules; `recipe(name,
+    module)` gives each quantizable module's {"bits", "group_size"} or False."""
+    text = source.text
+    layers = LayerRange(0, text["num_hidden_layers"])
+    module = build_slice_module(source.config, layers)
+    prefix = source.prefix
+    modules = dict(tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module))
+    parts = {}
+    for name, value in tree_flatten(module.parameters()):
+        owner = name.rsplit(".", 1)[0]
+        m = modules.get(owner)
+        quant = recipe(owner, m) if m is not None and hasattr(m, "to_quantized") and name.endswith(".weight") else False
+        target = Target(name, tuple(value.shape), [name], quant or None)
+        rest = name[len(prefix):]
+        if ".mlp.switch_mlp." in rest:
+            base = name.replace(".switch_mlp.", ".experts.{}.")
+            target.sources = [base.format(e) for e in range(text["n_routed_experts"])]
+        elif rest.endswith(("self_attn.embed_q.weight", "self_attn.unembed_out.weight")):
+            target.sources = [name.rsplit(".", 2)[0] + ".kv_b_proj.weight"]
+            target.split = "k" if ".embed_q." in name else "v"
+        parts.setdefault(_part_of(rest), []).append(target)
+    return parts
+
+
+def _part_of(name: str):
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    return "embed" if name.startswith("model.embed_tokens.") else "head"
+
+
+def check_source(source: Source, parts: dict) -> None:
+    """Every tensor the output needs is in the files, in a dtype the converter decodes."""
+    for targets in parts.values():
+        for t in targets:
+            for name in t.sources:
+                if name in source.tensors:
+                    st = source.tensors[name]
+                    if st.dtype == "F8_E4M3":
+                        scale = source.tensors.get(f"{name}_scale_inv")
+                        if scale is None or scale.dtype != "F32":
+                            raise ConvertError(f"{st.path}: FP8 tensor {name!r} needs an F32 `{name}_scale_inv`"
+                                               f" ({'missing' if scale is None else scale.dtype})")
+                    elif st.dtype not in ("BF16", "F16", "F32"):
+                        raise ConvertError(f"{st.path}: tensor {name!r} has dtype {st.dtype}; expected BF16, F16, "
+                                           "F32 or F8_E4M3 (with weight_scale_inv)")
+                    continue
+                base = name[: -len("weight")]
+                packed, scale = source.tensors.get(base + "weight_packed"), source.tensors.get(base + "weight_scale")
+                if packed is None:
+                    raise ConvertError(f"{source.path}: tensor {name!r} is in none of the shards (nor as INT4 "
+                                       "weight_packed); the checkpoint is incomplete")
+                if packed.dtype != "I32" or scale is None or scale.dtype not in ("BF16", "F16", "F32"):
+                    raise ConvertError(f"{packed.path}: INT4 tensor {base}weight_packed must be I32 with a float "
+                                       f"weight_scale (found {packed.dtype}, {scale.dtype if scale else 'no scale'})")
+
+
+# --- decoding (exactly mlx-lm's sanitize, a row block at a time) ----------------------------------
+
+def _native_int4(source: Source, name: str, quant: Optional[dict]) -> bool:
+    """An INT4 source tensor kept as it is: mlx-lm's 4-bit group-32 triple, lossless."""
+    return name not in source.tensors and bool(quant) and (quant["bits"], quant["group_size"]) == (4, 32)
+
+
+def decode_rows(source: Source, name: str, start: int, end: int) -> mx.array:
+    """Rows [start, end) of a source weight as mlx-lm's sanitize leaves it (FP8 -> bf16, INT4 -> its
+    MLX 4-bit triple dequantized, floats as stored)."""
+    if name in source.tensors:
+        st = source.tensors[name]
+        w = st.read_rows(start, end)
+        if st.dtype != "F8_E4M3":
+            return w
+        scale = source.tensors[f"{name}_scale_inv"].read_rows(start // FP8_BLOCK, -(-end // FP8_BLOCK))
+        w = mx.from_fp8(w, dtype=mx.bfloat16)
+        m, n = w.shape
+        pm, pn = -m % FP8_BLOCK, -n % FP8_BLOCK
+        w = mx.pad(w, ((0, pm), (0, pn))).reshape((m + pm) // FP8_BLOCK, FP8_BLOCK, (n + pn) // FP8_BLOCK, FP8_BLOCK)
+        w = (w * scale[:, None, :, None]).reshape(m + pm, n + pn)
+        return w[:m, :n].astype(mx.bfloat16)
+    packed, scales, biases = _int4_rows(source, name, start, end, None)
+    return mx.dequantize(packed, scales, biases, group_size=32, bits=4)
+
+
+def _int4_rows(source: Source, name: str, start: int, end: int, dtype) -> tuple:
+    base = name[: -len("weight")]
+    packed = source.tensors[base + "weight_packed"].read_rows(start, end).view(mx.uint32)
+    scales = source.tensors[base + "weight_scale"].read_rows(start, end)
+    biases = -8 * scales
+    if dtype is not None:
+        scales, biases = scales.astype(dtype), biases.astype(dtype)
+    return packed, scales, biases
+
+
+def _row_step(rows: int, cols: int, chunk_bytes: int) -> int:
+    """Rows per block: a multiple of the FP8 block, holding about chunk_bytes in f32."""
+    step = max(FP8_BLOCK, chunk_bytes // max(1, 4 * cols) // FP8_BLOCK * FP8_BLOCK)
+    return min(rows, step)
+
+
+def produce(source: Source, target: Target, dtype, chunk_bytes: int):
+    """Yield (row offset in the output's leading rows, [arrays, one per output tensor]) blocks."""
+    text = source.text
+    if target.split:
+        w = decode_rows(source, target.sources[0], 0, source_rows(source, target.sources[0])).astype(dtype)
+        heads, nope = text["num_attention_heads"], text["qk_nope_head_dim"]
+        w = w.reshape(heads, nope + text["v_head_dim"], -1)
+        w = mx.contiguous(w[:, :nope, :].swapaxes(-1, -2) if target.split == "k" else w[:, nope:, :])
+        yield 0, _finish(w, target, dtype)
+        return
+    if target.name.endswith("e_score_correction_bias"):
+        yield 0, [source.tensors[target.sources[0]].read().astype(mx.float32)]
+        return
+    rows_per = target.shape[-2] if len(target.shape) >= 2 else target.shape[0]
+    for e, name in enumerate(target.sources):
+        base = e * rows_per
+        if len(target.shape) < 2:
+            yield base, _finish(decode_rows(source, name, 0, rows_per).astype(dtype), target, dtype)
+            continue
+        step = _row_step(rows_per, target.shape[-1], chunk_bytes)
+        for r in range(0, rows_per, step):
+            end = min(rows_per, r + step)
+            if _native_int4(source, name, target.quant):
+                yield base + r, list(_int4_rows(source, name, r, end, dtype))
+            else:
+                yield base + r, _finish(decode_rows(source, name, r, end).astype(dtype), target, dtype)
+
+
+def source_rows(source: Source, name: str) -> int:
+    if name in source.tensors:
+        return source.tensors[name].shape[0]
+    return source.tensors[name[: -len("weight")] + "weight_packed"].shape[0]
+
+
+def _finish(w: mx.array, target: Target, dtype) -> list:
+    if not target.quant:
+        return [w]
+    return list(mx.quantize(w, group_size=target.quant["group_size"], bits=target.quant["bits"]))
+
+
+# --- writing shards -------------------------------------------------------------------------------
+
+def _header(entries: list) -> tuple:
+    """Safetensors header bytes and each tensor's data offset, for (name, dtype, shape) entries."""
+    table, offset, offsets = {}, 0, []
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[dtype]
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offsets.append(offset)
+        offset += nbytes
+    table["__metadata__"] = {"format": "mlx"}
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets, offset
+
+
+def shard_bytes(targets: list, dtype) -> int:
+    return len(_header([o for t in targets for o in t.outputs(dtype)])[0]) + sum(
+        int(np.prod(s, dtype=np.int64)) * DTYPE_BYTES[d] for t in targets for _, d, s in t.outputs(dtype))
+
+
+def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: int, on_bytes=None) -> str:
+    """Write the part's tensors to `path` (via path.tmp, renamed when complete); returns its sha256."""
+    entries = [o for t in targets for o in t.outputs(dtype)]
+    header, offsets, _ = _header(entries)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, header)
+        i = 0
+        for t in targets:
+            outs = t.outputs(dtype)
+            starts = offsets[i: i + len(outs)]
+            i += len(outs)
+            for row, arrays in produce(source, t, dtype, chunk_bytes):
+                for (_, _, shape), start, a in zip(outs, starts, arrays):
+                    a = mx.contiguous(a)
+                    mx.eval(a)
+                    row_bytes = a.nbytes // a.shape[0] if a.ndim and len(shape) >= 2 else 0
+                    os.pwrite(fd, bytes(memoryview(a)), len(header) + start + row * row_bytes)
+                    if on_bytes:
+                        on_bytes(a.nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    digest = file_digest(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 * 2**20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- the conversion -------------------------------------------------------------------------------
+
+def shard_names(parts: dict) -> dict:
+    order = ["embed"] + sorted(p for p in parts if isinstance(p, int)) + ["head"]
+    return {part: f"model-{i + 1:05d}-of-{len(order):05d}.safetensors" for i, part in enumerate(order)}
+
+
+def output_config(source: Source, parts: dict, dtype_name: str) -> dict:
+    """The source config without its source quantization and vision parts, with mlx-lm's
+    per-module `quantization` naming every quantizable module's bits and group size (or false)."""
+    config = json.loads(json.dumps(source.config))
+    for c in (config, text_config(config)):
+        c.pop("quantization_config", None)
+        c.pop("quantization", None)
+    config.pop("vision_config", None)
+    entries = {}
+    for targets in parts.values():
+        for t in targets:
+            if t.name.endswith(".weight") and t.quant is not None:
+                entries[t.module] = {"group_size": t.quant["group_size"], "bits": t.quant["bits"]}
+    counts = {}
+    for e in entries.values():
+        counts[(e["group_size"], e["bits"])] = counts.get((e["group_size"], e["bits"]), 0) + 1
+    group, bits = max(counts, key=counts.get) if counts else (64, 4)
+    quantization = {"group_size": group, "bits": bits, **dict(sorted(entries.items()))}
+    config["quantization"] = quantization
+    config["quantization_config"] = quantization
+    text_config(config)["torch_dtype"] = dtype_name
+    return config
+
+
+def quantizable_modules(parts: dict) -> list:
+    return [t for targets in parts.values() for t in targets if t.name.endswith(".weight")]
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    model_id: str
+    total_bytes: int
+    written: list = field(default_factory=list)  # shard files written by this run
+    reused: list = field(default_factory=list)  # shard files a previous run had completed
+
+
+def _state(out: Path) -> Optional[dict]:
+    file = out / STATE_FILE
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return None  # written atomically, so only a foreign file can be corrupt: start afresh
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+            progress: Callable = None) -> ConvertReport:
+    """Convert the checkpoint at `src` into `out`, resuming a conversion a previous run left there.
+    `recipe(module_name, module)` gives {"bits", "group_size"} or False per quantizable module;
+    `progress(event, part, shard_file, nbytes)` reports ("skip" | "bytes" | "done")."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
+    mx_dtype = OUTPUT_DTYPES[dtype]
+    source = open_source(src)
+    parts = plan_targets(source, recipe)
+    check_source(source, parts)
+    names = shard_names(parts)
+    config = output_config(source, parts, dtype)
+    job = {"source": source.identity(), "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+           "chunk": "rows", "shards": {}}
+
+    out = Path(out)
+    state = _state(out)
+    if state is None and out.exists() and any(out.iterdir()):
+        raise ConvertError(f"{out}: exists and holds no conversion to resume; choose an empty or new directory")
+    if state is not None and (state.get("source"), state.get("config")) != (job["source"], job["config"]):
+        raise ConvertError(f"{out}: holds a conversion of another source or recipe; choose another directory "
+                           "or delete it to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for file, digest in (state or {}).get("shards", {}).items():
+        if (out / file).exists() and file_digest(out / file) == digest:
+            done[file] = digest
+    sizes = {part: shard_bytes(targets, mx_dtype) for part, targets in parts.items()}
+    needed = sum(sizes[p] for p, f in names.items() if f not in done)
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise ConvertError(f"{out}: needs {needed / 1e9:.2f} GB more disk space for the shards still to write, "
+                           f"but only {free / 1e9:.2f} GB is free; free space or choose another disk")
+
+    report = ConvertReport(out, "", sum(sizes.values()))
+    job["shards"] = dict(done)
+    _write_json(out / STATE_FILE, job)
+    for part, file in names.items():
+        if file in done:
+            report.reused.append(file)
+            if progress:
+                progress("skip", part, file, sizes[part])
+            continue
+        on_bytes = (lambda n, p=part, f=file: progress("bytes", p, f, n)) if progress else None
+        job["shards"][file] = write_shard(out / file, source, parts[part], mx_dtype, chunk_bytes, on_bytes)
+        _write_json(out / STATE_FILE, job)
+        report.written.append(file)
+        if progress:
+            progress("done", part, file, sizes[part])
+
+    weight_map = {name: names[part] for part, targets in parts.items()
+                  for t in targets for name, _, _ in t.outputs(mx_dtype)}
+    index = {"metadata": {"total_size": report.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(out / INDEX_FILE, index)
+    for file in TOKENIZER_FILES:
+        if (source.path / file).exists():
+            shutil.copyfile(source.path / file, out / file)
+    _write_json(out / "config.json", config)
+    report.model_id = open_checkpoint(out).model_id
+    return report
