@@ -310,7 +310,9 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
 
     def logprob_json(token, logprob) -> dict:
         text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+        # A token may hold part of a character: its own bytes let clients join them (Kimi's tokenizer).
+        raw = tokenizer.token_bytes(token) if hasattr(tokenizer, "token_bytes") else text.encode()
+        return {"token": text, "logprob": logprob, "bytes": list(raw), "top_logprobs": []}
 
     def complete(job: dict) -> dict:
         stats, reasoning, content, calls, logprobs = {}, [], [], [], []
