@@ -156,24 +156,42 @@ def _secret(args, create=False) -> bytes:
 
 
 class LoadBars:
-    """One rich progress bar per node while the slices load."""
+    """One rich progress bar per node while slices load. A round of bars starts with the first
+    update and ends when every node of the round is done: the first round is the whole plan (so a
+    fast node finishing early does not end it), a later one a node loaded again on its own."""
 
-    def __init__(self):
+    def __init__(self, coordinator, console: Console):
+        self.coordinator, self.console = coordinator, console
+        self.progress, self.tasks, self.rounds = None, {}, 0
+        self._lock = threading.Lock()
+
+    def _start_round(self, name: str, update):
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-        self.progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), DownloadColumn(), console=console)
+        plan = self.coordinator.plan
+        names = [s.node for s in plan.stages] if self.rounds == 0 and plan else []
+        self.progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), DownloadColumn(),
+                                 console=self.console)
         self.tasks = {}
-        self._lock = threading.Lock()
+        for node in names if name in names else [name]:
+            stage = next((s for s in plan.stages if s.node == node), None) if plan else None
+            self.tasks[node] = self.progress.add_task(f"loading {node}",
+                                                      total=stage.weight_bytes if stage else update.bytes_total)
+        self.rounds += 1
+        self.progress.start()
 
     def __call__(self, name: str, update):
         with self._lock:
-            if not self.tasks:
-                self.progress.start()
-            if name not in self.tasks:
-                self.tasks[name] = self.progress.add_task(f"loading {name}", total=update.bytes_total)
+            if self.progress is None or name not in self.tasks:
+                if self.progress is not None:  # a node outside this round: finish the round's bars first
+                    self.progress.stop()
+                self._start_round(name, update)
             self.progress.update(self.tasks[name], completed=update.bytes_done, total=update.bytes_total)
-            if update.done and all(t.finished for t in self.progress.tasks):
+            if update.done:
+                self.progress.update(self.tasks[name], completed=update.bytes_total)
+            if all(t.finished for t in self.progress.tasks):
                 self.progress.stop()
+                self.progress = None
 
 
 def serve(args, secret: bytes):
@@ -339,7 +357,7 @@ def cmd_up(args) -> None:
     state = {"address": node.address, "coordinator": coordinator is not None}
     if coordinator:
         coordinator.on_status = lambda message: print(f"coordinator: {message}", flush=True)
-        coordinator.on_load_progress = LoadBars()
+        coordinator.on_load_progress = LoadBars(coordinator, console)
         coordinator.start()
         if args.api_port is not None:
             api = _start_api(args, coordinator)

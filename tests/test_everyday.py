@@ -139,3 +139,35 @@ def test_memory_needs_a_unit_and_fits_the_machine(tmp_path, memory, words):
     done = run("up", "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--memory", memory,
                env=harness.test_env(tmp_path / "home"))
     assert done.returncode == 2 and words in done.stderr, done.stderr
+
+
+def test_load_bars_show_every_planned_node_once_however_the_loads_interleave():
+    import io
+    from dataclasses import dataclass
+
+    from rich.console import Console
+
+    from cluster.cli import LoadBars
+
+    @dataclass
+    class Stage:
+        node: str
+        weight_bytes: int
+
+    @dataclass
+    class Plan:
+        stages: list
+
+    @dataclass
+    class Coordinator:
+        plan: Plan
+
+    out = io.StringIO()
+    bars = LoadBars(Coordinator(Plan([Stage("a", 100), Stage("b", 200)])), Console(file=out, width=100))
+    bars("a", pb.LoadProgress(bytes_done=100, bytes_total=100, done=True))  # a is done before b starts
+    assert out.getvalue() == ""  # the round waits for b
+    bars("b", pb.LoadProgress(bytes_done=100, bytes_total=200))
+    bars("b", pb.LoadProgress(bytes_done=200, bytes_total=200, done=True))
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["loading", "a"], ["loading", "b"]], lines
+    assert lines[0].endswith("100/100 bytes") and lines[1].endswith("200/200 bytes")
