@@ -154,10 +154,6 @@ class KimiTokenizer:
     def __len__(self) -> int:
         return self.encoding.n_vocab
 
-    @property
-    def vocab_size(self) -> int:
-        return self.encoding.n_vocab
-
     def _id(self, token):
         return None if token is None else self.special_tokens[token]
 
@@ -170,17 +166,9 @@ class KimiTokenizer:
         return self._id(self.eos_token)
 
     @property
-    def pad_token_id(self):
-        return self._id(self.pad_token)
-
-    @property
     def special_tokens_map(self) -> dict:
         names = ("bos_token", "eos_token", "pad_token", "unk_token")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
-    @property
-    def all_special_ids(self) -> list:
-        return list(self.special_tokens.values())
 
     def encode(self, text: str, add_special_tokens: bool = True, **_) -> list[int]:
         """Special-token strings anywhere in `text` become the special tokens. Kimi never adds a BOS."""

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .kimi_tokenizer import SPECIAL_TOKEN_COUNT
-
 KIMI_SPECIAL_TOKENS = [
     "[BOS]",
     "[EOS]",
@@ -291,5 +289,4 @@ def write_tiktoken_tokenizer(out_dir: Path, vocab_size: int = 1024) -> list[int]
     (out_dir / "tokenization_kimi.py").write_text(_STAND_IN_TOKENIZATION_KIMI)
     generation = {"eos_token_id": ids["<|im_end|>"], "max_length": 131072}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    assert num_ranks + SPECIAL_TOKEN_COUNT > max(ids.values())
     return [ids["[EOS]"], ids["<|im_end|>"]]

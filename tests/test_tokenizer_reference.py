@@ -12,7 +12,6 @@ import base64
 import itertools
 import json
 import random
-import unicodedata
 
 import jinja2.ext
 import pytest
