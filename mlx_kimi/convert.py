@@ -357,6 +357,8 @@ def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: i
                     os.pwrite(fd, bytes(memoryview(a)), len(header) + start + row * row_bytes)
                     if on_bytes:
                         on_bytes(a.nbytes)
+                del arrays
+                mx.clear_cache()  # keep freed blocks from piling up in MLX's allocator cache
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -465,8 +467,8 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
     needed = sum(sizes[p] for p, f in names.items() if f not in done)
     free = shutil.disk_usage(out).free
     if needed > free:
-        raise ConvertError(f"{out}: needs {needed / 1e9:.2f} GB more disk space for the shards still to write, "
-                           f"but only {free / 1e9:.2f} GB is free; free space or choose another disk")
+        raise ConvertError(f"{out}: needs {needed:,} bytes ({needed / 1e9:.1f} GB) of disk space for the shards "
+                           f"still to write, but only {free:,} bytes are free; free space or choose another disk")
 
     report = ConvertReport(out, "", sum(sizes.values()))
     job["shards"] = dict(done)

@@ -3,6 +3,7 @@ one shard per pipeline part, run by the cluster, resumable, and clear about bad 
 
 import json
 import shutil
+import subprocess
 
 import mlx.core as mx
 import pytest
@@ -146,3 +147,17 @@ def test_bad_sources_name_the_file(tmp_path):
     assert read_safetensors_header(wrong / shard.name)[name][0] == "F16"
     with pytest.raises(CheckpointError, match=r"model-3-of-7\.safetensors: FP8 tensor .*o_proj.weight.*F16"):
         convert(wrong, tmp_path / "o3", recipe)
+
+
+def test_disk_space_checked_up_front(tmp_path):
+    src = write_official(tmp_path / "src", "k2-instruct")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        with pytest.raises(ConvertError, match=r"small/out: needs [\d,]+ bytes .* only [\d,]+ bytes are free"):
+            convert(src, small / "out", QuantScheme(2, 4, 64).params)
+        assert not list((small / "out").glob("model-*"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -1,0 +1,59 @@
+"""convert's peak memory is flat: it grows with the row-block size, not with the model."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mlx_kimi.convert import open_source
+from mlx_kimi.official import write_official
+from mlx_kimi.tiny import TinyShape
+
+CHUNK = 2 * 2**20
+BOUND = 32 * 2**20 + 2 * CHUNK  # the README's claim: 32 MB + 2 x chunk above the idle process
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    from mlx_kimi.convert import convert
+    from mlx_kimi.spec import QuantScheme
+
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+    big, small, out, chunk = sys.argv[1:5]
+    recipe = QuantScheme(2, 4, 64).params
+    convert(small, out + "-warm-up", recipe, chunk_bytes=int(chunk))  # every code path imported and run once
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+    idle = status("VmRSS")
+    convert(big, out, recipe, chunk_bytes=int(chunk))
+    print(json.dumps({"idle": idle, "peak": status("VmHWM")}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
+def test_peak_rss_bounded_below_the_model(tmp_path):
+    shape = TinyShape(layers=2, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=768,
+                      routed_experts=32, vocab_size=1536)
+    big = write_official(tmp_path / "big", "k2-instruct", shape)
+    small = write_official(tmp_path / "small", "k2-instruct")
+    params, mtp = 0, f"model.layers.{shape.layers}."
+    for t in open_source(big).tensors.values():
+        if not t.name.endswith("scale_inv") and not t.name.startswith(mtp):
+            n = 1
+            for d in t.shape:
+                n *= d
+            params += n
+    whole_bf16 = 2 * params  # what loading the dequantized model whole would hold
+    assert whole_bf16 > 3 * BOUND
+
+    result = subprocess.run([sys.executable, "-c", PROBE, str(big), str(small), str(tmp_path / "out"), str(CHUNK)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    grown = rss["peak"] - rss["idle"]
+    print(f"peak RSS above idle: {grown / 2**20:.1f} MiB; bound {BOUND / 2**20:.0f} MiB; "
+          f"model in bf16 {whole_bf16 / 2**20:.0f} MiB")
+    assert grown < BOUND
