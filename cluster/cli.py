@@ -9,7 +9,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,14 @@ from rich.table import Table
 from mlx_kimi.checkpoint import CheckpointError, SizeReport, open_checkpoint, text_config
 from mlx_kimi.builtin import BUILTIN_MODELS
 
-from .auth import AuthError, AuthInterceptor
+from .auth import AuthError, rotate_secret
 from .chat import add_arguments as add_chat_arguments
 from .convert_cli import add_convert_parser
 from . import client
 from .client import DEFAULT_PORT
 from .units import format_bytes, parse_size
 
+SHUTDOWN_GRACE_S = 2.0  # calls in flight get this long to finish after SIGTERM
 # Rich assumes 80 columns when stdout is not a terminal; tables of nodes need more.
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -197,23 +197,23 @@ class LoadBars:
 def serve(args, secret: bytes):
     """Start this process's node (and coordinator with --model); returns a function that stops them."""
     from . import __version__
-    from .auth import fingerprint
     from .coordinator import Coordinator
     from .discovery import Advertiser, Announcement, open_zeroconf
     from .generated import kimi_cluster_pb2_grpc as pb_grpc
+    from .identity import fingerprint
     from .machine import describe_machine, node_id
     from .node import NodeService
-    from .wire import SERVER_OPTIONS
+    from .wire import ListenError, make_server
 
     name = args.name or socket.gethostname().split(".")[0]
     machine = describe_machine(args.memory)
-    server = grpc.server(ThreadPoolExecutor(max_workers=64), interceptors=[AuthInterceptor(secret)],
-                         options=SERVER_OPTIONS)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    if port == 0:
-        fail(f"cannot listen on {args.host}:{args.port}: address in use or not on this machine")
+    this_id = node_id(name)
+    try:
+        server, port = make_server(args.host, args.port, secret, this_id)
+    except ListenError as e:
+        fail(str(e))
     address = f"{args.host}:{port}"
-    node = NodeService(name, node_id(name), address, machine, secret, session_ttl_s=args.session_ttl)
+    node = NodeService(name, this_id, address, machine, secret, session_ttl_s=args.session_ttl)
     pb_grpc.add_NodeServicer_to_server(node, server)
     zeroconf = advertiser = coordinator = None
     if not args.no_mdns:
@@ -238,7 +238,7 @@ def serve(args, secret: bytes):
             zeroconf.close()
         node.unload()
         node.stop()
-        server.stop(grace=2).wait()
+        server.stop(grace=SHUTDOWN_GRACE_S).wait(SHUTDOWN_GRACE_S + 1)
 
     return node, coordinator, stop
 
@@ -286,7 +286,8 @@ JOIN_BROWSE_S = 3.0
 def _join_or_create_secret(args) -> bytes:
     """The cluster secret. Without one, the first node of a network creates it; a node that sees
     other kimi-cluster nodes announced says what to copy from where, and waits for it."""
-    from .auth import SECRET_ENV, config_dir, fingerprint
+    from .auth import SECRET_ENV, config_dir
+    from .identity import fingerprint
     from .discovery import Browser, open_zeroconf
 
     try:
@@ -375,12 +376,17 @@ def cmd_up(args) -> None:
             print(f"asked to stop over the network: stopping {what}", flush=True)
         if api:
             api.server.should_exit = True
-        stop()
+        # Whatever a stream's handler is stuck on, exit within a few seconds of the signal: stop in
+        # a thread, and leave (os._exit below) without joining threads that did not finish.
+        stopping = threading.Thread(target=stop, name="stop", daemon=True)
+        stopping.start()
+        stopping.join(SHUTDOWN_GRACE_S + 6)
     finally:
         client.remove_node_state(node.name)
     print(f"stopped {node.name}: its slice and sessions are released", flush=True)
-    if interrupted and interrupted[0] == "SIGINT":
-        sys.exit(130)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(130 if interrupted and interrupted[0] == "SIGINT" else 0)
 
 
 def _check_api_exposure(args) -> None:
@@ -549,6 +555,10 @@ def cmd_stop(args) -> None:
         sys.exit(1)
 
 
+def cmd_secret_rotate(args) -> None:
+    Console(stderr=True).print(rotate_secret(args.secret_file), highlight=False)
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -627,6 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", type=Path, help="also write the log to this file")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("secret", help="the cluster secret")
+    secret_sub = p.add_subparsers(dest="action", required=True)
+    r = secret_sub.add_parser("rotate", help="replace the cluster secret with a new random one (restart every node)")
+    r.add_argument("--secret-file", type=Path, help="file to write (default: the config dir's secret)")
+    r.set_defaults(func=cmd_secret_rotate)
 
     for command, func, what in (("chat", cmd_chat, "chat with the cluster"), ("map", cmd_map, "memory map"),
                                 ("status", cmd_status, "this machine's nodes and the cluster at a glance"),

@@ -234,7 +234,7 @@ class NodeService(pb_grpc.NodeServicer):
         return stage
 
     def _link(self, name: str, address: str) -> ForwardLink | None:
-        return ForwardLink(node_stub(open_channel(address, self.secret)), name, address) if address else None
+        return ForwardLink(node_stub(open_channel(address, self.secret, self.node_id)), name, address) if address else None
 
     # ---- the data path -----------------------------------------------------------------------
 

@@ -1,12 +1,16 @@
-"""Helpers around the wire contract: tensors as bytes, channels, limits and error naming."""
+"""Helpers around the wire contract: tensors as bytes, channels and servers, limits and error naming."""
 
+import errno
 import math
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import mlx.core as mx
 import numpy as np
 
-from .auth import auth_channel
+from .identity import CLUSTER_HOST, channel_credentials, identity, server_credentials
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 
@@ -22,7 +26,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+# No SO_REUSEPORT: a second process on a taken port must fail, not share the requests.
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.so_reuseport", 0)]
+
+# Calls that carry work (streams, loads, generations) share MAX_WORK_CALLS slots; the rest of the
+# server's threads always remain for the calls that say whether a node is alive, so a flood of
+# streams is answered RESOURCE_EXHAUSTED instead of starving health checks.
+MAX_WORK_CALLS = 32
+CONTROL_THREADS = 16
+CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap"}
 
 # mlx dtype <-> wire name, and the same-width integer view numpy can hold (numpy has no bf16).
 _DTYPES = {
@@ -73,8 +85,77 @@ def decode_tensor(t: pb.Tensor, expect_shape: tuple) -> mx.array:
     return x.view(dtype) if view != dtype else x
 
 
-def open_channel(address: str, secret: bytes) -> grpc.Channel:
-    return auth_channel(grpc.insecure_channel(address, options=CHANNEL_OPTIONS), secret)
+def open_channel(address: str, secret: bytes, name: str = "client") -> grpc.Channel:
+    """A mutual-TLS channel to a member of the cluster `secret` names; `name` goes in our certificate."""
+    options = CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", CLUSTER_HOST)]
+    return grpc.secure_channel(address, channel_credentials(identity(secret, name)), options=options)
+
+
+class ListenError(Exception):
+    """This process cannot listen where it was asked to."""
+
+
+class CallLimiter(grpc.ServerInterceptor):
+    """At most `limit` work calls at once; the next is refused at once with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int = MAX_WORK_CALLS):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.rsplit("/", 1)[-1] in CONTROL_METHODS:
+            return handler
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(self._limited(behavior), handler.request_deserializer, handler.response_serializer)
+
+    def _limited(self, behavior):
+        def run(request, context):
+            if not self._slots.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"busy: {self.limit} calls already in progress here; retry later")
+            if not context.add_callback(self._slots.release):  # the call already ended
+                self._slots.release()
+            return behavior(request, context)
+
+        return run
+
+
+def _check_bindable(host: str, port: int):
+    """One line naming why `host:port` cannot be listened on, before gRPC says it less clearly."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like gRPC: a TIME_WAIT port is free
+            s.bind((host, port))
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on {host}:{port}: {host!r} is not an address ({e.strerror})") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {host}:{port}: the port is in use (another kimi-cluster up?); "
+                              "stop that process or pick another --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ListenError(f"cannot listen on {host}:{port}: {host} is not an address of this machine; "
+                              "--host takes one of this machine's own addresses") from None
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def make_server(host: str, port: int, secret: bytes, name: str) -> tuple[grpc.Server, int]:
+    """A mutual-TLS gRPC server for the cluster `secret` names, presenting a certificate for `name`,
+    bound to host:port (0 picks one). Returns (server, port)."""
+    _check_bindable(host, port)
+    threads = MAX_WORK_CALLS + CONTROL_THREADS
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                         interceptors=[CallLimiter()], options=SERVER_OPTIONS, maximum_concurrent_rpcs=threads)
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(identity(secret, name)))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise ListenError(f"cannot listen on {host}:{port}")
+    return server, bound
 
 
 def node_stub(channel: grpc.Channel) -> pb_grpc.NodeStub:

@@ -20,7 +20,7 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.wire import coordinator_stub, node_stub, open_channel
 
 KIMI = str(Path(sys.executable).parent / "kimi-cluster")
-TEST_SECRET = "kimi-cluster-test-secret-0123456789abcdef"
+TEST_SECRET = "5a1c0e7f3b9d2468ace13579bdf02468a5c3e1f0b2d4f6e8c0a9b8c7d6e5f4a3"  # hex, as load_secret wants
 START_TIMEOUT_S = 120.0
 
 
@@ -109,7 +109,7 @@ class LocalCluster:
         except BaseException:
             self.__exit__()  # the constructor raised, so `with` will not clean up
             raise
-        self.secret = self.env["KIMI_CLUSTER_SECRET"].encode()
+        self.secret = bytes.fromhex(self.env["KIMI_CLUSTER_SECRET"])
         self.channel = open_channel(self.coordinator.address, self.secret)
         self.client = coordinator_stub(self.channel)
 

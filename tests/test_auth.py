@@ -1,22 +1,17 @@
-import hmac
-import os
+"""The cluster secret, and mutual TLS with the identity it makes (cluster/auth.py, cluster/identity.py)."""
+
+import hashlib
 import stat
-import time
-from concurrent import futures
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from cluster import auth
-from cluster.auth import (
-    SECRET_ENV,
-    AuthError,
-    AuthInterceptor,
-    auth_channel,
-    fingerprint,
-    load_secret,
-    make_auth_header,
-)
+from cluster import auth, identity as identity_module
+from cluster.auth import SECRET_ENV, AuthError, load_secret, rotate_secret
+from cluster.identity import fingerprint, identity, peer_name
+from cluster.wire import make_server, open_channel
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -25,221 +20,108 @@ COUNT = "/test.Echo/Count"
 UPLOAD = "/test.Echo/Upload"
 CHAT = "/test.Echo/Chat"
 
+calls = []  # every call any handler began: name of the client certificate
+
 
 def _say(request, context):
+    calls.append(peer_name(context))
     return b"echo:" + request
 
 
 def _count(request, context):
+    calls.append(peer_name(context))
     for i in range(int(request)):
         yield str(i).encode()
 
 
 def _upload(request_iterator, context):
+    calls.append(peer_name(context))
     return b"".join(request_iterator)
 
 
 def _chat(request_iterator, context):
+    calls.append(peer_name(context))
     for r in request_iterator:
         yield r.upper()
 
 
+def _echo_server(secret):
+    server, port = make_server("127.0.0.1", 0, secret, "echo-server")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(_say),
+        "Count": grpc.unary_stream_rpc_method_handler(_count),
+        "Upload": grpc.stream_unary_rpc_method_handler(_upload),
+        "Chat": grpc.stream_stream_rpc_method_handler(_chat),
+    }),))
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="module")
 def address():
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[AuthInterceptor(SECRET, max_skew_s=30.0)],
-    )
-    handler = grpc.method_handlers_generic_handler(
-        "test.Echo",
-        {
-            "Say": grpc.unary_unary_rpc_method_handler(_say),
-            "Count": grpc.unary_stream_rpc_method_handler(_count),
-            "Upload": grpc.stream_unary_rpc_method_handler(_upload),
-            "Chat": grpc.stream_stream_rpc_method_handler(_chat),
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
+    server, address = _echo_server(SECRET)
+    yield address
     server.stop(None)
-
-
-@pytest.fixture
-def plain(address):
-    with grpc.insecure_channel(address) as channel:
-        yield channel
-
-
-def _secured(plain, secret):
-    return auth_channel(plain, secret)
 
 
 def _call_all(channel):
     return (
-        channel.unary_unary(SAY)(b"hi", timeout=5),
-        list(channel.unary_stream(COUNT)(b"3", timeout=5)),
-        channel.stream_unary(UPLOAD)(iter([b"a", b"b"]), timeout=5),
-        list(channel.stream_stream(CHAT)(iter([b"x", b"y"]), timeout=5)),
+        channel.unary_unary(SAY)(b"hi", timeout=10),
+        list(channel.unary_stream(COUNT)(b"3", timeout=10)),
+        channel.stream_unary(UPLOAD)(iter([b"a", b"b"]), timeout=10),
+        list(channel.stream_stream(CHAT)(iter([b"x", b"y"]), timeout=10)),
     )
 
 
-def _rejections(channel):
-    calls = [
-        lambda: channel.unary_unary(SAY)(b"hi", timeout=5),
-        lambda: list(channel.unary_stream(COUNT)(b"3", timeout=5)),
-        lambda: channel.stream_unary(UPLOAD)(iter([b"a"]), timeout=5),
-        lambda: list(channel.stream_stream(CHAT)(iter([b"x"]), timeout=5)),
-        # Empty request streams only get a clean UNAUTHENTICATED if the reject
-        # handler has the same streaming kind as the real one.
-        lambda: channel.stream_unary(UPLOAD)(iter([]), timeout=5),
-        lambda: list(channel.stream_stream(CHAT)(iter([]), timeout=5)),
-    ]
-    errors = []
-    for call in calls:
-        with pytest.raises(grpc.RpcError) as exc:
-            call()
-        errors.append(exc.value)
-    return errors
+def test_cluster_members_talk_every_rpc_kind(address):
+    calls.clear()
+    with open_channel(address, SECRET, "member-1") as channel:
+        assert _call_all(channel) == (b"echo:hi", [b"0", b"1", b"2"], b"ab", [b"X", b"Y"])
+    assert calls == ["member-1"] * 4  # the server knows which member called
 
 
-class _Recorder(grpc.UnaryUnaryClientInterceptor):
-    def __init__(self):
-        self.sent = []
-
-    def intercept_unary_unary(self, continuation, details, request):
-        self.sent.extend(details.metadata or ())
-        return continuation(details, request)
-
-
-# --- gRPC --------------------------------------------------------------------
+def test_identity_made_elsewhere_from_the_same_secret_is_trusted(address):
+    """Another Mac derives the CA from the secret on its own: its certificates verify here."""
+    identity_module._ca.cache_clear()
+    identity_module.identity.cache_clear()
+    with open_channel(address, SECRET, "other-mac") as channel:
+        assert channel.unary_unary(SAY)(b"hi", timeout=10) == b"echo:hi"
 
 
-def test_right_secret_all_rpc_kinds(plain):
-    assert _call_all(_secured(plain, SECRET)) == (
-        b"echo:hi",
-        [b"0", b"1", b"2"],
-        b"ab",
-        [b"X", b"Y"],
-    )
+@pytest.mark.parametrize("who", ["wrong secret", "no certificate"])
+def test_strangers_are_refused_in_the_handshake(address, who):
+    calls.clear()
+    channel = open_channel(address, OTHER) if who == "wrong secret" else grpc.insecure_channel(address)
+    with channel:
+        for call in (lambda: channel.unary_unary(SAY)(b"hi", timeout=10),
+                     lambda: list(channel.stream_stream(CHAT)(iter([b"x"]), timeout=10))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert calls == []  # no handler ever ran
 
 
-def test_repeated_calls_use_fresh_nonces(plain):
-    say = _secured(plain, SECRET).unary_unary(SAY)
-    for i in range(50):
-        assert say(str(i).encode(), timeout=5) == f"echo:{i}".encode()
+def test_client_refuses_a_server_of_another_cluster():
+    server, address = _echo_server(OTHER)
+    calls.clear()
+    try:
+        with open_channel(address, SECRET) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(SAY)(b"secret prompt", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "CERTIFICATE_VERIFY_FAILED" in info.value.details()
+        assert calls == []
+    finally:
+        server.stop(None)
 
 
-def test_wrong_secret_rejected_all_rpc_kinds(plain, caplog):
-    with caplog.at_level("WARNING", logger="kimi_cluster.auth"):
-        errors = _rejections(_secured(plain, OTHER))
-    for e in errors:
-        assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "wrong cluster secret" in e.details()
-    assert any(SAY in r.getMessage() for r in caplog.records)
-    assert any(CHAT in r.getMessage() for r in caplog.records)
-
-
-def test_no_credentials_rejected(plain):
-    for e in _rejections(plain):
-        assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "missing credentials" in e.details()
-        assert SECRET_ENV in e.details()
-
-
-def test_malformed_header_rejected(plain):
-    say = plain.unary_unary(SAY)
-    for value in ("garbage", "v1:1:2:3", "v2:" + make_auth_header(SECRET, SAY)[3:]):
-        with pytest.raises(grpc.RpcError) as exc:
-            say(b"hi", metadata=[(auth.HEADER, value)], timeout=5)
-        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "malformed" in exc.value.details()
-
-
-def test_header_bound_to_method(plain):
-    header = make_auth_header(SECRET, COUNT)
-    with pytest.raises(grpc.RpcError) as exc:
-        plain.unary_unary(SAY)(b"hi", metadata=[(auth.HEADER, header)], timeout=5)
-    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "wrong cluster secret" in exc.value.details()
-
-
-def test_replay_refused(plain):
-    recorder = _Recorder()
-    channel = _secured(grpc.intercept_channel(plain, recorder), SECRET)
-    assert channel.unary_unary(SAY)(b"once", timeout=5) == b"echo:once"
-    header = dict(recorder.sent)[auth.HEADER]
-    with pytest.raises(grpc.RpcError) as exc:
-        plain.unary_unary(SAY)(b"twice", metadata=[(auth.HEADER, header)], timeout=5)
-    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "replayed request" in exc.value.details()
-
-
-def test_replay_of_generated_header_streaming(plain):
-    header = make_auth_header(SECRET, COUNT)
-    count = plain.unary_stream(COUNT)
-    assert list(count(b"2", metadata=[(auth.HEADER, header)], timeout=5)) == [b"0", b"1"]
-    with pytest.raises(grpc.RpcError) as exc:
-        list(count(b"2", metadata=[(auth.HEADER, header)], timeout=5))
-    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "replayed request" in exc.value.details()
-
-
-def _header_at(secret, method, ms):
-    nonce = os.urandom(16).hex()
-    mac = auth._mac(auth._Hmac(secret), ms, nonce, method).hex()
-    return f"v1:{ms}:{nonce}:{mac}"
-
-
-@pytest.mark.parametrize("offset_s", [-31, 31])
-def test_stale_timestamp_refused(plain, offset_s):
-    ms = time.time_ns() // 1_000_000 + offset_s * 1000
-    with pytest.raises(grpc.RpcError) as exc:
-        plain.unary_unary(SAY)(
-            b"hi", metadata=[(auth.HEADER, _header_at(SECRET, SAY, ms))], timeout=5
-        )
-    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "stale timestamp" in exc.value.details()
-
-
-def test_small_skew_accepted(plain):
-    ms = time.time_ns() // 1_000_000 - 20_000
-    header = _header_at(SECRET, SAY, ms)
-    assert plain.unary_unary(SAY)(b"hi", metadata=[(auth.HEADER, header)], timeout=5) == b"echo:hi"
-
-
-def test_secret_never_sent(plain):
-    recorder = _Recorder()
-    channel = _secured(grpc.intercept_channel(plain, recorder), SECRET)
-    assert channel.unary_unary(SAY)(b"x", timeout=5) == b"echo:x"
-    header = dict(recorder.sent)[auth.HEADER]
-    assert header.startswith("v1:")
-    for value in (header, make_auth_header(SECRET, SAY)):
-        assert SECRET.hex() not in value
-        assert SECRET.hex().upper() not in value
-        assert SECRET.decode("latin-1") not in value
-
-
-@pytest.mark.parametrize("key", [SECRET, b"k" * 64, b"long passphrase " * 9])
-def test_precomputed_hmac_matches_stdlib(key):
-    for msg in (b"", b"1:ab:/test.Echo/Say", os.urandom(300)):
-        assert auth._Hmac(key).digest(msg) == hmac.digest(key, msg, "sha256")
-
-
-# --- replay cache (no network) -------------------------------------------------
-
-
-def test_nonce_cache_is_bounded_and_still_refuses_evicted_replays():
-    interceptor = AuthInterceptor(SECRET, max_nonces=10)
-    now = time.time_ns() // 1_000_000
-    headers = [(auth.HEADER, _header_at(SECRET, SAY, now - 100 + i)) for i in range(25)]
-    for h in headers:
-        assert interceptor._check([h], SAY) is None
-    assert len(interceptor._seen) <= 10
-    assert len(interceptor._expiries) == len(interceptor._seen)
-    for h in headers:
-        assert interceptor._check([h], SAY) is not None
+def test_certificate_names_the_node_and_the_cluster_host():
+    me = identity(SECRET, "abc123-mac-a")
+    cert = x509.load_pem_x509_certificate(me.cert_pem)
+    assert cert.subject.rfc4514_string() == "CN=abc123-mac-a"
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["kimi-cluster"]
+    assert SECRET.hex() not in (me.ca_pem + me.cert_pem + me.key_pem).decode()
 
 
 # --- secrets --------------------------------------------------------------------
@@ -287,9 +169,17 @@ def test_env_wins_over_config_file(home, monkeypatch):
     assert load_secret()[0] == OTHER != file_secret
 
 
-def test_env_plain_string_secret(home, monkeypatch):
-    monkeypatch.setenv(SECRET_ENV, "correct horse battery staple")
-    assert load_secret()[0] == b"correct horse battery staple"
+@pytest.mark.parametrize("text, why", [
+    ("correct horse battery staple", "not hex"),       # a passphrase: a dictionary finds it
+    ("kimi-cluster-test-secret-0123456789abcdef", "not hex"),
+    ("00" * 32, "pattern"), ("0123" * 16, "pattern"),  # hex, but not random bytes
+    ("deadbeef" * 3, "too short"),
+])
+def test_weak_secret_refused(home, monkeypatch, text, why):
+    monkeypatch.setenv(SECRET_ENV, text)
+    with pytest.raises(AuthError, match=why) as exc:
+        load_secret()
+    assert "kimi-cluster secret rotate" in str(exc.value)
 
 
 def test_explicit_file_wins_over_env(home, tmp_path, monkeypatch):
@@ -308,7 +198,7 @@ def test_explicit_missing_file_errors(home, tmp_path):
     assert not missing.exists()
 
 
-@pytest.mark.parametrize("text", ["", "   \n", "abcd" * 4, "short-pass"])
+@pytest.mark.parametrize("text", ["", "   \n", "abcd" * 4])
 def test_short_or_empty_secret_refused(home, monkeypatch, text):
     monkeypatch.setenv(SECRET_ENV, text)
     with pytest.raises(AuthError) as exc:
@@ -323,10 +213,21 @@ def test_short_secret_file_refused(home, tmp_path):
         load_secret(f)
 
 
-def test_fingerprint():
+def test_fingerprint_is_the_full_hash_of_the_public_ca_key():
     fp = fingerprint(SECRET)
-    assert fp == fingerprint(SECRET)
-    assert fp != fingerprint(OTHER)
-    assert len(fp) == 16 and int(fp, 16) >= 0
-    assert fp not in SECRET.hex()
-    assert SECRET.hex()[:16] != fp
+    assert fp == fingerprint(SECRET) != fingerprint(OTHER)
+    ca = x509.load_pem_x509_certificate(identity(SECRET, "n").ca_pem)
+    public = ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert fp == hashlib.sha256(public).hexdigest() and len(fp) == 64
+    assert SECRET.hex() not in fp
+
+
+def test_rotate_replaces_the_secret_and_keeps_the_old(home):
+    old, _ = load_secret(create=True)
+    note = rotate_secret()
+    new, _ = load_secret()
+    path = home / "secret"
+    assert new != old and len(new) == 32 and len(set(new)) >= 16
+    assert (home / "secret.old").read_text().strip() == old.hex()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert fingerprint(new) in note and "restart every node" in note and new.hex() not in note

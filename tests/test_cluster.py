@@ -175,34 +175,35 @@ def test_concurrent_sessions_do_not_disturb_each_other(cluster3, oracle, make_ch
 
 
 def test_wrong_or_missing_secret_is_refused(cluster3, chat_prompt_ids):
+    """Without the cluster's secret there is no certificate the nodes accept: the TLS handshake
+    fails before any call is read, on the coordinator's service, a node's and the data path."""
     peer = cluster3.peers[0]
-    wrong = open_channel(cluster3.coordinator.address, b"wrong-secret-of-enough-length")
+    wrong_secret = bytes(range(100, 132))
+    wrong = open_channel(cluster3.coordinator.address, wrong_secret)
     plain = grpc.insecure_channel(cluster3.coordinator.address)
-    wrong_peer = open_channel(peer.address, b"wrong-secret-of-enough-length")
+    wrong_peer = open_channel(peer.address, wrong_secret)
     try:
         request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=4)
-        for channel, why in ((wrong, "wrong cluster secret"), (plain, "missing credentials")):
+        for channel in (wrong, plain):
             with pytest.raises(grpc.RpcError) as info:
                 list(coordinator_stub(channel).Generate(request, timeout=30))
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert why in info.value.details()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             with pytest.raises(grpc.RpcError) as info:
                 node_stub(channel).Info(pb.InfoRequest(), timeout=30)
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert why in info.value.details()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError) as info:
             node_stub(wrong_peer).Info(pb.InfoRequest(), timeout=30)
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "CERTIFICATE_VERIFY_FAILED" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.NodeStub(grpc.insecure_channel(peer.address)).Forward(
                 pb.ForwardRequest(session_id="x", tokens=[1]), timeout=30)
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # the data path's stream too, with the wrong secret
         link = ForwardLink(node_stub(wrong_peer), peer.name, peer.address)
         try:
             with pytest.raises(StageError) as failed:
                 link.call(pb.ForwardRequest(session_id="x", tokens=[1]), 30.0)
-            assert failed.value.code == grpc.StatusCode.UNAUTHENTICATED, failed.value
+            assert failed.value.code == grpc.StatusCode.UNAVAILABLE, failed.value
         finally:
             link.close()
     finally:
@@ -211,7 +212,6 @@ def test_wrong_or_missing_secret_is_refused(cluster3, chat_prompt_ids):
     # the right secret still works on the same server
     info = cluster3.node_stub(cluster3.coordinator).Info(pb.InfoRequest(), timeout=30)
     assert info.is_coordinator and info.name == "coord"
-    assert "rejected" in cluster3.coordinator.log()
 
 
 # ---- 6. malformed activations ---------------------------------------------------------------------

@@ -38,9 +38,8 @@ class MdnsCluster:
 
     def __init__(self, workdir, model):
         self.workdir, self.model = workdir, model
-        # not hex, so the secret is these characters' bytes (as load_secret reads it)
-        self.secret = f"kimi-discovery-test-{secrets.token_hex(12)}"
-        self.other_secret = f"kimi-discovery-other-{secrets.token_hex(12)}"
+        self.secret = secrets.token_hex(32)
+        self.other_secret = secrets.token_hex(32)
         self.procs = []  # every process ever started, for cleanup
         self.nodes = {}  # name -> the live NodeProcess of that name
         self.foreign = None
@@ -68,7 +67,7 @@ class MdnsCluster:
         self.foreign = self.nodes.pop("foreign")
         self.coordinator = self.start("coord", model=self.model, extra=["--nodes", "3"])
         self.ready_line = self.coordinator.wait_for(r"cluster ready: .*").group(0)
-        self.channel = open_channel(self.coordinator.address, self.secret.encode())
+        self.channel = open_channel(self.coordinator.address, bytes.fromhex(self.secret))
         self.client = coordinator_stub(self.channel)
 
     def memory_map(self) -> pb.MemoryMapReply:

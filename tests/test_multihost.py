@@ -145,7 +145,7 @@ def test_three_namespaces_discover_plan_and_chat(network, tmp_path, tiny_dir, or
     assert len(expected) > 10, "the oracle reply is too short to say anything"
     network.check_multicast()
 
-    secret = f"kimi-multihost-test-{secrets.token_hex(12)}"
+    secret = secrets.token_hex(32)
     env = {i: harness.test_env(tmp_path / f"home-host{i}", secret) for i in range(1, HOSTS + 1)}
     coordinator_address = f"{SUBNET}.1:{PORT}"
     nodes = {}
