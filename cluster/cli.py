@@ -685,4 +685,7 @@ def main(argv=None) -> None:
         Console(stderr=True).print("interrupted", highlight=False)
         sys.exit(130)
     except grpc.RpcError as e:
+        if "handshake failed" in (e.details() or "").lower():
+            fail("the TLS handshake failed: that process holds another cluster's secret (or none); copy this "
+                 f"cluster's secret there, or use its secret here ({e.details()})", code=1)
         fail(f"{e.code().name}: {e.details()}", code=1)

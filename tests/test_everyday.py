@@ -64,7 +64,7 @@ def test_version_and_nodes_without_model(tmp_path):
 
 
 def test_clients_say_what_to_do_when_no_coordinator_runs(tmp_path):
-    env = harness.test_env(tmp_path / "home", f"kimi-everyday-{secrets.token_hex(12)}")
+    env = harness.test_env(tmp_path / "home", secrets.token_hex(32))
     done = run("map", "--host", "127.0.0.1", env=env)
     assert done.returncode == 1
     assert "no coordinator found: none runs on this machine and none of this cluster answered over mDNS" \
@@ -74,7 +74,7 @@ def test_clients_say_what_to_do_when_no_coordinator_runs(tmp_path):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_dir):
     workdir = tmp_path_factory.mktemp("everyday")
-    env = harness.test_env(workdir / "home", f"kimi-everyday-{secrets.token_hex(12)}")
+    env = harness.test_env(workdir / "home", secrets.token_hex(32))
     worker = start_mdns_node(workdir, "worker", env)
     coordinator = start_mdns_node(workdir, "coord", env, model=tiny_dir, extra=["--nodes", "2", "--api-port", "0"])
     try:
@@ -112,7 +112,7 @@ def test_client_on_another_machine_finds_the_coordinator_over_mdns(cluster, tmp_
 
 def test_ctrl_c_stops_the_coordinator_says_so_and_releases_the_workers(cluster):
     env, worker, coordinator = cluster
-    secret = env["KIMI_CLUSTER_SECRET"].encode()
+    secret = bytes.fromhex(env["KIMI_CLUSTER_SECRET"])
     assert node_stub(open_channel(worker.address, secret)).Info(pb.InfoRequest(), timeout=10).HasField("loaded")
     coordinator.kill(signal.SIGINT)
     assert coordinator.proc.wait(timeout=30) == 130
