@@ -36,8 +36,12 @@ sized so that one decode token costs >= 20 ms of compute on this machine:
      c. the hand-off to and from the node's MLX compute thread (cluster.node.ComputeWorker.run
         of a no-op), which every stage pays once per token, in this process.
      per-hop estimate = median(a) + median(b encode) + median(b decode) + median(c).
+     d. the cost of mutual TLS on that hop: the same message's round trip on a ForwardStream to
+        a server in this process that answers at once, over plaintext gRPC and over the
+        cluster's mutual TLS (cluster.wire.make_server / open_channel), calls interleaved;
+        the difference is what encryption adds per hop (every real channel is TLS).
      An empty Node.Health round trip is shown too, as the floor of any unary gRPC call, the same
-     request as a unary Node.Forward call (a new signed and auth-checked call per token), and (a) again
+     request as a unary Node.Forward call (a new call per token on the open connection), and (a) again
      with this process idle before every call for as long as a stage of a 2-stage pipeline
      waits while the other one computes (half the single-process time per token): in a real
      chain every hop reaches a node that has been idle, and on some machines waking costs more
@@ -76,7 +80,8 @@ from cluster.client import read_reply  # noqa: E402
 from cluster.generated import kimi_cluster_pb2 as pb  # noqa: E402
 from cluster.link import ForwardLink, StageError  # noqa: E402
 from cluster.node import ComputeWorker  # noqa: E402
-from cluster.wire import decode_tensor, encode_tensor, node_stub, open_channel  # noqa: E402
+from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc  # noqa: E402
+from cluster.wire import CHANNEL_OPTIONS, decode_tensor, encode_tensor, make_server, node_stub, open_channel  # noqa: E402
 from mlx_kimi.checkpoint import INDEX_FILE, open_checkpoint  # noqa: E402
 from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
 from mlx_kimi.tiny import TinyShape, make_tiny  # noqa: E402
@@ -340,11 +345,52 @@ def measure_hop(cluster, model_hidden: int, calls: int, idle_s: float) -> dict:
     def handoff():
         worker.run(lambda: None)
 
+    tls = measure_tls(hidden, cluster.secret, calls)
+    rows["echo_plain"], rows["echo_tls"] = tls["plain"], tls["tls"]
     rows["encode"] = time_calls(encode, calls, warm)
     rows["decode"] = time_calls(decode, calls, warm)
     rows["handoff"] = time_calls(handoff, calls, warm)
     return {"rows": rows, "target": f"{target.name} ({target.address}, layers [{target.start}, {target.end}))",
             "answer": answer}
+
+
+class _Answerer(pb_grpc.NodeServicer):
+    """Answers every ForwardStream request at once: the transport alone."""
+
+    def ForwardStream(self, requests, context):
+        for r in requests:
+            yield pb.ForwardReply(seq=r.seq, sampled=True)
+
+
+def measure_tls(hidden: pb.Tensor, secret: bytes, calls: int) -> dict:
+    """µs per ForwardStream round trip of `hidden` to an in-process server, plaintext and mutual TLS,
+    measured in alternating batches so drift hits both alike. See the module docstring, item 4d."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain_server = grpc.server(ThreadPoolExecutor(4))
+    plain_port = plain_server.add_insecure_port("127.0.0.1:0")
+    tls_server, tls_port = make_server("127.0.0.1", 0, secret, "bench-answerer")
+    channels = {"plain": grpc.insecure_channel(f"127.0.0.1:{plain_port}", options=CHANNEL_OPTIONS),
+                "tls": open_channel(f"127.0.0.1:{tls_port}", secret)}
+    links, rows = {}, {"plain": [], "tls": []}
+    try:
+        for server in (plain_server, tls_server):
+            pb_grpc.add_NodeServicer_to_server(_Answerer(), server)
+            server.start()
+        for kind, channel in channels.items():
+            links[kind] = ForwardLink(node_stub(channel), kind, kind)
+        batch = 100
+        for _ in range(max(1, calls // batch)):
+            for kind, link in links.items():
+                rows[kind] += time_calls(lambda: link.call(pb.ForwardRequest(hidden=hidden), 10.0), batch, 10)
+    finally:
+        for link in links.values():
+            link.close()
+        for channel in channels.values():
+            channel.close()
+        plain_server.stop(None)
+        tls_server.stop(None)
+    return rows
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -533,8 +579,8 @@ def bench(args, work: Path, stack: ExitStack, began: float):
                       ("in estimate", "left")]:
         t2.add_column(col, justify=just)
     labels = {
-        "health": "Node.Health round trip, empty (floor of any authenticated unary gRPC call)",
-        "unary": "a unary Node.Forward call carrying it (a new signed, auth-checked call per token)",
+        "health": "Node.Health round trip, empty (floor of any unary gRPC call over mutual TLS)",
+        "unary": "a unary Node.Forward call carrying it (a new call per token on the open connection)",
         "forward": "round trip of one request carrying the hidden state on the stage's long-lived\n"
                    "ForwardStream (cluster.link.ForwardLink, as Node._call_next sends it), back to back:\n"
                    "sent, parsed, validated by check_tensor, rejected, the reply matched by seq",
@@ -543,10 +589,15 @@ def bench(args, work: Path, stack: ExitStack, began: float):
         "encode": "encode_tensor (sender), in process",
         "decode": "decode_tensor (receiver; its bf16 view is evaluated with the stage's graph), in process",
         "handoff": "hand-off to the node's MLX compute thread and back (ComputeWorker.run), in process",
+        "echo_plain": "ForwardStream round trip to an in-process server that answers at once: plaintext",
+        "echo_tls": "the same over the cluster's mutual TLS (what every real hop uses)",
     }
     used = {"forward": "yes", "encode": "yes", "decode": "yes", "handoff": "yes", "forward_idle": "idle est."}
-    for k in ("health", "unary", "forward", "forward_idle", "encode", "decode", "handoff"):
+    for k in ("health", "unary", "forward", "forward_idle", "encode", "decode", "handoff", "echo_plain", "echo_tls"):
         t2.add_row(labels[k], str(len(rows[k])), f"{med[k]:.1f}", f"{pct(rows[k], 0.9):.1f}", used.get(k, "no"))
+    tls_us = med["echo_tls"] - med["echo_plain"]
+    t2.add_row("TLS cost per hop (median TLS minus median plaintext; included in the Forward rows)", "",
+               f"{tls_us:.1f}", "", "no")
     t2.add_row("[bold]per-hop overhead estimate, back to back (sum of the medians marked yes)", "",
                f"[bold]{hop_us:.1f}", "", "")
     t2.add_row("per-hop overhead estimate after idle (Forward after idle + encode + decode + hand-off)", "",
@@ -564,6 +615,7 @@ def bench(args, work: Path, stack: ExitStack, began: float):
              for c in (2, 3)]
     parts.append(f"one-slice single process {ratios['slice']:.3f}x, eval once per token {ratios['sync']:.3f}x "
                  f"(graph building {build_ms:.1f} ms/token)")
+    parts.append(f"mutual TLS adds {tls_us:.0f} µs per hop ({med['echo_plain']:.0f} -> {med['echo_tls']:.0f} µs)")
     parts.append(f"per-hop overhead {hop_us:.0f} µs back to back (target <= {TARGET_HOP_US:.0f} µs: "
                  f"{verdict(hop_us <= TARGET_HOP_US)}), {hop_idle_us:.0f} µs after idle "
                  f"({verdict(hop_idle_us <= TARGET_HOP_US)})")
