@@ -1,5 +1,6 @@
 """`kimi-cluster convert`: official Kimi weights -> an MLX checkpoint sized for the cluster."""
 
+import argparse
 import time
 from pathlib import Path
 
@@ -7,21 +8,47 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .units import format_bytes, parse_size
+
 console = Console()
 
 
 def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert Moonshot's official weights (FP8, INT4 or bf16) to an MLX checkpoint")
-    p.add_argument("src", help="official checkpoint directory, or a repo id already in the Hugging Face cache")
-    p.add_argument("out", type=Path, help="output directory (a conversion interrupted there resumes)")
+    p.add_argument("src", help="official checkpoint directory, a repo id already in the Hugging Face cache, or "
+                               "(with --dry-run) a built-in model: kimi-k2, kimi-k2.5, kimi-k2.6")
+    p.add_argument("out", type=Path, nargs="?", help="output directory (a conversion interrupted there resumes)")
     p.add_argument("--expert-bits", type=int, default=2, help="routed-expert bits (default 2)")
     p.add_argument("--other-bits", type=int, default=4, help="bits of every other linear (default 4)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
     p.add_argument("--recipe", metavar="NAME", help="one of mlx-lm's mixed recipes: mixed_2_6, mixed_3_4, ...")
+    p.add_argument("--fit", metavar="NxSIZE",
+                   help="choose bits per module to fit these Macs with the KV cache for --context, e.g. 2x192GB "
+                        "(or 192GB+128GB)")
+    p.add_argument("--wired-limit-mb", type=int,
+                   help="with --fit: the GPU wired limit set on every Mac (default: macOS's 75%% of memory)")
+    p.add_argument("--budget", type=_size, help="choose bits per module so the weights take at most this, e.g. 350GB")
+    p.add_argument("--context", type=int, default=32768, help="with --fit: tokens of KV cache to leave room for")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of unquantized weights, scales and biases (default bfloat16)")
     p.add_argument("--dry-run", action="store_true", help="print the recipe and predicted size only")
     p.set_defaults(func=cmd_convert)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def parse_fit(text: str) -> list:
+    """"2x192GB" or "192GB+128GB" -> the Macs' memory sizes in bytes."""
+    sizes = []
+    for term in text.split("+"):
+        count, _, size = term.strip().rpartition("x")
+        sizes += [_size(size)] * (int(count) if count else 1)
+    return sizes
 
 
 def resolve_source(src: str) -> Path:
@@ -64,15 +91,93 @@ def print_recipe(title: str, parts: dict, dtype) -> int:
     return total
 
 
-def cmd_convert(args) -> None:
-    from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
+def mac_nodes(totals: list, wired_limit_mb=None) -> list:
+    """NodeCapacity of each Mac, as `kimi-cluster plan --node SIZE` counts it."""
+    from .planner import NodeCapacity, mac_default_usable_bytes, usable_from_wired_limit_mb
 
-    source = open_source(resolve_source(args.src))
-    name, recipe = _recipe(args, source.config)
-    parts = plan_targets(source, recipe)
-    check_source(source, parts)
-    total = print_recipe(f"{source.path.name} -> {args.out} ({name}, {args.dtype})", parts, OUTPUT_DTYPES[args.dtype])
-    console.print(f"predicted size: {total:,} bytes ({total / 1e9:.2f} GB)")
+    nodes = []
+    for i, total in enumerate(totals, 1):
+        usable = usable_from_wired_limit_mb(wired_limit_mb) if wired_limit_mb else mac_default_usable_bytes(total)
+        nodes.append(NodeCapacity(f"mac{i}", usable, total_bytes=total,
+                                  wired_limit_bytes=wired_limit_mb * 2**20 if wired_limit_mb else None))
+    return nodes
+
+
+def part_sizes(parts: dict, dtype):
+    from mlx_kimi.checkpoint import SizeReport
+    from mlx_kimi.convert import shard_bytes
+
+    layers = sorted(p for p in parts if isinstance(p, int))
+    return SizeReport([shard_bytes(parts[i], dtype) for i in layers], shard_bytes(parts["embed"], dtype),
+                      shard_bytes(parts["head"], dtype))
+
+
+def fit_to_cluster(parts: dict, config: dict, nodes: list, context: int, dtype, errors):
+    """The best --fit recipe whose shards the planner places on `nodes` with `context` tokens of
+    KV cache: start from all usable memory less KV and scratch, and shrink the budget by what
+    the planner says is missing until it fits."""
+    from mlx_kimi.checkpoint import text_config
+    from mlx_kimi.recipe import apply_choice, fit
+
+    from .planner import kv_cache_bytes, plan_partition, prefill_scratch_bytes, sizes_for_model
+
+    def model_sizes(report):
+        return sizes_for_model(report.layer_bytes, report.embed_bytes, report.head_bytes, text_config(config))
+
+    probe = model_sizes(part_sizes(parts, dtype))
+    budget = (sum(n.usable_bytes for n in nodes) - kv_cache_bytes(probe, probe.num_layers, context)
+              - len(nodes) * prefill_scratch_bytes(probe, context, 2048))
+    for _ in range(50):
+        result = fit(parts, budget, dtype, errors)
+        plan = plan_partition(model_sizes(part_sizes(apply_choice(parts, result.choice), dtype)), nodes, context)
+        if plan.feasible:
+            return result, plan
+        budget -= max(plan.shortfall_bytes, budget // 200)
+    raise ValueError("no recipe fits these Macs; add a Mac, raise the wired limit, or lower --context")
+
+
+def cmd_convert(args) -> None:
+    from mlx_kimi.builtin import BUILTIN_MODELS
+    from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
+    from mlx_kimi.recipe import apply_choice, fit, measured_errors, synthetic_errors
+
+    dtype = OUTPUT_DTYPES[args.dtype]
+    if args.out is None and not args.dry_run:
+        raise ValueError("convert needs an output directory (or --dry-run)")
+    if args.src in BUILTIN_MODELS:
+        if not args.dry_run:
+            raise ValueError(f"{args.src} is a built-in description without weights: add --dry-run, or give "
+                             "the directory of the official checkpoint")
+        source, config = None, BUILTIN_MODELS[args.src]
+        table = synthetic_errors()
+        errors, title = (lambda target: table), args.src
+    else:
+        source = open_source(resolve_source(args.src))
+        config, title = source.config, source.path.name
+        errors = lambda target: measured_errors(source, target)  # noqa: E731
+    if args.fit or args.budget:
+        parts = plan_targets(config, lambda name, module: False)
+        if args.fit:
+            nodes = mac_nodes(parse_fit(args.fit), args.wired_limit_mb)
+            result, plan = fit_to_cluster(parts, config, nodes, args.context, dtype, errors)
+        else:
+            result, plan = fit(parts, args.budget, dtype, errors), None
+        parts, name = apply_choice(parts, result.choice), f"fit: measured error {result.error:.4g}"
+        recipe = result.recipe
+    else:
+        name, recipe = _recipe(args, config)
+        parts, plan = plan_targets(config, recipe), None
+    if source is not None:
+        check_source(source, parts)
+    total = print_recipe(f"{title} -> {args.out} ({name}, {args.dtype})", parts, dtype)
+    console.print(f"predicted size: {total:,} bytes ({format_bytes(total)})")
+    if plan is not None:
+        wired = f"wired limit {args.wired_limit_mb} MB" if args.wired_limit_mb else "default wired limit (75%)"
+        console.print(f"fits {args.fit} at the {wired} with {args.context:,} tokens of context:")
+        for st in plan.stages:
+            console.print(f"  {st.node}: layers {st.start}-{st.end - 1}, weights {format_bytes(st.weight_bytes)}, "
+                          f"KV {format_bytes(st.kv_bytes)}, scratch {format_bytes(st.scratch_bytes)}, "
+                          f"free {format_bytes(st.free_bytes)}")
     if args.dry_run:
         return
     start = time.monotonic()

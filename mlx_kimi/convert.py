@@ -158,6 +158,7 @@ class Target:
     sources: list  # source tensor names, one per stacked expert
     quant: Optional[dict] = None  # {"bits", "group_size"} or None to keep it in float
     split: Optional[str] = None  # "k" / "v": half of kv_b_proj
+    quantizable: bool = False  # the weight of a module mlx-lm can quantize
 
     @property
     def module(self) -> str:
@@ -176,20 +177,22 @@ class Target:
                 (f"{self.module}.biases", _MX_NAMES[dtype], lead + (cols // group,))]
 
 
-def plan_targets(source: Source, recipe: Callable) -> dict:
-    """part ("embed", layer index, "head") -> its Targets, from mlx-lm's own modules; `recipe(name,
-    module)` gives each quantizable module's {"bits", "group_size"} or False."""
-    text = source.text
+def plan_targets(config: dict, recipe: Callable) -> dict:
+    """part ("embed", layer index, "head") -> its Targets, from mlx-lm's own modules built (lazily)
+    from `config`; `recipe(name, module)` gives each quantizable module's {"bits", "group_size"}
+    or False."""
+    text = text_config(config)
     layers = LayerRange(0, text["num_hidden_layers"])
-    module = build_slice_module(source.config, layers)
-    prefix = source.prefix
+    module = build_slice_module(config, layers)
+    prefix = weight_prefix(config)
     modules = dict(tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module))
     parts = {}
     for name, value in tree_flatten(module.parameters()):
         owner = name.rsplit(".", 1)[0]
         m = modules.get(owner)
-        quant = recipe(owner, m) if m is not None and hasattr(m, "to_quantized") and name.endswith(".weight") else False
-        target = Target(name, tuple(value.shape), [name], quant or None)
+        quantizable = m is not None and hasattr(m, "to_quantized") and name.endswith(".weight")
+        target = Target(name, tuple(value.shape), [name], (recipe(owner, m) or None) if quantizable else None,
+                        quantizable=quantizable)
         rest = name[len(prefix):]
         if ".mlp.switch_mlp." in rest:
             base = name.replace(".switch_mlp.", ".experts.{}.")
@@ -393,10 +396,10 @@ def output_config(source: Source, parts: dict, dtype_name: str) -> dict:
     entries = {}
     for targets in parts.values():
         for t in targets:
-            if t.name.endswith(".weight") and t.quant is not None:
-                entries[t.module] = {"group_size": t.quant["group_size"], "bits": t.quant["bits"]}
+            if t.quantizable:
+                entries[t.module] = {"group_size": t.quant["group_size"], "bits": t.quant["bits"]} if t.quant else False
     counts = {}
-    for e in entries.values():
+    for e in filter(None, entries.values()):
         counts[(e["group_size"], e["bits"])] = counts.get((e["group_size"], e["bits"]), 0) + 1
     group, bits = max(counts, key=counts.get) if counts else (64, 4)
     quantization = {"group_size": group, "bits": bits, **dict(sorted(entries.items()))}
@@ -404,10 +407,6 @@ def output_config(source: Source, parts: dict, dtype_name: str) -> dict:
     config["quantization_config"] = quantization
     text_config(config)["torch_dtype"] = dtype_name
     return config
-
-
-def quantizable_modules(parts: dict) -> list:
-    return [t for targets in parts.values() for t in targets if t.name.endswith(".weight")]
 
 
 @dataclass
@@ -444,7 +443,7 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
         raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     mx_dtype = OUTPUT_DTYPES[dtype]
     source = open_source(src)
-    parts = plan_targets(source, recipe)
+    parts = plan_targets(source.config, recipe)
     check_source(source, parts)
     names = shard_names(parts)
     config = output_config(source, parts, dtype)

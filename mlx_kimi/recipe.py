@@ -4,12 +4,19 @@ A recipe is a function (module name, module) -> {"bits", "group_size"} or False 
 float), the predicate mlx-lm's own quantization takes.
 """
 
+import dataclasses
+import heapq
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
 from mlx_lm.utils import _get_classes
 
+from .checkpoint import DTYPE_BYTES
 from .spec import QuantScheme
 
 
@@ -44,3 +51,134 @@ def bits_histogram(targets: list) -> dict:
             n *= d
         counts[f"{t.quant['bits']}-bit g{t.quant['group_size']}" if t.quant else "float"] += n
     return dict(sorted(counts.items()))
+
+
+# --- --fit: bits per module chosen by measured error reduction per byte --------------------------
+
+# (bits, group size) a module may get, and None: kept in float.
+CANDIDATES = ((2, 64), (2, 32), (3, 64), (3, 32), (4, 64), (4, 32), (5, 64), (6, 64), (8, 64), None)
+SAMPLE_ROWS = 256  # rows of each weight (of each of a few experts) the error is measured on
+SAMPLE_EXPERTS = 4
+
+
+def _quant(candidate):
+    return None if candidate is None else {"bits": candidate[0], "group_size": candidate[1]}
+
+
+def target_bytes(target, candidate, dtype) -> int:
+    outputs = dataclasses.replace(target, quant=_quant(candidate)).outputs(dtype)
+    return sum(int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[d] for _, d, shape in outputs)
+
+
+def relative_error(w: mx.array, candidate) -> float:
+    """||W - dequantize(quantize(W))||^2 / ||W||^2 (0 for float)."""
+    if candidate is None:
+        return 0.0
+    bits, group = candidate
+    w = w.astype(mx.float32)
+    q = mx.dequantize(*mx.quantize(w, group_size=group, bits=bits), group_size=group, bits=bits)
+    return float(((w - q) ** 2).sum() / mx.maximum((w ** 2).sum(), 1e-30))
+
+
+def synthetic_errors() -> dict:
+    """Relative error per candidate on weights drawn like trained ones (official.draw_weight:
+    fan-in scaled, 2% outlier channels): the estimate when there are no weights to measure."""
+    from .official import draw_weight
+
+    w = mx.array(draw_weight("w", (SAMPLE_ROWS, 2048), np.random.default_rng(0), 1.0))
+    return {c: relative_error(w, c) for c in CANDIDATES}
+
+
+def measured_errors(source, target) -> dict:
+    """Relative error per candidate on the target's own weights (a sample of rows and experts);
+    a native INT4 source is exact at 4-bit group 32 and gains nothing above it."""
+    from .convert import _native_int4, decode_rows, source_rows
+
+    experts = target.sources
+    if len(experts) > SAMPLE_EXPERTS:
+        experts = [experts[i] for i in np.linspace(0, len(experts) - 1, SAMPLE_EXPERTS).astype(int)]
+    if target.split:
+        w = decode_rows(source, experts[0], 0, source_rows(source, experts[0]))
+    else:
+        w = mx.concatenate([decode_rows(source, n, 0, min(SAMPLE_ROWS, source_rows(source, n))) for n in experts])
+    if _native_int4(source, experts[0], {"bits": 4, "group_size": 32}):
+        return {c: (0.0 if c == (4, 32) else relative_error(w, c)) for c in CANDIDATES
+                if c is not None and c[0] <= 4}
+    return {c: relative_error(w, c) for c in CANDIDATES}
+
+
+def importance(name: str, num_layers: int) -> float:
+    """Weight of a module's error: mlx-lm's mixed recipes keep the first and last eighth of the
+    layers and lm_head higher; we count their errors twice."""
+    if name.endswith("lm_head.weight"):
+        return 2.0
+    parts = name.split(".layers.")
+    if len(parts) == 2:
+        layer = int(parts[1].split(".")[0])
+        if layer < num_layers // 8 or layer >= 7 * num_layers // 8:
+            return 2.0
+    return 1.0
+
+
+@dataclass
+class FitResult:
+    choice: dict  # module name -> {"bits", "group_size"} or None
+    total_bytes: int
+    error: float  # sum of importance x relative error over the modules
+
+    def recipe(self, name, module):
+        return self.choice.get(name) or False
+
+
+def fit(parts: dict, budget_bytes: int, dtype, errors: Callable) -> FitResult:
+    """Start every quantizable module at its cheapest candidate, then repeatedly take the upgrade
+    with the largest error reduction per added byte that still fits the budget. `errors(target)`
+    gives {candidate: relative error}."""
+    num_layers = sum(1 for p in parts if isinstance(p, int))
+    fixed, options = 0, {}
+    for targets in parts.values():
+        for t in targets:
+            if not t.quantizable:
+                fixed += target_bytes(t, None, dtype)
+                continue
+            weight = importance(t.name, num_layers)
+            cands = [(target_bytes(t, c, dtype), weight * e, c) for c, e in errors(t).items()
+                     if c is None or t.shape[-1] % c[1] == 0]
+            options[t.module] = sorted(cands, key=lambda x: (x[0], x[1]))
+    current = {m: 0 for m in options}
+    total = fixed + sum(opts[0][0] for opts in options.values())
+    if total > budget_bytes:
+        raise ValueError(f"even every module at its fewest bits needs {total:,} bytes, over the budget of "
+                         f"{budget_bytes:,}")
+
+    def best_upgrade(m):
+        opts, i = options[m], current[m]
+        best = None
+        for j in range(i + 1, len(opts)):
+            added, gain = opts[j][0] - opts[i][0], opts[i][1] - opts[j][1]
+            if gain > 0 and added > 0 and total + added <= budget_bytes:
+                if best is None or gain / added > best[0]:
+                    best = (gain / added, j)
+        return best
+
+    heap = [(-b[0], m, b[1]) for m in options if (b := best_upgrade(m))]
+    heapq.heapify(heap)
+    while heap:
+        _, m, j = heapq.heappop(heap)
+        added = options[m][j][0] - options[m][current[m]][0]
+        if total + added > budget_bytes:
+            if b := best_upgrade(m):
+                heapq.heappush(heap, (-b[0], m, b[1]))
+            continue
+        total += added
+        current[m] = j
+        if b := best_upgrade(m):
+            heapq.heappush(heap, (-b[0], m, b[1]))
+    choice = {m: _quant(options[m][i][2]) for m, i in current.items()}
+    return FitResult(choice, total, sum(options[m][i][1] for m, i in current.items()))
+
+
+def apply_choice(parts: dict, choice: dict) -> dict:
+    """The plan's targets with each quantizable module's bits from `choice` (module -> quant or None)."""
+    return {part: [dataclasses.replace(t, quant=choice.get(t.module)) if t.quantizable else t for t in targets]
+            for part, targets in parts.items()}
