@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 
 import grpc
 
@@ -34,6 +35,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, local: NodeService, model_path: str, secret: bytes, peers: list[str],
                  context: int = 32768, min_nodes: int | None = None, zeroconf=None):
         self.local, self.context, self.min_nodes = local, context, min_nodes
+        self.id = uuid.uuid4().hex  # this process's identity: nodes it loads free a predecessor's sessions
         self.checkpoint = open_checkpoint(model_path)
         self.sizes = checkpoint_sizes(self.checkpoint)
         self.prefill_chunk = prefill_chunk(self.sizes)
@@ -100,7 +102,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 m.status = "loading" if m in self.chain else "spare"
 
     def _load(self, index: int, drop_sessions: bool = False) -> bool:
-        request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, drop_sessions)
+        request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, self.id,
+                               drop_sessions)
         if error := load_member(self.chain[index], request, self.on_load_progress):
             self.message = error
             return False
@@ -151,11 +154,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     # ---- generation ------------------------------------------------------------------------
 
-    def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None):
+    def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
+                 deadline: float | None = None):
         """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline)
 
     def prompt_tokens(self, request: pb.GenerateRequest) -> list:
         if request.prompt_tokens:
@@ -190,7 +194,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             eos = self.tokenizer.eos_token_ids
             count, first_at, finish = 0, None, "length"
             stats = {}
-            for token, logprob in self.generate(prompt, max_tokens, request.sampling, stats):
+            left = context.time_remaining()  # the client's deadline, if it set one
+            deadline = time.monotonic() + left if left is not None and left < 1e6 else None
+            for token, logprob in self.generate(prompt, max_tokens, request.sampling, stats, deadline):
                 if not context.is_active():
                     stats["cancelled"] = True
                     return

@@ -37,6 +37,13 @@ class StageError(Exception):
         return cls(_STATUS.get(f.code, grpc.StatusCode.UNKNOWN), f.message, f.node)
 
 
+def reply_of(reply: pb.ForwardReply) -> pb.ForwardReply:
+    """The reply, or the StageError it carries."""
+    if reply.HasField("failure"):
+        raise StageError.from_failure(reply.failure)
+    return reply
+
+
 class ForwardLink:
     """A ForwardStream to one node, opened on first use and again after it broke."""
 
@@ -48,9 +55,9 @@ class ForwardLink:
         self._pending: dict[int, Future] = {}  # the open stream's requests awaiting replies
         self._seq = itertools.count(1)
 
-    def call(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardReply:
-        """Send `request` and wait up to `timeout` seconds for its reply; StageError naming the
-        node at fault when it failed, is unreachable or did not answer in time."""
+    def send(self, request: pb.ForwardRequest, timeout: float) -> Future:
+        """Send `request`, telling the node we wait `timeout` seconds; the reply's Future (it
+        fails with StageError naming the node at fault when the node or the stream fails)."""
         future = Future()
         with self._lock:
             if self._outbox is None:
@@ -59,16 +66,24 @@ class ForwardLink:
             pending[seq] = future
         request.seq, request.time_left_s = seq, timeout
         outbox.put(request)
+        future.add_done_callback(lambda _: self._forget(pending, seq))
+        return future
+
+    def call(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardReply:
+        """Send `request` and wait up to `timeout` seconds for its reply; StageError naming the
+        node at fault when it failed or is unreachable, DEADLINE_EXCEEDED when it did not answer
+        in time (a busy node is not a lost one)."""
+        future = self.send(request, timeout)
         try:
-            reply = future.result(timeout)
+            return reply_of(future.result(timeout))
         except FutureTimeout:
-            with self._lock:
-                pending.pop(seq, None)
-            raise StageError(grpc.StatusCode.UNAVAILABLE,
+            future.cancel()
+            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"node {self.name} ({self.address}) did not answer within {timeout:.1f} s", self.name)
-        if reply.HasField("failure"):
-            raise StageError.from_failure(reply.failure)
-        return reply
+
+    def _forget(self, pending: dict, seq: int):
+        with self._lock:
+            pending.pop(seq, None)
 
     def close(self):
         with self._lock:
@@ -95,7 +110,7 @@ class ForwardLink:
             for reply in call:
                 with self._lock:
                     future = pending.pop(reply.seq, None)
-                if future is not None:
+                if future is not None and future.set_running_or_notify_cancel():  # not given up on
                     future.set_result(reply)
             error = StageError(grpc.StatusCode.UNAVAILABLE, f"node {self.name} ({self.address}) ended the stream",
                                self.name)
@@ -108,7 +123,8 @@ class ForwardLink:
             pending.clear()
         outbox.put(None)
         for future in failed:
-            future.set_exception(error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
     def _error(self, e: grpc.RpcError) -> StageError:
         named = failed_node(e)

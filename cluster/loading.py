@@ -40,7 +40,7 @@ def plan_for(sizes: ModelSizes, present: list, context: int, chunk: int) -> Plan
     return plan_partition(sizes, nodes, context=allocated, prefill_chunk=chunk)
 
 
-def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: str,
+def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: str, coordinator_id: str,
                  drop_sessions: bool = False) -> pb.LoadRequest:
     stage = plan.stages[index]
     after = chain[index + 1] if index + 1 < len(chain) else None
@@ -49,7 +49,7 @@ def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: s
         start=stage.start, end=stage.end,
         kv_budget_bytes=max(0, stage.usable_bytes - stage.weight_bytes - stage.scratch_bytes),
         next_address=after.address if after else "", next_name=after.name if after else "",
-        coordinator=coordinator, drop_sessions=drop_sessions,
+        coordinator=coordinator, coordinator_id=coordinator_id, drop_sessions=drop_sessions,
     )
 
 

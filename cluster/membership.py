@@ -8,7 +8,7 @@ again (or restarts under the same name on a new address) is handed back to be lo
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -23,6 +23,11 @@ log = logging.getLogger("kimi_cluster.membership")
 MDNS_QUIET_S = 5.0          # alone this long while browsing: say what may hide the other nodes
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
+# Busy is not dead: health is answered off the compute thread, so a node is lost only when its
+# link is gone (the call fails at once), when it answers nothing for LOST_AFTER_S (a stopped or
+# wedged process), or when one compute job has run for STALL_S (it stopped making progress).
+LOST_AFTER_S = 6.0
+STALL_S = 120.0
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Member:
     info: pb.NodeInfo | None = None
     status: str = "waiting"  # waiting, loading, ready, lost, failed, spare
     link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
+    heard: float = field(default_factory=time.monotonic)  # its last health answer
 
     @property
     def name(self) -> str:
@@ -43,6 +49,7 @@ class Member:
         """Ask the node for its NodeInfo; whether it answered."""
         try:
             self.info = self.stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
+            self.heard = time.monotonic()
             return True
         except grpc.RpcError:
             return False
@@ -141,14 +148,24 @@ class Membership:
         return changed
 
     def watch(self, stop: threading.Event, on_back):
-        """Health-check the chain each second until `stop`; a node that stops answering goes to
-        `on_lost`, one that answers again (or lost its slice) to `on_back(index, member)`."""
+        """Health-check the chain each second until `stop`; a node that is gone or stalled (see
+        LOST_AFTER_S) goes to `on_lost`, one that answers again (or lost its slice) to
+        `on_back(index, member)`."""
         while not stop.wait(HEALTH_INTERVAL_S):
             for i, member in enumerate(list(self.chain)):
                 try:
                     health = member.stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
-                except grpc.RpcError:
+                except grpc.RpcError as e:
+                    silent = time.monotonic() - member.heard
+                    if member.status != "lost" and (e.code() == grpc.StatusCode.UNAVAILABLE or silent > LOST_AFTER_S):
+                        log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, e.details(), silent)
+                        self.on_lost(member.name)
+                    continue
+                member.heard = time.monotonic()
+                if health.busy_s > STALL_S:
                     if member.status != "lost":
+                        log.warning("%s: one compute job has run %.0f s; it stopped making progress",
+                                    member.name, health.busy_s)
                         self.on_lost(member.name)
                     continue
                 if member.status == "lost" or (member.status == "ready" and not health.loaded):

@@ -39,16 +39,28 @@ class ComputeWorker:
 
     def __init__(self):
         self._jobs = queue.Queue()
+        self.busy_since: float | None = None  # when the running job started (None: idle)
         threading.Thread(target=self._loop, name="mlx-compute", daemon=True).start()
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def busy_s(self) -> float:
+        since = self.busy_since
+        return time.monotonic() - since if since is not None else 0.0
 
     def _loop(self):
         while True:
             fn, future = self._jobs.get()
             if future.set_running_or_notify_cancel():
+                self.busy_since = time.monotonic()
                 try:
                     future.set_result(fn())
                 except BaseException as e:  # handed to the waiting thread
                     future.set_exception(e)
+                finally:
+                    self.busy_since = None
 
     def submit(self, fn) -> Future:
         future = Future()
@@ -74,14 +86,17 @@ class Session:
     sampler: object = None
     rng_seed: int = 0  # the session's random key, as a seed (see _key_seed)
 
-    def sample(self, logprobs: mx.array, params: pb.SamplingParams) -> mx.array:
+    def sample(self, logprobs: mx.array, params: pb.SamplingParams, rng_state: int | None = None) -> mx.array:
         """Sample like mlx-lm's generate after mx.random.seed(seed), but with this session's own
-        random key, so concurrent sessions never disturb each other's draws."""
+        random key, so concurrent sessions never disturb each other's draws. `rng_state` replaces
+        that key (a session replayed elsewhere draws on where it stopped)."""
         if self.sampler is None:
             self.sampler = make_sampler(
                 params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k
             )
             self.rng_seed = params.seed if params.HasField("seed") else _key_seed(mx.random.key(time.time_ns()))
+        if rng_state is not None:
+            self.rng_seed = rng_state
         mx.random.seed(self.rng_seed)
         token = self.sampler(logprobs)
         mx.eval(token)
@@ -116,6 +131,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.machine, self.secret = machine, secret
         self.session_ttl_s = session_ttl_s
         self.coordinator_address = ""
+        self.coordinator_id = ""  # the coordinator process that loaded this node last
         self.is_coordinator = False
         self.worker = ComputeWorker()
         self.stage: LocalStage | None = None
@@ -193,6 +209,11 @@ class NodeService(pb_grpc.NodeServicer):
         layers = LayerRange(request.start, request.end)
         self.coordinator_address = request.coordinator or self.coordinator_address
         with self._lock:
+            if request.coordinator_id != self.coordinator_id:
+                if self.sessions:
+                    log.info("freeing %d sessions of a previous coordinator", len(self.sessions))
+                    self.sessions.clear()
+                self.coordinator_id = request.coordinator_id
             stage = self.stage
             if stage and stage.model_id == request.model_id and stage.slice.layers == layers:
                 # Already holds this slice: only the next stage or the budget changed.
@@ -319,9 +340,10 @@ class NodeService(pb_grpc.NodeServicer):
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if request.new_generation:
             session.sampler = None
-        token = session.sample(logprobs, request.sampling)
+        token = session.sample(logprobs, request.sampling,
+                               request.rng_state if request.HasField("rng_state") else None)
         tok = token.item()
-        return pb.ForwardReply(sampled=True, token=tok, logprob=logprobs[0, tok].item())
+        return pb.ForwardReply(sampled=True, token=tok, logprob=logprobs[0, tok].item(), rng_state=session.rng_seed)
 
     def forward(self, request: pb.ForwardRequest, time_left: float | None) -> pb.ForwardReply:
         stage = self.stage
@@ -348,6 +370,8 @@ class NodeService(pb_grpc.NodeServicer):
             session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
             sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
         )
+        if request.HasField("rng_state"):
+            onward.rng_state = request.rng_state
         timeout = (time_left if time_left is not None else DEFAULT_TIMEOUT_S) - HOP_MARGIN_S
         return stage.next_link.call(onward, max(timeout, 0.1))
 
@@ -373,7 +397,8 @@ class NodeService(pb_grpc.NodeServicer):
         with self._lock:
             return pb.HealthReply(node_id=self.node_id, loaded=self.stage is not None,
                                   sessions=len(self.sessions),
-                                  kv_bytes=sum(s.reserved_bytes for s in self.sessions.values()))
+                                  kv_bytes=sum(s.reserved_bytes for s in self.sessions.values()),
+                                  queued=self.worker.queued, busy_s=self.worker.busy_s())
 
     def Release(self, request, context):
         return self.release(request.session_id)

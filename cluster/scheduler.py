@@ -6,18 +6,24 @@ reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn
 """
 
 import logging
+import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
 from .generated import kimi_cluster_pb2 as pb
-from .link import ForwardLink, StageError
+from .link import ForwardLink, StageError, reply_of
 from .prompt_cache import CachedSession
 
 log = logging.getLogger("kimi_cluster.scheduler")
 
-DECODE_TIMEOUT_S = 8.0       # a node silent this long during a step is reported as lost
-PREFILL_S_PER_TOKEN = 0.01   # extra time allowed per prompt token of a chunk
+# A step waits for its reply as long as every node of the chain is alive (membership.py decides,
+# from health, never from how long a busy node takes), or until the client's deadline.
+WAIT_SLICE_S = 0.25          # how often a waiting step looks at the chain's health
+HOP_WAIT_S = 600.0           # what a stage waits on the next one when the client set no deadline
+LOCAL_WORKERS = 16           # steps in flight at once through this process's own first stage
 
 
 class GenerateError(Exception):
@@ -44,26 +50,51 @@ class Scheduler:
     def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost):
         self.local, self.membership, self.sessions = local, membership, sessions
         self.prefill_chunk = prefill_chunk
-        self.on_lost = on_lost  # (node name) a node did not answer
+        self.on_lost = on_lost  # (node name) a node's link broke
+        self._local_steps = ThreadPoolExecutor(LOCAL_WORKERS, thread_name_prefix="local-step")
 
-    def _forward(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardReply:
-        first = self.membership.chain[0]
+    def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
+        first = chain[0]
         if first.address == self.local.address:
-            return self.local.forward(request, timeout)
+            return self._local_steps.submit(self.local.forward, request, timeout)
         if first.link is None or first.link.address != first.address:
             if first.link:
                 first.link.close()
             first.link = ForwardLink(first.stub, first.name, first.address)
-        return first.link.call(request, timeout)
+        return first.link.send(request, timeout)
 
-    def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None):
+    def _forward(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardReply:
+        """Run one step through the chain; StageError when a node of it is lost or fails, or
+        when the client's `deadline` (time.monotonic()) passes first."""
+        chain = list(self.membership.chain)
+        timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
+        future = self._send(chain, request, max(timeout, 0.1))
+        while True:
+            try:
+                return reply_of(future.result(WAIT_SLICE_S))
+            except FutureTimeout:
+                pass
+            if lost := next((m for m in chain if m.status in ("lost", "failed")), None):
+                future.cancel()
+                raise StageError(grpc.StatusCode.UNAVAILABLE, f"node {lost.name} ({lost.address}) was lost",
+                                 lost.name)
+            if deadline and time.monotonic() > deadline:
+                future.cancel()
+                raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 "the request's deadline passed while the cluster was busy; "
+                                 "give it more time, or retry when fewer requests run")
+
+    def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
+                 deadline: float | None = None):
         """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
         then the last prompt token, then one token at a time.
 
         When `prompt` continues a cached conversation (prompt_cache.pick_reusable), the nodes'
         caches for the shared prefix are reused and only the rest is prefilled; afterwards the
         session stays cached for the next turn unless `stats["cancelled"]` is set (a client that
-        went away). `stats` receives the session id and the number of cached prompt tokens."""
+        went away). `stats` receives the session id and the number of cached prompt tokens.
+        `deadline` (time.monotonic()) bounds the whole request; without one it runs as long as
+        the chain is alive."""
         stats = {} if stats is None else stats
         session_id, cached = self.sessions.claim(prompt)
         stats.update(session_id=session_id, cached_tokens=cached)
@@ -74,10 +105,9 @@ class Scheduler:
             request = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
                                         offset=offset, sample=sample, new_generation=new_generation)
             request.tokens.extend(tokens)
-            timeout = DECODE_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(tokens)
             while True:
                 try:
-                    return self._forward(request, timeout)
+                    return self._forward(request, deadline)
                 except StageError as e:
                     if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.sessions.evict_one():
                         continue  # retrying is safe: every stage trims back to `offset`

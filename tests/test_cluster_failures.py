@@ -244,3 +244,43 @@ def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_id
         released = node.Release(pb.ReleaseRequest(session_id="holder"), timeout=10)
         assert released.found and released.freed_bytes == one
         assert held() == (1, short)
+
+
+def test_paused_node_is_busy_not_lost_and_a_new_coordinator_frees_orphans(tmp_path, tiny_dir, oracle,
+                                                                          chat_prompt_ids):
+    """A node paused for 3 s (SIGSTOP: a busy or briefly sleeping machine) costs a pause, not the
+    reply: the generation finishes with the oracle's tokens and the node is never marked lost.
+    Then the coordinator dies with a session cached on the peer; its successor frees that orphan
+    as soon as it loads the peer, instead of after the session TTL."""
+    expected = oracle_reply(oracle, chat_prompt_ids, GREEDY_TOKENS * 4)
+    peer = start_node(tmp_path, "peer1", "1GB")
+    coordinator = start_node(tmp_path, "coord", "1GB", model=tiny_dir, peers=[peer.address])
+    try:
+        coordinator.wait_for("cluster ready")
+        client = coordinator_stub(open_channel(coordinator.address, TEST_SECRET.encode()))
+        peer_stub = node_stub(open_channel(peer.address, TEST_SECRET.encode()))
+        request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=len(expected))
+        ids = []
+        for event in client.Generate(request, timeout=120):
+            if event.HasField("token") and event.token.id >= 0:
+                ids.append(event.token.id)
+                if len(ids) == 5:
+                    peer.kill(signal.SIGSTOP)
+                    time.sleep(3.0)  # the pause under test
+                    peer.kill(signal.SIGCONT)
+        assert ids == expected
+        assert "lost node" not in coordinator.log()
+        assert peer_stub.Health(pb.HealthRequest(), timeout=10).sessions == 1  # cached for a next turn
+
+        coordinator.kill(signal.SIGKILL)
+        successor = start_node(tmp_path, "coord2", "1GB", model=tiny_dir, peers=[peer.address])
+        try:
+            successor.wait_for("cluster ready")
+            assert peer_stub.Health(pb.HealthRequest(), timeout=10).sessions == 0
+            assert "freeing 1 sessions of a previous coordinator" in peer.log()
+        finally:
+            successor.kill()
+    finally:
+        peer.kill(signal.SIGCONT)
+        peer.kill()
+        coordinator.kill()

@@ -83,7 +83,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., chip: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., loaded: _Optional[_Union[LoadedSlice, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., is_coordinator: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources")
+    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources", "coordinator_id")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class LoadRequest(_message.Message):
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     DROP_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_id: str
     start: int
@@ -104,7 +105,8 @@ class LoadRequest(_message.Message):
     coordinator: str
     drop_sessions: bool
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    coordinator_id: str
+    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "message", "done", "phase")
@@ -205,7 +207,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s")
+    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +218,7 @@ class ForwardRequest(_message.Message):
     NEW_GENERATION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_LEFT_S_FIELD_NUMBER: _ClassVar[int]
+    RNG_STATE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -226,21 +229,24 @@ class ForwardRequest(_message.Message):
     new_generation: bool
     seq: int
     time_left_s: float
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ...) -> None: ...
+    rng_state: int
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("sampled", "token", "logprob", "seq", "failure")
+    __slots__ = ("sampled", "token", "logprob", "seq", "failure", "rng_state")
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    RNG_STATE_FIELD_NUMBER: _ClassVar[int]
     sampled: bool
     token: int
     logprob: float
     seq: int
     failure: StageFailure
-    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ...) -> None: ...
+    rng_state: int
+    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ..., rng_state: _Optional[int] = ...) -> None: ...
 
 class StageFailure(_message.Message):
     __slots__ = ("code", "message", "node")
@@ -271,16 +277,20 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes")
+    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     loaded: bool
     sessions: int
     kv_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    queued: int
+    busy_s: float
+    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling")
