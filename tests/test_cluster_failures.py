@@ -257,8 +257,8 @@ def test_paused_node_is_busy_not_lost_and_a_new_coordinator_frees_orphans(tmp_pa
     coordinator = start_node(tmp_path, "coord", "1GB", model=tiny_dir, peers=[peer.address])
     try:
         coordinator.wait_for("cluster ready")
-        client = coordinator_stub(open_channel(coordinator.address, TEST_SECRET.encode()))
-        peer_stub = node_stub(open_channel(peer.address, TEST_SECRET.encode()))
+        client = coordinator_stub(open_channel(coordinator.address, bytes.fromhex(TEST_SECRET)))
+        peer_stub = node_stub(open_channel(peer.address, bytes.fromhex(TEST_SECRET)))
         request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=len(expected))
         ids = []
         for event in client.Generate(request, timeout=120):
