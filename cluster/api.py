@@ -247,7 +247,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
                     stream=bool(body.get("stream")),
                     include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
-    activity = {"in_flight": 0, "served": 0, "last_decode_tok_s": 0.0}
+    activity = {"in_flight": 0, "served": 0}
 
     def run(job: dict, stats: dict):
         """(delta, token, logprob) per generated token; the last item carries the finish reason."""
@@ -260,18 +260,11 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             log_request(job, stats, began)
 
     def log_request(job: dict, stats: dict, began: float) -> None:
-        completion = stats.get("completion_tokens", 0)
-        first, last = stats.get("first_token_at"), stats.get("last_token_at")
-        ttft = (first - began) if first else 0.0
-        tok_s = (completion - 1) / (last - first) if completion > 1 and last > first else 0.0
         activity["served"] += 1
-        if tok_s:
-            activity["last_decode_tok_s"] = tok_s
-        nodes = ", ".join(s.node for s in coordinator.plan.stages) if coordinator.plan else "-"
-        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
-                 stats.get("session_id", "-"), len(job["prompt"]), stats.get("cached_tokens", 0), completion,
-                 "cancelled" if stats.get("cancelled") else stats.get("finish_reason", "error"), ttft * 1000, tok_s,
-                 nodes)
+        first, last = stats.get("first_token_at"), stats.get("last_token_at")
+        coordinator.log_request(len(job["prompt"]), stats, stats.get("completion_tokens", 0),
+                                stats.get("finish_reason", "error"), (first - began) if first else 0.0,
+                                (last - first) if first else 0.0)
 
     def generate_reply(job: dict, stats: dict):
         parser = RawText(tokenizer) if job["raw"] else ReplyParser(tokenizer, job["thinking"])
@@ -457,7 +450,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         return {**map_json(coordinator.memory_map()), "context": coordinator.context,
                 "requests_in_flight": activity["in_flight"], "requests_served": activity["served"],
                 "cached_conversations": len(coordinator.sessions.cached),
-                "last_decode_tok_s": activity["last_decode_tok_s"]}
+                "last_decode_tok_s": coordinator.last_decode_tok_s}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

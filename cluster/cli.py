@@ -664,10 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", help="send one message and exit (default: an interactive chat)")
             add_chat_arguments(p)
             p.add_argument("--max-tokens", type=int, default=256)
-            p.add_argument("--temperature", type=float, default=0.0)
-            p.add_argument("--top-p", type=float, default=0.0)
-            p.add_argument("--top-k", type=int, default=0)
-            p.add_argument("--min-p", type=float, default=0.0)
+            defaults = "default: the checkpoint's generation_config.json, else greedy"
+            p.add_argument("--temperature", type=float, help=f"0 is greedy ({defaults})")
+            p.add_argument("--top-p", type=float, help=f"0 or 1 is off ({defaults})")
+            p.add_argument("--top-k", type=int, help=f"0 is off ({defaults})")
+            p.add_argument("--min-p", type=float, help="0 is off (the default)")
             p.add_argument("--seed", type=int)
             p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole reply")
     return parser

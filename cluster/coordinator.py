@@ -25,6 +25,7 @@ from .membership import Membership
 from .node import NodeService
 from .planner import Plan
 from .scheduler import GenerateError, Scheduler, sampling_error
+from .sampling import generation_defaults, with_defaults
 from .sessions import Sessions
 from .units import format_bytes
 
@@ -51,6 +52,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.on_status = lambda message: log.info("%s", message)
+        self.sampling_defaults = generation_defaults(self.checkpoint.path)
+        self.last_decode_tok_s = 0.0
 
     @property
     def chain(self) -> list:
@@ -79,14 +82,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self.on_status(message)
 
     def _enough(self, present: list) -> tuple:
-        """Whether to plan now, and why not."""
+        """Whether to plan now, and why not. A set of nodes the model does not fit is never planned:
+        the coordinator keeps waiting, and plans again when another node joins."""
         usable = sum(m.info.usable_bytes for m in present)
         found = f"found {len(present)} node{'s' * (len(present) != 1)} ({', '.join(m.name for m in present)}), " \
-                f"{format_bytes(usable)} usable of {format_bytes(self.sizes.total_bytes)} of weights"
-        if self.min_nodes:
-            return len(present) >= self.min_nodes, f"{found}; waiting for {self.min_nodes} nodes"
+                f"{format_bytes(usable)} usable for {format_bytes(self.sizes.total_bytes)} of weights"
         plan = plan_for(self.sizes, present, self.context, self.prefill_chunk)
-        return plan.feasible, f"{found}; waiting for more: {plan.advice[0] if plan.advice else 'does not fit'}"
+        if self.min_nodes and len(present) < self.min_nodes:
+            fits = "the model would fit on them" if plan.feasible else "not enough for the model yet"
+            return False, f"{found} ({fits}); waiting for {self.min_nodes} nodes (--nodes {self.min_nodes})"
+        if plan.feasible:
+            return True, found
+        return False, f"{found}; the model does not fit: {' '.join(plan.advice)} Waiting for another node to join."
 
     def _plan(self, present: list):
         plan = plan_for(self.sizes, present, self.context, self.prefill_chunk)
@@ -154,6 +161,18 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     # ---- generation ------------------------------------------------------------------------
 
+    def log_request(self, prompt_tokens: int, stats: dict, completion_tokens: int, finish: str, ttft_s: float,
+                    decode_s: float) -> float:
+        """One log line per request (the API's and Generate's); returns its decode tok/s."""
+        tok_s = (completion_tokens - 1) / decode_s if completion_tokens > 1 and decode_s > 0 else 0.0
+        if tok_s:
+            self.last_decode_tok_s = tok_s
+        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
+                 stats.get("session_id", "-"), prompt_tokens, stats.get("cached_tokens", 0), completion_tokens,
+                 "cancelled" if stats.get("cancelled") else finish, ttft_s * 1000, tok_s,
+                 ", ".join(m.name for m in self.chain) or "-")
+        return tok_s
+
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None):
         """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
@@ -196,9 +215,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             stats = {}
             left = context.time_remaining()  # the client's deadline, if it set one
             deadline = time.monotonic() + left if left is not None and left < 1e6 else None
-            for token, logprob in self.generate(prompt, max_tokens, request.sampling, stats, deadline):
+            sampling = with_defaults(request.sampling, self.sampling_defaults)
+            for token, logprob in self.generate(prompt, max_tokens, sampling, stats, deadline):
                 if not context.is_active():
                     stats["cancelled"] = True
+                    now = time.perf_counter()
+                    self.log_request(len(prompt), stats, count, "cancelled", (first_at or now) - started,
+                                     now - (first_at or now))
                     return
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -212,6 +235,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if tail := detokenizer.last_segment:
                 yield pb.GenerateEvent(token=pb.TokenEvent(id=-1, text=tail))
             now = time.perf_counter()
+            self.log_request(len(prompt), stats, count, finish, (first_at or now) - started, now - (first_at or now))
             yield pb.GenerateEvent(done=pb.DoneEvent(
                 finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=count,
                 cached_tokens=stats.get("cached_tokens", 0),

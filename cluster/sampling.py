@@ -20,3 +20,13 @@ def generation_defaults(checkpoint_dir) -> dict:
         if isinstance(config.get(name), (int, float)) and not isinstance(config.get(name), bool):
             out[name] = kind(config[name])
     return out
+
+
+def with_defaults(params, defaults: dict):
+    """A copy of SamplingParams with the fields the client left unset taken from `defaults`."""
+    out = type(params)()
+    out.CopyFrom(params)
+    for name, value in defaults.items():
+        if not out.HasField(name):
+            setattr(out, name, value)
+    return out

@@ -4,7 +4,9 @@ Live tests run one 2-node cluster on loopback with mDNS on and a secret of their
 clusters on loopback use other secrets, so they are invisible to these clients)."""
 
 import json
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 
@@ -110,6 +112,15 @@ def test_client_on_another_machine_finds_the_coordinator_over_mdns(cluster, tmp_
     assert {n["address"] for n in json.loads(done.stdout)["nodes"]} >= {coordinator.address}
 
 
+def test_coordinator_logs_one_line_per_request(cluster):
+    env, worker, coordinator = cluster
+    done = run("chat", "--prompt", "Hi!", "--max-tokens", "5", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    wait_for_log(coordinator, rf"request \S+: \d+ prompt tokens \(0 cached\), {reply['completion_tokens']} generated "
+                              rf"\({reply['finish_reason']}\); TTFT \d+ ms, [\d.]+ tok/s; nodes (coord, worker|worker, coord)")
+
+
 def test_ctrl_c_stops_the_coordinator_says_so_and_releases_the_workers(cluster):
     env, worker, coordinator = cluster
     secret = bytes.fromhex(env["KIMI_CLUSTER_SECRET"])
@@ -171,3 +182,41 @@ def test_load_bars_show_every_planned_node_once_however_the_loads_interleave():
     lines = out.getvalue().splitlines()
     assert [line.split()[:2] for line in lines] == [["loading", "a"], ["loading", "b"]], lines
     assert lines[0].endswith("100/100 bytes") and lines[1].endswith("200/200 bytes")
+
+
+def test_a_node_joining_a_cluster_that_did_not_fit_triggers_a_plan(tmp_path, tiny_dir):
+    env = harness.test_env(tmp_path / "home", f"kimi-everyday-{secrets.token_hex(12)}")
+    small = ["--context", "256"]
+    coordinator = start_mdns_node(tmp_path, "coord", env, memory="6MB", model=tiny_dir, extra=small)
+    worker = None
+    try:
+        waiting = wait_for_log(coordinator, r"coordinator: found 1 node \(coord\).*the model does not fit: (.*) "
+                                            r"Waiting for another node to join\.")
+        assert "sysctl" not in waiting.group(1)  # wired-limit advice is for Macs only (this node is cpu)
+        # follow the advice: a node with what it says (rounded up to the 0.1 MB it shows)
+        advised = float(re.search(r"Option: add a node with at least ([\d.]+) MB usable", waiting.group(1)).group(1))
+        worker = start_mdns_node(tmp_path, "worker", env, memory=f"{advised + 0.1:.1f}MB")
+        ready = coordinator.wait_for(r"cluster ready: .*")
+        assert "coord [" in ready.group(0) and "worker [" in ready.group(0)
+    finally:
+        for node in (worker, coordinator):
+            if node:
+                node.kill()
+
+
+def test_cli_sampling_defaults_come_from_generation_config(tmp_path, tiny_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config_path = model / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config_path.write_text(json.dumps({**config, "temperature": 1.0, "top_k": 50}))
+    with harness.LocalCluster(tmp_path, model, stages=1, coordinator_extra=["--context", "512"]) as c:
+        def reply(*sampling):
+            done = c.cli("chat", "--coordinator", c.coordinator.address, "--prompt", "Hi!", "--max-tokens", "12",
+                         "--seed", "7", "--json", *sampling)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)["token_ids"]
+
+        default = reply()
+        assert default == reply("--temperature", "1.0", "--top-k", "50")
+        assert default != reply("--temperature", "0")
