@@ -185,7 +185,7 @@ def test_load_bars_show_every_planned_node_once_however_the_loads_interleave():
 
 
 def test_a_node_joining_a_cluster_that_did_not_fit_triggers_a_plan(tmp_path, tiny_dir):
-    env = harness.test_env(tmp_path / "home", f"kimi-everyday-{secrets.token_hex(12)}")
+    env = harness.test_env(tmp_path / "home", secrets.token_hex(32))
     small = ["--context", "256"]
     coordinator = start_mdns_node(tmp_path, "coord", env, memory="6MB", model=tiny_dir, extra=small)
     worker = None
