@@ -116,6 +116,9 @@ def cmd_plan(args) -> None:
         return
     console.print(f"{title}: {format_bytes(report.total_bytes)} of weights, context {args.context:,} tokens")
     usable = sum(n.usable_bytes for n in nodes)
+    console.print("Mac memory as Apple counts it (binary): "
+                  + ", ".join(f"{n.name} {n.total_bytes / 2**30:g} GiB = {n.total_bytes:,} bytes" for n in nodes),
+                  highlight=False)
     console.print(f"{len(nodes)} nodes, {format_bytes(usable)} usable"
                   + ("" if args.wired_limit_mb else " at the default GPU wired limit (75% of memory)"))
     if plan.feasible:
@@ -566,6 +569,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _mac_memory(text: str) -> int:
+    """A Mac's unified memory: "192GB" is Apple's 192 GiB (and TB is TiB); KiB/MiB/GiB as written."""
+    size = text.strip()
+    if size[-2:].lower() in ("gb", "tb") and size[-3:-2].lower() != "i":
+        size = size[:-2].rstrip() + size[-2].upper() + "iB"
+    return _size(size)
+
+
 def _memory(text: str) -> int:
     if text.strip().replace(".", "", 1).isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} has no unit: write e.g. {text.strip()}GB (10^9 bytes) or "
@@ -591,8 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=f"checkpoint directory or one of {', '.join(BUILTIN_MODELS)}")
     p.add_argument("--expert-bits", type=int, help="routed-expert bits of a built-in model (default 2)")
     p.add_argument("--other-bits", type=int, help="bits of every other weight of a built-in model (default 4)")
-    p.add_argument("--node", type=_size, action="append", required=True, metavar="SIZE",
-                   help="a Mac with SIZE of unified memory, e.g. 192GB (repeat per Mac)")
+    p.add_argument("--node", type=_mac_memory, action="append", required=True, metavar="SIZE",
+                   help="a Mac with SIZE of unified memory, e.g. 192GB (repeat per Mac); GB and TB mean what "
+                        "Apple means by them, GiB and TiB: a 192GB Mac has 192 x 2^30 bytes")
     p.add_argument("--wired-limit-mb", type=int, help="GPU wired limit set with sudo sysctl iogpu.wired_limit_mb")
     p.add_argument("--context", type=int, default=32768, help="tokens of KV cache to plan for (default 32768)")
     p.add_argument("--json", action="store_true", help="print JSON")

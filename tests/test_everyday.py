@@ -220,3 +220,29 @@ def test_cli_sampling_defaults_come_from_generation_config(tmp_path, tiny_dir):
         default = reply()
         assert default == reply("--temperature", "1.0", "--top-k", "50")
         assert default != reply("--temperature", "0")
+
+
+def test_plan_reads_a_macs_gb_as_apple_does():
+    out = run("plan", "--model", "kimi-k2.5", "--node", "192GB", "--node", "192GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [n["total_bytes"] for n in json.loads(out.stdout)["nodes"]] == [192 * 2**30] * 2
+    text = run("plan", "--model", "kimi-k2.5", "--node", "192GB")
+    assert "Mac memory as Apple counts it (binary): mac1 192 GiB = 206,158,430,208 bytes" in text.stdout
+    assert "Apple means by them" in " ".join(run("plan", "--help").stdout.split())
+
+
+def test_log_file_and_level(tmp_path, tiny_dir):
+    log = tmp_path / "logs" / "node.log"
+    small = ["--context", "256"]
+    node = harness.start_node(tmp_path, "logged", model=tiny_dir, extra=["--log-file", str(log), *small])
+    try:
+        node.wait_for("cluster ready")
+        assert re.search(r" kimi_cluster\.node INFO loaded ", log.read_text())
+    finally:
+        node.kill()
+    quiet = harness.start_node(tmp_path, "quiet", model=tiny_dir, extra=["--log-level", "error", *small])
+    try:
+        quiet.wait_for("cluster ready")
+        assert " INFO " not in quiet.log()
+    finally:
+        quiet.kill()
