@@ -246,3 +246,13 @@ def test_log_file_and_level(tmp_path, tiny_dir):
         assert " INFO " not in quiet.log()
     finally:
         quiet.kill()
+
+
+def test_stop_cluster_stops_every_node(tmp_path, tiny_dir):
+    with harness.LocalCluster(tmp_path, tiny_dir, stages=2, coordinator_extra=["--context", "256"]) as c:
+        done = c.cli("stop", "--cluster", "--coordinator", c.coordinator.address)
+        assert done.returncode == 0, done.stderr
+        for node in c.nodes:
+            assert f"stopped {node.name} ({node.address}), released " in done.stdout
+            assert node.proc.wait(timeout=30) == 0
+            wait_for_log(node, r"asked to stop over the network: stopping")
