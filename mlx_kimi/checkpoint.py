@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .hub import repo_name, resolve_model_dir
+
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3", "kimi_k25")
 INDEX_FILE = "model.safetensors.index.json"
 # Larger than any real header (Kimi's biggest shard header is a few hundred KB).
@@ -156,7 +158,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return repo_name(self.path)
 
     @property
     def activation_itemsize(self) -> int:
@@ -231,10 +233,15 @@ def model_identity(config: dict, tensors: dict) -> str:
 
 
 def open_checkpoint(path) -> Checkpoint:
-    """Validate a checkpoint directory and read its tensor table; no tensor data is read."""
-    path = Path(path)
+    """Validate a checkpoint (a directory, or a Hugging Face repo id in the local cache) and read its
+    tensor table; no tensor data is read."""
+    try:
+        path = resolve_model_dir(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected an MLX checkpoint directory)")
+        raise CheckpointError(f"{path}: not a directory (expected an MLX checkpoint directory, or a Hugging Face "
+                              "repo id such as mlx-community/Kimi-K2-Thinking in the local cache)")
     config = _load_json(path / "config.json", "model config")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -275,10 +282,7 @@ def open_checkpoint(path) -> Checkpoint:
     if any(n.startswith(prefix + "model.layers.") and ".mlp.experts.0." in n for n in tensors) or any(
         ".self_attn.kv_b_proj." in n for n in tensors
     ):
-        raise CheckpointError(
-            f"{path}: weights are in Hugging Face layout, not MLX layout; convert first with "
-            "`mlx_lm.convert --hf-path <model> -q` and point kimi-cluster at the output"
-        )
+        raise CheckpointError(source_layout_advice(path, config))
     parts = {tensor_part(n, prefix) for n in tensors}
     missing = [i for i in range(num_layers) if i not in parts]
     if missing:
@@ -297,6 +301,36 @@ def open_checkpoint(path) -> Checkpoint:
         )
 
     return Checkpoint(path, config, tensors, model_identity(config, tensors))
+
+
+def source_layout_advice(path: Path, config: dict) -> str:
+    """What to do with weights in Hugging Face layout (Moonshot's releases): convert them, and how."""
+    quant = text_config(config).get("quantization_config") or config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method == "fp8":
+        what = "Moonshot's FP8 release (e4m3 weights with a weight_scale_inv per 128x128 block, e.g. Kimi-K2-Instruct)"
+        size = ("mlx-lm turns FP8 into bf16 (about 2.05 TB for the full model) unless it quantizes: add "
+                "`-q --q-bits 4 --q-group-size 64` (about 578 GB)")
+    elif method == "compressed-tensors":
+        what = ("Moonshot's INT4 release (compressed-tensors pack-quantized routed experts, e.g. K2-Thinking, "
+                "K2.5, K2.6)")
+        size = ("converting without -q keeps the native INT4 experts lossless (MLX 4-bit group 32, the rest bf16: "
+                "about 658 GB for the full model); -q re-quantizes them")
+    else:
+        what = "Hugging Face layout (per-expert tensors, kv_b_proj), not MLX layout"
+        size = "converting without -q keeps the weights' precision; -q quantizes them"
+    mlx_lm = f"`mlx_lm.convert --hf-path {path} --mlx-path OUT --trust-remote-code`"
+    if config.get("model_type") == "kimi_k2":
+        # transformers' config loader does not know kimi_k2, so mlx_lm.convert fails on it as it is.
+        mlx_lm = (f"a copy of {path} whose config.json says model_type deepseek_v3 (transformers does not know "
+                  f"kimi_k2), then {mlx_lm} on the copy")
+    return (
+        f"{path}: weights are {what}; kimi-cluster runs MLX checkpoints. Convert once with "
+        f"`kimi-cluster convert {path} OUT` (--fit NxSIZE or --expert-bits/--other-bits choose the size) and "
+        f"pass --model OUT. mlx-lm can convert it too: {mlx_lm} (--trust-remote-code runs the checkpoint's "
+        f"tokenizer code, which needs tiktoken); {size}; then copy the original tokenizer files "
+        "(tiktoken.model, tokenizer_config.json, tokenization_kimi.py, chat_template.jinja) into OUT."
+    )
 
 
 def missing_tensors(text: dict, names: set, prefix: str) -> list:

@@ -14,6 +14,9 @@ from mlx_kimi.checkpoint import (
     open_checkpoint,
     read_safetensors_header,
 )
+from mlx_kimi.official import write_official
+from mlx_kimi.tiny import TinyShape
+from mlx_kimi.tokenizer import write_tokenizer
 
 SHARD1 = "model-00001-of-00003.safetensors"
 SHARD2 = "model-00002-of-00003.safetensors"
@@ -378,3 +381,40 @@ def test_model_id_changes_with_quantization(copy, tiny_dir):
 
 def test_model_id_differs_between_models(tiny_dir, tiny_dsv3_dir):
     assert open_checkpoint(tiny_dir).model_id != open_checkpoint(tiny_dsv3_dir).model_id
+
+
+@pytest.mark.parametrize("layout, what, size", [
+    ("k2-instruct", "Moonshot's FP8 release", "-q --q-bits 4 --q-group-size 64"),
+    ("k2-thinking", "Moonshot's INT4 release", "without -q keeps the native INT4 experts lossless"),
+    ("k2.5", "Moonshot's INT4 release", "without -q keeps the native INT4 experts lossless"),
+])
+def test_official_layouts_refused_naming_the_conversion(layout, what, size, tmp_path):
+    """Moonshot's own releases are not MLX checkpoints: the error names `kimi-cluster convert` and,
+    for that very model type, the mlx-lm recipe that works (kimi_k2 needs its config to say
+    deepseek_v3 for transformers; kimi_k25 converts as it is)."""
+    src = write_official(tmp_path / layout, layout, TinyShape(layers=2, vocab_size=1024))
+    msg = _open_fails(src)
+    assert what in msg and size in msg
+    assert f"`kimi-cluster convert {src} OUT`" in msg
+    assert f"mlx_lm.convert --hf-path {src} --mlx-path OUT --trust-remote-code" in msg
+    assert ("model_type deepseek_v3" in msg) == (layout != "k2.5")
+    assert "tiktoken.model" in msg
+
+
+def test_kimi_k2_recipe_of_the_error_converts_native_int4_losslessly(tmp_path):
+    """The mlx-lm route the error gives for a kimi_k2 INT4 release, followed to the letter (with a
+    tokenizer.json: the stand-in tokenization_kimi.py is no tokenizer): config says deepseek_v3,
+    mlx_lm.convert without -q; the routed experts come out 4-bit group 32 and kimi-cluster opens it."""
+    from mlx_lm.convert import convert
+
+    src = write_official(tmp_path / "src", "k2-thinking", TinyShape(layers=2, vocab_size=1024), mtp=False)
+    for name in ("tiktoken.model", "tokenization_kimi.py", "tokenizer_config.json"):
+        (src / name).unlink()
+    write_tokenizer(src, 1024)
+    _edit_json(src / "config.json", lambda c: c.__setitem__("model_type", "deepseek_v3"))
+    convert(str(src), str(tmp_path / "out"))
+    ckpt = open_checkpoint(tmp_path / "out")
+    experts = ckpt.tensors["model.layers.1.mlp.switch_mlp.up_proj.weight"]
+    assert experts.dtype == "U32" and experts.shape[-1] * 8 == 256  # 4 bits per value of 256 inputs
+    assert ckpt.tensors["model.layers.1.mlp.switch_mlp.up_proj.scales"].shape[-1] == 256 // 32  # group 32
+    assert ckpt.tensors["model.layers.1.self_attn.q_a_proj.weight"].dtype == "BF16"  # rest unquantized

@@ -7,6 +7,7 @@ Each command pays about 2 s of CPU importing mlx-lm, so all of them are started 
 module fixture and the tests read their results.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -29,10 +30,33 @@ FACTS = {
 }
 
 
+REPO = "mlx-community/Kimi-Tiny-4bit"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hf_cache(root: Path, repo: str, src: Path) -> Path:
+    """A Hugging Face cache holding `src` as `repo`, laid out as huggingface_hub writes it: file
+    contents in blobs/ named by their hash, snapshots/<revision>/ of relative symlinks, refs/main."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / REVISION
+    (repo_dir / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in src.iterdir():
+        data = file.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(REVISION)
+    return snapshot
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
     """Start every command in parallel; name -> CompletedProcess."""
     made = tmp_path_factory.mktemp("cli_tiny") / "made"
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    hf_cache(hf_home / "hub", REPO, tiny_dir)
     dtype = json.loads((tiny_dir / "config.json").read_text())["text_config"]["torch_dtype"]
     commands = {
         f"k2.5-{e}-{o}": ["inspect", "kimi-k2.5", "--expert-bits", str(e), "--other-bits", str(o), "--json"]
@@ -43,12 +67,18 @@ def runs(tiny_dir, tmp_path_factory):
             "tiny-json": ["inspect", str(tiny_dir), "--json"],
             "make-tiny": ["make-tiny", str(made), "--dtype", dtype],
             "nonexistent": ["inspect", "/nonexistent/kimi-ckpt"],
+            "hub-cache": ["inspect", REPO, "--json"],
+            "hub-home": ["inspect", REPO, "--json"],
+            "hub-missing": ["inspect", "mlx-community/Kimi-K2-Thinking"],
         }
     )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE")}
+    envs = {"hub-cache": {"HF_HUB_CACHE": str(hf_home / "hub")}, "hub-home": {"HF_HOME": str(hf_home)},
+            "hub-missing": {"HF_HOME": str(hf_home)}}
     procs = {
         name: subprocess.Popen(
             [CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "COLUMNS": "200"},
+            env={**env, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", **envs.get(name, {})},
         )
         for name, args in commands.items()
     }
@@ -115,4 +145,21 @@ def test_inspect_nonexistent_path(runs):
     assert run.returncode != 0
     assert "/nonexistent/kimi-ckpt" in run.stderr
     assert re.search(r"not a directory", run.stderr)
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize("how", ["hub-cache", "hub-home"])
+def test_model_as_a_repo_id_in_the_hugging_face_cache(how, runs, tiny_dir):
+    """HF_HUB_CACHE, or HF_HOME/hub: the snapshot refs/main names, read through its symlinks."""
+    report = _json(runs[how])
+    assert REVISION in report["model"]
+    assert report["total_bytes"] == _json(runs["tiny-json"])["total_bytes"]
+
+
+def test_repo_id_not_in_the_cache_says_how_to_download_it(runs):
+    run = runs["hub-missing"]
+    assert run.returncode != 0
+    assert "mlx-community/Kimi-K2-Thinking: not a directory, and not in the local Hugging Face cache" in run.stderr
+    assert "`hf download mlx-community/Kimi-K2-Thinking`" in run.stderr
+    assert "--local-dir Kimi-K2-Thinking" in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
