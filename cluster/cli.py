@@ -223,7 +223,7 @@ def serve(args, secret: bytes):
         zeroconf = open_zeroconf(args.host)
     if args.model:
         coordinator = Coordinator(node, args.model, secret, args.peer, context=args.context,
-                                  min_nodes=args.nodes, zeroconf=zeroconf)
+                                  min_nodes=args.nodes, zeroconf=zeroconf, take_over=args.take_over)
         pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     server.start()
     if zeroconf:
@@ -640,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=32768, help="tokens of KV cache to plan for (default 32768)")
     p.add_argument("--nodes", type=int, metavar="N",
                    help="wait for N nodes (this one included) before planning; default: as soon as the model fits")
+    p.add_argument("--take-over", action="store_true",
+                   help="load nodes even if another running coordinator serves them (it then stops using them)")
     p.add_argument("--api-port", type=int, help="also serve the OpenAI-compatible API on this port (0 picks one)")
     p.add_argument("--api-host", default="127.0.0.1", help="address of the API (default 127.0.0.1)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request")

@@ -34,16 +34,18 @@ log = logging.getLogger("kimi_cluster.coordinator")
 
 class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, local: NodeService, model_path: str, secret: bytes, peers: list[str],
-                 context: int = 32768, min_nodes: int | None = None, zeroconf=None):
+                 context: int = 32768, min_nodes: int | None = None, zeroconf=None, take_over: bool = False):
         self.local, self.context, self.min_nodes = local, context, min_nodes
-        self.id = uuid.uuid4().hex  # this process's identity: nodes it loads free a predecessor's sessions
+        # This process's identity: nodes it loads serve it alone (and free a predecessor's sessions);
+        # every Load, Forward and health check carries it. take_over: load nodes another live one owns.
+        self.id, self.take_over = uuid.uuid4().hex, take_over
         self.checkpoint = open_checkpoint(model_path)
         self.sizes = checkpoint_sizes(self.checkpoint)
         self.prefill_chunk = prefill_chunk(self.sizes)
         self.tokenizer = load_tokenizer(self.checkpoint.path)
         local.is_coordinator = True
         local.coordinator_address = local.address
-        self.membership = Membership(local.address, secret, peers, zeroconf)
+        self.membership = Membership(local.address, secret, peers, self.id, zeroconf)
         self.membership.on_lost = self._node_lost
         self.sessions = Sessions(lambda: self.membership.chain)
         self.scheduler = Scheduler(local, self.membership, self.sessions, self.prefill_chunk, self._node_lost)
@@ -110,7 +112,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _load(self, index: int, drop_sessions: bool = False) -> bool:
         request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, self.id,
-                               drop_sessions)
+                               self.local.node_id, self.take_over, drop_sessions)
         if error := load_member(self.chain[index], request, self.on_load_progress):
             self.message = error
             return False

@@ -43,7 +43,7 @@ def plan_for(sizes: ModelSizes, present: list, context: int, chunk: int) -> Plan
 
 
 def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: str, coordinator_id: str,
-                 drop_sessions: bool = False) -> pb.LoadRequest:
+                 owner: str, take_over: bool = False, drop_sessions: bool = False) -> pb.LoadRequest:
     stage = plan.stages[index]
     after = chain[index + 1] if index + 1 < len(chain) else None
     return pb.LoadRequest(
@@ -51,7 +51,8 @@ def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: s
         start=stage.start, end=stage.end,
         kv_budget_bytes=max(0, stage.usable_bytes - stage.weight_bytes - stage.scratch_bytes),
         next_address=after.address if after else "", next_name=after.name if after else "",
-        coordinator=coordinator, coordinator_id=coordinator_id, drop_sessions=drop_sessions,
+        coordinator=coordinator, coordinator_id=coordinator_id, drop_sessions=drop_sessions, owner=owner,
+        take_over=take_over,
     )
 
 
@@ -63,7 +64,8 @@ def load_member(member: Member, request: pb.LoadRequest, on_progress) -> str | N
         for update in member.stub.Load(request, timeout=LOAD_TIMEOUT_S):
             on_progress(member.name, update)
     except grpc.RpcError as e:
-        member.status = "lost" if e.code() == grpc.StatusCode.UNAVAILABLE else "failed"
+        lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)  # gone, or serves another
+        member.status = "lost" if lost else "failed"
         message = f"loading {member.name} failed: {e.details()}"
         log.error(message)
         return message

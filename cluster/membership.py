@@ -59,8 +59,9 @@ class Membership:
     """The nodes of one cluster: named on the command line (`static`, all must answer) or found
     over mDNS, and the planned `chain` among them."""
 
-    def __init__(self, local_address: str, secret: bytes, peers: list, zeroconf=None):
+    def __init__(self, local_address: str, secret: bytes, peers: list, coordinator_id: str, zeroconf=None):
         self.secret = secret
+        self.coordinator_id = coordinator_id  # every health check names this coordinator process
         self.members = {a: Member(a, node_stub(open_channel(a, secret))) for a in [local_address, *peers]}
         self.static = set(self.members)
         self.chain: list[Member] = []
@@ -154,7 +155,8 @@ class Membership:
         while not stop.wait(HEALTH_INTERVAL_S):
             for i, member in enumerate(list(self.chain)):
                 try:
-                    health = member.stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                    health = member.stub.Health(pb.HealthRequest(coordinator_id=self.coordinator_id),
+                                                timeout=HEALTH_TIMEOUT_S)
                 except grpc.RpcError as e:
                     silent = time.monotonic() - member.heard
                     if member.status != "lost" and (e.code() == grpc.StatusCode.UNAVAILABLE or silent > LOST_AFTER_S):
@@ -162,6 +164,13 @@ class Membership:
                         self.on_lost(member.name)
                     continue
                 member.heard = time.monotonic()
+                if health.coordinator_id not in ("", self.coordinator_id):
+                    if member.status != "lost":
+                        log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,
+                                    member.address, health.owner or "(gone)")
+                        self.on_lost(member.name)
+                    if health.owner:  # that coordinator is alive: the node stays with it
+                        continue
                 if health.busy_s > STALL_S:
                     if member.status != "lost":
                         log.warning("%s: one compute job has run %.0f s; it stopped making progress",

@@ -32,6 +32,9 @@ HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
 STREAM_WORKERS = 16   # requests of one ForwardStream in flight at once (sessions in the pipeline)
 MAX_CHUNK_TOKENS = 8192
+# A coordinator that owns this node health-checks it every second; silent this long, it is gone
+# and another may load the node without --take-over.
+OWNER_LEASE_S = 5.0
 
 
 class ComputeWorker:
@@ -124,6 +127,16 @@ class LocalStage:
         return self.next_link.address if self.next_link else ""
 
 
+@dataclass
+class Owner:
+    """The coordinator this node serves: every Load, Forward and health check it sends names it."""
+
+    node_id: str          # the coordinator's node id (the same after it restarts)
+    coordinator_id: str   # its process
+    address: str
+    seen: float = field(default_factory=time.monotonic)  # its last call
+
+
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, name: str, node_id: str, address: str, machine: Machine, secret: bytes,
                  session_ttl_s: float = 600.0):
@@ -131,7 +144,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.machine, self.secret = machine, secret
         self.session_ttl_s = session_ttl_s
         self.coordinator_address = ""
-        self.coordinator_id = ""  # the coordinator process that loaded this node last
+        self.owner: Owner | None = None
         self.is_coordinator = False
         self.worker = ComputeWorker()
         self.stage: LocalStage | None = None
@@ -186,9 +199,9 @@ class NodeService(pb_grpc.NodeServicer):
         self._stop.set()
 
     def unload(self) -> int:
-        """Drop the slice and every session; returns the bytes released."""
+        """Drop the slice, every session and the owner; returns the bytes released."""
         with self._lock:
-            stage, self.stage = self.stage, None
+            stage, self.stage, self.owner = self.stage, None, None
             sessions, self.sessions = self.sessions, {}
         freed = (stage.slice.nbytes() if stage else 0) + sum(s.reserved_bytes for s in sessions.values())
         if stage and stage.next_link:
@@ -204,16 +217,38 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ---- loading -----------------------------------------------------------------------------
 
+    def _take_ownership(self, request: pb.LoadRequest):
+        """Make the requesting coordinator this node's owner, or refuse naming the owner (caller
+        holds the lock). Another coordinator process frees the sessions its predecessor left."""
+        owner, now = self.owner, time.monotonic()
+        who = request.owner or request.coordinator
+        if owner and owner.node_id != who and now - owner.seen < OWNER_LEASE_S and not request.take_over:
+            raise StageError(
+                grpc.StatusCode.ABORTED,
+                f"node {self.name} serves the coordinator at {owner.address} ({owner.node_id}); stop that "
+                "coordinator, or start this one with --take-over to take the node from it", self.name)
+        if owner is None or owner.coordinator_id != request.coordinator_id:
+            if self.sessions:
+                log.info("freeing %d sessions of a previous coordinator", len(self.sessions))
+                self.sessions.clear()
+        self.owner = Owner(who, request.coordinator_id, request.coordinator, now)
+        self.coordinator_address = request.coordinator or self.coordinator_address
+
+    def _check_owner(self, coordinator_id: str):
+        """Refuse a Forward of any coordinator but the owner; the owner's keep its lease fresh."""
+        owner = self.owner
+        if owner is None or owner.coordinator_id != coordinator_id:
+            now = f"the coordinator at {owner.address}" if owner else "no coordinator"
+            raise StageError(grpc.StatusCode.ABORTED,
+                             f"node {self.name} now serves {now}: this request's coordinator no longer owns it",
+                             self.name)
+        owner.seen = time.monotonic()
+
     def load(self, request: pb.LoadRequest, progress) -> LocalStage:
         """Load layers [start, end) of the checkpoint at request.model_path (on the compute thread)."""
         layers = LayerRange(request.start, request.end)
-        self.coordinator_address = request.coordinator or self.coordinator_address
         with self._lock:
-            if request.coordinator_id != self.coordinator_id:
-                if self.sessions:
-                    log.info("freeing %d sessions of a previous coordinator", len(self.sessions))
-                    self.sessions.clear()
-                self.coordinator_id = request.coordinator_id
+            self._take_ownership(request)
             stage = self.stage
             if stage and stage.model_id == request.model_id and stage.slice.layers == layers:
                 # Already holds this slice: only the next stage or the budget changed.
@@ -353,6 +388,7 @@ class NodeService(pb_grpc.NodeServicer):
             self._check_input(stage, request)
         except WireError as e:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
+        self._check_owner(request.coordinator_id)
         session = self._open_session(stage, request)
         try:
             out = self.worker.run(lambda: self._compute(stage, session, request))
@@ -369,6 +405,7 @@ class NodeService(pb_grpc.NodeServicer):
         onward = pb.ForwardRequest(
             session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
             sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
+            coordinator_id=request.coordinator_id,
         )
         if request.HasField("rng_state"):
             onward.rng_state = request.rng_state
@@ -395,10 +432,16 @@ class NodeService(pb_grpc.NodeServicer):
 
     def Health(self, request, context):
         with self._lock:
+            owner, now = self.owner, time.monotonic()
+            if owner and request.coordinator_id == owner.coordinator_id:  # the owner's checks keep its lease
+                owner.seen = now
+            alive = owner is not None and now - owner.seen < OWNER_LEASE_S
             return pb.HealthReply(node_id=self.node_id, loaded=self.stage is not None,
                                   sessions=len(self.sessions),
                                   kv_bytes=sum(s.reserved_bytes for s in self.sessions.values()),
-                                  queued=self.worker.queued, busy_s=self.worker.busy_s())
+                                  queued=self.worker.queued, busy_s=self.worker.busy_s(),
+                                  coordinator_id=owner.coordinator_id if owner else "",
+                                  owner=owner.address if alive else "")
 
     def Release(self, request, context):
         return self.release(request.session_id)
@@ -450,6 +493,8 @@ class NodeService(pb_grpc.NodeServicer):
             yield update
         try:
             stage = result.result()
+        except StageError as e:
+            context.abort(e.code, e.message)
         except (CheckpointError, ValueError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: {e}")
         except Exception as e:

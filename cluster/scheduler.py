@@ -103,7 +103,8 @@ class Scheduler:
 
         def step(tokens: list, offset: int, sample: bool, new_generation: bool = False):
             request = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
-                                        offset=offset, sample=sample, new_generation=new_generation)
+                                        offset=offset, sample=sample, new_generation=new_generation,
+                                        coordinator_id=self.membership.coordinator_id)
             request.tokens.extend(tokens)
             while True:
                 try:
@@ -111,7 +112,7 @@ class Scheduler:
                 except StageError as e:
                     if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.sessions.evict_one():
                         continue  # retrying is safe: every stage trims back to `offset`
-                    if e.code == grpc.StatusCode.UNAVAILABLE and e.node:
+                    if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) and e.node:
                         self.on_lost(e.node)
                     raise GenerateError(e.code, e.message) from e
 

@@ -223,7 +223,8 @@ def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_id
 
         # one session of 768 positions fits ...
         holder = pb.ForwardRequest(session_id="holder", offset=0, tokens=prompt, sample=False,
-                                   max_positions=HELD_POSITIONS)
+                                   max_positions=HELD_POSITIONS,
+                                   coordinator_id=node.Health(pb.HealthRequest(), timeout=10).coordinator_id)  # as the owner
         assert not node.Forward(holder, timeout=60).sampled
         assert held() == (1, one)
         # ... but a second one does not

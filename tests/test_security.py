@@ -3,6 +3,7 @@ captured traffic replayed to another node, a rogue server that knows the public 
 bodies from strangers, a flood of streams, a second `up` on a taken port."""
 
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
 from cluster.identity import identity
 from cluster.wire import MAX_WORK_CALLS, node_stub, open_channel
-from harness import KIMI, TEST_SECRET, start_node
+from harness import KIMI, TEST_SECRET, LocalCluster, oracle_reply, poll, start_node, wait_for_log
 
 SECRET = bytes.fromhex(TEST_SECRET)
 
@@ -154,7 +155,7 @@ def test_rogue_server_is_never_called(tmp_path, tiny_dir, kind):
     try:
         coordinator = start_node(tmp_path, "coord", model=tiny_dir, peers=[tap.address], extra=["--nodes", "2"])
         # the coordinator tries the rogue again and again (each try a new connection, refused)
-        harness.poll(lambda: tap.connections, lambda n: n >= 2, 60, "two connections to the rogue")
+        poll(lambda: tap.connections, lambda n: n >= 2, 60, "two connections to the rogue")
         with open_channel(coordinator.address, SECRET) as channel:
             reply = node_stub(channel).Info(pb.InfoRequest(), timeout=10)
             assert not reply.HasField("loaded")
@@ -269,3 +270,56 @@ def test_up_on_an_address_of_another_machine_fails_in_one_line(tmp_path):
     # 192.0.2.1 (TEST-NET-1) is no interface's address here; nothing is sent, the bind just fails
     error = _up_fails(tmp_path, "--host", "192.0.2.1", "--port", "0")
     assert "not an address of this machine" in error and "\n" not in error, error
+
+
+# ---- one owner per node -----------------------------------------------------------------------------
+
+OWNER_TOKENS = 24
+
+
+def _generate_or_error(client, prompt: list) -> list | grpc.StatusCode:
+    request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=OWNER_TOKENS)
+    try:
+        return [e.token.id for e in client.Generate(request, timeout=60) if e.HasField("token") and e.token.id >= 0]
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_coordinators_starting_stopping_and_taking_over_never_give_wrong_tokens(tmp_path, tiny_dir, oracle,
+                                                                                  chat_prompt_ids):
+    """A second coordinator is refused a node another one owns, naming it; with --take-over it
+    gets it and the first stops using it; when the second dies the first loads it again. Every
+    reply either side gives, at every step, is mlx-lm's or an error."""
+    expected = oracle_reply(oracle, chat_prompt_ids, OWNER_TOKENS)
+    with LocalCluster(tmp_path, tiny_dir, stages=2) as first:
+        peer = first.peers[0]
+
+        def first_replies():
+            got = _generate_or_error(first.client, chat_prompt_ids)
+            assert got == expected or isinstance(got, grpc.StatusCode), got  # never other tokens
+            return got
+
+        assert first_replies() == expected
+        second = start_node(tmp_path, "coord-b", model=tiny_dir, peers=[peer.address], extra=["--nodes", "2"],
+                            env=first.env)
+        try:
+            # refused, naming the owner; the first cluster goes on untouched
+            wait_for_log(second, rf"loading peer1 failed: node peer1 serves the coordinator at "
+                                 rf"{re.escape(first.coordinator.address)}", 60)
+            assert "cluster ready" not in second.log()
+            assert first_replies() == expected
+        finally:
+            second.kill()
+        taker = start_node(tmp_path, "coord-c", model=tiny_dir, peers=[peer.address],
+                           extra=["--nodes", "2", "--take-over"], env=first.env)
+        try:
+            taker.wait_for(r"cluster ready", 120)
+            with open_channel(taker.address, SECRET) as channel:
+                assert _generate_or_error(pb_grpc.CoordinatorStub(channel), chat_prompt_ids) == expected
+            # the first sees peer1 serve another coordinator and marks it lost rather than use it
+            poll(first.memory_map, lambda m: m.state == "degraded", 30, "the first cluster to see peer1 taken")
+            assert first_replies() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            taker.kill()  # SIGKILL: it cannot hand the node back; its lease runs out
+        poll(first.memory_map, lambda m: m.state == "ready", 60, "the first cluster to load peer1 again")
+        assert first_replies() == expected

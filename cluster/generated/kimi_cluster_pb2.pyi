@@ -83,7 +83,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., chip: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., loaded: _Optional[_Union[LoadedSlice, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., is_coordinator: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources", "coordinator_id")
+    __slots__ = ("model_path", "model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources", "coordinator_id", "owner", "take_over")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class LoadRequest(_message.Message):
     DROP_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TAKE_OVER_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_id: str
     start: int
@@ -106,7 +108,9 @@ class LoadRequest(_message.Message):
     drop_sessions: bool
     sources: _containers.RepeatedScalarFieldContainer[str]
     coordinator_id: str
-    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    take_over: bool
+    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., take_over: _Optional[bool] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "message", "done", "phase")
@@ -207,7 +211,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state")
+    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state", "coordinator_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +223,7 @@ class ForwardRequest(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     RNG_STATE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -230,7 +235,8 @@ class ForwardRequest(_message.Message):
     seq: int
     time_left_s: float
     rng_state: int
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ...) -> None: ...
+    coordinator_id: str
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("sampled", "token", "logprob", "seq", "failure", "rng_state")
@@ -273,24 +279,30 @@ class ReleaseReply(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("coordinator_id",)
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    coordinator_id: str
+    def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s")
+    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     loaded: bool
     sessions: int
     kv_bytes: int
     queued: int
     busy_s: float
-    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ...) -> None: ...
+    coordinator_id: str
+    owner: str
+    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling")
