@@ -89,6 +89,11 @@ class Session:
     sampler: object = None
     rng_seed: int = 0  # the session's random key, as a seed (see _key_seed)
 
+    def held_bytes(self) -> int:
+        """KV bytes this session holds: its reservation, or what its caches really allocated if
+        more (mlx-lm grows a cache in whole steps from wherever a chunk starts)."""
+        return max(self.reserved_bytes, sum(c.nbytes for c in self.caches))
+
     def sample(self, logprobs: mx.array, params: pb.SamplingParams, rng_state: int | None = None) -> mx.array:
         """Sample like mlx-lm's generate after mx.random.seed(seed), but with this session's own
         random key, so concurrent sessions never disturb each other's draws. `rng_state` replaces
@@ -158,13 +163,13 @@ class NodeService(pb_grpc.NodeServicer):
 
     def kv_bytes(self) -> int:
         with self._lock:
-            return sum(s.reserved_bytes for s in self.sessions.values())
+            return sum(s.held_bytes() for s in self.sessions.values())
 
     def info(self) -> pb.NodeInfo:
         m = self.machine
         with self._lock:
             stage, sessions = self.stage, len(self.sessions)
-            kv = sum(s.reserved_bytes for s in self.sessions.values())
+            kv = sum(s.held_bytes() for s in self.sessions.values())
         reply = pb.NodeInfo(
             node_id=self.node_id, name=self.name, version=__version__, backend=m.backend, chip=m.chip,
             total_bytes=m.total_bytes, usable_bytes=m.usable_bytes, kv_bytes=kv, sessions=sessions,
@@ -309,14 +314,14 @@ class NodeService(pb_grpc.NodeServicer):
                     "start it again from the beginning",
                 )
             session = Session(stage.slice.make_caches(), reserved_bytes=0)
-            self._reserve(stage, session, max(request.max_positions, 1))
+            self._reserve(stage, session, request.max_positions)
             self.sessions[request.session_id] = session
             return session
 
     def _reserve(self, stage: LocalStage, session: Session, positions: int):
         """Reserve KV bytes for `positions` from this node's budget (caller holds the lock)."""
         need = stage.slice.kv_bytes(positions) - session.reserved_bytes
-        held = sum(s.reserved_bytes for s in self.sessions.values())
+        held = sum(s.held_bytes() for s in self.sessions.values())
         if held + need > stage.kv_budget_bytes:
             raise StageError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -341,8 +346,9 @@ class NodeService(pb_grpc.NodeServicer):
             n = check_tensor(request.hidden, (1, None, stage.slice.args.hidden_size))[1]
         if not 0 < n <= MAX_CHUNK_TOKENS:
             raise WireError(f"a chunk carries 1 to {MAX_CHUNK_TOKENS} positions, not {n}")
-        if request.max_positions and request.offset + n > request.max_positions:
-            raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions}")
+        if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
+            raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
+                            "(the positions its session reserves; every request must cover its own)")
         return n
 
     def _input(self, stage: LocalStage, request: pb.ForwardRequest) -> mx.array:
@@ -438,7 +444,7 @@ class NodeService(pb_grpc.NodeServicer):
             alive = owner is not None and now - owner.seen < OWNER_LEASE_S
             return pb.HealthReply(node_id=self.node_id, loaded=self.stage is not None,
                                   sessions=len(self.sessions),
-                                  kv_bytes=sum(s.reserved_bytes for s in self.sessions.values()),
+                                  kv_bytes=sum(s.held_bytes() for s in self.sessions.values()),
                                   queued=self.worker.queued, busy_s=self.worker.busy_s(),
                                   coordinator_id=owner.coordinator_id if owner else "",
                                   owner=owner.address if alive else "")

@@ -323,3 +323,32 @@ def test_coordinators_starting_stopping_and_taking_over_never_give_wrong_tokens(
             taker.kill()  # SIGKILL: it cannot hand the node back; its lease runs out
         poll(first.memory_map, lambda m: m.state == "ready", 60, "the first cluster to load peer1 again")
         assert first_replies() == expected
+
+
+# ---- KV accounting ------------------------------------------------------------------------------------
+
+
+def test_a_session_never_holds_more_positions_than_it_reserved(tmp_path, tiny_dir, chat_prompt_ids):
+    with LocalCluster(tmp_path, tiny_dir, stages=1) as cluster:
+        node = cluster.node_stub(cluster.coordinator)
+        owner = node.Health(pb.HealthRequest(), timeout=10).coordinator_id
+
+        def forward(**fields):
+            return node.Forward(pb.ForwardRequest(coordinator_id=owner, tokens=chat_prompt_ids, **fields), timeout=60)
+
+        # no reservation (max_positions 0) or one smaller than the chunk: refused, nothing held
+        for max_positions in (0, 1, len(chat_prompt_ids) - 1):
+            with pytest.raises(grpc.RpcError) as err:
+                forward(session_id=f"greedy-{max_positions}", max_positions=max_positions)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"past max_positions {max_positions}" in err.value.details()
+        assert cluster.kv_state()["coord"] == (0, 0)
+        # within its reservation it runs; going past it is refused and the cache does not grow
+        n = len(chat_prompt_ids)
+        forward(session_id="fits", max_positions=n)
+        held = cluster.kv_state()["coord"]
+        with pytest.raises(grpc.RpcError) as err:
+            node.Forward(pb.ForwardRequest(coordinator_id=owner, session_id="fits", offset=n, tokens=[1],
+                                           max_positions=n), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert cluster.kv_state()["coord"] == held and held[1] > 0
