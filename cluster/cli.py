@@ -139,14 +139,25 @@ def cmd_plan(args) -> None:
 def cmd_make_tiny(args) -> None:
     from mlx_kimi.tiny import TinyShape, make_tiny
 
-    if args.script is not None:
+    if args.layout:
+        from mlx_kimi.layouts import MLX_LAYOUTS, write_layout
+
+        if args.script is not None:
+            raise ValueError("--script writes its own weights: give it without --layout")
+        out = write_layout(args.dir, args.layout, TinyShape(layers=args.layers), seed=args.seed,
+                           dtype=args.dtype or "bfloat16")
+        if args.layout not in MLX_LAYOUTS:
+            console.print(f"wrote {out}: Moonshot's official {args.layout} layout, which kimi-cluster runs after "
+                          f"`kimi-cluster convert {out} OUT`")
+            return
+    elif args.script is not None:
         from mlx_kimi.scripted import make_scripted
 
         out = make_scripted(args.dir, args.script, TinyShape(layers=args.layers), model_type=args.model_type,
-                            dtype=args.dtype)
+                            dtype=args.dtype or "float32")
     else:
         out = make_tiny(args.dir, TinyShape(layers=args.layers), seed=args.seed, model_type=args.model_type,
-                        dtype=args.dtype)
+                        dtype=args.dtype or "float32")
     checkpoint = open_checkpoint(out)
     console.print(
         f"wrote {out}: {checkpoint.num_layers} layers, {len(checkpoint.tensors)} tensors, "
@@ -614,9 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-type", default="kimi_k25", choices=["kimi_k25", "deepseek_v3"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of unquantized weights and activations (float32 runs fastest on CPU)")
+    p.add_argument("--model-type", default="kimi_k25", choices=["kimi_k25", "deepseek_v3", "kimi_k2"])
+    p.add_argument("--layout", metavar="NAME",
+                   help="copy a published checkpoint's layout (config nesting, tensor names, dtypes, quantization, "
+                        "tokenizer files), e.g. k2-instruct-4bit, k2-thinking, k2.5, k2-mixed_2_6, k2-mxfp4, or an "
+                        "official one to convert, e.g. k2-instruct-fp8, k2.5-int4 (all: mlx_kimi/layouts.py)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of unquantized weights and activations (default float32, which runs fastest on "
+                        "CPU; bfloat16 with --layout, as published)")
     p.add_argument("--script", metavar="TEXT",
                    help="weights whose greedy decoding, after TEXT's first token (e.g. <think>), emits the rest "
                         "of TEXT, then [EOS]; special tokens are written as text, e.g. "

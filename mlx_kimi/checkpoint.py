@@ -279,9 +279,10 @@ def open_checkpoint(path) -> Checkpoint:
             dtype, shape, nbytes = header[name]
             tensors[name] = TensorInfo(name, file, dtype, shape, nbytes)
 
-    if any(n.startswith(prefix + "model.layers.") and ".mlp.experts.0." in n for n in tensors) or any(
-        ".self_attn.kv_b_proj." in n for n in tensors
-    ):
+    # The multi-token-prediction layer some checkpoints keep after the last decoder layer (layer 61
+    # of the real model) is not part of the text model: mlx-lm drops it, and so does every check here.
+    decoder = {n: t for n, t in tensors.items() if not (isinstance(p := tensor_part(n, prefix), int) and p >= num_layers)}
+    if any(".mlp.experts.0." in n or ".self_attn.kv_b_proj." in n for n in decoder):
         raise CheckpointError(source_layout_advice(path, config))
     parts = {tensor_part(n, prefix) for n in tensors}
     missing = [i for i in range(num_layers) if i not in parts]
@@ -293,7 +294,7 @@ def open_checkpoint(path) -> Checkpoint:
     for part, what in (("embed", "embedding (model.embed_tokens)"), ("head", "final norm / lm_head")):
         if part not in parts:
             raise CheckpointError(f"{path}: {what} missing from the files; the checkpoint is incomplete")
-    if missing := missing_tensors(text_config(config), set(tensors), prefix):
+    if missing := missing_tensors(text_config(config), decoder, prefix):
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise CheckpointError(
             f"{path}: {len(missing)} tensor{'s' * (len(missing) != 1)} missing from the files: {shown}; the "
@@ -315,7 +316,8 @@ def source_layout_advice(path: Path, config: dict) -> str:
         what = ("Moonshot's INT4 release (compressed-tensors pack-quantized routed experts, e.g. K2-Thinking, "
                 "K2.5, K2.6)")
         size = ("converting without -q keeps the native INT4 experts lossless (MLX 4-bit group 32, the rest bf16: "
-                "about 658 GB for the full model); -q re-quantizes them")
+                "about 658 GB for the full model; here: `kimi-cluster convert "
+                f"{path} OUT --expert-bits 4 --group-size 32 --other-bits 16`); -q re-quantizes them")
     else:
         what = "Hugging Face layout (per-expert tensors, kv_b_proj), not MLX layout"
         size = "converting without -q keeps the weights' precision; -q quantizes them"
@@ -333,10 +335,12 @@ def source_layout_advice(path: Path, config: dict) -> str:
     )
 
 
-def missing_tensors(text: dict, names: set, prefix: str) -> list:
+def missing_tensors(text: dict, tensors: dict, prefix: str) -> list:
     """Tensors a complete checkpoint would also hold: the embedding, final norm and lm_head
     weights, and in every decoder layer each tensor that the other layers of its kind (dense or
-    MoE) hold. Header-only: what an incomplete copy lacks shows before any node loads."""
+    MoE) hold, except the scales and biases of a module a per-module quantization left in float
+    (its weight is not packed). Header-only: what an incomplete copy lacks shows before any node loads."""
+    names = set(tensors)
     required = [f"{prefix}model.embed_tokens.weight", f"{prefix}model.norm.weight"]
     if not text.get("tie_word_embeddings", False):
         required.append(f"{prefix}lm_head.weight")
@@ -352,7 +356,13 @@ def missing_tensors(text: dict, names: set, prefix: str) -> list:
         kinds.setdefault(layer >= dense and layer % freq == 0, set()).update(suffixes)
     for layer in sorted(by_layer):
         expected = kinds[layer >= dense and layer % freq == 0]
-        missing += [f"{prefix}model.layers.{layer}.{s}" for s in sorted(expected - by_layer[layer])]
+        for suffix in sorted(expected - by_layer[layer]):
+            name = f"{prefix}model.layers.{layer}.{suffix}"
+            module, _, kind = name.rpartition(".")
+            weight = tensors.get(f"{module}.weight")
+            if kind in ("scales", "biases") and weight is not None and weight.dtype != "U32":
+                continue
+            missing.append(name)
     return missing
 
 

@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .checkpoint import INDEX_FILE, tensor_part, weight_prefix
 from .slice import LayerRange, build_slice_module, checkpoint_name, quantize_slice
 from .spec import QuantScheme, cast_unquantized, quantization_config
-from .tokenizer import write_tokenizer
+from .tokenizer import write_tiktoken_tokenizer, write_tokenizer
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,71 @@ def _shard_of(part, num_layers: int, num_files: int) -> int:
     return part * num_files // num_layers
 
 
-TINY_MODEL_TYPES = ("kimi_k25", "deepseek_v3")
+TINY_MODEL_TYPES = ("kimi_k25", "deepseek_v3", "kimi_k2")
+# The Hugging Face remote-code classes the published kimi_k2 configs name (nothing here runs them).
+_DEEPSEEK_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                      "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+# The project's own target: routed experts 2-bit, the rest 4-bit.
+DEFAULT_SCHEME = QuantScheme(expert_bits=2, other_bits=4, group_size=64)
+
+
+def _hand_written_overrides(scheme_config: dict, layers: LayerRange, prefix: str) -> dict:
+    """A `quantization` as people write it by hand: the default, then only the modules that differ
+    (one of them `false`: left unquantized)."""
+    default = {"group_size": scheme_config["group_size"], "bits": scheme_config["bits"]}
+    out = dict(default)
+    out.update({name: q for name, q in scheme_config.items() if isinstance(q, dict) and q != default})
+    out[f"{prefix}model.layers.{layers.end - 1}.self_attn.q_a_proj"] = False
+    return out
+
+
+def _override_recipe(prefix: str, last_layer: int):
+    def recipe(name, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if name == f"{prefix}model.layers.{last_layer}.self_attn.q_a_proj":
+            return False
+        if ".switch_mlp." in name:
+            return {"group_size": 32, "bits": 3}
+        if name.endswith("lm_head"):
+            return {"group_size": 128, "bits": 8}
+        return {"group_size": 64, "bits": 4}
+
+    return recipe
+
+
+def _mtp_tensors(shard: dict, prefix: str, last: int) -> dict:
+    """DeepSeek-V3's multi-token-prediction layer after the last decoder layer, as conversions that
+    keep it hold it: a copy of a MoE layer plus its own norms, projection and head."""
+    layer = f"{prefix}model.layers.{last}."
+    mtp = f"{prefix}model.layers.{last + 1}."
+    out = {mtp + n[len(layer):]: v for n, v in shard.items() if n.startswith(layer)}
+    norm = shard[f"{layer}input_layernorm.weight"]
+    hidden = norm.shape[0]
+    out[f"{mtp}enorm.weight"] = norm
+    out[f"{mtp}hnorm.weight"] = norm
+    out[f"{mtp}eh_proj.weight"] = mx.random.normal((hidden, 2 * hidden)).astype(norm.dtype) * (2 * hidden) ** -0.5
+    out[f"{mtp}shared_head.norm.weight"] = norm
+    return out
 
 
 def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type: str = "kimi_k25",
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", scheme: QuantScheme = DEFAULT_SCHEME, recipe: str = "",
+              tokenizer: str = "json", vision: bool = False, mtp: bool = False) -> Path:
     """Write a tiny Kimi checkpoint (weights over `shape.shard_files` files, index, tokenizer).
 
     The real models run in bfloat16; the tiny one defaults to float32 because MLX's CPU backend
     runs bf16 quantized matmuls about 10x slower (90 ms per prompt token here), which would make
     tests and the demo crawl. `dtype="bfloat16"` gives the real target's dtype.
 
-    kimi_k25 is the K2.5/K2.6 layout; deepseek_v3 is the layout mlx-lm gives K2. (A top-level
-    `kimi_k2` config needs the model's remote code for transformers to read it, so not that one.)
+    kimi_k25 is the K2.5/K2.6 layout (text model under `language_model.`, config in `text_config`);
+    kimi_k2 the top-level layout of K2 / K2-Thinking and their MLX conversions; deepseek_v3 the same
+    with the model type mlx-lm maps kimi_k2 to. Quantization: `scheme`, or `recipe` (one of mlx-lm's
+    mixed recipes, or "overrides": a hand-written per-module `quantization`). `tokenizer`: "json"
+    (a tokenizer.json) or "tiktoken" (Kimi's real tokenizer files). `vision` adds stand-ins of
+    K2.5's vision tower and projector (kimi_k25 only), `mtp` the multi-token-prediction layer after
+    the last decoder layer; kimi-cluster ignores both. mlx_kimi.layouts names the published layouts.
     """
     if shape.layers < 2:
         raise ValueError("a Kimi-architecture model needs at least 2 layers (one dense, one MoE)")
@@ -113,33 +166,60 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
         raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
     if model_type not in TINY_MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(TINY_MODEL_TYPES)}, not {model_type!r}")
+    if vision and model_type != "kimi_k25":
+        raise ValueError("only the kimi_k25 layout carries a vision tower")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eos_ids = write_tokenizer(out, vocab_size=shape.vocab_size)
-    added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
-    bos_id = next(t["id"] for t in added if t["content"] == "[BOS]")
-
-    text = tiny_text_config(shape, eos_ids, bos_id, dtype)
-    if model_type == "kimi_k25":
-        config = {"model_type": "kimi_k25", "text_config": text, "eos_token_id": eos_ids}
+    if tokenizer == "tiktoken":
+        eos_ids = write_tiktoken_tokenizer(out, vocab_size=shape.vocab_size)
+        bos_id, config_eos = eos_ids[0] - 1, eos_ids[0]  # [BOS] sits just before [EOS]; <|im_end|> is in generation_config
     else:
-        config = {**text, "architectures": ["DeepseekV3ForCausalLM"]}
+        eos_ids = write_tokenizer(out, vocab_size=shape.vocab_size)
+        added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+        bos_id, config_eos = next(t["id"] for t in added if t["content"] == "[BOS]"), eos_ids
+
+    text = tiny_text_config(shape, config_eos, bos_id, dtype)
+    if model_type == "kimi_k25":
+        if tokenizer == "tiktoken":
+            text["model_type"] = "kimi_k2"  # as in the published K2.5 / K2.6 configs
+        config = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+                  "text_config": text, "eos_token_id": config_eos}
+    else:
+        config = {**text, "architectures": ["DeepseekV3ForCausalLM"], "model_type": model_type}
+        if model_type == "kimi_k2":
+            config["auto_map"] = _DEEPSEEK_AUTO_MAP
 
     mx.random.seed(seed)
     layers = LayerRange(0, shape.layers)
+    prefix = weight_prefix(config)
     module = build_slice_module(config, layers)
     _randomize_routers(module)
-    scheme = QuantScheme(expert_bits=2, other_bits=4, group_size=64)
-    quantize_slice(module, layers, scheme.params)
+    if recipe == "overrides":
+        predicate = _override_recipe(prefix, shape.layers - 1)
+    elif recipe:
+        from .recipe import mlx_lm_recipe
+
+        mixed = mlx_lm_recipe(recipe, config, scheme.group_size)
+        predicate = lambda name, m: hasattr(m, "to_quantized") and mixed(name, m)  # noqa: E731
+    else:
+        predicate = scheme.params
+    quantize_slice(module, layers, predicate)
     cast_unquantized(module, getattr(mx, dtype))
     config["quantization"] = quantization_config(module, layers, scheme)
+    if recipe == "overrides":
+        config["quantization"] = _hand_written_overrides(config["quantization"], layers, prefix)
     config["quantization_config"] = config["quantization"]
 
-    prefix = weight_prefix(config)
     shards = [dict() for _ in range(shape.shard_files)]
     for path, value in tree_flatten(module.parameters()):
         name = checkpoint_name(path, layers)
         shards[_shard_of(tensor_part(name, prefix), shape.layers, shape.shard_files)][name] = value
+    if mtp:
+        shards[-1].update(_mtp_tensors(shards[-1], prefix, shape.layers - 1))
+    if vision:
+        from .official import _vision_tensors
+
+        shards[0].update(_vision_tensors(np.random.default_rng(seed), shape.hidden_size))
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

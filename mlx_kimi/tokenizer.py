@@ -12,6 +12,7 @@ import base64
 import json
 import re
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -222,6 +223,7 @@ raise ImportError("tokenization_kimi.py of a kimi-cluster tiny checkpoint is a s
 '''
 
 
+@lru_cache(maxsize=4)  # tests write many tiny checkpoints with the same vocabulary
 def train_byte_bpe(text: str, num_ranks: int) -> dict[bytes, int]:
     """Byte-level BPE ranks: the 256 bytes, then the most frequent adjacent pair merged until there
     are `num_ranks`. Pairs are counted within whitespace-delimited words, coarser pieces than Kimi's

@@ -253,7 +253,7 @@ def test_hugging_face_layout_detected(copy):
     msg = _open_fails(copy)
     assert str(copy) in msg
     assert "Hugging Face layout" in msg
-    assert "mlx_lm.convert" in msg
+    assert f"kimi-cluster convert {copy} OUT" in msg
 
 
 def test_pristine_checkpoint_opens(tiny_dir):
