@@ -36,17 +36,36 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def model_sizes(model: str, expert_bits, other_bits) -> tuple:
-    """(display name, SizeReport, text config, activation bytes) of a built-in model or a checkpoint."""
-    if model in BUILTIN_MODELS:
-        from mlx_kimi.spec import QuantScheme, describe_sizes
+def quant_scheme(args):
+    """(name, QuantScheme) a built-in model is described under: a preset, or bits and group size."""
+    from mlx_kimi.spec import PRESETS, QuantScheme
 
-        scheme = QuantScheme(expert_bits or 2, other_bits or 4)
-        config = BUILTIN_MODELS[model]
-        return f"{model} ({scheme})", describe_sizes(config, scheme), text_config(config), 2
-    if expert_bits or other_bits:
-        fail("--expert-bits/--other-bits describe a built-in model; a checkpoint's sizes come from its files")
-    checkpoint = open_checkpoint(model)
+    if args.preset:
+        if any(v is not None for v in (args.expert_bits, args.other_bits, args.group_size)):
+            fail("--preset names the bits and group size: give it without --expert-bits/--other-bits/--group-size")
+        if args.preset not in PRESETS:
+            fail(f"unknown preset {args.preset!r}; presets: "
+                 + ", ".join(f"{name} ({scheme})" for name, scheme in PRESETS.items()))
+        return f"{args.preset}: {PRESETS[args.preset]}", PRESETS[args.preset]
+    try:
+        scheme = QuantScheme(args.expert_bits or 2, args.other_bits or 4, args.group_size or 64)
+    except ValueError as e:
+        fail(str(e))
+    return str(scheme), scheme
+
+
+def model_sizes(args) -> tuple:
+    """(display name, SizeReport, text config, activation bytes) of a built-in model or a checkpoint."""
+    if args.model in BUILTIN_MODELS:
+        from mlx_kimi.spec import describe_sizes
+
+        name, scheme = quant_scheme(args)
+        config = BUILTIN_MODELS[args.model]
+        return f"{args.model} ({name})", describe_sizes(config, scheme), text_config(config), 2
+    if any(v is not None for v in (args.expert_bits, args.other_bits, args.group_size, args.preset)):
+        fail("--preset/--expert-bits/--other-bits/--group-size describe a built-in model; a checkpoint's sizes "
+             "come from its files")
+    checkpoint = open_checkpoint(args.model)
     return (f"{checkpoint.path} (model id {checkpoint.model_id[:16]})", checkpoint.sizes(),
             text_config(checkpoint.config), checkpoint.activation_itemsize)
 
@@ -79,7 +98,7 @@ def print_sizes(title: str, sizes: SizeReport) -> None:
 
 
 def cmd_inspect(args) -> None:
-    title, sizes, _, _ = model_sizes(args.model, args.expert_bits, args.other_bits)
+    title, sizes, _, _ = model_sizes(args)
     if args.json:
         print(json.dumps({"model": title, **sizes.to_json()}))
     else:
@@ -89,7 +108,7 @@ def cmd_inspect(args) -> None:
 def cmd_plan(args) -> None:
     from .planner import NodeCapacity, mac_default_usable_bytes, plan_partition, sizes_for_model, usable_from_wired_limit_mb
 
-    title, report, config, itemsize = model_sizes(args.model, args.expert_bits, args.other_bits)
+    title, report, config, itemsize = model_sizes(args)
     sizes = sizes_for_model(report.layer_bytes, report.embed_bytes, report.head_bytes, config, itemsize)
     nodes = []
     for i, total in enumerate(args.node, 1):
@@ -595,6 +614,18 @@ def _memory(text: str) -> int:
     return _size(text)
 
 
+def add_scheme_arguments(p) -> None:
+    """How a built-in model is quantized: a named preset, or bits and group size."""
+    p.add_argument("--preset", help="a published scheme by name: native-int4 (K2-Thinking/K2.5/K2.6 as released: "
+                                    "experts INT4 group 32, rest bf16), 4bit (mlx-community uniform 4-bit), 3bit, "
+                                    "experts2-rest4 (the default), experts2-rest8, experts3-rest6")
+    p.add_argument("--expert-bits", type=int, help="routed-expert bits of a built-in model (default 2)")
+    p.add_argument("--other-bits", type=int,
+                   help="bits of every other weight of a built-in model (default 4; 16: unquantized bf16)")
+    p.add_argument("--group-size", type=int, help="quantization group size of a built-in model: 32, 64 (default) "
+                                                  "or 128")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -603,16 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="exact bytes per layer of a checkpoint or a built-in model")
-    p.add_argument("model", help=f"checkpoint directory or one of {', '.join(BUILTIN_MODELS)}")
-    p.add_argument("--expert-bits", type=int, help="routed-expert bits of a built-in model (default 2)")
-    p.add_argument("--other-bits", type=int, help="bits of every other weight of a built-in model (default 4)")
+    p.add_argument("model", help=f"checkpoint directory, Hugging Face repo id in the local cache, or one of "
+                                 f"{', '.join(BUILTIN_MODELS)}")
+    add_scheme_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="what-if: would this model fit on these Macs, and how would it be split")
-    p.add_argument("--model", required=True, help=f"checkpoint directory or one of {', '.join(BUILTIN_MODELS)}")
-    p.add_argument("--expert-bits", type=int, help="routed-expert bits of a built-in model (default 2)")
-    p.add_argument("--other-bits", type=int, help="bits of every other weight of a built-in model (default 4)")
+    p.add_argument("--model", required=True, help=f"checkpoint directory, Hugging Face repo id in the local cache, "
+                                                  f"or one of {', '.join(BUILTIN_MODELS)}")
+    add_scheme_arguments(p)
     p.add_argument("--node", type=_mac_memory, action="append", required=True, metavar="SIZE",
                    help="a Mac with SIZE of unified memory, e.g. 192GB (repeat per Mac); GB and TB mean what "
                         "Apple means by them, GiB and TiB: a 192GB Mac has 192 x 2^30 bytes")

@@ -67,6 +67,14 @@ def runs(tiny_dir, tmp_path_factory):
             "tiny-json": ["inspect", str(tiny_dir), "--json"],
             "make-tiny": ["make-tiny", str(made), "--dtype", dtype],
             "nonexistent": ["inspect", "/nonexistent/kimi-ckpt"],
+            "preset-native-int4": ["inspect", "kimi-k2.5", "--preset", "native-int4", "--json"],
+            "flags-native-int4": ["inspect", "kimi-k2.6", "--expert-bits", "4", "--other-bits", "16",
+                                  "--group-size", "32", "--json"],
+            "preset-4bit": ["inspect", "kimi-k2", "--preset", "4bit", "--json"],
+            "plan-native-int4": ["plan", "--model", "kimi-k2.5", "--preset", "native-int4", "--node", "512GB",
+                                 "--node", "512GB", "--json"],
+            "preset-unknown": ["inspect", "kimi-k2.5", "--preset", "5bit"],
+            "group-bad": ["inspect", "kimi-k2.5", "--group-size", "48"],
             "hub-cache": ["inspect", REPO, "--json"],
             "hub-home": ["inspect", REPO, "--json"],
             "hub-missing": ["inspect", "mlx-community/Kimi-K2-Thinking"],
@@ -112,6 +120,42 @@ def test_builtin_sizes_match_the_facts_table(scheme, runs):
     assert _close(report["embed_bytes"] + report["head_bytes"], embed_head)
     assert report["total_bytes"] == sum(e["bytes"] for e in layers) + report["embed_bytes"] + report["head_bytes"]
     assert f"experts {scheme[0]}-bit, rest {scheme[1]}-bit" in report["model"]
+
+
+# preset -> (total GB, one MoE layer GB, layer 0 GB, embed + head GB) from the facts table, and the
+# exact bytes this project computes (README "Sizes of what people download").
+PRESET_FACTS = {
+    "native-int4": ((657.6, 10.866, 0.995, 4.70), 657_623_228_416),
+    "4bit": ((577.6, 9.600, 0.280, 1.32), 577_593_561_088),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_FACTS))
+def test_presets_match_the_facts_table(preset, runs):
+    report = _json(runs[f"preset-{preset}"])
+    (total, moe, layer0, embed_head), exact = PRESET_FACTS[preset]
+    layers = report["layers"]
+    assert _close(report["total_bytes"], total) and report["total_bytes"] == exact
+    assert _close(layers[0]["bytes"], layer0) and _close(layers[1]["bytes"], moe)
+    assert _close(report["embed_bytes"] + report["head_bytes"], embed_head)
+    assert preset in report["model"]
+
+
+def test_native_int4_is_experts_4bit_group_32_rest_16bit(runs):
+    """The preset is the same scheme spelled out: 16-bit (unquantized bf16) non-expert part, group 32;
+    and plan places exactly those bytes."""
+    assert _json(runs["flags-native-int4"])["total_bytes"] == PRESET_FACTS["native-int4"][1]
+    assert "rest 16-bit (unquantized), group 32" in _json(runs["flags-native-int4"])["model"]
+    plan = _json(runs["plan-native-int4"])
+    assert plan["feasible"] and plan["total_bytes"] == PRESET_FACTS["native-int4"][1]
+    assert sum(st["weight_bytes"] for st in plan["stages"]) == plan["total_bytes"]
+
+
+def test_scheme_errors_name_what_is_allowed(runs):
+    unknown, bad_group = runs["preset-unknown"], runs["group-bad"]
+    assert unknown.returncode != 0 and "unknown preset '5bit'" in unknown.stderr and "native-int4" in unknown.stderr
+    assert bad_group.returncode != 0 and "group size 48" in bad_group.stderr and "32, 64, 128" in bad_group.stderr
+    assert "Traceback" not in unknown.stderr + bad_group.stderr
 
 
 def test_inspect_tiny_checkpoint(runs, tiny_dir):
