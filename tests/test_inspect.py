@@ -207,3 +207,16 @@ def test_repo_id_not_in_the_cache_says_how_to_download_it(runs):
     assert "`hf download mlx-community/Kimi-K2-Thinking`" in run.stderr
     assert "--local-dir Kimi-K2-Thinking" in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_up_with_a_repo_id_serves_the_cached_snapshot(tiny_dir, oracle, chat_prompt_ids, tmp_path):
+    """`up --model ORG/NAME` runs the snapshot the cache's refs/main names, as `--model DIR` would."""
+    from harness import LocalCluster, oracle_reply, test_env
+
+    hf_cache(tmp_path / "hf" / "hub", REPO, tiny_dir)
+    env = {**test_env(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    with LocalCluster(tmp_path, REPO, stages=1, env=env) as cluster:
+        tokens, _ = cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=4)
+        assert cluster.memory_map().model == REPO
+    assert list(tokens) == oracle_reply(oracle, chat_prompt_ids, 4)
