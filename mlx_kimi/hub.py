@@ -27,13 +27,16 @@ def resolve_model_dir(model) -> Path:
     if path.exists() or not looks_like_repo_id(str(model)):
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # the files mlx-lm fetches: a snapshot needs only those
 
     try:
-        return Path(snapshot_download(str(model), local_files_only=True))
+        return Path(snapshot_download(str(model), local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except IncompleteSnapshotError as e:
+        raise FileNotFoundError(f"{model}: the snapshot in the local Hugging Face cache ({HF_HUB_CACHE}) is "
+                                f"incomplete ({e}); finish the download: `hf download {model}`") from None
     except LocalEntryNotFoundError:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
         raise FileNotFoundError(
             f"{model}: not a directory, and not in the local Hugging Face cache ({HF_HUB_CACHE}); "
             f"{download_advice(str(model))}. kimi-cluster never downloads weights itself."
