@@ -189,23 +189,28 @@ def _secret(args, create=False) -> bytes:
 
 
 class LoadBars:
-    """One rich progress bar per node while slices load. A round of bars starts with the first
-    update and ends when every node of the round is done: the first round is the whole plan (so a
-    fast node finishing early does not end it), a later one a node loaded again on its own."""
+    """One rich progress bar per node while slices arrive and load: `receiving NODE` while the node
+    fetches parts it lacks, then `loading NODE`, with rate and time left. A round of bars starts with
+    the first update and ends when every node of the round is done: the first round is the whole plan
+    (so a fast node finishing early does not end it), a later one a node loaded again on its own."""
+
+    PHASES = {"transfer": "receiving", "load": "loading"}
 
     def __init__(self, coordinator, console: Console):
         self.coordinator, self.console = coordinator, console
         self.progress, self.tasks, self.rounds = None, {}, 0
+        self.phases, self.done = {}, set()
         self._lock = threading.Lock()
 
     def _start_round(self, name: str, update):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
 
         plan = self.coordinator.plan
         names = [s.node for s in plan.stages] if self.rounds == 0 and plan else []
-        self.progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), DownloadColumn(),
-                                 console=self.console)
-        self.tasks = {}
+        self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=self.console)
+        self.tasks, self.phases, self.done = {}, {}, set()
         for node in names if name in names else [name]:
             stage = next((s for s in plan.stages if s.node == node), None) if plan else None
             self.tasks[node] = self.progress.add_task(f"loading {node}",
@@ -219,10 +224,15 @@ class LoadBars:
                 if self.progress is not None:  # a node outside this round: finish the round's bars first
                     self.progress.stop()
                 self._start_round(name, update)
-            self.progress.update(self.tasks[name], completed=update.bytes_done, total=update.bytes_total)
+            task, phase = self.tasks[name], update.phase or "load"
+            if self.phases.get(name) != phase:  # receiving, then loading: each phase's bar and rate afresh
+                self.phases[name] = phase
+                self.progress.reset(task, total=update.bytes_total, description=f"{self.PHASES.get(phase, phase)} {name}")
+            self.progress.update(task, completed=update.bytes_done, total=update.bytes_total)
             if update.done:
-                self.progress.update(self.tasks[name], completed=update.bytes_total)
-            if all(t.finished for t in self.progress.tasks):
+                self.progress.update(task, completed=update.bytes_total)
+                self.done.add(name)
+            if self.done >= set(self.tasks):
                 self.progress.stop()
                 self.progress = None
 
@@ -235,7 +245,11 @@ def serve(args, secret: bytes):
     from .generated import kimi_cluster_pb2_grpc as pb_grpc
     from .identity import fingerprint
     from .machine import describe_machine, node_id
+    from mlx_kimi.slice_cache import SliceCache
+
+    from .auth import config_dir
     from .node import NodeService
+    from .transfer import SliceStore, SlicesService
     from .wire import ListenError, make_server
 
     name = args.name or socket.gethostname().split(".")[0]
@@ -246,14 +260,19 @@ def serve(args, secret: bytes):
     except ListenError as e:
         fail(str(e))
     address = f"{args.host}:{port}"
-    node = NodeService(name, this_id, address, machine, secret, session_ttl_s=args.session_ttl)
+    slices = SliceStore(SliceCache(args.cache_dir or config_dir() / "cache"),
+                        [open_checkpoint(args.model_dir)] if args.model_dir else [])
+    node = NodeService(name, this_id, address, machine, secret, slices, session_ttl_s=args.session_ttl,
+                       max_transfer_rate=args.max_transfer_rate or 0)
     pb_grpc.add_NodeServicer_to_server(node, server)
+    pb_grpc.add_SlicesServicer_to_server(SlicesService(slices), server)
     zeroconf = advertiser = coordinator = None
     if not args.no_mdns:
         zeroconf = open_zeroconf(args.host)
     if args.model:
         coordinator = Coordinator(node, args.model, secret, args.peer, context=args.context,
                                   min_nodes=args.nodes, zeroconf=zeroconf, take_over=args.take_over)
+        slices.checkpoints[coordinator.checkpoint.model_id] = coordinator.checkpoint
         pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     server.start()
     if zeroconf:
@@ -683,6 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS")
     p.add_argument("--secret-file", type=Path, help=secret_help)
     p.add_argument("--model", help="checkpoint directory: also run the coordinator")
+    p.add_argument("--model-dir", type=Path, help="a copy of the checkpoint on this machine: load from it instead "
+                   "of receiving the slice from the coordinator")
+    p.add_argument("--cache-dir", type=Path, help="where received slices are kept (default: the cache folder "
+                   "beside the cluster secret)")
+    p.add_argument("--max-transfer-rate", type=_size, metavar="SIZE",
+                   help="receive slices at most this many bytes per second, e.g. 500MB")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a node to include (repeat)")
     p.add_argument("--context", type=int, default=32768, help="tokens of KV cache to plan for (default 32768)")
     p.add_argument("--nodes", type=int, metavar="N",

@@ -15,7 +15,7 @@ import grpc
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_kimi.checkpoint import CheckpointError, open_checkpoint
+from mlx_kimi.checkpoint import CheckpointError, text_config
 from mlx_kimi.slice import LayerRange, ModelSlice, load_slice
 
 from . import __version__
@@ -23,6 +23,7 @@ from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .link import ForwardLink, StageError
 from .machine import Machine
+from .transfer import SliceFetcher, SliceStore, TransferError
 from .wire import FAILED_NODE_KEY, WireError, check_tensor, decode_tensor, encode_tensor, node_stub, open_channel
 
 log = logging.getLogger("kimi_cluster.node")
@@ -122,6 +123,8 @@ class LocalStage:
     num_layers: int
     kv_budget_bytes: int
     next_link: ForwardLink | None = None  # the stage after this one; None on the last
+    source: str = ""         # where the slice came from (a local directory, the cache, or peers)
+    received_bytes: int = 0  # of the slice, over the network
 
     @property
     def next_name(self) -> str:
@@ -144,8 +147,9 @@ class Owner:
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, name: str, node_id: str, address: str, machine: Machine, secret: bytes,
-                 session_ttl_s: float = 600.0):
+                 slices: SliceStore, session_ttl_s: float = 600.0, max_transfer_rate: float = 0.0):
         self.name, self.node_id, self.address = name, node_id, address
+        self.slices, self.max_transfer_rate = slices, max_transfer_rate
         self.machine, self.secret = machine, secret
         self.session_ttl_s = session_ttl_s
         self.coordinator_address = ""
@@ -180,6 +184,8 @@ class NodeService(pb_grpc.NodeServicer):
                 model_id=stage.model_id, model_name=stage.model_name, start=stage.slice.layers.start,
                 end=stage.slice.layers.end, num_layers=stage.num_layers, weight_bytes=stage.slice.nbytes(),
                 kv_budget_bytes=stage.kv_budget_bytes, next_address=stage.next_address, next_name=stage.next_name,
+                source=stage.source, received_bytes=stage.received_bytes,
+                cache_bytes=self.slices.cache.model_bytes(stage.model_id),
             ))
         return reply
 
@@ -250,7 +256,9 @@ class NodeService(pb_grpc.NodeServicer):
         owner.seen = time.monotonic()
 
     def load(self, request: pb.LoadRequest, progress) -> LocalStage:
-        """Load layers [start, end) of the checkpoint at request.model_path (on the compute thread)."""
+        """Load layers [start, end) of model request.model_id: from a checkpoint this node was given,
+        else from its cache, after fetching what the cache lacks from the request's sources.
+        `progress(done, total, phase)`."""
         layers = LayerRange(request.start, request.end)
         with self._lock:
             self._take_ownership(request)
@@ -266,32 +274,33 @@ class NodeService(pb_grpc.NodeServicer):
                         stage.next_link.close()
                     stage.next_link = self._link(request.next_name, request.next_address)
                 n = stage.slice.nbytes()
-                progress(n, n)
+                progress(n, n, "load")
                 return stage
             if stage and stage.next_link:
                 stage.next_link.close()
             self.stage = None
             self.sessions.clear()
 
+        fetcher = SliceFetcher(self.slices, self.secret, lambda done, total: progress(done, total, "transfer"),
+                               self.max_transfer_rate)
+        # Never a path from the request: a path on the coordinator's Mac means nothing here.
+        checkpoint, received = fetcher.checkpoint(request.model_id, request.start, request.end,
+                                                  list(request.sources) or [request.coordinator])
+
         def work():
             mx.clear_cache()
-            checkpoint = open_checkpoint(request.model_path)
-            if request.model_id and checkpoint.model_id != request.model_id:
-                raise CheckpointError(
-                    f"{checkpoint.path}: holds model {checkpoint.model_id[:16]}, but the coordinator "
-                    f"serves {request.model_id[:16]}; give every node the same checkpoint"
-                )
-            return checkpoint, load_slice(checkpoint, layers, progress)
+            return load_slice(checkpoint, layers, lambda done, total: progress(done, total, "load"))
 
-        checkpoint, model_slice = self.worker.run(work)
+        model_slice = self.worker.run(work)
         stage = LocalStage(
-            slice=model_slice, model_id=checkpoint.model_id, model_name=checkpoint.name,
-            num_layers=checkpoint.num_layers, kv_budget_bytes=request.kv_budget_bytes,
+            slice=model_slice, model_id=request.model_id, model_name=checkpoint.name,
+            num_layers=text_config(checkpoint.config)["num_hidden_layers"], kv_budget_bytes=request.kv_budget_bytes,
             next_link=self._link(request.next_name, request.next_address),
+            source=received.source, received_bytes=received.received_bytes,
         )
         with self._lock:
             self.stage = stage
-        log.info("loaded %s layers %s (%d bytes)", checkpoint.name, layers, model_slice.nbytes())
+        log.info("loaded %s layers %s (%d bytes; %s)", checkpoint.name, layers, model_slice.nbytes(), received.source)
         return stage
 
     def _link(self, name: str, address: str) -> ForwardLink | None:
@@ -482,8 +491,8 @@ class NodeService(pb_grpc.NodeServicer):
     def Load(self, request, context):
         updates = queue.Queue()
 
-        def progress(done, all_bytes):
-            updates.put(pb.LoadProgress(bytes_done=done, bytes_total=all_bytes))
+        def progress(done, all_bytes, phase):
+            updates.put(pb.LoadProgress(bytes_done=done, bytes_total=all_bytes, phase=phase))
 
         result = Future()
 
@@ -501,11 +510,13 @@ class NodeService(pb_grpc.NodeServicer):
             stage = result.result()
         except StageError as e:
             context.abort(e.code, e.message)
+        except TransferError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} cannot receive its slice: {e}")
         except (CheckpointError, ValueError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: {e}")
         except Exception as e:
             log.exception("load failed")
             context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: loading failed: {e}")
         n = stage.slice.nbytes()
-        yield pb.LoadProgress(bytes_done=n, bytes_total=n, done=True,
-                              message=f"{self.name} holds layers {stage.slice.layers}")
+        yield pb.LoadProgress(bytes_done=n, bytes_total=n, done=True, phase="load",
+                              message=f"{self.name} holds layers {stage.slice.layers} ({stage.source})")

@@ -229,7 +229,7 @@ class SliceFetcher:
         bad = {}  # chunk index -> sources whose copy failed its sha256
         errors = []
         with self.store.cache.receiving(model_id, manifest) as writer:
-            self._count(writer.next_chunk and manifest.chunk_span(writer.next_chunk - 1)[1], 0)
+            self._count(writer.verified_bytes(), 0)
             attempt = 0
             while not writer.done:
                 if attempt >= len(order) * MAX_BAD_CHUNKS:
@@ -241,6 +241,7 @@ class SliceFetcher:
                 try:
                     for chunk in call:
                         self._count(0, len(chunk.data))
+                        self._pace()
                         if not writer.write(chunk.index, chunk.data):
                             bad.setdefault(chunk.index, []).append(source.address)
                             log.warning("chunk %d of %s from %s fails its sha256; fetching it again",
@@ -252,7 +253,6 @@ class SliceFetcher:
                             call.cancel()
                             break
                         self._count(len(chunk.data), 0)
-                        self._pace()
                 except grpc.RpcError as e:
                     if e.code() != grpc.StatusCode.CANCELLED:
                         errors.append(f"{source.address}: {e.details()}")

@@ -261,14 +261,19 @@ class SliceCache:
                 tensors[tname] = TensorInfo(tname, manifest.file, dtype, shape, _nbytes(dtype, shape))
         return Checkpoint(path, config, tensors, model_id)
 
+    def model_bytes(self, model_id: str) -> int:
+        """What one model takes in the cache (0 when it is not there)."""
+        key = self.root / model_id[:32]
+        return sum(f.stat().st_size for f in key.rglob("*") if f.is_file()) if key.is_dir() else 0
+
     def models(self) -> list:
         out = []
         for info in sorted(self.root.glob(f"*/{MODEL_FILE}")):
             data = json.loads(info.read_text())
             path = info.parent / data["model_name"]
             parts = sorted(p.stem for p in path.glob("*.safetensors") if (path / f"{p.stem}.json").exists())
-            size = sum(f.stat().st_size for f in info.parent.rglob("*") if f.is_file())
-            out.append(CachedModel(data["model_id"], data["model_name"], path, parts, size))
+            out.append(CachedModel(data["model_id"], data["model_name"], path, parts,
+                                   self.model_bytes(data["model_id"])))
         return out
 
     def prune(self, keep_model_ids=()) -> list:
@@ -309,8 +314,13 @@ class PartWriter:
                 if len(data) != end - begin or digest(data) != want:
                     break
                 verified = i + 1
-            f.truncate(len(self.header) + self.manifest.chunk_span(verified)[0])
+            f.truncate(len(self.header) + self.verified_bytes(verified))
         return verified
+
+    def verified_bytes(self, chunks: int | None = None) -> int:
+        """Data bytes in the first `chunks` chunks (default: those written so far)."""
+        chunks = self.next_chunk if chunks is None else chunks
+        return self.manifest.chunk_span(chunks - 1)[1] if chunks else 0
 
     @property
     def done(self) -> bool:

@@ -171,3 +171,19 @@ def test_a_model_no_source_holds_is_named(tmp_path, coordinator):
     fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
     with pytest.raises(TransferError, match="no source holds model"):
         fetcher.checkpoint("0" * 64, 0, 1, [coordinator.address])
+
+
+def test_a_part_received_whole_but_not_yet_put_in_place_is_not_sent_again(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    part = "layer-0001"
+    src = coordinator.source()
+    cache = SliceCache(tmp_path / "worker")
+    cache.add_model(source.model_id, source.name, source.config)
+    manifest = SliceFetcher(SliceStore(cache), SECRET)._ask(source.model_id, [part], [src])[part][0].parts[part]
+    with cache.receiving(source.model_id, manifest) as writer:  # killed before complete()
+        for chunk in src.stub.FetchPart(pb.FetchPartRequest(model_id=source.model_id, part=part), timeout=30):
+            assert writer.write(chunk.index, chunk.data)
+    fetcher = SliceFetcher(SliceStore(cache), SECRET)
+    fetcher.checkpoint(source.model_id, 1, 2, [coordinator.address])
+    assert fetcher.received == 0
+    assert cache.verify(source.model_id, part) is None

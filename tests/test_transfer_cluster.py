@@ -1,0 +1,117 @@
+"""Only the coordinator holds the checkpoint: workers that cannot read its disk receive exactly their
+slices over the cluster's channel, resume a transfer cut by a kill, find a corrupt cached part at
+load, and the cluster's greedy tokens equal mlx-lm's."""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from cluster.generated import kimi_cluster_pb2 as pb
+from mlx_kimi.checkpoint import open_checkpoint, tensor_part
+from mlx_kimi.slice_cache import SliceCache, part_name, slice_parts
+
+from cluster.client import read_reply
+from cluster.wire import coordinator_stub, node_stub, open_channel
+
+import harness
+from harness import KIMI, START_TIMEOUT_S, launch_node, oracle_reply, poll, start_node, wait_for_log
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root and unshare(1): workers run in a private mount namespace where the checkpoint is hidden",
+)
+
+
+def hidden_node(workdir, name, hide, env, port=0, extra=()):
+    """A worker in its own mount namespace with an empty tmpfs over `hide` (the checkpoint's parent)."""
+    up = [KIMI, "up", "--host", "127.0.0.1", "--port", str(port), "--name", name, "--memory", "1GB",
+          "--no-mdns", "--cache-dir", str(workdir / f"{name}-cache"), *extra]
+    script = f'mount -t tmpfs none "{hide}" && exec "$@"'
+    return launch_node(workdir, name, ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *up],
+                       env)
+
+
+def slice_bytes(checkpoint, start, end) -> int:
+    names = slice_parts(start, end, checkpoint.num_layers)
+    return sum(t.nbytes for t in checkpoint.tensors.values()
+               if part_name(tensor_part(t.name, checkpoint.prefix)) in names)
+
+
+def held_bytes(cache_dir) -> int:
+    """Data bytes of the complete parts in a node's cache."""
+    cache = SliceCache(cache_dir)
+    return sum(cache.manifest(m.model_id, p).data_bytes for m in cache.models() for p in m.parts)
+
+
+def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, oracle, tmp_path):
+    checkpoint = open_checkpoint(tiny_dir)
+    hide = tiny_dir.parent
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            f'mount -t tmpfs none "{hide}" && ls "{tiny_dir}"'], capture_output=True, text=True)
+    assert probe.returncode != 0, "the checkpoint is still readable inside the workers' namespace"
+
+    env = harness.test_env(tmp_path / "home")
+    peer1 = hidden_node(tmp_path, "peer1", hide, env)
+    # peer2 receives slowly, so it can be killed halfway through its transfer.
+    peer2 = hidden_node(tmp_path, "peer2", hide, env, extra=["--max-transfer-rate", "1MB"])
+    port2 = peer2.address.rsplit(":", 1)[1]
+    coord = start_node(tmp_path, "coord", model=tiny_dir, peers=[peer1.address, peer2.address], env=env,
+                       extra=["--cache-dir", str(tmp_path / "coord-cache")])
+    nodes = [peer1, peer2, coord]
+    try:
+        wait_for_log(peer2, r"received (embed|layer-\d+|head)")
+        peer2.kill(signal.SIGKILL)
+        before = held_bytes(tmp_path / "peer2-cache")
+        peer2 = hidden_node(tmp_path, "peer2", hide, env, port=int(port2))
+        nodes[1] = peer2
+        coord.wait_for(r"cluster ready", timeout=START_TIMEOUT_S)
+
+        secret = env["KIMI_CLUSTER_SECRET"].encode()
+        infos = {n.name: info(n, secret) for n in nodes}
+        for name in ("peer1", "peer2"):
+            loaded = infos[name].loaded
+            want = slice_bytes(checkpoint, loaded.start, loaded.end)
+            assert loaded.source == f"fetched from {coord.address}", loaded
+            cache_dir = tmp_path / f"{name}-cache"
+            on_disk = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+            assert want <= on_disk <= want * 1.01 + 64 * 1024, (name, want, [(f.name, f.stat().st_size) for f in cache_dir.rglob("*")])
+            assert held_bytes(cache_dir) == want == loaded.cache_bytes - (on_disk - want)
+            if name == "peer1":
+                assert loaded.received_bytes == want
+            else:  # what peer2 had verified before the kill did not travel again
+                assert 0 < before < want
+                assert loaded.received_bytes == want - before, (want, before, loaded.received_bytes)
+        assert infos["coord"].loaded.source == f"local {tiny_dir}"
+        client = coordinator_stub(open_channel(coord.address, secret))
+        prompt = [1, 2, 3, 4, 5]
+        reply = read_reply(client.Generate(pb.GenerateRequest(prompt_tokens=prompt, max_tokens=24), timeout=120))
+        assert reply.token_ids == oracle_reply(oracle, prompt, 24)
+
+        # A byte of peer1's cached slice rots while it is down: found at load, fetched again.
+        port1 = int(peer1.address.rsplit(":", 1)[1])
+        peer1.kill(signal.SIGKILL)
+        cache = SliceCache(tmp_path / "peer1-cache")
+        (model,) = cache.models()
+        rotten = model.path / f"{model.parts[-1]}.safetensors"
+        data = bytearray(rotten.read_bytes())
+        data[-100] ^= 0x10
+        rotten.write_bytes(bytes(data))
+        peer1 = nodes[0] = hidden_node(tmp_path, "peer1", hide, env, port=port1)
+        wait_for_log(peer1, rf"cached part {model.parts[-1]} is corrupt \(.*fails its sha256\); fetching it again")
+        poll(lambda: info(peer1, secret).loaded.received_bytes, lambda n: n > 0, 60, "peer1 to load again")
+        assert info(peer1, secret).loaded.received_bytes == cache.manifest(model.model_id, model.parts[-1]).data_bytes
+        assert cache.verify(model.model_id, model.parts[-1]) is None
+        poll(lambda: client.MemoryMap(pb.MemoryMapRequest(), timeout=10).state, lambda s: s == "ready", 60,
+             "the cluster to be ready again")
+        reply = read_reply(client.Generate(pb.GenerateRequest(prompt_tokens=prompt, max_tokens=24), timeout=120))
+        assert reply.token_ids == oracle_reply(oracle, prompt, 24)
+    finally:
+        for n in nodes:
+            n.kill()
+
+
+def info(node, secret) -> pb.NodeInfo:
+    return node_stub(open_channel(node.address, secret)).Info(pb.InfoRequest(), timeout=10)
