@@ -114,7 +114,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, self.id,
                                self.local.node_id, self.take_over, drop_sessions)
         if error := load_member(self.chain[index], request, self.on_load_progress):
-            self.message = error
+            self._status(error)
             return False
         return True
 
@@ -139,6 +139,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if all(m.status == "ready" for m in self.chain):
                 self.state, self.message = "ready", ""
                 self.ready.set()
+            elif any(m.status == "cannot receive" for m in self.chain):
+                self.state = "waiting"  # for that node to be given room (its load named it and the reason)
+                self.ready.clear()
             elif any(m.status in ("lost", "failed") for m in self.chain):
                 lost = [m.name for m in self.chain if m.status in ("lost", "failed")]
                 self.state = "degraded"
@@ -266,6 +269,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             if m.status != "lost" and info.HasField("loaded"):
                 entry.resident_bytes = info.loaded.weight_bytes
                 entry.kv_bytes = info.kv_bytes
+                entry.source, entry.cache_bytes = info.loaded.source, info.loaded.cache_bytes
             entry.free_bytes = max(0, info.usable_bytes - entry.resident_bytes - entry.kv_bytes)
             reply.nodes.append(entry)
         return reply

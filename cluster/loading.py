@@ -14,6 +14,7 @@ from mlx_kimi.checkpoint import text_config
 from .generated import kimi_cluster_pb2 as pb
 from .membership import Member
 from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, sizes_for_model
+from .transfer import CANNOT_RECEIVE
 from .wire import CHUNK_PAYLOAD_BYTES
 
 log = logging.getLogger("kimi_cluster.loading")
@@ -46,8 +47,10 @@ def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: s
                  owner: str, take_over: bool = False, drop_sessions: bool = False) -> pb.LoadRequest:
     stage = plan.stages[index]
     after = chain[index + 1] if index + 1 < len(chain) else None
+    # Any other node of the chain may hold parts of the slice (in its cache, from an earlier plan).
+    peers = [m.address for i, m in enumerate(chain) if i != index and m.address != coordinator]
     return pb.LoadRequest(
-        model_path=str(checkpoint.path.resolve()), model_id=checkpoint.model_id,
+        model_id=checkpoint.model_id, sources=[coordinator, *peers],
         start=stage.start, end=stage.end,
         kv_budget_bytes=max(0, stage.usable_bytes - stage.weight_bytes - stage.scratch_bytes),
         next_address=after.address if after else "", next_name=after.name if after else "",
@@ -58,14 +61,18 @@ def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: s
 
 def load_member(member: Member, request: pb.LoadRequest, on_progress) -> str | None:
     """Load `member`'s slice, following its progress; None when done, else what went wrong
-    (the member is then `lost` when unreachable, `failed` otherwise)."""
+    (the member is then `lost` when unreachable, `cannot receive` when it cannot take its slice's
+    parts, `failed` otherwise)."""
     member.status = "loading"
     try:
         for update in member.stub.Load(request, timeout=LOAD_TIMEOUT_S):
             on_progress(member.name, update)
     except grpc.RpcError as e:
-        lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)  # gone, or serves another
-        member.status = "lost" if lost else "failed"
+        if e.code() == CANNOT_RECEIVE:
+            member.status = "cannot receive"
+        else:
+            lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)  # gone, or serves another
+            member.status = "lost" if lost else "failed"
         message = f"loading {member.name} failed: {e.details()}"
         log.error(message)
         return message

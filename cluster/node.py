@@ -23,7 +23,7 @@ from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .link import ForwardLink, StageError
 from .machine import Machine
-from .transfer import SliceFetcher, SliceStore, TransferError
+from .transfer import CANNOT_RECEIVE, SliceFetcher, SliceStore, TransferError
 from .wire import FAILED_NODE_KEY, WireError, check_tensor, decode_tensor, encode_tensor, node_stub, open_channel
 
 log = logging.getLogger("kimi_cluster.node")
@@ -285,7 +285,7 @@ class NodeService(pb_grpc.NodeServicer):
                                self.max_transfer_rate)
         # Never a path from the request: a path on the coordinator's Mac means nothing here.
         checkpoint, received = fetcher.checkpoint(request.model_id, request.start, request.end,
-                                                  list(request.sources) or [request.coordinator])
+                                                  list(request.sources))
 
         def work():
             mx.clear_cache()
@@ -511,7 +511,7 @@ class NodeService(pb_grpc.NodeServicer):
         except StageError as e:
             context.abort(e.code, e.message)
         except TransferError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} cannot receive its slice: {e}")
+            context.abort(CANNOT_RECEIVE, f"node {self.name} cannot receive its slice: {e}")
         except (CheckpointError, ValueError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: {e}")
         except Exception as e:

@@ -32,6 +32,11 @@ PART_TIMEOUT_S = 3600.0
 MAX_BAD_CHUNKS = 2          # the same chunk failing its sha256 this often stops the transfer
 
 
+# The status of a Load that failed because the node cannot receive its slice (disk full, a chunk
+# failing its sha256 twice, no source holding a part): the cluster waits for that node.
+CANNOT_RECEIVE = grpc.StatusCode.DATA_LOSS
+
+
 class TransferError(Exception):
     """This node cannot receive its slice; the message says why and what to do."""
 

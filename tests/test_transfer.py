@@ -3,17 +3,13 @@ is checked, a cut transfer resumes after its last verified chunk, a corrupt chun
 and a corrupt cached part is found before it is loaded."""
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
-
-import grpc
 import mlx.core as mx
 import pytest
 
-from cluster.auth import AuthInterceptor
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
 from cluster.transfer import SliceFetcher, SliceStore, SlicesService, Source, TransferError
-from cluster.wire import SERVER_OPTIONS, open_channel
+from cluster.wire import make_server, open_channel
 from mlx_kimi.checkpoint import open_checkpoint, tensor_part
 from mlx_kimi.slice import LayerRange, load_slice
 from mlx_kimi.slice_cache import SliceCache, part_name, slice_parts
@@ -27,10 +23,9 @@ class Server:
 
     def __init__(self, cache_dir, checkpoints=()):
         self.store = SliceStore(SliceCache(cache_dir), checkpoints, chunk_bytes=CHUNK)
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(SECRET)],
-                                  options=SERVER_OPTIONS)
+        self.server, port = make_server("127.0.0.1", 0, SECRET, "node")
         pb_grpc.add_SlicesServicer_to_server(SlicesService(self.store), self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.address = f"127.0.0.1:{port}"
         self.server.start()
 
     def source(self) -> Source:

@@ -35,7 +35,10 @@ def hidden_node(workdir, name, hide, env, port=0, extra=()):
 
 
 def slice_bytes(checkpoint, start, end) -> int:
-    names = slice_parts(start, end, checkpoint.num_layers)
+    return slice_bytes_of(checkpoint, slice_parts(start, end, checkpoint.num_layers))
+
+
+def slice_bytes_of(checkpoint, names) -> int:
     return sum(t.nbytes for t in checkpoint.tensors.values()
                if part_name(tensor_part(t.name, checkpoint.prefix)) in names)
 
@@ -44,6 +47,17 @@ def held_bytes(cache_dir) -> int:
     """Data bytes of the complete parts in a node's cache."""
     cache = SliceCache(cache_dir)
     return sum(cache.manifest(m.model_id, p).data_bytes for m in cache.models() for p in m.parts)
+
+
+def partial_bytes(cache_dir, checkpoint) -> int:
+    """Data bytes of parts received whole but not yet put in place when the node was killed (a
+    tiny model's part is one chunk, so a partial part holds all its chunk or none verified)."""
+    total = 0
+    for partial in cache_dir.rglob("*.safetensors.partial"):
+        raw = partial.read_bytes()
+        data = len(raw) - 8 - int.from_bytes(raw[:8], "little")
+        total += data if data == slice_bytes_of(checkpoint, [partial.name.split(".")[0]]) else 0
+    return total
 
 
 def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, oracle, tmp_path):
@@ -64,12 +78,12 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
     try:
         wait_for_log(peer2, r"received (embed|layer-\d+|head)")
         peer2.kill(signal.SIGKILL)
-        before = held_bytes(tmp_path / "peer2-cache")
+        before = held_bytes(tmp_path / "peer2-cache") + partial_bytes(tmp_path / "peer2-cache", checkpoint)
         peer2 = hidden_node(tmp_path, "peer2", hide, env, port=int(port2))
         nodes[1] = peer2
         coord.wait_for(r"cluster ready", timeout=START_TIMEOUT_S)
 
-        secret = env["KIMI_CLUSTER_SECRET"].encode()
+        secret = bytes.fromhex(env["KIMI_CLUSTER_SECRET"])
         infos = {n.name: info(n, secret) for n in nodes}
         for name in ("peer1", "peer2"):
             loaded = infos[name].loaded
@@ -115,3 +129,26 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
 
 def info(node, secret) -> pb.NodeInfo:
     return node_stub(open_channel(node.address, secret)).Info(pb.InfoRequest(), timeout=10)
+
+
+def test_a_node_that_cannot_receive_is_named_and_the_cluster_waits(tiny_dir, tmp_path):
+    env = harness.test_env(tmp_path / "home")
+    cache = tmp_path / "small-cache"
+    cache.mkdir()
+    up = [KIMI, "up", "--host", "127.0.0.1", "--port", "0", "--name", "small", "--memory", "1GB", "--no-mdns",
+          "--cache-dir", str(cache)]
+    script = f'mount -t tmpfs -o size=64k none "{cache}" && mount -t tmpfs none "{tiny_dir.parent}" && exec "$@"'
+    small = launch_node(tmp_path, "small", ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+                                            *up], env)
+    coord = start_node(tmp_path, "coord", model=tiny_dir, peers=[small.address], env=env,
+                       extra=["--cache-dir", str(tmp_path / "coord-cache")])
+    try:
+        coord.wait_for(r"loading small failed: node small cannot receive its slice: disk full")
+        client = coordinator_stub(open_channel(coord.address, bytes.fromhex(env["KIMI_CLUSTER_SECRET"])))
+        reply = poll(lambda: client.MemoryMap(pb.MemoryMapRequest(), timeout=10), lambda r: r.state != "loading", 60,
+                     "the coordinator to finish loading")
+        assert reply.state == "waiting" and "small" in reply.message and "disk full" in reply.message
+        assert {n.name: n.status for n in reply.nodes}["small"] == "cannot receive"
+    finally:
+        for n in (small, coord):
+            n.kill()
