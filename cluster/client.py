@@ -211,22 +211,23 @@ def map_json(reply) -> dict:
 def print_map(m: dict, console: Console) -> None:
     table = Table(title=f"{m['model']}: {m['state']}" + (f" ({m['message']})" if m["message"] else ""),
                   title_justify="left")
-    numbers = ("weights", "KV", "free", "usable", "total", "cache")
-    for col in ("node", "address", "backend", "status", "layers", *numbers[:5], "slice from", "cache"):
-        table.add_column(col, justify="right" if col in numbers else "left")
+    for col in ("node", "address", "backend", "status", "layers", "weights", "KV", "free", "usable", "total"):
+        table.add_column(col, justify="right" if col in ("weights", "KV", "free", "usable", "total") else "left")
     for n in sorted(m["nodes"], key=lambda n: (n["layers"] is None, n["layers"] or 0, n["name"])):
         layers = f"{n['layers'][0]}-{n['layers'][1] - 1}" if n["layers"] else "-"
         table.add_row(n["name"], n["address"], n["backend"], n["status"], layers,
                       format_bytes(n["resident_bytes"] or n["weight_bytes"]), format_bytes(n["kv_bytes"]),
-                      format_bytes(n["free_bytes"]), format_bytes(n["usable_bytes"]), format_bytes(n["total_bytes"]),
-                      n["source"] or "-", format_bytes(n["cache_bytes"]))
+                      format_bytes(n["free_bytes"]), format_bytes(n["usable_bytes"]), format_bytes(n["total_bytes"]))
     total = {k: sum(n[k] for n in m["nodes"]) for k in ("resident_bytes", "kv_bytes", "free_bytes", "usable_bytes",
                                                           "total_bytes")}
     table.add_row("[bold]cluster", "", "", "", f"{m['num_layers']} layers", format_bytes(total["resident_bytes"]),
                   format_bytes(total["kv_bytes"]), format_bytes(total["free_bytes"]),
-                  format_bytes(total["usable_bytes"]), format_bytes(total["total_bytes"]), "",
-                  format_bytes(sum(n["cache_bytes"] for n in m["nodes"])))
+                  format_bytes(total["usable_bytes"]), format_bytes(total["total_bytes"]))
     console.print(table)
+    for n in m["nodes"]:  # where each slice came from, and what the received ones keep on disk
+        if n["source"]:
+            cache = f"; {format_bytes(n['cache_bytes'])} in its cache" if n["cache_bytes"] else ""
+            console.print(f"{n['name']}: slice {n['source']}{cache}", highlight=False)
 
 
 def wait_gone(pids: list, timeout: float) -> list:

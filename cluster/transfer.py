@@ -147,7 +147,7 @@ class SliceFetcher:
     def checkpoint(self, model_id: str, start: int, end: int, sources: list) -> tuple:
         """(Checkpoint holding at least layers [start, end), Received)."""
         if whole := self.store.whole(model_id):
-            return whole, Received(f"local {whole.path}")
+            return whole, Received(f"read from {whole.path}")
         cache = self.store.cache
         sources = [Source(a, pb_grpc.SlicesStub(open_channel(a, self.secret))) for a in sources]
         if self.store.config(model_id) is None:
@@ -168,7 +168,7 @@ class SliceFetcher:
         if missing:
             self._fetch(model_id, missing, sources, held)
         used = sorted({s.address for s in sources if s.parts and any(n in s.parts for n in missing)})
-        origin = f"fetched from {', '.join(used)}" if missing else "cache"
+        origin = f"received from {', '.join(used)}" if missing else "from its cache"
         return cache.checkpoint(model_id, names), Received(origin, self.received)
 
     def _add_model(self, model_id: str, sources: list):

@@ -181,7 +181,7 @@ def test_load_bars_show_every_planned_node_once_however_the_loads_interleave():
     bars("b", pb.LoadProgress(bytes_done=200, bytes_total=200, done=True))
     lines = out.getvalue().splitlines()
     assert [line.split()[:2] for line in lines] == [["loading", "a"], ["loading", "b"]], lines
-    assert lines[0].endswith("100/100 bytes") and lines[1].endswith("200/200 bytes")
+    assert "100/100 bytes" in lines[0] and "200/200 bytes" in lines[1]
 
 
 def test_a_node_joining_a_cluster_that_did_not_fit_triggers_a_plan(tmp_path, tiny_dir):

@@ -53,7 +53,7 @@ def test_a_node_receives_exactly_its_slice_and_loads_it(tiny_dir, tmp_path, coor
     names = slice_parts(1, n, n)
     slice_bytes = _data_bytes(source, names)
     assert received.received_bytes == slice_bytes == fetcher.received
-    assert received.source == f"fetched from {coordinator.address}"
+    assert received.source == f"received from {coordinator.address}"
     on_disk = sum(f.stat().st_size for f in (tmp_path / "worker").rglob("*") if f.is_file())
     assert slice_bytes <= on_disk <= slice_bytes * 1.01 + 64 * 1024  # the slice plus headers and manifests
     assert sorted(p.stem for p in checkpoint.path.glob("*.safetensors")) == sorted(names)
@@ -66,7 +66,7 @@ def test_a_node_receives_exactly_its_slice_and_loads_it(tiny_dir, tmp_path, coor
 
     again = SliceFetcher(store, SECRET)
     _, held = again.checkpoint(source.model_id, 1, n, [coordinator.address])
-    assert (held.source, held.received_bytes) == ("cache", 0)
+    assert (held.source, held.received_bytes) == ("from its cache", 0)
     # A re-plan that moves one layer fetches only that layer.
     moved = SliceFetcher(store, SECRET)
     moved.checkpoint(source.model_id, 0, n, [coordinator.address])
@@ -156,7 +156,7 @@ def test_a_peer_serves_the_parts_of_its_cache(tiny_dir, tmp_path, coordinator):
         coordinator.server.stop(0)  # only the peer is left
         fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
         _, received = fetcher.checkpoint(source.model_id, 2, 3, [coordinator.address, peer.address])
-        assert received.source == f"fetched from {peer.address}"
+        assert received.source == f"received from {peer.address}"
         assert received.received_bytes == source.sizes().layer_bytes[2]
     finally:
         peer.server.stop(0)

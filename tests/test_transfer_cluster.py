@@ -88,7 +88,7 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
         for name in ("peer1", "peer2"):
             loaded = infos[name].loaded
             want = slice_bytes(checkpoint, loaded.start, loaded.end)
-            assert loaded.source == f"fetched from {coord.address}", loaded
+            assert loaded.source == f"received from {coord.address}", loaded
             cache_dir = tmp_path / f"{name}-cache"
             on_disk = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
             assert want <= on_disk <= want * 1.01 + 64 * 1024, (name, want, [(f.name, f.stat().st_size) for f in cache_dir.rglob("*")])
@@ -98,7 +98,11 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
             else:  # what peer2 had verified before the kill did not travel again
                 assert 0 < before < want
                 assert loaded.received_bytes == want - before, (want, before, loaded.received_bytes)
-        assert infos["coord"].loaded.source == f"local {tiny_dir}"
+        assert infos["coord"].loaded.source == f"read from {tiny_dir}"
+        shown = subprocess.run([KIMI, "map", "--coordinator", coord.address], capture_output=True, text=True,
+                               env=env, timeout=60).stdout
+        assert f"peer1: slice received from {coord.address}; " in shown and "in its cache" in shown, shown
+        assert f"coord: slice read from {tiny_dir}" in shown, shown
         client = coordinator_stub(open_channel(coord.address, secret))
         prompt = [1, 2, 3, 4, 5]
         reply = read_reply(client.Generate(pb.GenerateRequest(prompt_tokens=prompt, max_tokens=24), timeout=120))
