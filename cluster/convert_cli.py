@@ -29,6 +29,10 @@ def add_convert_parser(sub) -> None:
                    help="with --fit: the GPU wired limit set on every Mac (default: macOS's 75%% of memory)")
     p.add_argument("--budget", type=_size, help="choose bits per module so the weights take at most this, e.g. 350GB")
     p.add_argument("--context", type=int, default=32768, help="with --fit: tokens of KV cache to leave room for")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --fit/--budget: measure each module's effect on the output (KL on a calibration text) "
+                        "with the float model in memory; for models whose float copy fits this machine")
+    p.add_argument("--calibration-text", type=Path, metavar="FILE", help="text for --calibrate (default: built in)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of unquantized weights, scales and biases (default bfloat16)")
     p.add_argument("--dry-run", action="store_true", help="print the recipe and predicted size only")
@@ -136,6 +140,47 @@ def fit_to_cluster(parts: dict, config: dict, nodes: list, context: int, dtype, 
     raise ValueError("no recipe fits these Macs; add a Mac, raise the wired limit, or lower --context")
 
 
+def calibrated(source, parts: dict, args):
+    import tempfile
+
+    from mlx_kimi.quality import CALIBRATION_TEXT
+    from mlx_kimi.recipe import calibrate
+
+    if source is None or args.out is None:
+        raise ValueError("--calibrate needs the weights and OUT: give the official checkpoint directory and the "
+                         "output directory (the float reference is written beside it, then removed)")
+    text = args.calibration_text.read_text() if args.calibration_text else CALIBRATION_TEXT
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=".float-reference-") as work:
+        console.print(f"calibrating: float reference in {work}, {len(parts)} parts")
+        table = calibrate(source, parts, text, Path(work) / "model")
+    return lambda target: table[target.module]
+
+
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="KL divergence of B's next-token distribution against A's, and perplexities")
+    p.add_argument("a", type=Path, help="the reference checkpoint (e.g. bf16 or a higher-bit conversion)")
+    p.add_argument("b", type=Path, help="the checkpoint to judge (same model)")
+    p.add_argument("--text", type=Path, metavar="FILE", help="text to evaluate on (default: built in)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens of the text to use (default 512)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> None:
+    import json
+
+    from mlx_kimi.quality import DEFAULT_TEXT, compare_checkpoints
+
+    text = args.text.read_text() if args.text else DEFAULT_TEXT
+    result = compare_checkpoints(args.a, args.b, text, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return
+    console.print(f"{result.tokens} tokens: KL(A||B) mean {result.kl_mean:.4f}, p95 {result.kl_p95:.4f}; "
+                  f"perplexity A {result.perplexity_a:.3f}, B {result.perplexity_b:.3f}")
+
+
 def cmd_convert(args) -> None:
     from mlx_kimi.builtin import BUILTIN_MODELS
     from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
@@ -157,6 +202,8 @@ def cmd_convert(args) -> None:
         errors = lambda target: measured_errors(source, target)  # noqa: E731
     if args.fit or args.budget:
         parts = plan_targets(config, lambda name, module: False)
+        if args.calibrate:
+            errors = calibrated(source, parts, args)
         if args.fit:
             nodes = mac_nodes(parse_fit(args.fit), args.wired_limit_mb)
             result, plan = fit_to_cluster(parts, config, nodes, args.context, dtype, errors)

@@ -201,8 +201,10 @@ def is_int4_target(name: str) -> bool:
 
 
 def draw_weight(name: str, shape: tuple, rng: np.random.Generator, rope_theta: float) -> np.ndarray:
-    """Values with the structure of trained weights: unit-ish norms, and linear weights scaled by
-    fan-in with ~2% outlier input channels 8x larger."""
+    """Values with the structure of trained weights: unit-ish norms, linear weights scaled by fan-in
+    with ~2% outlier input channels 8x larger, and the projections that write to the residual
+    stream (o_proj, down_proj) 4x smaller, so that each layer refines the stream rather than
+    replacing it (a random model is otherwise chaotic: any weight error flips its output)."""
     if name.endswith("inv_freq"):
         dim = 2 * shape[0]
         return (1.0 / rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
@@ -210,10 +212,14 @@ def draw_weight(name: str, shape: tuple, rng: np.random.Generator, rope_theta: f
         return rng.uniform(0.0, 0.1, shape).astype(np.float32)
     if len(shape) == 1:
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if "embed_tokens" in name:
+        return rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal(shape).astype(np.float32) * shape[-1] ** -0.5
-    if "embed_tokens" not in name:
+    if True:
         outliers = rng.choice(shape[-1], max(1, shape[-1] // 50), replace=False)
         w[:, outliers] *= 8.0
+    if name.endswith(("o_proj.weight", "down_proj.weight", "q_b_proj.weight")):
+        w *= 0.25
     return w
 
 

@@ -182,3 +182,48 @@ def apply_choice(parts: dict, choice: dict) -> dict:
     """The plan's targets with each quantizable module's bits from `choice` (module -> quant or None)."""
     return {part: [dataclasses.replace(t, quant=choice.get(t.module)) if t.quantizable else t for t in targets]
             for part, targets in parts.items()}
+
+
+def calibrated_errors(reference, source, parts: dict, ids: list, reference_candidate=(3, 64)) -> dict:
+    """module -> {candidate: error}: the KL divergence (mean over the positions of `ids`) that the
+    module alone, at `reference_candidate`, adds to the next-token distributions of `reference`
+    (the float model, mlx-lm's, in memory), scaled to the other candidates by their measured
+    relative weight errors. The model's own sensitivity replaces the fixed importance weights;
+    it needs the float model in one machine's memory."""
+    from .quality import next_token_log_probs
+
+    ids = mx.array(ids)[None]
+    base = next_token_log_probs(reference, ids)
+    modules = dict(reference.named_modules())
+    out = {}
+    for targets in parts.values():
+        for t in targets:
+            if not t.quantizable:
+                continue
+            weights = measured_errors(source, t)
+            valid = [c for c in weights if c is not None and t.shape[-1] % c[1] == 0]
+            c = reference_candidate if reference_candidate in valid else valid[0]
+            module = modules[t.module]
+            original = module.weight
+            module.weight = mx.dequantize(*mx.quantize(original, group_size=c[1], bits=c[0]), group_size=c[1],
+                                          bits=c[0]).astype(original.dtype)
+            log_q = next_token_log_probs(reference, ids)
+            module.weight = original
+            sensitivity = float((mx.exp(base) * (base - log_q)).sum(-1).mean())
+            scale = sensitivity / max(weights[c], 1e-12)
+            out[t.module] = {k: scale * e for k, e in weights.items()}
+    return out
+
+
+def calibrate(source, parts: dict, text: str, work_dir, tokens: int = 32) -> dict:
+    """calibrated_errors on the float model: the source converted unquantized (float32) into
+    `work_dir`, loaded whole, run on the first `tokens` tokens of `text`."""
+    from mlx_lm.utils import load_model
+
+    from .convert import convert
+    from .kimi_tokenizer import load_tokenizer
+
+    reference = convert(source.path, work_dir, lambda name, module: False, dtype="float32").out
+    ids = load_tokenizer(reference).encode(text)[:tokens]
+    model, _ = load_model(reference)
+    return calibrated_errors(model, source, parts, ids)
