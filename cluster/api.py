@@ -10,13 +10,16 @@ mid-stream stops the generation and frees its caches on every node.
 import hmac
 import json
 import logging
+import math
+import threading
 import time
 import uuid
-
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
@@ -58,6 +61,10 @@ def _refuse_unsupported(body: dict) -> None:
                             "penalties or logit bias); drop them from the request", bad[0], "unsupported_parameter")
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 1024
+MAX_BODY_BYTES = 8 * 2**20       # a request body larger than this is refused (413) before it is read whole
+MAX_WHOLE_REPLIES = 8            # non-streaming generations at once; more wait their turn
+MAX_STREAM_THREADS = 64          # threads stepping streaming generations (apart from the above)
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 class ApiError(Exception):
@@ -77,6 +84,8 @@ def _number(body: dict, name: str, default, low=None, high=None, low_open=False,
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ApiError(400, f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not math.isfinite(value):
+        raise ApiError(400, f"`{name}` must be a finite number, got {value}", name)
     if low is not None and (value <= low if low_open else value < low):
         raise ApiError(400, f"`{name}` must be {'>' if low_open else '>='} {low}, got {value}", name)
     if high is not None and value > high:
@@ -112,9 +121,26 @@ def _stop(body: dict) -> list:
     return stop
 
 
+def _typed(body: dict, name: str, kind: type, what: str):
+    """body[name] when it is a `kind` (or absent: None), else a 400 naming it."""
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise ApiError(400, f"`{name}` must be {what}, got {json.dumps(value)[:80]}", name)
+    return value
+
+
+def _stream_flags(body: dict) -> dict:
+    stream = bool(_typed(body, "stream", bool, "true or false"))
+    options = _typed(body, "stream_options", dict, "an object such as {\"include_usage\": true}") or {}
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(400, "`stream_options.include_usage` must be true or false", "stream_options.include_usage")
+    return {"stream": stream, "include_usage": bool(include_usage)}
+
+
 def _thinking(body: dict):
     """K2.5-style templates think unless told not to: `thinking: false` (or in chat_template_kwargs)."""
-    kwargs = body.get("chat_template_kwargs") or {}
+    kwargs = _typed(body, "chat_template_kwargs", dict, "an object") or {}
     value = body.get("thinking", kwargs.get("thinking", kwargs.get("enable_thinking")))
     if isinstance(value, dict):  # {"type": "disabled"} as some clients send it
         value = value.get("type") != "disabled"
@@ -148,6 +174,66 @@ class StopMatcher:
         return out
 
 
+class Guard:
+    """Before any handler (a plain ASGI middleware, like RequireKey): the Host header must name
+    this API (a DNS-rebinding page names its own), an Origin other than this API's own or the
+    allowed ones is refused (another site's page in the user's browser), a POST body must be
+    JSON and at most MAX_BODY_BYTES, counted as it arrives."""
+
+    def __init__(self, app, hosts: set | None, origins: set):
+        self.app, self.hosts, self.origins = app, hosts, origins  # hosts None: any (listening everywhere)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if error := self._refusal(scope):
+            return await error.response()(scope, receive, send)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:  # stop reading: the handler sees a client that left
+                scope["kimi.too_large"] = True
+                return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _refusal(self, scope) -> "ApiError | None":
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        name = (urlsplit(f"//{host}").hostname or "") if host else ""
+        if self.hosts is not None and name not in self.hosts:
+            return ApiError(403, f"Host {host!r} is not this API's address (a page using DNS rebinding?); to "
+                                 "reach it under that name, start with --api-allow-host NAME", "Host", "host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.origins and urlsplit(origin).netloc != host:
+            return ApiError(403, f"Origin {origin!r} may not call this API (a page of another site?); to allow "
+                                 "it, start with --api-allow-origin ORIGIN", "Origin", "origin_not_allowed")
+        if scope["method"] == "POST":
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}",
+                                "Content-Type", "unsupported_media_type")
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                return ApiError(413, f"the request body ({length} bytes) is over the limit of {MAX_BODY_BYTES:,} "
+                                     "bytes", code="request_too_large")
+        return None
+
+
+def allowed_hosts(api_host: str, extra=()) -> set | None:
+    """Host names the API answers to: its own address and loopback names, plus `extra`; None
+    (any) when it listens on every address."""
+    if api_host in ("0.0.0.0", "::", ""):
+        return None
+    return LOOPBACK_HOSTS | {api_host.strip("[]")} | set(extra)
+
+
 class RequireKey:
     """401 on /v1/ unless `Authorization: Bearer KEY`. A plain ASGI middleware: one made with
     @app.middleware("http") (BaseHTTPMiddleware) hides a client's disconnect from a streaming
@@ -167,20 +253,28 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: set | None = None,
+              origins=()) -> FastAPI:
+    """`hosts`: the Host names it answers to (None: any, see allowed_hosts); `origins`: browser
+    origins besides its own that may call it."""
     app = FastAPI(title="kimi-cluster", docs_url=None, redoc_url=None)
     tokenizer = coordinator.tokenizer
     defaults = generation_defaults(coordinator.checkpoint.path)
     created = int((Path(coordinator.checkpoint.path) / "config.json").stat().st_mtime)
+    # Whole (non-streaming) replies hold a thread each for the whole generation: they get their own
+    # few, and queue for them, so they never take the threads that streams and requests need.
+    whole_replies = anyio.CapacityLimiter(MAX_WHOLE_REPLIES)
+    stream_steps = anyio.CapacityLimiter(MAX_STREAM_THREADS)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(Guard, hosts=hosts, origins=set(origins))  # outermost: runs first
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
         return error.response()
 
     @app.get("/health")
-    def health():
+    async def health():
         body = {"status": coordinator.state, "message": coordinator.message, "model": model_name}
         return JSONResponse(body, status_code=200 if coordinator.state == "ready" else 503)
 
@@ -189,11 +283,11 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
                 "state": coordinator.state}
 
     @app.get("/v1/models")
-    def models():
+    async def models():
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
-    def model(model_id: str):
+    async def model(model_id: str):
         if model_id != model_name:
             raise ApiError(404, f"model {model_id!r} is not served here; this cluster serves {model_name!r}",
                            "model", "model_not_found")
@@ -232,8 +326,9 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         max_tokens = _number(body, "max_tokens", max_tokens, low=1, integer=True)
         params = sampling(body)
         tools = body.get("tools")
-        if tools is not None and not isinstance(tools, list):
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ApiError(400, "`tools` must be a list of tool definitions", "tools")
+        logprobs = _typed(body, "logprobs", bool, "true or false")
         if body.get("tool_choice") == "none":
             tools = None
         extra = {} if thinking is None else {"thinking": thinking}
@@ -243,9 +338,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
         max_tokens = fit_context(prompt, max_tokens, DEFAULT_MAX_TOKENS, "messages")
         return dict(prompt=prompt, max_tokens=max_tokens, sampling=params, stops=_stop(body), raw=False,
-                    thinking=prompt_ends_thinking(tokenizer, prompt), logprobs=bool(body.get("logprobs")),
-                    stream=bool(body.get("stream")),
-                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+                    thinking=prompt_ends_thinking(tokenizer, prompt), logprobs=bool(logprobs), **_stream_flags(body))
 
     activity = {"in_flight": 0, "served": 0}
 
@@ -272,6 +365,9 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         eos = tokenizer.eos_token_ids
         finish = "length"
         for token, logprob in coordinator.generate(job["prompt"], job["max_tokens"], job["sampling"], stats):
+            if job.get("cancel") and job["cancel"].is_set():  # the client of a whole reply left
+                stats["cancelled"] = True
+                break
             stats["last_token_at"] = time.monotonic()
             stats.setdefault("first_token_at", stats["last_token_at"])
             if token in eos:
@@ -341,7 +437,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         try:
             yield chunk({"role": "assistant", "content": ""})
             calls = 0
-            while (item := await anyio.to_thread.run_sync(next, tokens, None)) is not None:
+            while (item := await anyio.to_thread.run_sync(next, tokens, None, limiter=stream_steps)) is not None:
                 delta, token, logprob = item
                 out = {}
                 if delta.reasoning:
@@ -370,7 +466,14 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
 
     async def read_body(request: Request) -> dict:
         try:
-            body = await request.json()
+            body = json.loads(await request.body())
+        except ClientDisconnect:
+            if request.scope.get("kimi.too_large"):
+                raise ApiError(413, f"the request body is over the limit of {MAX_BODY_BYTES:,} bytes",
+                               code="request_too_large") from None
+            raise
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON")
         if not isinstance(body, dict):
@@ -380,12 +483,31 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
                            code="cluster_unavailable")
         return body
 
+    async def whole_reply(make, job: dict, request: Request) -> dict:
+        """Run a non-streaming generation on one of its own threads (waiting for one if all are
+        busy); if the client leaves first, the generation stops and frees its caches."""
+        job["cancel"] = cancel = threading.Event()
+
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            cancel.set()  # a generation running stops at its next token; one still waiting never starts
+            tasks.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            try:
+                return await anyio.to_thread.run_sync(make, job, limiter=whole_replies)
+            finally:
+                tasks.cancel_scope.cancel()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        job = prepare(await read_body(request))
+        # tokenizing and rendering the template may take a while on a big prompt: off the event loop
+        job = await anyio.to_thread.run_sync(prepare, await read_body(request))
         if job["stream"]:
             return StreamingResponse(stream(job), media_type="text/event-stream")
-        return await anyio.to_thread.run_sync(complete, job)
+        return await whole_reply(complete, job, request)
 
     def prepare_text(body: dict) -> dict:
         check_model(body)
@@ -400,8 +522,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
             raise ApiError(400, "not supported by kimi-cluster: `logprobs` on /v1/completions (use "
                                 "/v1/chat/completions)", "logprobs", "unsupported_parameter")
         return dict(prompt=ids, max_tokens=fit_context(ids, max_tokens, max_tokens, "prompt"), sampling=sampling(body),
-                    stops=_stop(body), raw=True, thinking=False, logprobs=False, stream=bool(body.get("stream")),
-                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+                    stops=_stop(body), raw=True, thinking=False, logprobs=False, **_stream_flags(body))
 
     def text_completion(job: dict) -> dict:
         stats, text = {}, []
@@ -425,7 +546,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
         tokens = run(job, stats)
         done = False
         try:
-            while (item := await anyio.to_thread.run_sync(next, tokens, None)) is not None:
+            while (item := await anyio.to_thread.run_sync(next, tokens, None, limiter=stream_steps)) is not None:
                 if item[0].content:
                     yield chunk(item[0].content)
             yield chunk("", stats["finish_reason"])
@@ -454,10 +575,10 @@ def build_app(coordinator, model_name: str, api_key: str | None = None) -> FastA
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        job = prepare_text(await read_body(request))
+        job = await anyio.to_thread.run_sync(prepare_text, await read_body(request))
         if job["stream"]:
             return StreamingResponse(stream_text(job), media_type="text/event-stream")
-        return await anyio.to_thread.run_sync(text_completion, job)
+        return await whole_reply(text_completion, job, request)
 
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")  # last: /v1 and /health first
 

@@ -386,6 +386,7 @@ def cmd_up(args) -> None:
     if args.api_port is not None:
         if not args.model:
             fail("--api-port serves the model: it needs --model (only the coordinator serves the API)")
+        args.api_key = _api_key(args)
         _check_api_exposure(args)
     if args.nodes is not None and not args.model:
         fail("--nodes says how many nodes the coordinator waits for: it needs --model (give it to the node "
@@ -441,6 +442,23 @@ def cmd_up(args) -> None:
     os._exit(130 if interrupted and interrupted[0] == "SIGINT" else 0)
 
 
+API_KEY_ENV = "KIMI_CLUSTER_API_KEY"
+
+
+def _api_key(args) -> str | None:
+    """The API key: --api-key-file, else $KIMI_CLUSTER_API_KEY, else --api-key (which every local
+    user can read in `ps`: prefer the others)."""
+    if args.api_key_file:
+        try:
+            key = args.api_key_file.expanduser().read_text().strip()
+        except OSError as e:
+            fail(f"--api-key-file {args.api_key_file}: {e.strerror}")
+        if not key:
+            fail(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or args.api_key
+
+
 def _check_api_exposure(args) -> None:
     import ipaddress
 
@@ -464,9 +482,10 @@ class RunningApi:
 def _start_api(args, coordinator) -> RunningApi:
     import uvicorn
 
-    from .api import build_app
+    from .api import allowed_hosts, build_app
 
-    app = build_app(coordinator, coordinator.checkpoint.name, args.api_key)
+    app = build_app(coordinator, coordinator.checkpoint.name, args.api_key,
+                    hosts=allowed_hosts(args.api_host, args.api_allow_host), origins=args.api_allow_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.api_host, port=args.api_port, log_level="warning"))
     threading.Thread(target=server.run, name="openai-api", daemon=True).start()
     while not server.started:
@@ -717,7 +736,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load nodes even if another running coordinator serves them (it then stops using them)")
     p.add_argument("--api-port", type=int, help="also serve the OpenAI-compatible API on this port (0 picks one)")
     p.add_argument("--api-host", default="127.0.0.1", help="address of the API (default 127.0.0.1)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request (visible in `ps`: "
+                                     f"prefer ${API_KEY_ENV} or --api-key-file)")
+    p.add_argument("--api-key-file", type=Path, help="file holding the API key")
+    p.add_argument("--api-allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name the API answers to besides its address and localhost (repeat)")
+    p.add_argument("--api-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (e.g. http://studio.local:3000) allowed to call the API (repeat)")
     p.add_argument("--api-allow-no-key", action="store_true",
                    help="serve the API on a non-loopback address without a key (anyone there can use it)")
     p.add_argument("--session-ttl", type=float, default=600.0, help="free idle sessions after this many seconds")
