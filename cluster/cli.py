@@ -22,6 +22,7 @@ from mlx_kimi.builtin import BUILTIN_MODELS
 from .auth import AuthError, rotate_secret
 from .chat import add_arguments as add_chat_arguments
 from .convert_cli import add_compare_parser, add_convert_parser
+from .weights_cli import add_weights_parsers
 from . import client
 from .client import DEFAULT_PORT
 from .units import format_bytes, parse_size
@@ -710,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert_parser(sub)
     add_compare_parser(sub)
+    add_weights_parsers(sub)
 
     secret_help = "file holding the cluster secret (default: $KIMI_CLUSTER_SECRET or the config dir)"
     p = sub.add_parser("up", help="start a node (and, with --model, the coordinator)")

@@ -189,6 +189,14 @@ class Checkpoint:
         return [t for t in self.tensors.values() if tensor_part(t.name, self.prefix) in wanted]
 
 
+def shards_for_slice(weight_map: dict, config: dict, start: int, end: int) -> list:
+    """The shard files of an index's `weight_map` that hold layers [start, end), with the embedding
+    when the slice starts the model and the final norm / lm_head when it ends it."""
+    prefix, num_layers = weight_prefix(config), text_config(config)["num_hidden_layers"]
+    wanted = set(range(start, end)) | ({"embed"} if start == 0 else set()) | ({"head"} if end == num_layers else set())
+    return sorted({file for name, file in weight_map.items() if tensor_part(name, prefix) in wanted})
+
+
 def _load_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: missing {what}")
