@@ -47,25 +47,28 @@ def _size(text: str) -> int:
 
 
 def parse_fit(text: str) -> list:
-    """"2x192GB" or "192GB+128GB" -> the Macs' memory sizes in bytes."""
+    """"2x192GB" or "192GB+128GB" -> the Macs' memory in bytes, GB as Apple means it (as `plan --node`)."""
+    from .cli import _mac_memory
+
     sizes = []
     for term in text.split("+"):
         count, _, size = term.strip().rpartition("x")
-        sizes += [_size(size)] * (int(count) if count else 1)
+        if count and not count.isdigit():
+            raise ValueError(f"--fit {text!r}: write the Macs as COUNTxSIZE, e.g. 2x192GB, joined by +")
+        try:
+            sizes += [_mac_memory(size)] * (int(count) if count else 1)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--fit {text!r}: {e}") from None
     return sizes
 
 
 def resolve_source(src: str) -> Path:
-    path = Path(src).expanduser()
-    if path.exists() or "/" not in src or src.startswith((".", "/", "~")):
-        return path
-    from mlx_lm.utils import hf_repo_to_path
+    from mlx_kimi.hub import resolve_model_dir
 
     try:
-        return hf_repo_to_path(src)
-    except Exception as e:  # huggingface_hub raises several kinds when the repo is not cached
-        raise ValueError(f"{src}: not a directory, and not a repo in the local Hugging Face cache ({e}); "
-                         "download it first (kimi-cluster never downloads weights)") from e
+        return resolve_model_dir(src)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 def _recipe(args, config):
@@ -132,7 +135,12 @@ def fit_to_cluster(parts: dict, config: dict, nodes: list, context: int, dtype, 
     budget = (sum(n.usable_bytes for n in nodes) - kv_cache_bytes(probe, probe.num_layers, context)
               - len(nodes) * prefill_scratch_bytes(probe, context, 2048))
     for _ in range(50):
-        result = fit(parts, budget, dtype, errors)
+        try:
+            result = fit(parts, budget, dtype, errors)
+        except ValueError as e:
+            raise ValueError(f"{e} (usable memory less KV cache and prefill scratch for {context:,} tokens); "
+                             "raise the GPU wired limit (--wired-limit-mb N, set on every Mac with "
+                             "`sudo sysctl iogpu.wired_limit_mb=N`), add a Mac, or lower --context") from None
         plan = plan_partition(model_sizes(part_sizes(apply_choice(parts, result.choice), dtype)), nodes, context)
         if plan.feasible:
             return result, plan
@@ -219,8 +227,8 @@ def cmd_convert(args) -> None:
     total = print_recipe(f"{title} -> {args.out} ({name}, {args.dtype})", parts, dtype)
     console.print(f"predicted size: {total:,} bytes ({format_bytes(total)})")
     if plan is not None:
-        wired = f"wired limit {args.wired_limit_mb} MB" if args.wired_limit_mb else "default wired limit (75%)"
-        console.print(f"fits {args.fit} at the {wired} with {args.context:,} tokens of context:")
+        wired = f"iogpu.wired_limit_mb={args.wired_limit_mb}" if args.wired_limit_mb else "the default wired limit (75%)"
+        console.print(f"fits {args.fit} at {wired} with {args.context:,} tokens of context:")
         for st in plan.stages:
             console.print(f"  {st.node}: layers {st.start}-{st.end - 1}, weights {format_bytes(st.weight_bytes)}, "
                           f"KV {format_bytes(st.kv_bytes)}, scratch {format_bytes(st.scratch_bytes)}, "

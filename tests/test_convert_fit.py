@@ -22,8 +22,11 @@ def test_fit_dry_run_on_builtin_k25_fits_two_192gb_macs():
     assert run.returncode == 0, run.stderr
     predicted = int(re.search(r"predicted size: ([\d,]+) bytes", run.stdout).group(1).replace(",", ""))
     assert 330e9 < predicted < 377e9  # more than the 2-bit 323.9 GB, less than 2 x 180000 MiB
-    assert "fits 2x192GB at the wired limit 180000 MB with 32,768 tokens of context" in run.stdout
+    assert "fits 2x192GB at iogpu.wired_limit_mb=180000 with 32,768 tokens of context" in run.stdout
     assert len(re.findall(r"mac\d: layers \d+-\d+", run.stdout)) == 2
+    run = subprocess.run([KIMI, "convert", "kimi-k2.5", "--fit", "2x192GB", "--dry-run"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "iogpu.wired_limit_mb" in run.stderr  # the default limit is too low
 
 
 def test_fit_recipe_sizes_confirmed_by_mlx_and_the_planner():
@@ -33,7 +36,7 @@ def test_fit_recipe_sizes_confirmed_by_mlx_and_the_planner():
     dtype = OUTPUT_DTYPES["bfloat16"]
     table = synthetic_errors()
     parts = plan_targets(config, lambda n, m: False)
-    result, _ = fit_to_cluster(parts, config, mac_nodes([192e9, 192e9], WIRED_MB), 32768, dtype, lambda t: table)
+    result, _ = fit_to_cluster(parts, config, mac_nodes([192 * 2**30] * 2, WIRED_MB), 32768, dtype, lambda t: table)
 
     layers = LayerRange(0, 61)
     module = build_slice_module(config, layers)
@@ -42,8 +45,8 @@ def test_fit_recipe_sizes_confirmed_by_mlx_and_the_planner():
     nbytes = layer_nbytes(module, layers)
     assert abs(sum(nbytes.values()) - result.total_bytes) < 1e-4 * result.total_bytes
     sizes = sizes_for_model([nbytes[i] for i in range(61)], nbytes["embed"], nbytes["head"], text_config(config))
-    assert plan_partition(sizes, mac_nodes([192e9, 192e9], WIRED_MB), context=32768).feasible
-    assert not plan_partition(sizes, mac_nodes([192e9, 192e9]), context=32768).feasible  # default limit: no
+    assert plan_partition(sizes, mac_nodes([192 * 2**30] * 2, WIRED_MB), context=32768).feasible
+    assert not plan_partition(sizes, mac_nodes([192 * 2**30] * 2), context=32768).feasible  # default limit: no
 
     bits = {name: q["bits"] for name, q in result.choice.items() if q}
     experts = [b for n, b in bits.items() if ".switch_mlp." in n]
