@@ -1,0 +1,212 @@
+"""Fuzzing (hypothesis) of a live 2-stage cluster with its API, for a bounded time: generated and
+mutated messages to the nodes' and the coordinator's gRPC services, generated JSON to the API.
+Throughout, a generation runs alongside and must keep giving mlx-lm's tokens; afterwards every
+process is alive, answers at once, and has not grown without bound.
+
+Load and Stop are left out: a member of the cluster (it holds the secret) is trusted to load
+and stop nodes; what is fuzzed here is what any member's bug or a stray client could send.
+"""
+
+import http.client
+import json
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import harness
+from cluster.generated import kimi_cluster_pb2 as pb
+from harness import ApiCluster, oracle_reply
+
+ALONGSIDE_TOKENS = 12
+EXAMPLES = 100  # per test: about 30 s for the whole module, cluster start included
+RSS_GROWTH_LIMIT = 150 << 20
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class Alongside:
+    """Greedy generations one after another on the coordinator, each checked against mlx-lm."""
+
+    def __init__(self, client, prompt: list, expected: list):
+        self.client, self.prompt, self.expected = client, prompt, expected
+        self.done, self.wrong, self.errors = 0, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        request = pb.GenerateRequest(prompt_tokens=self.prompt, max_tokens=ALONGSIDE_TOKENS)
+        while not self._stop.is_set():
+            try:
+                ids = [e.token.id for e in self.client.Generate(request, timeout=60)
+                       if e.HasField("token") and e.token.id >= 0]
+            except grpc.RpcError as e:
+                self.errors.append(f"{e.code().name}: {e.details()}")
+                continue
+            self.done += 1
+            if ids != self.expected:
+                self.wrong.append(ids)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(120)
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory, tiny_dir, oracle, chat_prompt_ids):
+    workdir = tmp_path_factory.mktemp("fuzz")
+    with ApiCluster(workdir, tiny_dir, stages=2, coordinator_extra=["--api-port", "0"]) as cluster:
+        url = urlsplit(cluster.api_url)
+        cluster.host, cluster.port = url.hostname, url.port
+        stubs = {n.name: cluster.node_stub(n) for n in cluster.nodes}
+        cluster.owner = stubs["coord"].Health(pb.HealthRequest(), timeout=10).coordinator_id
+        cluster.stubs = stubs
+        before = {n.name: _rss(n.proc.pid) for n in cluster.nodes}
+        alongside = Alongside(cluster.client, chat_prompt_ids, oracle_reply(oracle, chat_prompt_ids, ALONGSIDE_TOKENS))
+        yield cluster
+        alongside.stop()
+        assert alongside.wrong == [], "a generation alongside the fuzzing gave other tokens than mlx-lm"
+        assert alongside.errors == [] and alongside.done >= 1, (alongside.done, alongside.errors[:3])
+        for node in cluster.nodes:
+            assert node.proc.poll() is None, f"{node.name} died:\n{node.log()[-2000:]}"
+            health = stubs[node.name].Health(pb.HealthRequest(), timeout=2)
+            assert health.loaded
+            grown = _rss(node.proc.pid) - before[node.name]
+            assert grown < RSS_GROWTH_LIMIT, f"{node.name} grew by {grown >> 20} MiB"
+
+
+# ---- gRPC: generated messages --------------------------------------------------------------------
+
+tensors = st.builds(
+    pb.Tensor,
+    data=st.binary(max_size=4096),
+    shape=st.lists(st.integers(0, 2**32 - 1), max_size=4),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16", "int8", "", "float64"]),
+)
+sampling = st.builds(
+    pb.SamplingParams,
+    temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    top_p=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    top_k=st.integers(-2**31, 2**31 - 1),
+    min_p=st.floats(allow_nan=True, allow_infinity=True, width=32),
+)
+
+
+@st.composite
+def forward_requests(draw, owner: str):
+    request = pb.ForwardRequest(
+        session_id=draw(st.sampled_from(["fuzz-a", "fuzz-b", "", "x" * 300])),
+        offset=draw(st.integers(0, 2**32 - 1) | st.integers(0, 8)),
+        sample=draw(st.booleans()), new_generation=draw(st.booleans()),
+        max_positions=draw(st.integers(0, 64) | st.integers(0, 2**32 - 1)),
+        coordinator_id=draw(st.sampled_from([owner, "", "another-coordinator"])),
+        sampling=draw(sampling), seq=draw(st.integers(0, 2**64 - 1)),
+        time_left_s=draw(st.floats(0, 5, width=32)),
+    )
+    request.tokens.extend(draw(st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(0, 300), max_size=16)))
+    if draw(st.booleans()):
+        request.hidden.CopyFrom(draw(tensors))
+    return request
+
+
+def _answered(call):
+    """Run one call: an answer or a gRPC error are both fine; anything else (a hang) is not."""
+    try:
+        call()
+    except grpc.RpcError as e:
+        assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED, e.details()
+
+
+def test_fuzz_node_services(fuzzed):
+    @FUZZ
+    @given(data=st.data())
+    def run(data):
+        node = data.draw(st.sampled_from(sorted(fuzzed.stubs)))
+        stub = fuzzed.stubs[node]
+        request = data.draw(forward_requests(fuzzed.owner))
+        _answered(lambda: stub.Forward(request, timeout=20))
+        _answered(lambda: stub.Release(pb.ReleaseRequest(session_id=request.session_id), timeout=20))
+        _answered(lambda: stub.Health(pb.HealthRequest(coordinator_id=data.draw(st.text(max_size=40))), timeout=20))
+
+    run()
+
+
+def test_fuzz_mutated_bytes(fuzzed):
+    valid = pb.ForwardRequest(session_id="fuzz-bytes", tokens=[1, 2, 3], max_positions=8,
+                              coordinator_id=fuzzed.owner).SerializeToString()
+    methods = ["/kimi_cluster.v1.Node/Forward", "/kimi_cluster.v1.Node/Release", "/kimi_cluster.v1.Node/Info",
+               "/kimi_cluster.v1.Node/Health", "/kimi_cluster.v1.Coordinator/MemoryMap"]
+    channel = fuzzed.channel
+
+    @FUZZ
+    @given(method=st.sampled_from(methods), flips=st.lists(st.tuples(st.integers(0, len(valid) - 1),
+                                                                      st.integers(0, 255)), max_size=8),
+           tail=st.binary(max_size=64))
+    def run(method, flips, tail):
+        body = bytearray(valid)
+        for at, value in flips:
+            body[at] = value
+        _answered(lambda: channel.unary_unary(method)(bytes(body) + tail, timeout=20))
+
+    run()
+
+
+def test_fuzz_generate(fuzzed):
+    @FUZZ
+    @given(messages=st.text(max_size=200) | st.just('[{"role": "user", "content": "Hi"}]'),
+           tokens=st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(0, 300), max_size=12),
+           max_tokens=st.integers(0, 3), thinking=st.booleans(), params=sampling)
+    def run(messages, tokens, max_tokens, thinking, params):
+        request = pb.GenerateRequest(messages_json=messages, max_tokens=max_tokens or 1, sampling=params,
+                                     thinking=thinking, tools_json=messages[:50])
+        request.prompt_tokens.extend(tokens)
+        _answered(lambda: list(fuzzed.client.Generate(request, timeout=30)))
+
+    run()
+
+
+# ---- the API: generated JSON ----------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ["messages", "prompt", "model", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
+          "tools", "tool_choice", "thinking", "chat_template_kwargs", "logprobs", "n", "response_format"]
+
+
+def test_fuzz_api(fuzzed):
+    @FUZZ
+    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+           fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+           valid_messages=st.booleans(), max_tokens=st.integers(1, 3) | json_values)
+    def run(path, fields, valid_messages, max_tokens):
+        body = {**fields, "max_tokens": max_tokens}
+        if valid_messages:
+            body.setdefault("messages", [{"role": "user", "content": "Hi"}])
+            body.setdefault("prompt", "Hi")
+        connection = http.client.HTTPConnection(fuzzed.host, fuzzed.port, timeout=30)
+        try:
+            connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            text = response.read().decode()
+        finally:
+            connection.close()
+        assert response.status in (200, 400, 404, 503), (response.status, body, text[:300])
+        if response.status != 200:
+            assert json.loads(text)["error"]["message"]
+
+    run()
