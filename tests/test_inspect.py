@@ -70,7 +70,6 @@ def runs(tiny_dir, tmp_path_factory):
             "preset-native-int4": ["inspect", "kimi-k2.5", "--preset", "native-int4", "--json"],
             "flags-native-int4": ["inspect", "kimi-k2.6", "--expert-bits", "4", "--other-bits", "16",
                                   "--group-size", "32", "--json"],
-            "preset-4bit": ["inspect", "kimi-k2", "--preset", "4bit", "--json"],
             "plan-native-int4": ["plan", "--model", "kimi-k2.5", "--preset", "native-int4", "--node", "512GB",
                                  "--node", "512GB", "--json"],
             "preset-unknown": ["inspect", "kimi-k2.5", "--preset", "5bit"],
@@ -123,27 +122,35 @@ def test_builtin_sizes_match_the_facts_table(scheme, runs):
 
 
 # preset -> (total GB, one MoE layer GB, layer 0 GB, embed + head GB) from the facts table, and the
-# exact bytes this project computes (README "Sizes of what people download").
+# exact bytes this project computes (the README's sizes table).
 PRESET_FACTS = {
     "native-int4": ((657.6, 10.866, 0.995, 4.70), 657_623_228_416),
     "4bit": ((577.6, 9.600, 0.280, 1.32), 577_593_561_088),
+    "3bit": ((449.3, 7.468, 0.218, 1.03), 449_313_304_576),
+    "experts2-rest4": ((323.9, 5.372, 0.280, 1.32), 323_922_055_168),
+    "experts2-rest8": ((329.7, 5.445, 0.529, 2.50), 329_700_069_376),
+    "experts3-rest6": ((453.6, 7.522, 0.404, 1.91), 453_646_815_232),
 }
 
 
-@pytest.mark.parametrize("preset", list(PRESET_FACTS))
-def test_presets_match_the_facts_table(preset, runs):
-    report = _json(runs[f"preset-{preset}"])
-    (total, moe, layer0, embed_head), exact = PRESET_FACTS[preset]
-    layers = report["layers"]
-    assert _close(report["total_bytes"], total) and report["total_bytes"] == exact
-    assert _close(layers[0]["bytes"], layer0) and _close(layers[1]["bytes"], moe)
-    assert _close(report["embed_bytes"] + report["head_bytes"], embed_head)
-    assert preset in report["model"]
+@pytest.mark.parametrize("model", ["kimi-k2", "kimi-k2.5"])
+def test_presets_match_the_facts_table(model):
+    from mlx_kimi.builtin import BUILTIN_MODELS
+    from mlx_kimi.spec import PRESETS, describe_sizes
+
+    assert set(PRESETS) == set(PRESET_FACTS)
+    for preset, ((total, moe, layer0, embed_head), exact) in PRESET_FACTS.items():
+        report = describe_sizes(BUILTIN_MODELS[model], PRESETS[preset])
+        assert _close(report.total_bytes, total) and report.total_bytes == exact, preset
+        assert _close(report.layer_bytes[0], layer0) and _close(report.layer_bytes[1], moe), preset
+        assert abs((report.embed_bytes + report.head_bytes) / 1e9 - embed_head) <= 0.005, preset  # 2 decimals
 
 
 def test_native_int4_is_experts_4bit_group_32_rest_16bit(runs):
     """The preset is the same scheme spelled out: 16-bit (unquantized bf16) non-expert part, group 32;
     and plan places exactly those bytes."""
+    preset = _json(runs["preset-native-int4"])
+    assert preset["total_bytes"] == PRESET_FACTS["native-int4"][1] and "native-int4" in preset["model"]
     assert _json(runs["flags-native-int4"])["total_bytes"] == PRESET_FACTS["native-int4"][1]
     assert "rest 16-bit (unquantized), group 32" in _json(runs["flags-native-int4"])["model"]
     plan = _json(runs["plan-native-int4"])
