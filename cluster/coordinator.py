@@ -21,7 +21,7 @@ from mlx_kimi.kimi_tokenizer import load_tokenizer
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk
-from .membership import Membership
+from .membership import HEALTH_INTERVAL_S, Membership
 from .node import NodeService
 from .planner import Plan
 from .scheduler import GenerateError, Scheduler, sampling_error
@@ -48,11 +48,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.membership = Membership(local.address, secret, peers, self.id, zeroconf)
         self.membership.on_lost = self._node_lost
         self.sessions = Sessions(lambda: self.membership.chain)
-        self.scheduler = Scheduler(local, self.membership, self.sessions, self.prefill_chunk, self._node_lost)
+        self.ready = threading.Event()
+        self.scheduler = Scheduler(local, self.membership, self.sessions, self.prefill_chunk, self._node_lost,
+                                   self.ready)
         self.plan: Plan | None = None
         self.state, self.message = "waiting", "waiting for nodes"
         self._stop = threading.Event()
-        self.ready = threading.Event()
         self.on_status = lambda message: log.info("%s", message)
         self.sampling_defaults = generation_defaults(self.checkpoint.path)
         self.last_decode_tok_s = 0.0
@@ -76,7 +77,15 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             return
         self._plan(present)
         self._load_all()
-        self.membership.watch(self._stop, self._node_back)
+        self._watch()
+
+    def _watch(self):
+        """Health-check the chain each second; while degraded, move the lost layers if the
+        nodes present can hold them."""
+        while not self._stop.wait(HEALTH_INTERVAL_S):
+            self.membership.check(self._node_back)
+            if self.state == "degraded":
+                self._replan()
 
     def _status(self, message: str):
         if message != self.message:
@@ -109,6 +118,34 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             self.membership.chain = [by_name[s.node] for s in plan.stages]
             for m in self.membership.members.values():
                 m.status = "loading" if m in self.chain else "spare"
+
+    def _replan(self):
+        """Plan again over the nodes that answer (the chain's survivors and the spares) and load
+        it, when the model fits them; otherwise keep waiting for the lost node to come back.
+        Requests in flight wait on `ready` and replay their sessions on the new chain."""
+        chain, members = self.membership.snapshot()
+        lost = [m.name for m in chain if m.status in ("lost", "failed")]
+        present = [m for m in chain if m.status not in ("lost", "failed")]
+        present += [m for m in members if m.status == "spare" and m not in chain and m.refresh()]
+        plan = plan_for(self.sizes, present, self.context, self.prefill_chunk)
+        if not plan.feasible:
+            self._status(f"lost {', '.join(lost)}; the other nodes cannot hold the model, so requests wait "
+                         "for it to come back: restart it (same --name) or add a node")
+            return
+        log.warning("lost %s; moving its layers: %s", ", ".join(lost),
+                    ", ".join(f"{s.node} [{s.start}, {s.end})" for s in plan.stages))
+        self.ready.clear()
+        by_name = {m.info.name: m for m in present}
+        with self.membership.lock:
+            self.plan = plan
+            self.membership.chain = [by_name[s.node] for s in plan.stages]
+            for m in self.membership.members.values():
+                if m.status != "lost":
+                    m.status = "loading" if m in self.chain else "spare"
+        self._load_all()
+        if self.state == "ready":
+            self.on_status(f"cluster ready again: {self.checkpoint.name} on "
+                           + ", ".join(f"{s.node} [{s.start}, {s.end})" for s in plan.stages))
 
     def _load(self, index: int, drop_sessions: bool = False) -> bool:
         request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, self.id,

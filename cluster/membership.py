@@ -148,35 +148,41 @@ class Membership:
                 m.status, changed = "lost", True
         return changed
 
-    def watch(self, stop: threading.Event, on_back):
-        """Health-check the chain each second until `stop`; a node that is gone or stalled (see
-        LOST_AFTER_S) goes to `on_lost`, one that answers again (or lost its slice) to
-        `on_back(index, member)`."""
-        while not stop.wait(HEALTH_INTERVAL_S):
-            for i, member in enumerate(list(self.chain)):
-                try:
-                    health = member.stub.Health(pb.HealthRequest(coordinator_id=self.coordinator_id),
-                                                timeout=HEALTH_TIMEOUT_S)
-                except grpc.RpcError as e:
-                    silent = time.monotonic() - member.heard
-                    if member.status != "lost" and (e.code() == grpc.StatusCode.UNAVAILABLE or silent > LOST_AFTER_S):
-                        log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, e.details(), silent)
-                        self.on_lost(member.name)
+    def check(self, on_back):
+        """One health round over the chain: a node that is gone or stalled (see LOST_AFTER_S) or
+        that now serves another coordinator goes to `on_lost`, one that answers again (or lost its
+        slice) to `on_back(index, member)`. A lost node outside the chain (its layers moved) that
+        answers again becomes a spare."""
+        for i, member in enumerate(list(self.chain)):
+            try:
+                health = member.stub.Health(pb.HealthRequest(coordinator_id=self.coordinator_id),
+                                            timeout=HEALTH_TIMEOUT_S)
+            except grpc.RpcError as e:
+                silent = time.monotonic() - member.heard
+                if member.status != "lost" and (e.code() == grpc.StatusCode.UNAVAILABLE or silent > LOST_AFTER_S):
+                    log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, e.details(), silent)
+                    self.on_lost(member.name)
+                continue
+            member.heard = time.monotonic()
+            if health.coordinator_id not in ("", self.coordinator_id):
+                if member.status != "lost":
+                    log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,
+                                member.address, health.owner or "(gone)")
+                    self.on_lost(member.name)
+                if health.owner:  # that coordinator is alive: the node stays with it
                     continue
-                member.heard = time.monotonic()
-                if health.coordinator_id not in ("", self.coordinator_id):
-                    if member.status != "lost":
-                        log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,
-                                    member.address, health.owner or "(gone)")
-                        self.on_lost(member.name)
-                    if health.owner:  # that coordinator is alive: the node stays with it
-                        continue
-                if health.busy_s > STALL_S:
-                    if member.status != "lost":
-                        log.warning("%s: one compute job has run %.0f s; it stopped making progress",
-                                    member.name, health.busy_s)
-                        self.on_lost(member.name)
-                    continue
-                if member.status == "lost" or (member.status == "ready" and not health.loaded):
-                    member.refresh()
-                    on_back(i, member)
+            if health.busy_s > STALL_S:
+                if member.status != "lost":
+                    log.warning("%s: one compute job has run %.0f s; it stopped making progress",
+                                member.name, health.busy_s)
+                    self.on_lost(member.name)
+                continue
+            if member.status == "lost" or (member.status == "ready" and not health.loaded):
+                member.refresh()
+                on_back(i, member)
+        with self.lock:
+            away = [m for m in self.members.values() if m.status == "lost" and m not in self.chain]
+        for member in away:
+            if member.refresh():
+                log.info("%s is back at %s; a spare now", member.name, member.address)
+                member.status = "spare"

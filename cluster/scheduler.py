@@ -6,6 +6,7 @@ reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn
 """
 
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,12 +25,18 @@ log = logging.getLogger("kimi_cluster.scheduler")
 WAIT_SLICE_S = 0.25          # how often a waiting step looks at the chain's health
 HOP_WAIT_S = 600.0           # what a stage waits on the next one when the client set no deadline
 LOCAL_WORKERS = 16           # steps in flight at once through this process's own first stage
+RECOVERY_WAIT_S = 600.0      # how long a request waits for a lost node's stages to run again
+MAX_RECOVERIES = 3           # replays of one request before its error is the client's
 
 
 class GenerateError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+class SessionLost(GenerateError):
+    """The session's caches are gone from a node (it was lost, or freed them): replay it."""
 
 
 def sampling_error(s: pb.SamplingParams) -> str | None:
@@ -47,10 +54,11 @@ def sampling_error(s: pb.SamplingParams) -> str | None:
 class Scheduler:
     """Runs requests through `membership.chain`; `local` is this process's own node."""
 
-    def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost):
+    def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost, ready: threading.Event):
         self.local, self.membership, self.sessions = local, membership, sessions
         self.prefill_chunk = prefill_chunk
         self.on_lost = on_lost  # (node name) a node's link broke
+        self.ready = ready  # set while every stage of the chain is loaded
         self._local_steps = ThreadPoolExecutor(LOCAL_WORKERS, thread_name_prefix="local-step")
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
@@ -62,6 +70,12 @@ class Scheduler:
                 first.link.close()
             first.link = ForwardLink(first.stub, first.name, first.address)
         return first.link.send(request, timeout)
+
+    def _wait_ready(self, deadline: float | None):
+        wait = min(RECOVERY_WAIT_S, deadline - time.monotonic()) if deadline else RECOVERY_WAIT_S
+        if not self.ready.wait(max(wait, 0)):
+            raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"a node was lost and its layers did not run again "
+                                f"within {wait:.0f} s; restart it (same --name) or add a node")
 
     def _forward(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardReply:
         """Run one step through the chain; StageError when a node of it is lost or fails, or
@@ -100,12 +114,16 @@ class Scheduler:
         stats.update(session_id=session_id, cached_tokens=cached)
         max_positions = len(prompt) + max_tokens
         generated, kept = [], False
+        rng_state = None  # the last stage's random state after the last draw
+        recoveries = 0
 
-        def step(tokens: list, offset: int, sample: bool, new_generation: bool = False):
+        def step(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None):
             request = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
                                         offset=offset, sample=sample, new_generation=new_generation,
                                         coordinator_id=self.membership.coordinator_id)
             request.tokens.extend(tokens)
+            if rng is not None:
+                request.rng_state = rng
             while True:
                 try:
                     return self._forward(request, deadline)
@@ -114,35 +132,59 @@ class Scheduler:
                         continue  # retrying is safe: every stage trims back to `offset`
                     if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) and e.node:
                         self.on_lost(e.node)
+                        raise SessionLost(e.code, e.message) from e
+                    if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        raise SessionLost(e.code, e.message) from e
                     raise GenerateError(e.code, e.message) from e
 
-        def prefill(offset: int) -> pb.ForwardReply:
-            while len(prompt) - offset > 1:
-                n = min(self.prefill_chunk, len(prompt) - offset - 1)
-                step(prompt[offset:offset + n], offset, sample=False)
+        def prefill(tokens: list, offset: int, sample: bool = True) -> pb.ForwardReply:
+            """Chunks of mlx-lm's prefill step, then the last token alone (sampled unless replaying)."""
+            while len(tokens) - offset > 1:
+                n = min(self.prefill_chunk, len(tokens) - offset - 1)
+                step(tokens[offset:offset + n], offset, sample=False)
                 offset += n
-            return step(prompt[offset:], offset, sample=True, new_generation=True)
+            return step(tokens[offset:], offset, sample=sample, new_generation=sample)
+
+        def resume() -> pb.ForwardReply:
+            """A new session on the chain as it is now, computing what the lost one held in the
+            same steps as the first time (so the caches are bit for bit the same), then the next
+            token drawn with the sampler's saved random state."""
+            nonlocal session_id
+            self.sessions.release(session_id)
+            self._wait_ready(deadline)
+            session_id = uuid.uuid4().hex
+            stats.update(session_id=session_id, cached_tokens=0)
+            if not generated:
+                return prefill(prompt, 0)
+            prefill(prompt, 0, sample=False)
+            for i, token in enumerate(generated[:-1]):
+                step([token], len(prompt) + i, sample=False)
+            return step(generated[-1:], len(prompt) + len(generated) - 1, sample=True, new_generation=True,
+                        rng=rng_state)
+
+        def attempt(run) -> pb.ForwardReply:
+            nonlocal recoveries
+            while True:
+                try:
+                    return run()
+                except SessionLost as e:
+                    recoveries += 1
+                    if recoveries > MAX_RECOVERIES:
+                        raise GenerateError(e.code, e.message) from e
+                    log.warning("session %s: %s; replaying its %d tokens once the chain is ready",
+                                session_id, e.message, len(prompt) + len(generated))
+                    run = resume
 
         try:
-            try:
-                reply = prefill(cached)
-            except GenerateError as e:
-                if not cached or e.code != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                # A node no longer holds the cached session (it freed it after --session-ttl idle
-                # seconds): free what is left of it elsewhere and start this prompt afresh.
-                log.info("cached session %s is gone on a node (%s); prefilling from scratch", session_id, e.message)
-                self.sessions.release(session_id)
-                session_id, cached = uuid.uuid4().hex, 0
-                stats.update(session_id=session_id, cached_tokens=cached)
-                reply = prefill(0)
+            reply = attempt(lambda: prefill(prompt, cached))
             offset = len(prompt)
             for n in range(1, max_tokens + 1):
                 generated.append(reply.token)
+                rng_state = reply.rng_state
                 yield reply.token, reply.logprob
                 if n == max_tokens:
                     break
-                reply = step([reply.token], offset, sample=True)
+                reply = attempt(lambda: step([reply.token], offset, sample=True))
                 offset += 1
             kept = not stats.get("cancelled")
         except GeneratorExit:  # the consumer stopped reading (an EOS, a stop string, or it went away)
