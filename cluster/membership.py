@@ -93,12 +93,13 @@ class Membership:
                     lost_name = member.name
             elif member is None:
                 stub = node_stub(open_channel(found.address, self.secret))
-                back = next((m for m in self.chain if m.name == found.name), None)
-                if back:  # a planned node restarted on a new address (names are unique): load it there
+                back = next((m for m in self.members.values() if m.name == found.name), None)
+                if back:  # restarted on a new address (names are unique): it replaces its old entry
                     del self.members[back.address]
-                    back.address, back.stub, back.status = found.address, stub, "lost"
+                    back.address, back.stub = found.address, stub
                     self.members[found.address] = back
-                    lost_name = back.name
+                    if back in self.chain:  # a planned node: load it there
+                        back.status, lost_name = "lost", back.name
                 else:
                     self.members[found.address] = Member(found.address, stub,
                                                          status="spare" if self.chain else "waiting")
