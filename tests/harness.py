@@ -11,12 +11,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
 from cluster.client import read_reply
 from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.loading import checkpoint_sizes, plan_for, prefill_chunk
+from mlx_kimi.checkpoint import open_checkpoint
 from cluster.wire import coordinator_stub, node_stub, open_channel
 
 KIMI = str(Path(sys.executable).parent / "kimi-cluster")
@@ -36,6 +39,23 @@ def oracle_reply(oracle, prompt_ids, max_tokens: int, sampler=None, seed=None) -
             break
         out.append(int(token))
     return out
+
+
+def tight_memory(model_dir: Path, nodes: int, context: int = 32768) -> str:
+    """A --memory with which `nodes` equal nodes hold the model and one fewer cannot (so a lost
+    node's layers have nowhere to go and the cluster must wait for it)."""
+    sizes = checkpoint_sizes(open_checkpoint(model_dir))
+
+    def fits(n, memory):
+        present = [SimpleNamespace(info=pb.NodeInfo(name=f"n{i}", usable_bytes=memory, total_bytes=memory))
+                   for i in range(n)]
+        return plan_for(sizes, present, context, prefill_chunk(sizes)).feasible
+
+    memory = sizes.total_bytes // nodes
+    while not fits(nodes, memory):
+        memory = memory * 101 // 100
+    assert not fits(nodes - 1, memory), f"{nodes - 1} nodes of {memory} bytes hold the model too"
+    return f"{memory}B"
 
 
 def test_env(home: Path, secret: str = TEST_SECRET) -> dict:

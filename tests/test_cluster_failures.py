@@ -6,19 +6,18 @@ import secrets
 import signal
 import threading
 import time
-from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from mlx_lm.sample_utils import make_sampler
 
-from cluster.loading import checkpoint_sizes, plan_for, prefill_chunk
+from cluster.loading import checkpoint_sizes, prefill_chunk
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.planner import kv_cache_bytes, prefill_scratch_bytes
 from cluster.wire import coordinator_stub, node_stub, open_channel
 import harness
-from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node
+from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node, tight_memory
 from mlx_kimi.checkpoint import open_checkpoint
 from mlx_kimi.slice import LayerRange, load_slice
 
@@ -108,22 +107,6 @@ def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path,
         assert ids == expected[0]
 
 
-def tight_memory(tiny_dir, context: int) -> int:
-    """Bytes per node with which three nodes hold the model and two cannot."""
-    sizes = checkpoint_sizes(open_checkpoint(tiny_dir))
-
-    def plan(n, memory):
-        nodes = [SimpleNamespace(info=pb.NodeInfo(name=f"n{i}", usable_bytes=memory, total_bytes=memory))
-                 for i in range(n)]
-        return plan_for(sizes, nodes, context, prefill_chunk(sizes))
-
-    memory = sizes.total_bytes // 3
-    while not plan(3, memory).feasible:
-        memory = memory * 101 // 100
-    assert not plan(2, memory).feasible
-    return memory
-
-
 def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir, oracle, chat_prompt_ids):
     """A node that stops answering without closing its connections (SIGSTOP: a hung process, a
     sleeping Mac) is lost after a few silent seconds; the other two cannot hold the model, so the
@@ -132,7 +115,7 @@ def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir
     waiting reply is replayed there and finishes with the oracle's tokens."""
     context = 1024
     expected = oracle_reply(oracle, chat_prompt_ids, GREEDY_TOKENS)
-    memory = f"{tight_memory(tiny_dir, context)}B"
+    memory = tight_memory(tiny_dir, 3, context)
     with LocalCluster(tmp_path, tiny_dir, stages=3, memory=memory, extra=["--context", str(context)]) as cluster:
         middle, middle_name, survivors = middle_of(cluster)
 

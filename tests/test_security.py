@@ -291,7 +291,8 @@ def test_coordinators_starting_stopping_and_taking_over_never_give_wrong_tokens(
     gets it and the first stops using it; when the second dies the first loads it again. Every
     reply either side gives, at every step, is mlx-lm's or an error."""
     expected = oracle_reply(oracle, chat_prompt_ids, OWNER_TOKENS)
-    with LocalCluster(tmp_path, tiny_dir, stages=2) as first:
+    # one node cannot hold the model: a taken node leaves the first cluster waiting for it
+    with LocalCluster(tmp_path, tiny_dir, stages=2, memory=harness.tight_memory(tiny_dir, 2)) as first:
         peer = first.peers[0]
 
         def first_replies():
