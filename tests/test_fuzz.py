@@ -23,7 +23,7 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from harness import ApiCluster, oracle_reply
 
 ALONGSIDE_TOKENS = 12
-EXAMPLES = 100  # per test: about 30 s for the whole module, cluster start included
+EXAMPLES = 60  # per test: about 25 s for the whole module on two cores, cluster start included
 RSS_GROWTH_LIMIT = 150 << 20
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
