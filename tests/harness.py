@@ -113,17 +113,18 @@ def start_node(workdir: Path, name: str, memory: str = "1GB", model: Path | None
 
 class LocalCluster:
     """A coordinator plus `stages - 1` peers (each with `memory`), all on loopback. `extra` goes
-    to every node, `coordinator_extra` to the coordinator only."""
+    to every node, `coordinator_extra` to the coordinator only. `running_peers`: nodes already up
+    (with the same secret) that take the place of as many new peers; they are left running."""
 
     def __init__(self, workdir: Path, model: Path, stages: int, memory: str = "1GB", extra=(), env=None,
-                 coordinator_extra=()):
+                 coordinator_extra=(), running_peers=()):
         self.workdir, self.env = workdir, env or test_env(workdir / "home")
         self.peers, self.coordinator = [], None
         try:
-            for i in range(1, stages):
+            for i in range(1 + len(running_peers), stages):
                 self.peers.append(start_node(workdir, f"peer{i}", memory, extra=extra, env=self.env))
             self.coordinator = start_node(workdir, "coord", memory, model=model,
-                                          peers=[p.address for p in self.peers],
+                                          peers=[p.address for p in [*running_peers, *self.peers]],
                                           extra=[*extra, *coordinator_extra], env=self.env)
             self._wait_ready()
         except BaseException:

@@ -10,7 +10,8 @@ import struct
 import pytest
 from mlx_lm.utils import load_model
 
-from harness import LocalCluster, oracle_reply
+from harness import LocalCluster, oracle_reply, start_node
+from harness import test_env as node_env  # (a test_ name here would be collected)
 from mlx_kimi.checkpoint import CheckpointError, open_checkpoint
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 from mlx_kimi.layouts import MLX_LAYOUTS, OFFICIAL_NAMES, write_layout
@@ -89,14 +90,28 @@ def test_quantization_as_published(layout):
         assert q[expert] == q[attn] == {"group_size": 64, "bits": scheme.expert_bits}
 
 
-def test_cluster_tokens_equal_mlx_lm(layout, tmp_path):
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    """The second stage of every layout's cluster: one node process, reloaded by each coordinator
+    (a coordinator stopped with SIGTERM releases it), so each layout costs one process start."""
+    workdir = tmp_path_factory.mktemp("peer")
+    node = start_node(workdir, "peer1", env=node_env(workdir / "home"))
+    yield node
+    node.kill()
+
+
+def test_cluster_tokens_equal_mlx_lm(layout, peer, tmp_path):
     name, path = layout
     # mlx-lm drops only a layer numbered 61, so it reads the tiny model's MTP layer non-strictly
     model, _ = load_model(path, strict=not MLX_LAYOUTS[name].mtp)
     want = oracle_reply((model, load_tokenizer(path)), PROMPT, MAX_TOKENS)
-    with LocalCluster(tmp_path, path, stages=2) as cluster:
+    with LocalCluster(tmp_path, path, stages=2, running_peers=[peer]) as cluster:
         tokens, _ = cluster.generate(prompt_tokens=PROMPT, max_tokens=MAX_TOKENS)
+        stages = sorted((n.start, n.end, n.name) for n in cluster.memory_map().nodes if n.has_layers)
         log = cluster.coordinator.log()
+        cluster.stop()  # SIGTERM: the coordinator releases the peer for the next layout
+    assert [(s[0], s[1]) for s in stages] == [(0, stages[0][1]), (stages[0][1], SHAPE.layers)], stages
+    assert "peer1" in {s[2] for s in stages}
     assert list(tokens) == want and want
     assert "trust_remote_code" not in log and "[y/N]" not in log  # nothing asked, no remote code
 
