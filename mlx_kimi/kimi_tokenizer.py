@@ -278,9 +278,11 @@ def checkpoint_eos_ids(path: Path) -> list[int]:
 
 
 def _is_kimi_tiktoken(path: Path, config: dict) -> bool:
+    # A tokenizer saved again by transformers (as in MLX conversions) names the source repository
+    # in auto_map: "moonshotai/Kimi-K2-Instruct--tokenization_kimi.TikTokenTokenizer".
     auto_map = config.get("auto_map", {}).get("AutoTokenizer") or []
     return (config.get("tokenizer_class") == "TikTokenTokenizer" and (path / TIKTOKEN_FILE).is_file()
-            and any(ref and ref.startswith("tokenization_kimi.") for ref in auto_map))
+            and any(ref and ref.split("--")[-1].startswith("tokenization_kimi.") for ref in auto_map))
 
 
 def load_tokenizer(path, eos_token_ids=None) -> TokenizerWrapper:

@@ -138,6 +138,16 @@ def test_tokenizer_json_with_kimi_k2_config(tmp_path, capfd):
     assert "custom code" not in out + err
 
 
+def test_auto_map_naming_the_source_repository(tmp_path, tik_dir):
+    """MLX conversions keep the tokenizer as transformers saves it again, with the repo in auto_map."""
+    path = tmp_path / "converted"
+    shutil.copytree(tik_dir[0], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["moonshotai/Kimi-K2-Instruct--tokenization_kimi.TikTokenTokenizer", None]}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert type(load_tokenizer(path).detokenizer).__name__ == "ByteStreamingDetokenizer"
+
+
 def test_refuses_what_it_cannot_read_exactly(tmp_path, tik_dir):
     with pytest.raises(ValueError, match=r"Found: no tokenizer files"):
         load_tokenizer(tmp_path)
