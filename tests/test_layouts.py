@@ -151,3 +151,22 @@ def test_the_advised_int4_conversion_keeps_native_int4(tmp_path):
     scales = weights["model.layers.1.mlp.switch_mlp.down_proj.scales"]
     assert scales.shape[-1] * 32 == SHAPE.moe_intermediate_size
     assert mx.array_equal(weights["model.layers.1.mlp.switch_mlp.down_proj.biases"], -8 * scales).item()
+
+
+def test_make_tiny_layout_cli(tmp_path):
+    """`kimi-cluster make-tiny --layout` writes the same model as the library (same model id, however
+    sharded); an official layout's line names the conversion."""
+    import subprocess
+
+    from harness import KIMI
+
+    runs = {out: subprocess.Popen([KIMI, "make-tiny", str(tmp_path / out), "--layout", out, "--layers", "3"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for out in ("k2.5", "k2-instruct-fp8")}
+    library = open_checkpoint(write_layout(tmp_path / "library", "k2.5", SHAPE))
+    done = {out: p.communicate(timeout=300) for out, p in runs.items()}
+    assert all(p.returncode == 0 for p in runs.values()), done
+    made = open_checkpoint(tmp_path / "k2.5")
+    assert made.model_id == library.model_id and made.model_id[:16] in done["k2.5"][0]
+    words = " ".join(done["k2-instruct-fp8"][0].split())  # rich wraps long lines at spaces
+    assert f"kimi-cluster convert {tmp_path / 'k2-instruct-fp8'} OUT" in words
