@@ -96,16 +96,9 @@ PROMPT = "你好"  # this tiny model's greedy reply joins bytes of one character
 
 @pytest.fixture(scope="module")
 def tiktoken_ckpt(tmp_path_factory):
-    """The tiny checkpoint with Kimi's tokenizer files in place of tokenizer.json."""
-    out = make_tiny(tmp_path_factory.mktemp("tiktoken-ckpt") / "ckpt", TinyShape(layers=2, vocab_size=VOCAB))
-    for name in ("tokenizer.json", "special_tokens_map.json"):
-        (out / name).unlink()
-    eos = write_tiktoken_tokenizer(out, VOCAB)
-    config = json.loads((out / "config.json").read_text())
-    config["eos_token_id"] = config["text_config"]["eos_token_id"] = eos[0]  # <|im_end|>: generation_config
-    config["text_config"]["bos_token_id"] = VOCAB - 256
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    """The tiny checkpoint with Kimi's tokenizer files."""
+    return make_tiny(tmp_path_factory.mktemp("tiktoken-ckpt") / "ckpt", TinyShape(layers=2, vocab_size=VOCAB),
+                     tokenizer="tiktoken")
 
 
 @pytest.fixture(scope="module")
