@@ -638,6 +638,27 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def cmd_service(args) -> None:
+    import platform
+    import shutil as shutil_
+
+    from . import service
+
+    if platform.system() != "Darwin":
+        fail("`service` writes a macOS launchd agent; on Linux run `kimi-cluster up ...` from a systemd unit")
+    home = Path.home()
+    if args.action == "uninstall":
+        path, existed = service.uninstall(home)
+        print(f"removed {path}; stop the running one with: launchctl bootout gui/$(id -u)/{service.LABEL}"
+              if existed else f"no agent at {path}")
+        return
+    up_args = [a for a in args.up_args if a != "--"]
+    executable = shutil_.which("kimi-cluster") or str(Path(sys.executable).parent / "kimi-cluster")
+    path, start = service.install(executable, up_args, home)
+    print(f"wrote {path}: `kimi-cluster up {' '.join(up_args)}` at every login (log in ~/Library/Logs/kimi-cluster.log)")
+    print(f"start it now: {start}")
+
+
 def _mac_memory(text: str) -> int:
     """A Mac's unified memory: "192GB" is Apple's 192 GiB (and TB is TiB); KiB/MiB/GiB as written."""
     size = text.strip()
@@ -757,6 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = secret_sub.add_parser("rotate", help="replace the cluster secret with a new random one (restart every node)")
     r.add_argument("--secret-file", type=Path, help="file to write (default: the config dir's secret)")
     r.set_defaults(func=cmd_secret_rotate)
+
+    p = sub.add_parser("service", help="macOS: run `kimi-cluster up` at login (a launchd agent)")
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("up_args", nargs=argparse.REMAINDER, help="arguments for `up`, after --, e.g. -- --model DIR")
+    p.set_defaults(func=cmd_service)
 
     for command, func, what in (("chat", cmd_chat, "chat with the cluster"), ("map", cmd_map, "memory map"),
                                 ("status", cmd_status, "this machine's nodes and the cluster at a glance"),

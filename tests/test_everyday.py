@@ -256,3 +256,19 @@ def test_stop_cluster_stops_every_node(tmp_path, tiny_dir):
             assert f"stopped {node.name} ({node.address}), released " in done.stdout
             assert node.proc.wait(timeout=30) == 0
             wait_for_log(node, r"asked to stop over the network: stopping")
+
+
+def test_service_install_writes_a_launchd_agent_that_runs_up(tmp_path):
+    import plistlib
+
+    from cluster import service
+
+    path, start = service.install("/opt/bin/kimi-cluster", ["--model", "/models/k2"], tmp_path)
+    agent = plistlib.loads(path.read_bytes())
+    assert path == tmp_path / "Library/LaunchAgents/ai.kimi-cluster.up.plist"
+    assert agent["ProgramArguments"] == ["/opt/bin/kimi-cluster", "up", "--model", "/models/k2"]
+    assert agent["RunAtLoad"] and agent["KeepAlive"] == {"SuccessfulExit": False}
+    assert start == f"launchctl bootstrap gui/$(id -u) {path}"
+    assert service.uninstall(tmp_path) == (path, True) and not path.exists()
+    refused = run("service", "install", "--", "--model", "x")
+    assert refused.returncode == 2 and "writes a macOS launchd agent" in refused.stderr
