@@ -146,8 +146,8 @@ def load_secret(
         return _create_secret(path)
     raise AuthError(
         f"no cluster secret: {path} does not exist and {SECRET_ENV} is not set. "
-        "Start the coordinator first (it creates one) and copy its secret file "
-        f"to {path} on this Mac, or set {SECRET_ENV}, or pass --secret-file."
+        "The first Mac to run `kimi-cluster up` creates one (the others print the line that copies it); "
+        f"copy it to {path} on this Mac, or set {SECRET_ENV}, or pass --secret-file."
     )
 
 
