@@ -614,18 +614,16 @@ def _infeasible_plan(sizes, nodes, context, prefill_chunk) -> Plan:
     else:
         shortfall = missing if missing > 0 else min(fixes)
 
-    # at least one node takes part and reserves the scratch, even when none has room for it
-    participants = max(1, sum(node.usable_bytes > layers.scratch for node in nodes))
     advice = []
     if not nodes:
         advice.append(f"No nodes: the model needs {format_bytes(shortfall)} on one or more nodes.")
     elif missing > 0:
         advice.append(
-            f"Does not fit: {format_bytes(shortfall)} missing. Needed: weights {format_bytes(sizes.total_bytes)}"
-            f" + KV cache {format_bytes(kv_total)} for {context:,} tokens + prefill scratch"
-            f" {format_bytes(layers.scratch)} on each of {participants} node{'s' if participants > 1 else ''}"
-            f" = {format_bytes(held + participants * layers.scratch)};"
-            f" usable: {format_bytes(sum(node.usable_bytes for node in nodes))}."
+            f"Does not fit: {format_bytes(shortfall)} missing. Weights {format_bytes(sizes.total_bytes)}"
+            f" + KV cache {format_bytes(kv_total)} for {context:,} tokens = {format_bytes(held)} must fit in what"
+            f" the nodes have beyond the {format_bytes(layers.scratch)} of prefill scratch each node that takes"
+            f" part reserves: {format_bytes(offered)} (of {format_bytes(sum(node.usable_bytes for node in nodes))}"
+            f" usable)."
         )
     else:
         advice.append(

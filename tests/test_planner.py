@@ -319,7 +319,9 @@ def test_advice_when_kv_cache_and_scratch_alone_do_not_fit():
     plan = plan_partition(sizes, [NodeCapacity("a", 8), NodeCapacity("b", 9)], context=2, prefill_chunk=4)
     assert not plan.feasible
     text = "\n".join(plan.advice)
-    assert "on each of 0 nodes" not in text and "on each of 1 node =" in text
+    # the figures add up: missing = weights + KV cache - what the nodes have beyond the scratch (nothing)
+    assert f"Does not fit: {plan.shortfall_bytes} B missing. Weights 40 B + KV cache 4 B for 2 tokens = 44 B" in text
+    assert plan.shortfall_bytes == 44 and "reserves: 0 B (of 17 B usable)" in text
     assert "smaller quantization" not in text and "Smaller weights cannot make it fit" in text
 
 
