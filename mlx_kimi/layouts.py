@@ -1,7 +1,8 @@
 """Tiny checkpoints in the layouts of the Kimi checkpoints people download, for `make-tiny --layout`.
 
 MLX layouts (what kimi-cluster runs), each at the tiny shape with real-format tokenizer files
-(tiktoken.model, tokenizer_config.json naming TikTokenTokenizer, chat_template.jinja,
+(tiktoken.model; tokenizer_config.json naming TikTokenTokenizer, its auto_map naming the source repo
+as transformers writes it when mlx-lm saves the tokenizer again; chat_template.jinja,
 generation_config.json), bfloat16 like the published files, mlx-lm tensor names, and
 `model-0000N-of-0000M.safetensors` shards with an index, as mlx-lm's conversion writes them:
 
@@ -42,6 +43,7 @@ class MlxLayout:
     scheme: QuantScheme = QuantScheme(4, 4, 64)
     recipe: str = ""  # an mlx-lm recipe name, or "overrides"; else `scheme`
     mtp: bool = False
+    source: str = "moonshotai/Kimi-K2-Instruct"  # the repo the conversion's tokenizer auto_map names
 
 
 MLX_LAYOUTS = {
@@ -49,9 +51,9 @@ MLX_LAYOUTS = {
     "k2-instruct-3bit": MlxLayout("kimi_k2", QuantScheme(3, 3, 64)),
     "k2-instruct-2bit": MlxLayout("kimi_k2", QuantScheme(2, 2, 64)),
     "k2-instruct-8bit": MlxLayout("kimi_k2", QuantScheme(8, 8, 64)),
-    "k2-thinking": MlxLayout("kimi_k2", QuantScheme(4, FLOAT_BITS, 32)),
-    "k2.5": MlxLayout("kimi_k25", QuantScheme(4, FLOAT_BITS, 32)),
-    "k2.6-3bit": MlxLayout("kimi_k25", QuantScheme(3, 3, 64)),
+    "k2-thinking": MlxLayout("kimi_k2", QuantScheme(4, FLOAT_BITS, 32), source="moonshotai/Kimi-K2-Thinking"),
+    "k2.5": MlxLayout("kimi_k25", QuantScheme(4, FLOAT_BITS, 32), source="moonshotai/Kimi-K2.5"),
+    "k2.6-3bit": MlxLayout("kimi_k25", QuantScheme(3, 3, 64), source="moonshotai/Kimi-K2.6"),
     "k2-mixed_2_6": MlxLayout("kimi_k2", recipe="mixed_2_6"),
     "k2-overrides": MlxLayout("kimi_k2", recipe="overrides"),
     "k2-mxfp4": MlxLayout("kimi_k2", QuantScheme(4, 4, 32, "mxfp4")),
@@ -75,5 +77,11 @@ def write_layout(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE, s
     if layout not in MLX_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     spec = MLX_LAYOUTS[layout]
-    return make_tiny(out_dir, shape, seed=seed, model_type=spec.model_type, dtype=dtype, scheme=spec.scheme,
-                     recipe=spec.recipe, tokenizer="tiktoken", vision=spec.model_type == "kimi_k25", mtp=spec.mtp)
+    out = make_tiny(out_dir, shape, seed=seed, model_type=spec.model_type, dtype=dtype, scheme=spec.scheme,
+                    recipe=spec.recipe, tokenizer="tiktoken", vision=spec.model_type == "kimi_k25", mtp=spec.mtp)
+    # mlx-lm saves the tokenizer again through transformers, whose auto_map then names the source repo.
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoTokenizer": [f"{spec.source}--tokenization_kimi.TikTokenTokenizer", None]}
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return out

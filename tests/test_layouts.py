@@ -59,6 +59,8 @@ def test_sizes_equal_the_headers(layout):
         assert any(n.startswith("vision_tower.") for n in extra) and any(n.startswith("mm_projector.") for n in extra)
     assert bool(extra) == (MLX_LAYOUTS[name].model_type == "kimi_k25" or MLX_LAYOUTS[name].mtp)
     assert (path / "tiktoken.model").exists() and not (path / "tokenizer.json").exists()
+    auto_map = json.loads((path / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0]
+    assert re.fullmatch(r"moonshotai/Kimi-K2[.\w-]*--tokenization_kimi\.TikTokenTokenizer", auto_map)
     if config["model_type"] == "kimi_k25":
         assert config["text_config"]["model_type"] == "kimi_k2"
     else:
