@@ -254,3 +254,19 @@ def cmd_convert(args) -> None:
     console.print(f"wrote {report.out}: {len(report.written)} shards written, {len(report.reused)} kept from an "
                   f"earlier run, {report.total_bytes:,} bytes in {time.monotonic() - start:.1f} s, "
                   f"model id {report.model_id[:16]}")
+    print_summary(parts, dtype)
+
+
+def print_summary(parts: dict, dtype) -> None:
+    """Size per part and the bits histogram of the whole model."""
+    from mlx_kimi.recipe import bits_histogram
+
+    sizes = part_sizes(parts, dtype)
+    layers = sizes.layer_bytes
+    console.print(f"embedding {format_bytes(sizes.embed_bytes)}, layers 0-{len(layers) - 1} "
+                  f"{format_bytes(sum(layers))} ({format_bytes(min(layers))} to {format_bytes(max(layers))} each), "
+                  f"norm + head {format_bytes(sizes.head_bytes)}")
+    hist = bits_histogram([t for targets in parts.values() for t in targets])
+    count = sum(hist.values())
+    console.print("bits: " + ", ".join(f"{k} {v / count:.1%}" for k, v in hist.items())
+                  + f"; {8 * sizes.total_bytes / count:.2f} bits per parameter overall")
