@@ -211,12 +211,20 @@ def _part_of(name: str):
 
 
 def check_source(source: Source, parts: dict) -> None:
-    """Every tensor the output needs is in the files, in a dtype the converter decodes."""
+    """Every tensor the output needs is in the files, in a dtype the converter decodes and the shape
+    the config implies."""
+    if any(".switch_mlp." in name for name in source.tensors):
+        raise ConvertError(f"{source.path}: already in MLX layout (stacked switch_mlp experts); it needs no "
+                           "conversion: point kimi-cluster at it")
     for targets in parts.values():
         for t in targets:
             for name in t.sources:
                 if name in source.tensors:
                     st = source.tensors[name]
+                    expected = t.shape[1:] if len(t.sources) > 1 else t.shape
+                    if not t.split and st.shape != expected:
+                        raise ConvertError(f"{st.path}: tensor {name!r} has shape {list(st.shape)}, but config.json "
+                                           f"implies {list(expected)}; the shards and config come from different models")
                     if st.dtype == "F8_E4M3":
                         scale = source.tensors.get(f"{name}_scale_inv")
                         if scale is None or scale.dtype != "F32":
@@ -448,7 +456,7 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
     names = shard_names(parts)
     config = output_config(source, parts, dtype)
     job = {"source": source.identity(), "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-           "chunk": "rows", "shards": {}}
+           "shards": {}}
 
     out = Path(out)
     state = _state(out)

@@ -16,6 +16,7 @@ from mlx_kimi.convert import ConvertError, convert
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 from mlx_kimi.official import write_official
 from mlx_kimi.spec import QuantScheme
+from mlx_kimi.tiny import make_tiny
 
 
 def mlx_lm_conversion(src, scheme: QuantScheme, dtype) -> dict:
@@ -147,6 +148,9 @@ def test_bad_sources_name_the_file(tmp_path):
     assert read_safetensors_header(wrong / shard.name)[name][0] == "F16"
     with pytest.raises(CheckpointError, match=r"model-3-of-7\.safetensors: FP8 tensor .*o_proj.weight.*F16"):
         convert(wrong, tmp_path / "o3", recipe)
+
+    with pytest.raises(CheckpointError, match="already in MLX layout"):
+        convert(make_tiny(tmp_path / "mlx"), tmp_path / "o4", recipe)
 
 
 def test_disk_space_checked_up_front(tmp_path):
