@@ -192,7 +192,7 @@ def cmd_compare(args) -> None:
 def cmd_convert(args) -> None:
     from mlx_kimi.builtin import BUILTIN_MODELS
     from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
-    from mlx_kimi.recipe import apply_choice, fit, measured_errors, synthetic_errors
+    from mlx_kimi.recipe import apply_choice, fit, measured_errors, synthetic_errors, weighted_errors
 
     dtype = OUTPUT_DTYPES[args.dtype]
     if args.out is None and not args.dry_run:
@@ -210,8 +210,7 @@ def cmd_convert(args) -> None:
         errors = lambda target: measured_errors(source, target)  # noqa: E731
     if args.fit or args.budget:
         parts = plan_targets(config, lambda name, module: False)
-        if args.calibrate:
-            errors = calibrated(source, parts, args)
+        errors = calibrated(source, parts, args) if args.calibrate else weighted_errors(errors, parts)
         if args.fit:
             nodes = mac_nodes(parse_fit(args.fit), args.wired_limit_mb)
             result, plan = fit_to_cluster(parts, config, nodes, args.context, dtype, errors)

@@ -191,8 +191,10 @@ def plan_targets(config: dict, recipe: Callable) -> dict:
         owner = name.rsplit(".", 1)[0]
         m = modules.get(owner)
         quantizable = m is not None and hasattr(m, "to_quantized") and name.endswith(".weight")
-        target = Target(name, tuple(value.shape), [name], (recipe(owner, m) or None) if quantizable else None,
-                        quantizable=quantizable)
+        quant = (recipe(owner, m) or None) if quantizable else None
+        if quant and quant.get("mode", "affine") != "affine":
+            raise ValueError(f"convert writes MLX's affine quantization only, not {quant['mode']} ({owner})")
+        target = Target(name, tuple(value.shape), [name], quant, quantizable=quantizable)
         rest = name[len(prefix):]
         if ".mlp.switch_mlp." in rest:
             base = name.replace(".switch_mlp.", ".experts.{}.")

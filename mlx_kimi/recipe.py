@@ -120,11 +120,17 @@ def importance(name: str, num_layers: int) -> float:
     return 1.0
 
 
+def weighted_errors(relative: Callable, parts: dict) -> Callable:
+    """errors(target) for fit from relative weight errors (`relative(target)`), times importance."""
+    num_layers = sum(1 for p in parts if isinstance(p, int))
+    return lambda t: {c: importance(t.name, num_layers) * e for c, e in relative(t).items()}
+
+
 @dataclass
 class FitResult:
     choice: dict  # module name -> {"bits", "group_size"} or None
     total_bytes: int
-    error: float  # sum of importance x relative error over the modules
+    error: float  # the sum of the modules' errors
 
     def recipe(self, name, module):
         return self.choice.get(name) or False
@@ -133,16 +139,14 @@ class FitResult:
 def fit(parts: dict, budget_bytes: int, dtype, errors: Callable) -> FitResult:
     """Start every quantizable module at its cheapest candidate, then repeatedly take the upgrade
     with the largest error reduction per added byte that still fits the budget. `errors(target)`
-    gives {candidate: relative error}."""
-    num_layers = sum(1 for p in parts if isinstance(p, int))
+    gives {candidate: error} (weighted_errors or calibrated_errors)."""
     fixed, options = 0, {}
     for targets in parts.values():
         for t in targets:
             if not t.quantizable:
                 fixed += target_bytes(t, None, dtype)
                 continue
-            weight = importance(t.name, num_layers)
-            cands = [(target_bytes(t, c, dtype), weight * e, c) for c, e in errors(t).items()
+            cands = [(target_bytes(t, c, dtype), e, c) for c, e in errors(t).items()
                      if c is None or t.shape[-1] % c[1] == 0]
             options[t.module] = sorted(cands, key=lambda x: (x[0], x[1]))
     current = {m: 0 for m in options}

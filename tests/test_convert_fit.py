@@ -9,7 +9,7 @@ from harness import KIMI
 from mlx_kimi.builtin import BUILTIN_MODELS
 from mlx_kimi.checkpoint import text_config
 from mlx_kimi.convert import OUTPUT_DTYPES, plan_targets
-from mlx_kimi.recipe import synthetic_errors
+from mlx_kimi.recipe import synthetic_errors, weighted_errors
 from mlx_kimi.slice import LayerRange, build_slice_module, layer_nbytes, quantize_slice
 from mlx_kimi.spec import cast_unquantized
 
@@ -36,7 +36,8 @@ def test_fit_recipe_sizes_confirmed_by_mlx_and_the_planner():
     dtype = OUTPUT_DTYPES["bfloat16"]
     table = synthetic_errors()
     parts = plan_targets(config, lambda n, m: False)
-    result, _ = fit_to_cluster(parts, config, mac_nodes([192 * 2**30] * 2, WIRED_MB), 32768, dtype, lambda t: table)
+    result, _ = fit_to_cluster(parts, config, mac_nodes([192 * 2**30] * 2, WIRED_MB), 32768, dtype,
+                               weighted_errors(lambda t: table, parts))
 
     layers = LayerRange(0, 61)
     module = build_slice_module(config, layers)
