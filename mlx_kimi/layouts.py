@@ -6,11 +6,13 @@ as transformers writes it when mlx-lm saves the tokenizer again; chat_template.j
 generation_config.json), bfloat16 like the published files, mlx-lm tensor names, and
 `model-0000N-of-0000M.safetensors` shards with an index, as mlx-lm's conversion writes them:
 
-- k2-instruct-4bit: mlx-community Kimi-K2-Instruct(-0905)-4bit: top-level `model_type: kimi_k2`,
-  `architectures: [DeepseekV3ForCausalLM]`, every linear (embedding and lm_head too) 4-bit group 64.
+- k2-instruct-4bit: mlx-community Kimi-K2-Instruct-4bit: top-level `model_type: kimi_k2`,
+  `architectures: [DeepseekV3ForCausalLM]`, every linear (embedding and lm_head too) 4-bit group 64
+  (K2-Instruct-0905's conversion is the same but for yarn factor 64 and 262144 positions).
 - k2-instruct-3bit, k2-instruct-2bit, k2-instruct-8bit: the same, uniform 3, 2 and 8-bit.
 - k2-thinking: mlx-community Kimi-K2-Thinking: kimi_k2, native INT4 as mlx-lm keeps it (routed
-  experts 4-bit group 32), everything else unquantized bf16.
+  experts 4-bit group 32), everything else unquantized bf16; K2-Thinking's long-context text config
+  (262144 positions, yarn factor 64, rms_norm_eps 1e-5), as k2.5 and k2.6-3bit have.
 - k2.5: mlx-community Kimi-K2.5 / K2.6: top-level `kimi_k25` whose `text_config` says kimi_k2, the
   text model under `language_model.`, `vision_tower.*` / `mm_projector.*` tensors left in the
   shards, native INT4 experts + bf16.
@@ -32,6 +34,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .checkpoint import text_config
 from .official import OFFICIAL_LAYOUTS, OFFICIAL_TINY_SHAPE, write_official
 from .spec import FLOAT_BITS, QuantScheme
 from .tiny import TinyShape, make_tiny
@@ -44,6 +47,16 @@ class MlxLayout:
     recipe: str = ""  # an mlx-lm recipe name, or "overrides"; else `scheme`
     mtp: bool = False
     source: str = "moonshotai/Kimi-K2-Instruct"  # the repo the conversion's tokenizer auto_map names
+    long_context: bool = False  # K2-Thinking / K2.5 / K2.6's text config (262144 positions, yarn factor 64)
+
+
+# What K2-Thinking, K2.5 and K2.6 configs say where K2-Instruct (0711) differs (../shared/kimi-facts.md).
+LONG_CONTEXT_TEXT = {
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-5,
+    "rope_scaling": {"type": "yarn", "factor": 64.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+}
 
 
 MLX_LAYOUTS = {
@@ -51,9 +64,10 @@ MLX_LAYOUTS = {
     "k2-instruct-3bit": MlxLayout("kimi_k2", QuantScheme(3, 3, 64)),
     "k2-instruct-2bit": MlxLayout("kimi_k2", QuantScheme(2, 2, 64)),
     "k2-instruct-8bit": MlxLayout("kimi_k2", QuantScheme(8, 8, 64)),
-    "k2-thinking": MlxLayout("kimi_k2", QuantScheme(4, FLOAT_BITS, 32), source="moonshotai/Kimi-K2-Thinking"),
-    "k2.5": MlxLayout("kimi_k25", QuantScheme(4, FLOAT_BITS, 32), source="moonshotai/Kimi-K2.5"),
-    "k2.6-3bit": MlxLayout("kimi_k25", QuantScheme(3, 3, 64), source="moonshotai/Kimi-K2.6"),
+    "k2-thinking": MlxLayout("kimi_k2", QuantScheme(4, FLOAT_BITS, 32), source="moonshotai/Kimi-K2-Thinking",
+                             long_context=True),
+    "k2.5": MlxLayout("kimi_k25", QuantScheme(4, FLOAT_BITS, 32), source="moonshotai/Kimi-K2.5", long_context=True),
+    "k2.6-3bit": MlxLayout("kimi_k25", QuantScheme(3, 3, 64), source="moonshotai/Kimi-K2.6", long_context=True),
     "k2-mixed_2_6": MlxLayout("kimi_k2", recipe="mixed_2_6"),
     "k2-overrides": MlxLayout("kimi_k2", recipe="overrides"),
     "k2-mxfp4": MlxLayout("kimi_k2", QuantScheme(4, 4, 32, "mxfp4")),
@@ -80,8 +94,14 @@ def write_layout(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE, s
     out = make_tiny(out_dir, shape, seed=seed, model_type=spec.model_type, dtype=dtype, scheme=spec.scheme,
                     recipe=spec.recipe, tokenizer="tiktoken", vision=spec.model_type == "kimi_k25", mtp=spec.mtp)
     # mlx-lm saves the tokenizer again through transformers, whose auto_map then names the source repo.
-    config_file = out / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["auto_map"] = {"AutoTokenizer": [f"{spec.source}--tokenization_kimi.TikTokenTokenizer", None]}
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    _edit_json(out / "tokenizer_config.json", lambda config: config.update(
+        auto_map={"AutoTokenizer": [f"{spec.source}--tokenization_kimi.TikTokenTokenizer", None]}))
+    if spec.long_context:  # the weights do not depend on these
+        _edit_json(out / "config.json", lambda config: text_config(config).update(LONG_CONTEXT_TEXT))
     return out
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2) + "\n")

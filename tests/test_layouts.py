@@ -61,6 +61,7 @@ def test_sizes_equal_the_headers(layout):
     assert (path / "tiktoken.model").exists() and not (path / "tokenizer.json").exists()
     auto_map = json.loads((path / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0]
     assert re.fullmatch(r"moonshotai/Kimi-K2[.\w-]*--tokenization_kimi\.TikTokenTokenizer", auto_map)
+    assert config.get("text_config", config)["rope_scaling"]["factor"] == (64.0 if MLX_LAYOUTS[name].long_context else 32.0)
     if config["model_type"] == "kimi_k25":
         assert config["text_config"]["model_type"] == "kimi_k2"
     else:
