@@ -267,6 +267,8 @@ def test_web_chat_streams_the_reply_with_thinking_folded(api, browser):
     folded = browser.evaluate("!document.querySelector('.msg.assistant details').open && "
                               "!document.querySelector('.msg.assistant details').hidden")
     assert (content, reasoning, folded) == (CONTENT, REASONING, True)
+    assert browser.evaluate("document.querySelector('.msg.assistant .tool-call').textContent") == \
+        'calls get_weather({"city": "Paris"})'
     partial = {t for t in browser.evaluate("window.seen") if t and t != CONTENT}
     assert partial and all(CONTENT.startswith(t) for t in partial), partial  # it arrived in pieces
     assert browser.evaluate("window.stopEnabled") and browser.evaluate("document.getElementById('error').textContent") == ""
