@@ -289,7 +289,8 @@ def open_checkpoint(path) -> Checkpoint:
 
     # The multi-token-prediction layer some checkpoints keep after the last decoder layer (layer 61
     # of the real model) is not part of the text model: mlx-lm drops it, and so does every check here.
-    decoder = {n: t for n, t in tensors.items() if not (isinstance(p := tensor_part(n, prefix), int) and p >= num_layers)}
+    decoder = {n: t for n, t in tensors.items()
+               if not (isinstance(part := tensor_part(n, prefix), int) and part >= num_layers)}
     if any(".mlp.experts.0." in n or ".self_attn.kv_b_proj." in n for n in decoder):
         raise CheckpointError(source_layout_advice(path, config))
     parts = {tensor_part(n, prefix) for n in tensors}

@@ -47,7 +47,8 @@ class QuantScheme:
                              f"({', '.join(map(str, QUANT_BITS))}, or 16: unquantized)")
         if self.mode == "affine":
             if self.group_size not in GROUP_SIZES:
-                raise ValueError(f"group size {self.group_size} is not one of MLX's ({', '.join(map(str, GROUP_SIZES))})")
+                sizes = ", ".join(map(str, GROUP_SIZES))
+                raise ValueError(f"group size {self.group_size} is not one of MLX's ({sizes})")
         elif self.mode not in FLOAT_MODES:
             raise ValueError(f"unknown quantization mode {self.mode!r} (affine, {', '.join(FLOAT_MODES)})")
         elif {self.expert_bits, self.other_bits} - {FLOAT_BITS} != {FLOAT_MODES[self.mode][0]} or (

@@ -172,7 +172,8 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer == "tiktoken":
         eos_ids = write_tiktoken_tokenizer(out, vocab_size=shape.vocab_size)
-        bos_id, config_eos = eos_ids[0] - 1, eos_ids[0]  # [BOS] sits just before [EOS]; <|im_end|> is in generation_config
+        # [BOS] sits just before [EOS]; <|im_end|> is in generation_config.json, as in the real files
+        bos_id, config_eos = eos_ids[0] - 1, eos_ids[0]
     else:
         eos_ids = write_tokenizer(out, vocab_size=shape.vocab_size)
         added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]

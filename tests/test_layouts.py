@@ -50,7 +50,8 @@ def test_sizes_equal_the_headers(layout):
     headers = _headers(path)
     text = {n: b for n, (_, b) in headers.items() if n.startswith(prefix)
             and not re.match(rf"{re.escape(prefix)}model\.layers\.{SHAPE.layers}\.", n)}
-    layers = [sum(b for n, b in text.items() if n.startswith(f"{prefix}model.layers.{i}.")) for i in range(SHAPE.layers)]
+    layers = [sum(b for n, b in text.items() if n.startswith(f"{prefix}model.layers.{i}."))
+              for i in range(SHAPE.layers)]
     sizes = checkpoint.sizes()
     assert sizes.layer_bytes == layers
     assert sizes.total_bytes == sum(text.values())
@@ -61,7 +62,8 @@ def test_sizes_equal_the_headers(layout):
     assert (path / "tiktoken.model").exists() and not (path / "tokenizer.json").exists()
     auto_map = json.loads((path / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0]
     assert re.fullmatch(r"moonshotai/Kimi-K2[.\w-]*--tokenization_kimi\.TikTokenTokenizer", auto_map)
-    assert config.get("text_config", config)["rope_scaling"]["factor"] == (64.0 if MLX_LAYOUTS[name].long_context else 32.0)
+    yarn_factor = config.get("text_config", config)["rope_scaling"]["factor"]
+    assert yarn_factor == (64.0 if MLX_LAYOUTS[name].long_context else 32.0)
     if config["model_type"] == "kimi_k25":
         assert config["text_config"]["model_type"] == "kimi_k2"
     else:
