@@ -340,20 +340,22 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         return dict(prompt=prompt, max_tokens=max_tokens, sampling=params, stops=_stop(body), raw=False,
                     thinking=prompt_ends_thinking(tokenizer, prompt), logprobs=bool(logprobs), **_stream_flags(body))
 
-    activity = {"in_flight": 0, "served": 0}
+    activity, activity_lock = {"in_flight": 0, "served": 0}, threading.Lock()  # requests generating now / done
 
     def run(job: dict, stats: dict):
         """(delta, token, logprob) per generated token; the last item carries the finish reason."""
-        activity["in_flight"] += 1
+        with activity_lock:
+            activity["in_flight"] += 1
         began = time.monotonic()
         try:
             yield from generate_reply(job, stats)
         finally:
-            activity["in_flight"] -= 1
+            with activity_lock:
+                activity["in_flight"] -= 1
+                activity["served"] += 1
             log_request(job, stats, began)
 
     def log_request(job: dict, stats: dict, began: float) -> None:
-        activity["served"] += 1
         first, last = stats.get("first_token_at"), stats.get("last_token_at")
         coordinator.log_request(len(job["prompt"]), stats, stats.get("completion_tokens", 0),
                                 stats.get("finish_reason", "error"), (first - began) if first else 0.0,

@@ -349,12 +349,11 @@ def _join_or_create_secret(args) -> bytes:
         if args.secret_file is not None or args.no_mdns:
             return _secret(args, create=args.secret_file is None)
     zeroconf = open_zeroconf(args.host)
-    seen = threading.Event()
     browser = Browser(zeroconf, "", on_change=None)  # every announcement lands in `ignored`
     try:
         deadline = time.monotonic() + JOIN_BROWSE_S
         while not browser.ignored_nodes() and time.monotonic() < deadline:
-            seen.wait(0.1)  # pacing between reads of what the browser found
+            time.sleep(0.1)  # pacing between reads of what the browser found
         others = browser.ignored_nodes()
     finally:
         browser.close()
