@@ -273,3 +273,14 @@ def test_web_chat_streams_the_reply_with_thinking_folded(api, browser):
     assert partial and all(CONTENT.startswith(t) for t in partial), partial  # it arrived in pieces
     assert browser.evaluate("window.stopEnabled") and browser.evaluate("document.getElementById('error').textContent") == ""
     browser.screenshot(ARTIFACTS / "web-chat.png")
+
+    # Stop, pressed while the next reply is on its way, ends it and takes back the unanswered message
+    browser.evaluate("""(() => {
+        document.getElementById('prompt').value = 'Again?';
+        document.getElementById('send').click();
+        document.getElementById('stop').click();
+    })()""")
+    browser.wait_for("document.querySelectorAll('.msg.assistant.done').length === 2", 30)
+    stats = browser.evaluate("[...document.querySelectorAll('.msg.assistant .stats')].pop().textContent")
+    assert stats.startswith("stopped") and browser.evaluate("document.getElementById('send').disabled") is False
+    assert browser.evaluate("messages.map(m => m.role)") == ["user", "assistant"]
