@@ -261,8 +261,8 @@ def serve(args, secret: bytes):
     except ListenError as e:
         fail(str(e))
     address = f"{args.host}:{port}"
-    slices = SliceStore(SliceCache(args.cache_dir or config_dir() / "cache"),
-                        [open_checkpoint(args.model_dir)] if args.model_dir else [])
+    slices = SliceStore(SliceCache(args.cache_dir or config_dir() / "cache"), _whole_checkpoints(args.model_dir),
+                        local_dirs=[args.model_dir] if args.model_dir else [], download_repo=args.download)
     node = NodeService(name, this_id, address, machine, secret, slices, session_ttl_s=args.session_ttl,
                        max_transfer_rate=args.max_transfer_rate or 0)
     pb_grpc.add_NodeServicer_to_server(node, server)
@@ -294,6 +294,21 @@ def serve(args, secret: bytes):
         server.stop(grace=SHUTDOWN_GRACE_S).wait(SHUTDOWN_GRACE_S + 1)
 
     return node, coordinator, stop
+
+
+def _whole_checkpoints(model_dir) -> list:
+    """--model-dir as a whole checkpoint, when it is one; a directory with only some of its shards
+    still gives the parts it holds (checked against the coordinator's manifest)."""
+    if model_dir is None:
+        return []
+    if not (model_dir / "config.json").exists():
+        fail(f"--model-dir {model_dir}: no config.json there; give the directory that holds the checkpoint")
+    try:
+        return [open_checkpoint(model_dir)]
+    except CheckpointError as e:
+        print(f"--model-dir {model_dir} is not a whole checkpoint ({e}); parts of it that match the coordinator's "
+              "are used, the rest is received", flush=True)
+        return []
 
 
 def _release_workers(coordinator, secret: bytes) -> None:
@@ -744,8 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS")
     p.add_argument("--secret-file", type=Path, help=secret_help)
     p.add_argument("--model", help="checkpoint directory: also run the coordinator")
-    p.add_argument("--model-dir", type=Path, help="a copy of the checkpoint on this machine: load from it instead "
-                   "of receiving the slice from the coordinator")
+    p.add_argument("--model-dir", type=Path, help="a copy of the checkpoint (or of some of its shards) on this "
+                   "machine: load what it holds from it instead of receiving it from the coordinator")
+    p.add_argument("--download", metavar="REPO", help="fetch the shards holding this node's layers from this "
+                   "Hugging Face repo (into the Hugging Face cache) instead of receiving them from the coordinator")
     p.add_argument("--cache-dir", type=Path, help="where received slices are kept (default: the cache folder "
                    "beside the cluster secret)")
     p.add_argument("--max-transfer-rate", type=_size, metavar="SIZE",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from mlx_kimi.checkpoint import Checkpoint, CheckpointError
-from mlx_kimi.slice_cache import CHUNK_BYTES, PartManifest, SliceCache, checkpoint_part, slice_parts
+from mlx_kimi.slice_cache import CHUNK_BYTES, PartManifest, SliceCache, checkpoint_part, local_part, slice_parts
 
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
@@ -56,12 +56,15 @@ def manifest_from_pb(m: pb.PartManifest) -> PartManifest:
 
 
 class SliceStore:
-    """What this node holds of models: whole checkpoints and its cache. Parts of a whole checkpoint
-    are hashed once, when first asked for."""
+    """What this node holds of models: whole checkpoints, directories with some of a checkpoint's
+    shards (`local_dirs`), and its cache; with `download_repo`, the Hugging Face repo it may fetch
+    its slice's shards from. Parts of a whole checkpoint are hashed once, when first asked for."""
 
-    def __init__(self, cache: SliceCache, checkpoints=(), chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, cache: SliceCache, checkpoints=(), chunk_bytes: int = CHUNK_BYTES, local_dirs=(),
+                 download_repo: str | None = None):
         self.cache, self.chunk_bytes = cache, chunk_bytes
         self.checkpoints = {c.model_id: c for c in checkpoints}
+        self.local_dirs, self.download_repo = list(local_dirs), download_repo
         self._readers = {}
         self._lock = threading.Lock()
 
@@ -165,11 +168,20 @@ class SliceFetcher:
                 cache.remove_part(model_id, name)
                 missing.append(name)
         held = [n for n in names if n not in missing]
+        if missing and self.store.download_repo:
+            from .weights_cli import download  # the shards of this slice, into the Hugging Face cache
+
+            path = download(self.store.download_repo, (start, end))
+            if path not in self.store.local_dirs:
+                self.store.local_dirs.append(path)
+        origins = []
         if missing:
-            self._fetch(model_id, missing, sources, held)
-        used = sorted({s.address for s in sources if s.parts and any(n in s.parts for n in missing)})
-        origin = f"received from {', '.join(used)}" if missing else "from its cache"
-        return cache.checkpoint(model_id, names), Received(origin, self.received)
+            copied, fetched = self._fetch(model_id, missing, sources, held)
+            origins += [f"read {n} part{'s' * (n != 1)} from {d}" for d, n in copied.items()]
+            if fetched:
+                used = sorted({s.address for s in sources if any(n in s.parts for n in fetched)})
+                origins.append(f"received from {', '.join(used)}")
+        return cache.checkpoint(model_id, names), Received("; ".join(origins) or "from its cache", self.received)
 
     def _add_model(self, model_id: str, sources: list):
         for source in sources:
@@ -220,6 +232,11 @@ class SliceFetcher:
         self._total = held_bytes + sum(m.data_bytes for m in manifests.values())
         self._done = held_bytes
         self.progress(self._done, self._total)
+        copied = {}
+        for name in list(missing):
+            if directory := self._copy_local(model_id, manifests[name]):
+                copied[directory] = copied.get(directory, 0) + 1
+                missing = [n for n in missing if n != name]
         with ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch") as pool:
             jobs = []
             for i, name in enumerate(missing):
@@ -228,6 +245,26 @@ class SliceFetcher:
                 jobs.append(pool.submit(self.fetch_part, model_id, manifests[name], order))
             for job in jobs:
                 job.result()
+        return copied, missing
+
+    def _copy_local(self, model_id: str, manifest: PartManifest):
+        """Take a part from a local directory holding its tensors, when every chunk matches the
+        source's manifest; returns that directory, or None (then it travels over the network)."""
+        for directory in self.store.local_dirs:
+            reader = local_part(directory, manifest)
+            if reader is None:
+                continue
+            with self.store.cache.receiving(model_id, manifest) as writer:
+                for index in range(writer.next_chunk, len(manifest.chunks)):
+                    if not writer.write(index, reader.chunk(index)):
+                        log.warning("%s in %s differs from the coordinator's (chunk %d); receiving it instead",
+                                    manifest.name, directory, index)
+                        break
+                    self._count(manifest.chunk_span(index)[1] - manifest.chunk_span(index)[0], 0)
+                if writer.done:
+                    writer.complete()
+                    return directory
+        return None
 
     def fetch_part(self, model_id: str, manifest: PartManifest, order: list):
         """Receive one part into the cache, trying the sources in `order` in turn."""

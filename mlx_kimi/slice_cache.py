@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import DTYPE_BYTES, Checkpoint, CheckpointError, TensorInfo, tensor_part
+from .checkpoint import (DTYPE_BYTES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo, read_safetensors_header,
+                         tensor_part)
 
 CHUNK_BYTES = 4 * 1024 * 1024
 MODEL_FILE = "model.json"   # in a model's cache directory: its identity and name
@@ -162,6 +163,33 @@ def checkpoint_part(checkpoint: Checkpoint, name: str, chunk_bytes: int = CHUNK_
     spec = PartManifest(name, tuple((t.name, t.dtype, t.shape) for t in tensors), chunk_bytes, ())
     chunks = tuple(digest(_read_span(segments, *spec.chunk_span(i))) for i in range(-(-total // chunk_bytes)))
     return PartReader(PartManifest(name, spec.tensors, chunk_bytes, chunks), segments)
+
+
+def local_part(directory: Path, manifest: PartManifest) -> PartReader | None:
+    """The part `manifest` describes, read from a checkpoint directory that holds all its tensors with
+    the same dtypes and shapes (a full copy, or only some shards of one); None when it does not.
+    Its bytes are still to be checked against the manifest's sha256s."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    try:
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            weight_map = {n: p.name for p in directory.glob("model*.safetensors") for n in read_safetensors_header(p)}
+        segments, headers, offsets = [], {}, {}
+        for name, dtype, shape in manifest.tensors:
+            file = weight_map.get(name)
+            if file is None or not (directory / file).exists():
+                return None
+            if file not in headers:
+                headers[file] = read_safetensors_header(directory / file)
+                offsets[file] = _data_offsets(directory / file)
+            if name not in headers[file] or headers[file][name][:2] != (dtype, tuple(shape)):
+                return None
+            segments.append((directory / file, offsets[file][name], headers[file][name][2]))
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return None
+    return PartReader(manifest, segments)
 
 
 # ---- the cache ------------------------------------------------------------------------------------

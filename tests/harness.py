@@ -271,3 +271,19 @@ class ApiCluster(LocalCluster):
                 ready = True
             else:
                 self.api_url, self.model_name = m.group(1), m.group(2)
+
+
+def hub_cache(root: Path, repo: str, source: Path, files) -> Path:
+    """`files` of `source` laid out as huggingface_hub's cache holds repo `repo` under `root`
+    (refs/main -> snapshots/<commit>/), for tests that run with HF_HUB_CACHE=root, HF_HUB_OFFLINE=1."""
+    import shutil
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    for name in files:
+        shutil.copy(source / name, snapshot / name)
+    return snapshot

@@ -182,3 +182,34 @@ def test_a_part_received_whole_but_not_yet_put_in_place_is_not_sent_again(tiny_d
     fetcher.checkpoint(source.model_id, 1, 2, [coordinator.address])
     assert fetcher.received == 0
     assert cache.verify(source.model_id, part) is None
+
+
+def test_parts_a_node_holds_in_some_shards_are_read_locally_once_they_match(tiny_dir, tmp_path, coordinator):
+    """`--model-dir` with only some shards (e.g. `kimi-cluster download --layers`): the parts whose
+    tensors are all there and match the source's manifest never travel; a part whose copy differs does."""
+    source = open_checkpoint(tiny_dir)
+    n = source.num_layers
+    shard = sorted(tiny_dir.glob("*.safetensors"))[1].name
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in tiny_dir.iterdir():
+        if not f.name.endswith(".safetensors") or f.name == shard:
+            shutil.copy(f, partial / f.name)
+    local = sorted({part_name(tensor_part(t.name, source.prefix)) for t in source.tensors.values() if t.file == shard}
+                   - {part_name(tensor_part(t.name, source.prefix)) for t in source.tensors.values() if t.file != shard})
+    assert local, "the middle shard holds whole layers"
+    names = slice_parts(0, n, n)
+    fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker"), local_dirs=[partial]), SECRET)
+    checkpoint, received = fetcher.checkpoint(source.model_id, 0, n, [coordinator.address])
+    assert received.received_bytes == _data_bytes(source, names) - _data_bytes(source, local)
+    assert received.source == (f"read {len(local)} parts from {partial}; received from {coordinator.address}")
+    assert all(fetcher.store.cache.verify(source.model_id, p) is None for p in names)
+
+    # The same shard with one byte changed: that part is received instead.
+    data = bytearray((partial / shard).read_bytes())
+    data[-7] ^= 0x40
+    (partial / shard).write_bytes(bytes(data))
+    again = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker2"), local_dirs=[partial]), SECRET)
+    _, received = again.checkpoint(source.model_id, 0, n, [coordinator.address])
+    assert received.received_bytes > _data_bytes(source, names) - _data_bytes(source, local)
+    assert all(again.store.cache.verify(source.model_id, p) is None for p in names)

@@ -3,6 +3,7 @@ slices over the cluster's channel, resume a transfer cut by a kill, find a corru
 load, and the cluster's greedy tokens equal mlx-lm's."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -155,4 +156,25 @@ def test_a_node_that_cannot_receive_is_named_and_the_cluster_waits(tiny_dir, tmp
         assert {n.name: n.status for n in reply.nodes}["small"] == "cannot receive"
     finally:
         for n in (small, coord):
+            n.kill()
+
+
+def test_a_worker_with_download_takes_its_shards_from_the_hub_not_the_coordinator(tiny_dir, tmp_path):
+    """`up --download REPO`: the worker fetches only its layers' shards with huggingface_hub (here
+    offline, from a directory in the Hugging Face cache layout) and receives nothing it got there."""
+    files = [p.name for p in tiny_dir.iterdir()]
+    snapshot = harness.hub_cache(tmp_path / "hub", "kimi-test/tiny", tiny_dir, files)
+    env = harness.test_env(tmp_path / "home") | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    worker = hidden_node(tmp_path, "worker", tiny_dir.parent, env, extra=["--download", "kimi-test/tiny"])
+    coord = start_node(tmp_path, "coord", model=tiny_dir, peers=[worker.address], env=env,
+                       extra=["--cache-dir", str(tmp_path / "coord-cache")])
+    try:
+        coord.wait_for(r"cluster ready")
+        loaded = info(worker, bytes.fromhex(env["KIMI_CLUSTER_SECRET"])).loaded
+        assert loaded.received_bytes == 0 and loaded.source.startswith("read ")
+        assert loaded.source.endswith(f"parts from {snapshot}"), loaded.source
+        assert re.search(rf"layers {loaded.start}-{loaded.end - 1} of kimi-test/tiny are in \d+ of its 3 shards",
+                         worker.log())
+    finally:
+        for n in (worker, coord):
             n.kill()

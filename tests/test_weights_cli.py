@@ -3,7 +3,6 @@ against a local directory laid out like the Hugging Face cache (offline: the hub
 and `kimi-cluster cache list|prune` on slices received from a peer."""
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -25,25 +24,12 @@ def test_the_index_names_the_shards_a_slice_needs(tiny_dir):
     assert len(shards_for_slice(weight_map, checkpoint.config, 2, 4)) < len(set(weight_map.values()))
 
 
-def hub_cache(root, source, files) -> object:
-    """`files` of `source` in huggingface_hub's cache layout (refs/main -> snapshots/<commit>/)."""
-    repo = root / f"models--{REPO.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for name in files:
-        shutil.copy(source / name, snapshot / name)
-    return snapshot
-
-
 def test_download_fetches_only_the_shards_of_its_layers(tiny_dir, tmp_path):
     checkpoint = open_checkpoint(tiny_dir)
     weight_map = json.loads((tiny_dir / INDEX_FILE).read_text())["weight_map"]
     needed = shards_for_slice(weight_map, checkpoint.config, 2, 4)
     metadata = [p.name for p in tiny_dir.iterdir() if not p.name.endswith(".safetensors")]
-    snapshot = hub_cache(tmp_path / "hub", tiny_dir, metadata + needed)
+    snapshot = harness.hub_cache(tmp_path / "hub", REPO, tiny_dir, metadata + needed)
     env = harness.test_env(tmp_path / "home") | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
 
     run = subprocess.run([harness.KIMI, "download", REPO, "--layers", "2-3"], capture_output=True, text=True,
