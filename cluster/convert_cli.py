@@ -15,8 +15,9 @@ console = Console()
 
 def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert Moonshot's official weights (FP8, INT4 or bf16) to an MLX checkpoint")
-    p.add_argument("src", help="official checkpoint directory, a repo id already in the Hugging Face cache, or "
-                               "(with --dry-run) a built-in model: kimi-k2, kimi-k2.5, kimi-k2.6")
+    p.add_argument("src", help="official checkpoint directory, a repo id already in the Hugging Face cache, a GGUF "
+                               "file (or the first of a split set), or (with --dry-run) a built-in model: kimi-k2, "
+                               "kimi-k2.5, kimi-k2.6")
     p.add_argument("out", type=Path, nargs="?", help="output directory (a conversion interrupted there resumes)")
     p.add_argument("--expert-bits", type=int, default=2, help="routed-expert bits (default 2)")
     p.add_argument("--other-bits", type=int, default=4, help="bits of every other linear (default 4)")
@@ -33,6 +34,8 @@ def add_convert_parser(sub) -> None:
                    help="with --fit/--budget: measure each module's effect on the output (KL on a calibration text) "
                         "with the float model in memory; for models whose float copy fits this machine")
     p.add_argument("--calibration-text", type=Path, metavar="FILE", help="text for --calibrate (default: built in)")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="with a GGUF source: the directory holding Kimi's tokenizer files (the official checkpoint's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of unquantized weights, scales and biases (default bfloat16)")
     p.add_argument("--dry-run", action="store_true", help="print the recipe and predicted size only")
@@ -189,6 +192,20 @@ def cmd_compare(args) -> None:
                   f"perplexity A {result.perplexity_a:.3f}, B {result.perplexity_b:.3f}")
 
 
+def no_fewer_bits(errors, source):
+    """A GGUF source's candidates: none below the bits a module had."""
+    from mlx_kimi.gguf_source import at_least_source_bits
+
+    floor = at_least_source_bits(lambda name, module: {"bits": 2, "group_size": 64}, source)
+
+    def allowed(target):
+        least = floor(target.module, None)
+        return {c: e for c, e in errors(target).items()
+                if c is None or (least and c[0] >= least["bits"])}
+
+    return allowed
+
+
 def cmd_convert(args) -> None:
     from mlx_kimi.builtin import BUILTIN_MODELS
     from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
@@ -204,6 +221,16 @@ def cmd_convert(args) -> None:
         source, config = None, BUILTIN_MODELS[args.src]
         table = synthetic_errors()
         errors, title = (lambda target: table), args.src
+    elif args.src.endswith(".gguf"):
+        from mlx_kimi.gguf_source import at_least_source_bits, open_gguf
+
+        if args.tokenizer is None:
+            raise ValueError("a GGUF holds no Kimi tokenizer files: add --tokenizer DIR (the official checkpoint's "
+                             "tiktoken.model, tokenizer_config.json, ...)")
+        source = open_gguf(Path(args.src).expanduser(), args.tokenizer)
+        config, title = source.config, Path(args.src).name
+        console.print("[bold yellow]note:[/] a GGUF is already quantized; converting it quantizes a second time, "
+                      "which loses more quality than converting the official weights (see the README)")
     else:
         source = open_source(resolve_source(args.src))
         config, title = source.config, source.path.name
@@ -211,6 +238,8 @@ def cmd_convert(args) -> None:
     if args.fit or args.budget:
         parts = plan_targets(config, lambda name, module: False)
         errors = calibrated(source, parts, args) if args.calibrate else weighted_errors(errors, parts)
+        if args.src.endswith(".gguf"):
+            errors = no_fewer_bits(errors, source)
         if args.fit:
             nodes = mac_nodes(parse_fit(args.fit), args.wired_limit_mb)
             result, plan = fit_to_cluster(parts, config, nodes, args.context, dtype, errors)
@@ -220,6 +249,8 @@ def cmd_convert(args) -> None:
         recipe = result.recipe
     else:
         name, recipe = _recipe(args, config)
+        if args.src.endswith(".gguf"):
+            recipe = at_least_source_bits(recipe, source)
         parts, plan = plan_targets(config, recipe), None
     if source is not None:
         check_source(source, parts)
@@ -249,7 +280,7 @@ def cmd_convert(args) -> None:
                 bar.advance(task, nbytes)
             bar.update(task, shards=f"{count['done']}/{len(parts)} shards ({file}{' kept' if event == 'skip' else ''})")
 
-        report = convert(source.path, args.out, recipe, dtype=args.dtype, progress=progress)
+        report = convert(source, args.out, recipe, dtype=args.dtype, progress=progress)
     console.print(f"wrote {report.out}: {len(report.written)} shards written, {len(report.reused)} kept from an "
                   f"earlier run, {report.total_bytes:,} bytes in {time.monotonic() - start:.1f} s, "
                   f"model id {report.model_id[:16]}")

@@ -452,7 +452,7 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     mx_dtype = OUTPUT_DTYPES[dtype]
-    source = open_source(src)
+    source = src if isinstance(src, Source) else open_source(src)
     parts = plan_targets(source.config, recipe)
     check_source(source, parts)
     names = shard_names(parts)
