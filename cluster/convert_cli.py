@@ -209,6 +209,7 @@ def no_fewer_bits(errors, source):
 def cmd_convert(args) -> None:
     from mlx_kimi.builtin import BUILTIN_MODELS
     from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
+    from mlx_kimi.gguf_source import at_least_source_bits, open_gguf
     from mlx_kimi.recipe import apply_choice, fit, measured_errors, synthetic_errors, weighted_errors
 
     dtype = OUTPUT_DTYPES[args.dtype]
@@ -222,8 +223,6 @@ def cmd_convert(args) -> None:
         table = synthetic_errors()
         errors, title = (lambda target: table), args.src
     elif args.src.endswith(".gguf"):
-        from mlx_kimi.gguf_source import at_least_source_bits, open_gguf
-
         if args.tokenizer is None:
             raise ValueError("a GGUF holds no Kimi tokenizer files: add --tokenizer DIR (the official checkpoint's "
                              "tiktoken.model, tokenizer_config.json, ...)")

@@ -103,7 +103,7 @@ def gguf_files(path: Path) -> list:
     path = Path(path)
     if "-of-" in path.stem:
         base = path.stem.rsplit("-", 3)[0]
-        return sorted(path.parent.glob(f"{base}-*-of-*.gguf"))
+        return sorted(path.parent.glob(f"{base}-*-of-*.gguf")) or [path]
     return [path]
 
 
@@ -118,7 +118,7 @@ def open_gguf(path, tokenizer_dir=None):
     tensors, reader0 = {}, None
     for file in files:
         if not file.exists():
-            raise ConvertError(f"{file}: missing file of the split GGUF set")
+            raise ConvertError(f"{file}: no such GGUF file" + (" (a file of the split set is missing)" if len(files) > 1 else ""))
         try:
             reader = GGUFReader(file)
         except (ValueError, OSError) as e:
