@@ -115,6 +115,12 @@ def open_gguf(path, tokenizer_dir=None):
     from .convert import ConvertError, Source
 
     files = gguf_files(path)
+    if "-of-" in Path(path).stem:
+        count = int(Path(path).stem.rsplit("-of-", 1)[1])
+        stem = Path(path).stem.rsplit("-", 3)[0]
+        expected = [Path(path).parent / f"{stem}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+        if missing := [f for f in expected if not f.exists()]:
+            raise ConvertError(f"{missing[0]}: missing file of the split GGUF set ({len(missing)} of {count} missing)")
     tensors, reader0 = {}, None
     for file in files:
         if not file.exists():
