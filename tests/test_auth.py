@@ -1,7 +1,9 @@
 """The cluster secret, and mutual TLS with the identity it makes (cluster/auth.py, cluster/identity.py)."""
 
 import hashlib
+import os
 import stat
+import subprocess
 
 import grpc
 import pytest
@@ -12,6 +14,7 @@ from cluster import auth, identity as identity_module
 from cluster.auth import SECRET_ENV, AuthError, load_secret, rotate_secret
 from cluster.identity import fingerprint, identity, peer_name
 from cluster.wire import make_server, open_channel
+from harness import KIMI
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -231,3 +234,13 @@ def test_rotate_replaces_the_secret_and_keeps_the_old(home):
     assert (home / "secret.old").read_text().strip() == old.hex()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert fingerprint(new) in note and "restart every node" in note and new.hex() not in note
+
+
+def test_secret_rotate_command(home):
+    old, _ = load_secret(create=True)
+    env = {**os.environ, "KIMI_CLUSTER_HOME": str(home)}
+    env.pop(SECRET_ENV, None)
+    done = subprocess.run([KIMI, "secret", "rotate"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    new, _ = load_secret()
+    assert new != old and fingerprint(new) in done.stderr and "ssh" in done.stderr
