@@ -24,8 +24,9 @@ MDNS_QUIET_S = 5.0          # alone this long while browsing: say what may hide 
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
 # Busy is not dead: health is answered off the compute thread, so a node is lost only when its
-# link is gone (the call fails at once), when it answers nothing for LOST_AFTER_S (a stopped or
-# wedged process), or when one compute job has run for STALL_S (it stopped making progress).
+# link is gone (two checks in a row fail to connect), when it answers nothing for LOST_AFTER_S (a
+# stopped or wedged process), or when one compute job has run for STALL_S (it stopped making progress).
+REFUSED_TWICE = 2
 LOST_AFTER_S = 6.0
 STALL_S = 120.0
 
@@ -40,6 +41,7 @@ class Member:
     status: str = "waiting"  # waiting, loading, ready, lost, failed, spare
     link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
     heard: float = field(default_factory=time.monotonic)  # its last health answer
+    refused: int = 0  # health checks refused in a row (connection failed)
 
     @property
     def name(self) -> str:
@@ -160,11 +162,12 @@ class Membership:
                                             timeout=HEALTH_TIMEOUT_S)
             except grpc.RpcError as e:
                 silent = time.monotonic() - member.heard
-                if member.status != "lost" and (e.code() == grpc.StatusCode.UNAVAILABLE or silent > LOST_AFTER_S):
+                member.refused = member.refused + 1 if e.code() == grpc.StatusCode.UNAVAILABLE else 0
+                if member.status != "lost" and (member.refused >= REFUSED_TWICE or silent > LOST_AFTER_S):
                     log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, e.details(), silent)
                     self.on_lost(member.name)
                 continue
-            member.heard = time.monotonic()
+            member.heard, member.refused = time.monotonic(), 0
             if health.coordinator_id not in ("", self.coordinator_id):
                 if member.status != "lost":
                     log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,

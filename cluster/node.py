@@ -31,6 +31,8 @@ log = logging.getLogger("kimi_cluster.node")
 # Each hop gives the next one a little less time, so the stage nearest a stalled node reports it.
 HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
+DELIVER_TIMEOUT_S = 10.0
+DELIVER_TRIES = 3
 STREAM_WORKERS = 16   # requests of one ForwardStream in flight at once (sessions in the pipeline)
 MAX_CHUNK_TOKENS = 8192
 # A coordinator that owns this node health-checks it every second; silent this long, it is gone
@@ -159,6 +161,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.stage: LocalStage | None = None
         self.sessions: dict[str, Session] = {}
         self.on_exit_request = None  # called when asked to shut down (Stop with exit)
+        self.on_deliver = None  # the coordinator's: a token ring reply arrived (Deliver)
+        self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
         self._lock = threading.Lock()  # guards stage and sessions
         self._stop = threading.Event()
         threading.Thread(target=self._reap_idle_sessions, name="session-reaper", daemon=True).start()
@@ -412,20 +416,69 @@ class NodeService(pb_grpc.NodeServicer):
         except Exception as e:  # MLX failed on this node (e.g. out of memory)
             log.exception("forward failed")
             raise StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}", self.name) from e
+        if request.reply_to:
+            return self._pass_on_ring(stage, request, out, time_left)
         if stage.slice.is_last:
             return out
-        return self._call_next(stage, request, out, time_left)
+        return stage.next_link.call(self._onward(request, out), self._hop_timeout(time_left))
 
-    def _call_next(self, stage: LocalStage, request: pb.ForwardRequest, hidden: pb.Tensor, time_left) -> pb.ForwardReply:
+    def _onward(self, request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
         onward = pb.ForwardRequest(
             session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
             sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
-            coordinator_id=request.coordinator_id,
+            coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket,
         )
         if request.HasField("rng_state"):
             onward.rng_state = request.rng_state
-        timeout = (time_left if time_left is not None else DEFAULT_TIMEOUT_S) - HOP_MARGIN_S
-        return stage.next_link.call(onward, max(timeout, 0.1))
+        return onward
+
+    @staticmethod
+    def _hop_timeout(time_left: float | None) -> float:
+        return max((time_left if time_left is not None else DEFAULT_TIMEOUT_S) - HOP_MARGIN_S, 0.1)
+
+    # ---- the token ring ------------------------------------------------------------------------
+
+    def _pass_on_ring(self, stage: LocalStage, request: pb.ForwardRequest, out, time_left) -> pb.ForwardReply:
+        """Send the last stage's reply to the coordinator, or this stage's output to the next
+        stage without waiting for it; the sender gets an empty reply (accepted) at once."""
+        if stage.slice.is_last:
+            out.ticket = request.ticket
+            self._deliver(request.reply_to, out)
+        else:
+            sent = stage.next_link.send(self._onward(request, out), self._hop_timeout(time_left))
+            sent.add_done_callback(lambda f: self._relay_failure(request, f))
+        return pb.ForwardReply()
+
+    def _relay_failure(self, request: pb.ForwardRequest, sent: Future):
+        """The next stage refused or lost `request`: tell the coordinator (it waits on the ring)."""
+        if sent.cancelled():
+            return
+        error = sent.exception()
+        if error is None and not sent.result().HasField("failure"):
+            return  # accepted
+        failure = sent.result().failure if error is None else (
+            error.failure() if isinstance(error, StageError) else
+            StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {error}", self.name).failure())
+        self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
+
+    def _deliver(self, address: str, reply: pb.ForwardReply, tries: int = DELIVER_TRIES):
+        if address == self.address:
+            if self.on_deliver:
+                self.on_deliver(reply)
+            return
+        stub = self._deliver_stubs.get(address)
+        if stub is None:
+            stub = self._deliver_stubs[address] = node_stub(open_channel(address, self.secret, self.node_id))
+        call = stub.Deliver.future(reply, timeout=DELIVER_TIMEOUT_S)
+
+        def done(f):
+            if f.exception() is not None:
+                if tries > 1:
+                    self._deliver(address, reply, tries - 1)
+                else:
+                    log.warning("could not deliver ticket %d to %s: %s", reply.ticket, address, f.exception())
+
+        call.add_done_callback(done)
 
     def _serve(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         """One request of a ForwardStream: its reply, or the failure in it."""
@@ -457,6 +510,12 @@ class NodeService(pb_grpc.NodeServicer):
                                   queued=self.worker.queued, busy_s=self.worker.busy_s(),
                                   coordinator_id=owner.coordinator_id if owner else "",
                                   owner=owner.address if alive else "")
+
+    def Deliver(self, request, context):
+        if self.on_deliver is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} is not a coordinator")
+        self.on_deliver(request)
+        return pb.DeliverReply()
 
     def Release(self, request, context):
         return self.release(request.session_id)

@@ -5,6 +5,7 @@ stages pass hidden states along the chain and the last one's sampled token comes
 reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn skip its prefix.
 """
 
+import itertools
 import logging
 import threading
 import time
@@ -60,16 +61,54 @@ class Scheduler:
         self.on_lost = on_lost  # (node name) a node's link broke
         self.ready = ready  # set while every stage of the chain is loaded
         self._local_steps = ThreadPoolExecutor(LOCAL_WORKERS, thread_name_prefix="local-step")
+        self._tickets = itertools.count(1)
+        self._ring: dict[int, Future] = {}  # ticket -> the reply the last stage will deliver
+        self._ring_lock = threading.Lock()
+        local.on_deliver = self.deliver
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
+        """Send `request` round the token ring (see ForwardRequest.reply_to): the Future of the
+        reply the last stage delivers, or of the failure a stage reports."""
+        ticket, reply = next(self._tickets), Future()
+        with self._ring_lock:
+            self._ring[ticket] = reply
+        reply.add_done_callback(lambda _: self._forget(ticket))
+        request.reply_to, request.ticket = self.local.address, ticket
         first = chain[0]
         if first.address == self.local.address:
-            return self._local_steps.submit(self.local.forward, request, timeout)
-        if first.link is None or first.link.address != first.address:
-            if first.link:
-                first.link.close()
-            first.link = ForwardLink(first.stub, first.name, first.address)
-        return first.link.send(request, timeout)
+            accepted = self._local_steps.submit(self.local.forward, request, timeout)
+        else:
+            if first.link is None or first.link.address != first.address:
+                if first.link:
+                    first.link.close()
+                first.link = ForwardLink(first.stub, first.name, first.address)
+            accepted = first.link.send(request, timeout)
+        accepted.add_done_callback(lambda f: self._refused(ticket, f))
+        return reply
+
+    def _refused(self, ticket: int, accepted: Future):
+        """The first stage's answer: nothing to do once accepted; a failure is the reply."""
+        error = accepted.exception()
+        if error is None and not accepted.result().HasField("failure"):
+            return
+        if isinstance(error, StageError):
+            failure = error.failure()
+        elif error is not None:
+            failure = StageError(grpc.StatusCode.INTERNAL, str(error)).failure()
+        else:
+            failure = accepted.result().failure
+        self.deliver(pb.ForwardReply(ticket=ticket, failure=failure))
+
+    def deliver(self, reply: pb.ForwardReply):
+        """A reply (or failure) for a ticket arrived (Deliver); unknown tickets are ignored."""
+        with self._ring_lock:
+            future = self._ring.pop(reply.ticket, None)
+        if future is not None and future.set_running_or_notify_cancel():
+            future.set_result(reply)
+
+    def _forget(self, ticket: int):
+        with self._ring_lock:
+            self._ring.pop(ticket, None)
 
     def _wait_ready(self, deadline: float | None):
         wait = min(RECOVERY_WAIT_S, deadline - time.monotonic()) if deadline else RECOVERY_WAIT_S

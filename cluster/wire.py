@@ -35,11 +35,12 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.so_reuseport", 0)]
 
 # Calls that carry work (streams, loads, generations) share MAX_WORK_CALLS slots; the rest of the
-# server's threads always remain for the calls that say whether a node is alive, so a flood of
+# server's threads always remain for the calls that say whether a node is alive (and for the token
+# ring's short Deliver calls, which a reply must not be refused), so a flood of
 # streams is answered RESOURCE_EXHAUSTED instead of starving health checks.
 MAX_WORK_CALLS = 32
 CONTROL_THREADS = 16
-CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop"}
+CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver"}
 
 # mlx dtype <-> wire name, and the same-width integer view numpy can hold (numpy has no bf16).
 _DTYPES = {

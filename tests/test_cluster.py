@@ -6,6 +6,7 @@ that leave it as they found it; clusters of other shapes are started by the test
 """
 
 import json
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
 from cluster.link import ForwardLink, StageError
 from cluster.wire import coordinator_stub, node_stub, open_channel
-from harness import LocalCluster, oracle_reply
+from harness import LocalCluster, oracle_reply, poll
 from mlx_kimi.checkpoint import open_checkpoint, text_config
 from mlx_kimi.tiny import TinyShape, make_tiny
 
@@ -373,3 +374,31 @@ def test_bf16_two_stages_match_mlx_lm(tmp_path):
         ids, done = cluster.generate(prompt_tokens=prompt, max_tokens=8)
     assert ids == expected
     assert done.prompt_tokens == 4
+
+
+def test_token_ring_no_stage_waits_on_the_stages_after_it(cluster3, chat_prompt_ids):
+    """With `reply_to` set, the first stage answers its sender as soon as it has passed the request
+    on: with the last stage paused (SIGSTOP) the acceptance still comes back at once, carrying no
+    token; the token goes from the last stage straight to the coordinator (Deliver, which ignores
+    this test's ticket) once that stage runs again."""
+    stages = sorted(cluster3.memory_map().nodes, key=lambda n: n.start)
+    first, last = node_by_name(cluster3, stages[0].name), node_by_name(cluster3, stages[-1].name)
+    stub = cluster3.node_stub(first)
+    owner = stub.Health(pb.HealthRequest(), timeout=10).coordinator_id
+    request = pb.ForwardRequest(session_id="ring-test", offset=0, max_positions=len(chat_prompt_ids),
+                                tokens=chat_prompt_ids, sample=True, new_generation=True, coordinator_id=owner,
+                                reply_to=cluster3.coordinator.address, ticket=2**63)
+    link = ForwardLink(stub, first.name, first.address)
+    last.kill(signal.SIGSTOP)
+    try:
+        reply = link.call(request, 5.0)
+        assert not reply.sampled and not reply.HasField("failure"), reply
+    finally:
+        last.kill(signal.SIGCONT)
+        link.close()
+    # the request reaches the last stage once it runs again; then free the test's session everywhere
+    last_stub = cluster3.node_stub(last)
+    poll(lambda: last_stub.Release(pb.ReleaseRequest(session_id="ring-test"), timeout=10).found, bool, 30,
+         "the last stage to hold the test's session")
+    for node in cluster3.nodes:
+        cluster3.node_stub(node).Release(pb.ReleaseRequest(session_id="ring-test"), timeout=10)

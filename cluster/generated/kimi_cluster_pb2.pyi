@@ -209,7 +209,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state", "coordinator_id")
+    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state", "coordinator_id", "reply_to", "ticket")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,8 @@ class ForwardRequest(_message.Message):
     TIME_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     RNG_STATE_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -234,23 +236,27 @@ class ForwardRequest(_message.Message):
     time_left_s: float
     rng_state: int
     coordinator_id: str
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
+    reply_to: str
+    ticket: int
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., reply_to: _Optional[str] = ..., ticket: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("sampled", "token", "logprob", "seq", "failure", "rng_state")
+    __slots__ = ("sampled", "token", "logprob", "seq", "failure", "rng_state", "ticket")
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     RNG_STATE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     sampled: bool
     token: int
     logprob: float
     seq: int
     failure: StageFailure
     rng_state: int
-    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ..., rng_state: _Optional[int] = ...) -> None: ...
+    ticket: int
+    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ..., rng_state: _Optional[int] = ..., ticket: _Optional[int] = ...) -> None: ...
 
 class StageFailure(_message.Message):
     __slots__ = ("code", "message", "node")
@@ -275,6 +281,10 @@ class ReleaseReply(_message.Message):
     found: bool
     freed_bytes: int
     def __init__(self, found: _Optional[bool] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class DeliverReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("coordinator_id",)

@@ -64,6 +64,11 @@ class NodeStub:
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthRequest.SerializeToString,
                 response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Deliver = channel.unary_unary(
+                '/kimi_cluster.v1.Node/Deliver',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.DeliverReply.FromString,
+                _registered_method=True)
         self.Stop = channel.unary_unary(
                 '/kimi_cluster.v1.Node/Stop',
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.StopRequest.SerializeToString,
@@ -117,6 +122,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deliver(self, request, context):
+        """Token ring: a last stage's reply (or a stage's failure) for a request sent with `reply_to`
+        this node (the coordinator), matched by `ticket`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stop(self, request, context):
         """Drop the loaded slice and every session (memory back to the machine); with `exit`, the node's
         process also shuts down (`kimi-cluster stop --cluster`).
@@ -157,6 +170,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthRequest.FromString,
                     response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.HealthReply.SerializeToString,
+            ),
+            'Deliver': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.DeliverReply.SerializeToString,
             ),
             'Stop': grpc.unary_unary_rpc_method_handler(
                     servicer.Stop,
@@ -326,6 +344,33 @@ class Node:
             '/kimi_cluster.v1.Node/Health',
             cluster_dot_generated_dot_kimi__cluster__pb2.HealthRequest.SerializeToString,
             cluster_dot_generated_dot_kimi__cluster__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deliver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimi_cluster.v1.Node/Deliver',
+            cluster_dot_generated_dot_kimi__cluster__pb2.ForwardReply.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.DeliverReply.FromString,
             options,
             channel_credentials,
             insecure,
