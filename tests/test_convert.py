@@ -165,3 +165,18 @@ def test_disk_space_checked_up_front(tmp_path):
         assert not list((small / "out").glob("model-*"))
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_mlx_lm_mixed_recipe_by_name(tmp_path):
+    """`--recipe mixed_3_6` is mlx-lm's own predicate, applied to mlx-lm's own model of the source."""
+    from mlx_kimi.recipe import mlx_lm_recipe
+
+    src = write_official(tmp_path / "src", "k2-instruct-0905")
+    report = convert(src, tmp_path / "out", mlx_lm_recipe("mixed_3_6", json.loads((src / "config.json").read_text())))
+    quantization = json.loads((report.out / "config.json").read_text())["quantization"]
+    assert quantization["lm_head"] == {"group_size": 64, "bits": 6}
+    # of 6 layers, mlx-lm's rule gives layers 2 and 5 the more bits on down_proj
+    assert quantization["model.layers.2.mlp.switch_mlp.down_proj"]["bits"] == 6
+    assert quantization["model.layers.1.mlp.switch_mlp.down_proj"]["bits"] == 3
+    assert quantization["model.layers.1.self_attn.q_a_proj"]["bits"] == 3
+    assert {q["bits"] for n, q in quantization.items() if isinstance(q, dict)} == {3, 6}
