@@ -133,7 +133,7 @@ class CallLimiter(grpc.ServerInterceptor):
 def _check_bindable(host: str, port: int):
     """One line naming why `host:port` cannot be listened on, before gRPC says it less clearly."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like gRPC: a TIME_WAIT port is free
             s.bind((host, port))
     except socket.gaierror as e:
