@@ -288,8 +288,8 @@ def _generate_or_error(client, prompt: list) -> list | grpc.StatusCode:
 def test_coordinators_starting_stopping_and_taking_over_never_give_wrong_tokens(tmp_path, tiny_dir, oracle,
                                                                                   chat_prompt_ids):
     """A second coordinator is refused a node another one owns, naming it; with --take-over it
-    gets it and the first stops using it; when the second dies the first loads it again. Every
-    reply either side gives, at every step, is mlx-lm's or an error."""
+    gets it and the first stops using it; when the second dies the first loads it again; when the
+    first restarts it gets the node back. Every reply, at every step, is mlx-lm's or an error."""
     expected = oracle_reply(oracle, chat_prompt_ids, OWNER_TOKENS)
     # one node cannot hold the model: a taken node leaves the first cluster waiting for it
     with LocalCluster(tmp_path, tiny_dir, stages=2, memory=harness.tight_memory(tiny_dir, 2)) as first:
@@ -324,6 +324,12 @@ def test_coordinators_starting_stopping_and_taking_over_never_give_wrong_tokens(
             taker.kill()  # SIGKILL: it cannot hand the node back; its lease runs out
         poll(first.memory_map, lambda m: m.state == "ready", 60, "the first cluster to load peer1 again")
         assert first_replies() == expected
+        # the first coordinator dies and restarts (same name, so the same owner): it gets peer1 back at once
+        first.coordinator.kill()
+        first.coordinator = start_node(tmp_path, "coord", model=tiny_dir, peers=[peer.address], env=first.env)
+        first.coordinator.wait_for(r"cluster ready", 120)
+        with open_channel(first.coordinator.address, SECRET) as channel:
+            assert _generate_or_error(pb_grpc.CoordinatorStub(channel), chat_prompt_ids) == expected
 
 
 # ---- KV accounting ------------------------------------------------------------------------------------
