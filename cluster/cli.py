@@ -56,19 +56,20 @@ def quant_scheme(args):
 
 
 def model_sizes(args) -> tuple:
-    """(display name, SizeReport, text config, activation bytes) of a built-in model or a checkpoint."""
+    """(display name, SizeReport, text config, activation bytes, unused bytes by kind) of a built-in
+    model or a checkpoint."""
     if args.model in BUILTIN_MODELS:
         from mlx_kimi.spec import describe_sizes
 
         name, scheme = quant_scheme(args)
         config = BUILTIN_MODELS[args.model]
-        return f"{args.model} ({name})", describe_sizes(config, scheme), text_config(config), 2
+        return f"{args.model} ({name})", describe_sizes(config, scheme), text_config(config), 2, {}
     if any(v is not None for v in (args.expert_bits, args.other_bits, args.group_size, args.preset)):
         fail("--preset/--expert-bits/--other-bits/--group-size describe a built-in model; a checkpoint's sizes "
              "come from its files")
     checkpoint = open_checkpoint(args.model)
     return (f"{checkpoint.path} (model id {checkpoint.model_id[:16]})", checkpoint.sizes(),
-            text_config(checkpoint.config), checkpoint.activation_itemsize)
+            text_config(checkpoint.config), checkpoint.activation_itemsize, checkpoint.unused_bytes())
 
 
 def _layer_groups(layer_bytes: list) -> list:
@@ -99,17 +100,19 @@ def print_sizes(title: str, sizes: SizeReport) -> None:
 
 
 def cmd_inspect(args) -> None:
-    title, sizes, _, _ = model_sizes(args)
+    title, sizes, _, _, unused = model_sizes(args)
     if args.json:
-        print(json.dumps({"model": title, **sizes.to_json()}))
-    else:
-        print_sizes(title, sizes)
+        print(json.dumps({"model": title, **sizes.to_json(), "unused_bytes": unused}))
+        return
+    print_sizes(title, sizes)
+    for what, nbytes in unused.items():
+        console.print(f"also in the files, never loaded: {what}, {nbytes:,} bytes", highlight=False)
 
 
 def cmd_plan(args) -> None:
     from .planner import NodeCapacity, mac_default_usable_bytes, plan_partition, sizes_for_model, usable_from_wired_limit_mb
 
-    title, report, config, itemsize = model_sizes(args)
+    title, report, config, itemsize, _ = model_sizes(args)
     sizes = sizes_for_model(report.layer_bytes, report.embed_bytes, report.head_bytes, config, itemsize)
     nodes = []
     for i, total in enumerate(args.node, 1):

@@ -179,6 +179,21 @@ class Checkpoint:
                 layer_bytes[part] += t.nbytes
         return SizeReport(layer_bytes, embed, head)
 
+    def unused_bytes(self) -> dict:
+        """Bytes of the tensors no slice loads, by what they are: a vision tower and projector
+        (kimi_k25), a multi-token-prediction layer after the last decoder layer."""
+        out = {}
+        for t in self.tensors.values():
+            part = tensor_part(t.name, self.prefix)
+            if isinstance(part, int) and part >= self.num_layers:
+                what = f"layer {part} (multi-token prediction)"
+            elif part is None:
+                what = t.name.split(".")[0]
+            else:
+                continue
+            out[what] = out.get(what, 0) + t.nbytes
+        return dict(sorted(out.items()))
+
     def slice_tensors(self, start: int, end: int) -> list:
         """The tensors a slice [start, end) holds."""
         wanted = set(range(start, end))

@@ -418,3 +418,25 @@ def test_kimi_k2_recipe_of_the_error_converts_native_int4_losslessly(tmp_path):
     assert experts.dtype == "U32" and experts.shape[-1] * 8 == 256  # 4 bits per value of 256 inputs
     assert ckpt.tensors["model.layers.1.mlp.switch_mlp.up_proj.scales"].shape[-1] == 256 // 32  # group 32
     assert ckpt.tensors["model.layers.1.self_attn.q_a_proj.weight"].dtype == "BF16"  # rest unquantized
+
+
+@pytest.mark.parametrize("layout, unused", [
+    ("k2.5", {"mm_projector", "vision_tower"}),
+    ("k2-mtp", {"layer 2 (multi-token prediction)"}),
+])
+def test_inspect_accounts_for_every_byte_of_the_files(layout, unused, tmp_path, capsys):
+    """What no slice loads (a vision tower, an MTP layer) is named with its bytes, so the model's
+    bytes plus those equal every tensor's bytes in the safetensors headers."""
+    from cluster.cli import main
+    from mlx_kimi.layouts import write_layout
+
+    path = write_layout(tmp_path / layout, layout, TinyShape(layers=2, shard_files=2, vocab_size=1024))
+    header_bytes = 0
+    for shard in path.glob("*.safetensors"):
+        header = _raw_header(shard)[1]
+        header.pop("__metadata__", None)
+        header_bytes += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+    main(["inspect", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["unused_bytes"]) == unused and all(report["unused_bytes"].values())
+    assert report["total_bytes"] + sum(report["unused_bytes"].values()) == header_bytes
