@@ -213,3 +213,31 @@ def test_parts_a_node_holds_in_some_shards_are_read_locally_once_they_match(tiny
     _, received = again.checkpoint(source.model_id, 0, n, [coordinator.address])
     assert received.received_bytes > _data_bytes(source, names) - _data_bytes(source, local)
     assert all(again.store.cache.verify(source.model_id, p) is None for p in names)
+
+
+def test_load_bars_show_receiving_then_loading_per_node():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from cluster.cli import LoadBars
+
+    out = io.StringIO()
+    plan = SimpleNamespace(stages=[SimpleNamespace(node="a", weight_bytes=100), SimpleNamespace(node="b", weight_bytes=100)])
+    bars = LoadBars(SimpleNamespace(plan=plan), Console(file=out, width=120, force_terminal=False))
+    def shown(node):
+        task = bars.progress.tasks[list(bars.tasks).index(node)]
+        return task.description, task.completed, task.total
+
+    bars("a", pb.LoadProgress(bytes_done=40, bytes_total=300, phase="transfer"))
+    assert shown("a") == ("receiving a", 40, 300) and shown("b") == ("loading b", 0, 100)
+    bars("a", pb.LoadProgress(bytes_done=300, bytes_total=300, phase="transfer"))
+    bars("a", pb.LoadProgress(bytes_done=30, bytes_total=100, phase="load"))
+    assert shown("a") == ("loading a", 30, 100)  # a new bar (and rate) for the load
+    bars("a", pb.LoadProgress(bytes_done=100, bytes_total=100, phase="load", done=True))
+    assert out.getvalue() == ""  # b is still to come: finishing a's transfer ended nothing
+    bars("b", pb.LoadProgress(bytes_done=100, bytes_total=100, phase="load", done=True))
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["loading", "a"], ["loading", "b"]], lines
+    assert bars.progress is None  # the round ended with both nodes done
