@@ -4,7 +4,8 @@ MLX layouts (what kimi-cluster runs), each at the tiny shape with real-format to
 (tiktoken.model; tokenizer_config.json naming TikTokenTokenizer, its auto_map naming the source repo
 as transformers writes it when mlx-lm saves the tokenizer again; chat_template.jinja,
 generation_config.json), bfloat16 like the published files, mlx-lm tensor names, and
-`model-0000N-of-0000M.safetensors` shards with an index, as mlx-lm's conversion writes them:
+`model-0000N-of-0000M.safetensors` shards with an index, as mlx-lm's conversion writes them (config's
+`quantization` holds only the default where mlx-lm writes only that: uniform, native INT4, float modes):
 
 - k2-instruct-4bit: mlx-community Kimi-K2-Instruct-4bit: top-level `model_type: kimi_k2`,
   `architectures: [DeepseekV3ForCausalLM]`, every linear (embedding and lm_head too) 4-bit group 64
@@ -98,7 +99,16 @@ def write_layout(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE, s
         auto_map={"AutoTokenizer": [f"{spec.source}--tokenization_kimi.TikTokenTokenizer", None]}))
     if spec.long_context:  # the weights do not depend on these
         _edit_json(out / "config.json", lambda config: text_config(config).update(LONG_CONTEXT_TEXT))
+    if not spec.recipe:
+        # mlx-lm's uniform `-q` (and its native INT4 conversion) writes only the default; the loader
+        # tells quantized modules from float ones by their scales.
+        _edit_json(out / "config.json", lambda config: config.update(
+            quantization=_uniform_quantization(spec.scheme), quantization_config=_uniform_quantization(spec.scheme)))
     return out
+
+
+def _uniform_quantization(scheme: QuantScheme) -> dict:
+    return {"group_size": scheme.group_size, "bits": scheme.expert_bits, "mode": scheme.mode}
 
 
 def _edit_json(path: Path, edit) -> None:

@@ -79,7 +79,8 @@ def test_quantization_as_published(layout):
     expert, attn = f"{p}model.layers.1.mlp.switch_mlp.down_proj", f"{p}model.layers.1.self_attn.q_a_proj"
     scheme = MLX_LAYOUTS[name].scheme
     if name in ("k2-thinking", "k2.5"):  # native INT4: experts 4-bit g32 (bf16 scales), the rest bf16
-        assert q[expert] == {"group_size": 32, "bits": 4} and h[f"{expert}.scales"][0] == "BF16"
+        assert q == {"group_size": 32, "bits": 4, "mode": "affine"} and h[f"{expert}.scales"][0] == "BF16"
+        assert h[f"{expert}.weight"][0] == "U32"
         assert h[f"{attn}.weight"][0] == "BF16" and f"{attn}.scales" not in h
         assert h[f"{p}lm_head.weight"][0] == "BF16"
     elif name == "k2-mixed_2_6":
@@ -89,10 +90,10 @@ def test_quantization_as_published(layout):
         assert q[expert] == {"group_size": 32, "bits": 3} and q["lm_head"] == {"group_size": 128, "bits": 8}
         assert q[f"model.layers.{SHAPE.layers - 1}.self_attn.q_a_proj"] is False
         assert attn not in q  # left to the default, inferred from the weights
-    elif scheme.mode != "affine":
-        assert q[expert]["mode"] == scheme.mode and h[f"{expert}.scales"][0] == "U8"
-    else:
-        assert q[expert] == q[attn] == {"group_size": 64, "bits": scheme.expert_bits}
+    else:  # uniform, as mlx-lm's -q writes it: the default only
+        assert q == {"group_size": scheme.group_size, "bits": scheme.expert_bits, "mode": scheme.mode}
+        assert h[f"{expert}.scales"][0] == ("BF16" if scheme.mode == "affine" else "U8")
+        assert h[f"{attn}.scales"][0] == h[f"{expert}.scales"][0] and f"{p}lm_head.scales" in h
 
 
 @pytest.fixture(scope="module")
