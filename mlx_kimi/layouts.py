@@ -23,8 +23,9 @@ generation_config.json), bfloat16 like the published files, mlx-lm tensor names,
 - k2-overrides: a hand-written per-module `quantization`: default 4-bit group 64, routed experts
   3-bit group 32, lm_head 8-bit group 128, one attention projection left bf16 (`false`).
 - k2-mxfp4, k2-nvfp4: MLX's float formats (`--q-mode mxfp4` / `nvfp4`) on every linear.
-- k2-mtp: k2-instruct-4bit plus the multi-token-prediction layer after the last decoder layer
-  (layer 61 in the real model) left in the shards, which kimi-cluster and mlx-lm ignore.
+- k2-mtp: k2-instruct-4bit plus the multi-token-prediction layer after the last decoder layer left
+  in the shards (layer 61 of the real model, which mlx-lm drops by that number); kimi-cluster
+  ignores every layer past the last.
 
 Official layouts (Moonshot's own releases, which `kimi-cluster convert` turns into an MLX layout;
 see mlx_kimi/official.py): k2-instruct-fp8, k2-instruct-0905-fp8, k2-thinking-int4, k2.5-int4,
