@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Many requests at once: aggregate decode tok/s of concurrent streams on 1, 2 and 3 stages, and
+the time to the first token of a long prompt against single-process mlx-lm, in one run.
+
+    python scripts/bench_streams.py            # 1/2/4/8 streams, 1,024-token prompt
+    python scripts/bench_streams.py --quick    # 1/2/4 streams, 256-token prompt
+
+Same tiny checkpoint as scripts/bench_pipeline.py (its make_checkpoint and start_cluster). For each
+cluster size, `streams` Generate calls run at once (greedy, --tokens each); the aggregate rate is
+every token after each stream's first, over the span from the earliest first token to the latest
+last one. Ratios are against one stream on the same cluster. TTFT is the coordinator's DoneEvent
+ttft_s (prefill and the first token) against mlx-lm's generate_step to its first token, same
+prompt, same process machine. Every stage shares this machine's cores: where there are fewer
+cores than stages the figures measure the machinery, not a multi-Mac result (the script says so).
+"""
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_pipeline as bp  # noqa: E402  (sets up sys.path for cluster/ and tests/)
+
+import mlx.core as mx  # noqa: E402
+import mlx_lm  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cluster.client import read_reply  # noqa: E402
+from cluster.generated import kimi_cluster_pb2 as pb  # noqa: E402
+
+
+def concurrent_decode(cluster, prompts: list, n: int) -> float:
+    """Aggregate decode tok/s of len(prompts) streams at once."""
+    firsts, lasts, counts = [], [], []
+
+    def one(prompt):
+        stamps = []
+        request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=n, sampling=pb.SamplingParams())
+        read_reply(cluster.client.Generate(request, timeout=1200),
+                   lambda token: token.id >= 0 and stamps.append(time.perf_counter()))
+        if len(stamps) >= 2:
+            firsts.append(stamps[0]), lasts.append(stamps[-1]), counts.append(len(stamps) - 1)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (max(lasts) - min(firsts)) if counts else float("nan")
+
+
+def cluster_ttft(cluster, prompt: list) -> float:
+    request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=1, sampling=pb.SamplingParams())
+    return read_reply(cluster.client.Generate(request, timeout=1200)).done.ttft_s
+
+
+def mlx_ttft(model, prompt: list) -> float:
+    started = time.perf_counter()
+    next(generate_step(mx.array(prompt), model, max_tokens=1))
+    return time.perf_counter() - started
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1/2/4 streams and a 256-token prompt")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens per stream (default 32)")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=None,
+                   help="long-prompt lengths for TTFT (default 1024; 256 with --quick)")
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    args = p.parse_args()
+    streams = [1, 2, 4] if args.quick else [1, 2, 4, 8]
+    lengths = args.prompt_tokens or ([256] if args.quick else [1024])
+    shape = argparse.Namespace(layers=20, hidden=256, intermediate=512, moe_intermediate=128, experts=16,
+                               experts_per_token=4, vocab=512, dtype="float32", seed=0)
+    cores = os.cpu_count()
+    with ExitStack() as stack:
+        stack.callback(bp.stop_started_processes)
+        work = Path(tempfile.mkdtemp(prefix="bench_streams-"))
+        stack.callback(shutil.rmtree, work, True)
+        model_dir = bp.make_checkpoint(work, shape)
+        model, tokenizer = mlx_lm.load(str(model_dir))
+        rng = random.Random(0)
+        short = [list(tokenizer.encode(text)) for text in bp.PROMPTS]
+        prompts = [short[i % len(short)] for i in range(max(streams))]
+        long_prompts = {n: [rng.randrange(256, shape.vocab) for _ in range(n)] for n in lengths}
+        mlx_first = {n: mlx_ttft(model, prompt) for n, prompt in long_prompts.items()}
+        bp.console.print(f"{cores} CPU cores for up to {max(args.stages)} stage processes"
+                         + ("" if cores >= max(args.stages) else ": fewer cores than stages, they share them"))
+        table = Table(title=f"aggregate decode tok/s ({args.tokens} tokens per stream) and TTFT; {bp.load_average()}")
+        table.add_column("")
+        for s in streams:
+            table.add_column(f"{s} stream{'s' * (s > 1)}", justify="right")
+        for n in lengths:
+            table.add_column(f"TTFT {n} tokens", justify="right")
+        table.add_row("mlx-lm, one process", *[""] * len(streams), *[f"{mlx_first[n]:.2f} s" for n in lengths])
+        for stages in args.stages:
+            with ExitStack() as inner:
+                cluster, _ = bp.start_cluster(inner, work / f"s{stages}", model_dir, stages)
+                concurrent_decode(cluster, prompts[:1], 4)  # warm-up
+                rates = [concurrent_decode(cluster, prompts[:s], args.tokens) for s in streams]
+                ttfts = {n: cluster_ttft(cluster, prompt) for n, prompt in long_prompts.items()}
+                table.add_row(f"cluster, {stages} stage{'s' * (stages > 1)}",
+                              *[f"{r:.1f} ({r / rates[0]:.2f}x)" for r in rates],
+                              *[f"{ttfts[n]:.2f} s ({ttfts[n] / mlx_first[n]:.2f}x)" for n in lengths])
+                cluster.stop()
+        bp.console.print(table)
+
+
+if __name__ == "__main__":
+    main()
