@@ -45,7 +45,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.tokenizer = load_tokenizer(self.checkpoint.path)
         local.is_coordinator = True
         local.coordinator_address = local.address
-        self.membership = Membership(local.address, secret, peers, self.id, zeroconf)
+        self.membership = Membership(local.address, secret, peers, self.id, local.node_id, zeroconf, take_over)
         self.membership.on_lost = self._node_lost
         self.sessions = Sessions(lambda: self.membership.chain)
         self.ready = threading.Event()

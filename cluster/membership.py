@@ -61,9 +61,12 @@ class Membership:
     """The nodes of one cluster: named on the command line (`static`, all must answer) or found
     over mDNS, and the planned `chain` among them."""
 
-    def __init__(self, local_address: str, secret: bytes, peers: list, coordinator_id: str, zeroconf=None):
+    def __init__(self, local_address: str, secret: bytes, peers: list, coordinator_id: str, node_id: str,
+                 zeroconf=None, take_over: bool = False):
         self.secret = secret
         self.coordinator_id = coordinator_id  # every health check names this coordinator process
+        self.node_id = node_id  # a node that served this node id before it restarted is its own again
+        self.take_over = take_over  # plan nodes another live coordinator owns (their Load takes them)
         self.members = {a: Member(a, node_stub(open_channel(a, secret))) for a in [local_address, *peers]}
         self.static = set(self.members)
         self.chain: list[Member] = []
@@ -118,14 +121,31 @@ class Membership:
             with self.lock:
                 members = list(self.members.values())
             present = [m for m in members if m.refresh()]
+            # A node another live coordinator owns would refuse its Load: plan without it, and wait
+            # for one named on the command line (a restarted coordinator's nodes free up 5 s after
+            # their old owner's last call).
+            taken = [] if self.take_over else [(m, o) for m in present if (o := self.owner_elsewhere(m))]
+            present = [m for m in present if all(m is not t for t, _ in taken)]
             missing = [m.address for m in members if m not in present and m.address in self.static]
             ok, why = enough(present)
             if not missing and ok:
                 return present
-            on_status(f"waiting for {', '.join(missing)} to answer" if missing
-                      else why + self.discovery_hint(len(present)))
+            serving = "".join(f"; node {m.name} serves the coordinator at {o} (until it stops, or start this "
+                              "one with --take-over)" for m, o in taken)
+            on_status(f"waiting for {', '.join(missing)} to answer{serving}" if missing
+                      else why + serving + self.discovery_hint(len(present)))
             self.changed.wait(HEALTH_INTERVAL_S)
         return []
+
+    def owner_elsewhere(self, member: Member) -> str:
+        """The address of the live coordinator other than this one that `member` serves, or ''."""
+        try:
+            health = member.stub.Health(pb.HealthRequest(coordinator_id=self.coordinator_id),
+                                        timeout=HEALTH_TIMEOUT_S)
+        except grpc.RpcError:
+            return ""
+        mine = health.coordinator_id in ("", self.coordinator_id) or health.owner_node_id == self.node_id
+        return "" if mine else health.owner
 
     def discovery_hint(self, present: int) -> str:
         """What may keep other nodes from being found (said while waiting for them)."""

@@ -509,7 +509,8 @@ class NodeService(pb_grpc.NodeServicer):
                                   kv_bytes=sum(s.held_bytes() for s in self.sessions.values()),
                                   queued=self.worker.queued, busy_s=self.worker.busy_s(),
                                   coordinator_id=owner.coordinator_id if owner else "",
-                                  owner=owner.address if alive else "")
+                                  owner=owner.address if alive else "",
+                                  owner_node_id=owner.node_id if owner else "")
 
     def Deliver(self, request, context):
         if self.on_deliver is None:

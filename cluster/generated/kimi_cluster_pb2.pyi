@@ -293,7 +293,7 @@ class HealthRequest(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner")
+    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner", "owner_node_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +302,7 @@ class HealthReply(_message.Message):
     BUSY_S_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     loaded: bool
     sessions: int
@@ -310,7 +311,8 @@ class HealthReply(_message.Message):
     busy_s: float
     coordinator_id: str
     owner: str
-    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    owner_node_id: str
+    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., owner_node_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling")
