@@ -93,6 +93,16 @@ def tensor_part(name: str, prefix: str) -> Optional[object]:
     return None
 
 
+def tensor_data_offsets(path: Path) -> dict:
+    """Absolute file offset of each tensor's data in a safetensors file (its header already checked
+    by read_safetensors_header)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return {name: 8 + header_len + entry["data_offsets"][0]
+            for name, entry in header.items() if name != "__metadata__"}
+
+
 def read_safetensors_header(path: Path) -> dict:
     """The tensor table of a safetensors file, checked against the file's length."""
     try:

@@ -33,6 +33,7 @@ from .checkpoint import (
     model_identity,
     open_checkpoint,
     read_safetensors_header,
+    tensor_data_offsets,
     text_config,
     weight_prefix,
 )
@@ -77,14 +78,6 @@ class SourceTensor:
 
     def read(self) -> mx.array:
         return self.read_rows(0, self.shape[0]) if self.shape else self.read_rows(0, 1).reshape(())
-
-
-def _data_offsets(path: Path) -> tuple:
-    """Start of the data section and each tensor's first byte within it (header already validated)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    return 8 + header_len, {n: e["data_offsets"][0] for n, e in header.items() if n != "__metadata__"}
 
 
 @dataclass
@@ -138,10 +131,10 @@ def open_source(path) -> Source:
         if not shard.exists():
             raise ConvertError(f"{shard}: missing shard file named by {INDEX_FILE}; copy it from the source")
         header = read_safetensors_header(shard)
-        data_start, offsets = _data_offsets(shard)
+        offsets = tensor_data_offsets(shard)
         for name, (dtype, shape, _) in header.items():
             if weight_map.get(name) == file:
-                tensors[name] = SourceTensor(name, shard, dtype, shape, data_start + offsets[name])
+                tensors[name] = SourceTensor(name, shard, dtype, shape, offsets[name])
     if missing := sorted(set(weight_map) - set(tensors)):
         raise ConvertError(f"{path / weight_map[missing[0]]}: does not contain {missing[0]!r} named by the index")
     return Source(path, config, tensors)

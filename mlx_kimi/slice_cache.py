@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import (DTYPE_BYTES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo, read_safetensors_header,
-                         tensor_part)
+                         tensor_data_offsets, tensor_part)
 
 CHUNK_BYTES = 4 * 1024 * 1024
 MODEL_FILE = "model.json"   # in a model's cache directory: its identity and name
@@ -115,17 +115,8 @@ def _segments(checkpoint: Checkpoint, tensors: list) -> list:
     starts = {}
     for t in tensors:
         if t.file not in starts:
-            starts[t.file] = _data_offsets(checkpoint.path / t.file)
+            starts[t.file] = tensor_data_offsets(checkpoint.path / t.file)
     return [(checkpoint.path / t.file, starts[t.file][t.name], t.nbytes) for t in tensors]
-
-
-def _data_offsets(path: Path) -> dict:
-    """Absolute file offset of each tensor's data in a safetensors file."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    return {name: 8 + header_len + entry["data_offsets"][0]
-            for name, entry in header.items() if name != "__metadata__"}
 
 
 def _read_span(segments: list, begin: int, end: int) -> bytes:
@@ -184,7 +175,7 @@ def local_part(directory: Path, manifest: PartManifest) -> PartReader | None:
                 return None
             if file not in headers:
                 headers[file] = read_safetensors_header(directory / file)
-                offsets[file] = _data_offsets(directory / file)
+                offsets[file] = tensor_data_offsets(directory / file)
             if name not in headers[file] or headers[file][name][:2] != (dtype, tuple(shape)):
                 return None
             segments.append((directory / file, offsets[file][name], headers[file][name][2]))
