@@ -426,33 +426,19 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": usage(job, stats)}
 
-    async def stream(job: dict):
-        stats, base = {}, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                           "created": int(time.time()), "model": model_name}
-
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
-            return f"data: {json.dumps(body)}\n\n"
-
+    async def sse(job: dict, stats: dict, base: dict, events, finish, opening=()):
+        """A streamed reply: `opening`, the events of each generated item (`events(item)`), the
+        `finish()` chunk, the usage when asked, [DONE]; a cluster error as an error event. A client
+        that goes away stops the generation and frees its session on every node."""
         tokens = run(job, stats)
         done = False
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            calls = 0
+            for line in opening:
+                yield line
             while (item := await anyio.to_thread.run_sync(next, tokens, None, limiter=stream_steps)) is not None:
-                delta, token, logprob = item
-                out = {}
-                if delta.reasoning:
-                    out["reasoning_content"] = delta.reasoning
-                if delta.content:
-                    out["content"] = delta.content
-                if delta.tool_calls:
-                    out["tool_calls"] = [tool_call_json(c, calls + i) for i, c in enumerate(delta.tool_calls)]
-                    calls += len(delta.tool_calls)
-                extra = {"logprobs": {"content": [logprob_json(token, logprob)]}} if job["logprobs"] and token is not None else {}
-                if out or extra:
-                    yield chunk(out, **extra)
-            yield chunk({}, stats["finish_reason"])
+                for line in events(item):
+                    yield line
+            yield finish()
             if job["include_usage"]:
                 yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(job, stats)})}\n\n"
             yield "data: [DONE]\n\n"
@@ -461,10 +447,36 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
             done = True
         finally:
-            if not done:  # the client went away: stop, and free the session on every node
+            if not done:
                 stats["cancelled"] = True
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(tokens.close)
+
+    def stream(job: dict):
+        stats, base = {}, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                           "created": int(time.time()), "model": model_name}
+        calls = 0
+
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        def events(item):
+            nonlocal calls
+            delta, token, logprob = item
+            out = {}
+            if delta.reasoning:
+                out["reasoning_content"] = delta.reasoning
+            if delta.content:
+                out["content"] = delta.content
+            if delta.tool_calls:
+                out["tool_calls"] = [tool_call_json(c, calls + i) for i, c in enumerate(delta.tool_calls)]
+                calls += len(delta.tool_calls)
+            extra = {"logprobs": {"content": [logprob_json(token, logprob)]}} if job["logprobs"] and token is not None else {}
+            return [chunk(out, **extra)] if out or extra else []
+
+        return sse(job, stats, base, events, lambda: chunk({}, stats["finish_reason"]),
+                   opening=[chunk({"role": "assistant", "content": ""})])
 
     async def read_body(request: Request) -> dict:
         try:
@@ -537,7 +549,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": usage(job, stats)}
 
-    async def stream_text(job: dict):
+    def stream_text(job: dict):
         stats, base = {}, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                            "created": int(time.time()), "model": model_name}
 
@@ -545,25 +557,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             body = {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
             return f"data: {json.dumps(body)}\n\n"
 
-        tokens = run(job, stats)
-        done = False
-        try:
-            while (item := await anyio.to_thread.run_sync(next, tokens, None, limiter=stream_steps)) is not None:
-                if item[0].content:
-                    yield chunk(item[0].content)
-            yield chunk("", stats["finish_reason"])
-            if job["include_usage"]:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(job, stats)})}\n\n"
-            yield "data: [DONE]\n\n"
-            done = True
-        except GenerateError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
-            done = True
-        finally:
-            if not done:
-                stats["cancelled"] = True
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(tokens.close)
+        return sse(job, stats, base, lambda item: [chunk(item[0].content)] if item[0].content else [],
+                   lambda: chunk("", stats["finish_reason"]))
 
     @app.get("/v1/cluster")
     def cluster():
