@@ -105,17 +105,34 @@ console = Console(width=max(Console().width, 140))
 # ---- processes: every node process this script starts is killed when it exits ---------------
 
 STARTED: list = []
+PINNED_CORES: list = []  # free cores handed to node processes in turn (see pin_to_own_cores)
+
+
+def pin_to_own_cores(processes: int) -> str:
+    """Pin this process to one core and each node process started after it to another, where
+    the machine has a core for each; returns what was done, for the report."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < processes + 1:
+        return (f"{len(cores) or os.cpu_count()} cores for this process and {processes} stage processes: "
+                "not pinned, they share the cores (figures measure the machinery, not separate Macs)")
+    os.sched_setaffinity(0, {cores[0]})
+    PINNED_CORES[:] = cores[1:]
+    return f"pinned: this process (mlx-lm) to core {cores[0]}, each stage process to its own core of {cores[1:]}"
 
 
 class _TrackingSubprocess:
     """Stands in for the subprocess module inside tests/harness.py so every node it starts is
-    recorded here, including one that dies before LocalCluster returns."""
+    recorded here, including one that dies before LocalCluster returns, and pinned to a core of
+    its own when pin_to_own_cores handed some out."""
 
     def __getattr__(self, name):
         return getattr(subprocess, name)
 
     @staticmethod
     def Popen(*args, **kwargs):
+        if PINNED_CORES:  # set in the child before it runs anything, so all its threads inherit it
+            core = PINNED_CORES[sum(p.poll() is None for p in STARTED) % len(PINNED_CORES)]
+            kwargs["preexec_fn"] = lambda: os.sched_setaffinity(0, {core})
         proc = subprocess.Popen(*args, **kwargs)
         STARTED.append(proc)
         return proc
