@@ -36,7 +36,7 @@ def prefill_chunk(sizes: ModelSizes) -> int:
 
 def plan_for(sizes: ModelSizes, present: list, context: int, chunk: int) -> Plan:
     # Physical memory only for Macs: the wired-limit advice (sudo sysctl iogpu...) is for macOS alone.
-    nodes = [NodeCapacity(m.info.name, m.info.usable_bytes,
+    nodes = [NodeCapacity(m.info.name, m.info.usable_bytes, m.info.memory_bandwidth or None,
                           total_bytes=m.info.total_bytes if m.info.backend == "metal" else None) for m in present]
     # Nodes allocate KV caches in whole KVCache steps; plan for what they will reserve.
     allocated = -(-context // KVCache.step) * KVCache.step

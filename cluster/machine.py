@@ -13,7 +13,12 @@ from .auth import config_dir
 from .units import format_bytes
 
 # Left to the OS and other programs on top of what the GPU may wire (or what is free on Linux).
-OS_RESERVE_BYTES = 2 * 10**9
+USABLE_RESERVE_BYTES = 2 * 10**9
+
+# Unified memory bandwidth of the Macs in the facts sheet, by chip (bytes/s). The M4 Max comes in
+# two: 14 CPU cores 410 GB/s, 16 cores 546 GB/s. Other chips are left unknown rather than guessed.
+MAC_BANDWIDTH_BYTES_PER_S = {"Apple M2 Ultra": 800 * 10**9, "Apple M3 Ultra": 819 * 10**9}
+M4_MAX_BANDWIDTH_BYTES_PER_S = {14: 410 * 10**9, 16: 546 * 10**9}
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,14 @@ class Machine:
     total_bytes: int
     usable_bytes: int
     wired_limit_bytes: int | None  # Apple GPU working-set limit, when known
+    bandwidth_bytes_per_s: int | None = None  # memory bandwidth, when the chip is a known one
+
+
+def memory_bandwidth(chip: str, cpu_cores: int | None) -> int | None:
+    """A known Mac's memory bandwidth; None for any other chip (the planner then balances bytes)."""
+    if chip == "Apple M4 Max":
+        return M4_MAX_BANDWIDTH_BYTES_PER_S.get(cpu_cores)
+    return MAC_BANDWIDTH_BYTES_PER_S.get(chip)
 
 
 def _backend() -> str:
@@ -76,10 +89,12 @@ def describe_machine(memory_override: int | None = None) -> Machine:
     if memory_override is not None:
         usable = memory_override
     elif wired:
-        usable = max(0, wired - OS_RESERVE_BYTES)
+        usable = max(0, wired - USABLE_RESERVE_BYTES)
     else:
-        usable = max(0, meminfo.get("MemAvailable", total) - OS_RESERVE_BYTES)
-    return Machine(_backend(), _chip(), int(total), int(usable), int(wired) if wired else None)
+        usable = max(0, meminfo.get("MemAvailable", total) - USABLE_RESERVE_BYTES)
+    chip = _chip()
+    return Machine(_backend(), chip, int(total), int(usable), int(wired) if wired else None,
+                   memory_bandwidth(chip, os.cpu_count()))
 
 
 def node_id(name: str) -> str:

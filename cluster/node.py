@@ -182,6 +182,7 @@ class NodeService(pb_grpc.NodeServicer):
             node_id=self.node_id, name=self.name, version=__version__, backend=m.backend, chip=m.chip,
             total_bytes=m.total_bytes, usable_bytes=m.usable_bytes, kv_bytes=kv, sessions=sessions,
             address=self.address, coordinator=self.coordinator_address, is_coordinator=self.is_coordinator,
+            memory_bandwidth=m.bandwidth_bytes_per_s or 0,
         )
         if stage:
             reply.loaded.CopyFrom(pb.LoadedSlice(

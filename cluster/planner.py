@@ -50,7 +50,7 @@ GIB = 2**30
 MAC_DEFAULT_WIRED_FRACTION = 0.75
 
 # Never advise an iogpu.wired_limit_mb that leaves macOS less than this.
-OS_RESERVE_BYTES = 8 * GIB
+WIRED_LIMIT_OS_RESERVE_BYTES = 8 * GIB
 
 # Advised wired limits leave at least this much free above the plan, rounded up to whole GiB.
 WIRED_HEADROOM_BYTES = 2 * GIB
@@ -561,7 +561,7 @@ def _raised_nodes(nodes: list[NodeCapacity]):
             continue
         current = node.wired_limit_bytes or mac_default_wired_limit_bytes(node.total_bytes)
         reserve = max(0, current - node.usable_bytes)
-        highest_mb = max(0, node.total_bytes - OS_RESERVE_BYTES) // MIB
+        highest_mb = max(0, node.total_bytes - WIRED_LIMIT_OS_RESERVE_BYTES) // MIB
         usable = max(node.usable_bytes, highest_mb * MIB - reserve)
         raised.append(NodeCapacity(node.name, usable, node.bandwidth_bytes_per_s, node.total_bytes))
         limits[node.name] = (current, reserve, highest_mb)
@@ -574,7 +574,7 @@ def _wired_limit_advice(sizes, nodes, context, prefill_chunk):
     if not limits:
         return {}, []
     placed = _best_stages(sizes, raised, context, prefill_chunk)
-    safe = f"total memory - {OS_RESERVE_BYTES // GIB} GiB kept for macOS"
+    safe = f"total memory - {WIRED_LIMIT_OS_RESERVE_BYTES // GIB} GiB kept for macOS"
     if placed is None:
         named = ", ".join(limits)
         return {}, [f"Raising the GPU wired limit to the safe maximum, {safe}, on {named} is not enough."]

@@ -1,10 +1,14 @@
 import random
 import re
+from types import SimpleNamespace
 from fractions import Fraction
 from itertools import combinations, permutations
 
 import pytest
 
+from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.loading import plan_for
+from cluster.machine import memory_bandwidth
 from cluster.planner import (
     ModelSizes,
     NodeCapacity,
@@ -238,6 +242,25 @@ def test_slower_node_gets_fewer_layers_when_memory_is_not_binding():
     # Unless every node knows its bandwidth, bytes are balanced instead.
     nodes[1] = NodeCapacity("fast", 1000 * GB, None)
     plan = plan_partition(sizes, nodes, context=1024, prefill_chunk=256)
+    assert [stage.num_layers for stage in plan.stages] == [6, 6]
+
+
+def test_known_macs_feed_their_memory_bandwidth_to_the_coordinators_plan():
+    assert memory_bandwidth("Apple M2 Ultra", 24) == 800 * GB
+    assert memory_bandwidth("Apple M3 Ultra", 32) == 819 * GB
+    assert (memory_bandwidth("Apple M4 Max", 14), memory_bandwidth("Apple M4 Max", 16)) == (410 * GB, 546 * GB)
+    assert memory_bandwidth("Apple M4 Max", 12) is None and memory_bandwidth("AMD EPYC 7B13", 2) is None
+
+    def member(name, bandwidth):
+        return SimpleNamespace(info=pb.NodeInfo(name=name, backend="metal", total_bytes=2000 * GB,
+                                                usable_bytes=1000 * GB, memory_bandwidth=bandwidth))
+
+    sizes = toy_sizes([GB] * 12)
+    plan = plan_for(sizes, [member("max", 410 * GB), member("ultra", 819 * GB)], context=1024, chunk=256)
+    layers = {stage.node: stage.num_layers for stage in plan.stages}
+    assert layers == {"ultra": 8, "max": 4}  # 8 GB / 819 GB/s > 4 GB / 410 GB/s, the least bottleneck
+    # A node of an unknown chip (0 on the wire) leaves every node's bandwidth out: bytes balance.
+    plan = plan_for(sizes, [member("max", 410 * GB), member("other", 0)], context=1024, chunk=256)
     assert [stage.num_layers for stage in plan.stages] == [6, 6]
 
 
