@@ -4,7 +4,8 @@
 Sampling runs on the cluster's last stage; this layer turns the token stream into OpenAI's
 shapes: reasoning_content, content and tool_calls (Kimi's formats, see reply.py), stop strings,
 usage with prompt_tokens_details.cached_tokens, and SSE streaming. A client that disconnects
-mid-stream stops the generation and frees its caches on every node.
+mid-stream stops the generation and frees its caches on every node. A request runs until it is
+done however busy the cluster is, unless it names a deadline: `timeout` (seconds, from its arrival).
 """
 
 import hmac
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
+import grpc
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -109,6 +111,20 @@ def _messages(body: dict) -> list:
             raise ApiError(400, f"`messages[{i}].tool_call_id` is required for tool messages",
                            f"messages[{i}].tool_call_id")
     return messages
+
+
+def _deadline(body: dict, arrived: float) -> float | None:
+    """The client's deadline (time.monotonic()) from `timeout`, seconds from the request's arrival.
+    The official client's own timeout is an HTTP setting it never sends: when it gives up it
+    disconnects, which stops the generation too."""
+    timeout = _number(body, "timeout", None, low=0, low_open=True)
+    return None if timeout is None else arrived + timeout
+
+
+def cluster_error(e: GenerateError) -> "ApiError":
+    if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ApiError(504, e.message, "timeout", "deadline_exceeded", kind="server_error")
+    return ApiError(503, e.message, kind="server_error", code="cluster_unavailable")
 
 
 def _stop(body: dict) -> list:
@@ -318,7 +334,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
                                 "`max_tokens`", field, "context_length_exceeded")
         return max_tokens
 
-    def prepare(body: dict) -> dict:
+    def prepare(body: dict, arrived: float) -> dict:
         check_model(body)
         messages = _messages(body)
         thinking = _thinking(body)
@@ -338,7 +354,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
         max_tokens = fit_context(prompt, max_tokens, DEFAULT_MAX_TOKENS, "messages")
         return dict(prompt=prompt, max_tokens=max_tokens, sampling=params, stops=_stop(body), raw=False,
-                    thinking=prompt_ends_thinking(tokenizer, prompt), logprobs=bool(logprobs), **_stream_flags(body))
+                    thinking=prompt_ends_thinking(tokenizer, prompt), logprobs=bool(logprobs),
+                    deadline=_deadline(body, arrived), **_stream_flags(body))
 
     activity, activity_lock = {"in_flight": 0, "served": 0}, threading.Lock()  # requests generating now / done
 
@@ -366,7 +383,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         stop = StopMatcher(job["stops"])
         eos = tokenizer.eos_token_ids
         finish = "length"
-        for token, logprob in coordinator.generate(job["prompt"], job["max_tokens"], job["sampling"], stats):
+        for token, logprob in coordinator.generate(job["prompt"], job["max_tokens"], job["sampling"], stats,
+                                                   job["deadline"]):
             if job.get("cancel") and job["cancel"].is_set():  # the client of a whole reply left
                 stats["cancelled"] = True
                 break
@@ -415,7 +433,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
                 if token is not None and job["logprobs"]:
                     logprobs.append(logprob_json(token, logprob))
         except GenerateError as e:
-            raise ApiError(503, e.message, kind="server_error", code="cluster_unavailable") from e
+            raise cluster_error(e) from e
         message = {"role": "assistant", "content": "".join(content)}
         if any(reasoning):
             message["reasoning_content"] = "".join(reasoning)
@@ -444,7 +462,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             yield "data: [DONE]\n\n"
             done = True
         except GenerateError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
+            error = cluster_error(e)
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind, 'code': error.code}})}\n\n"
             done = True
         finally:
             if not done:
@@ -508,22 +527,29 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             cancel.set()  # a generation running stops at its next token; one still waiting never starts
             tasks.cancel_scope.cancel()
 
+        reply = refusal = None
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(watch)
             try:
-                return await anyio.to_thread.run_sync(make, job, limiter=whole_replies)
+                reply = await anyio.to_thread.run_sync(make, job, limiter=whole_replies)
+            except ApiError as e:  # raised out of the task group it would arrive wrapped in an ExceptionGroup
+                refusal = e
             finally:
                 tasks.cancel_scope.cancel()
+        if refusal is not None:
+            raise refusal
+        return reply
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         # tokenizing and rendering the template may take a while on a big prompt: off the event loop
-        job = await anyio.to_thread.run_sync(prepare, await read_body(request))
+        arrived = time.monotonic()
+        job = await anyio.to_thread.run_sync(prepare, await read_body(request), arrived)
         if job["stream"]:
             return StreamingResponse(stream(job), media_type="text/event-stream")
         return await whole_reply(complete, job, request)
 
-    def prepare_text(body: dict) -> dict:
+    def prepare_text(body: dict, arrived: float) -> dict:
         check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -536,7 +562,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             raise ApiError(400, "not supported by kimi-cluster: `logprobs` on /v1/completions (use "
                                 "/v1/chat/completions)", "logprobs", "unsupported_parameter")
         return dict(prompt=ids, max_tokens=fit_context(ids, max_tokens, max_tokens, "prompt"), sampling=sampling(body),
-                    stops=_stop(body), raw=True, thinking=False, logprobs=False, **_stream_flags(body))
+                    stops=_stop(body), raw=True, thinking=False, logprobs=False, deadline=_deadline(body, arrived),
+                    **_stream_flags(body))
 
     def text_completion(job: dict) -> dict:
         stats, text = {}, []
@@ -544,7 +571,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             for delta, _, _ in run(job, stats):
                 text.append(delta.content)
         except GenerateError as e:
-            raise ApiError(503, e.message, kind="server_error", code="cluster_unavailable") from e
+            raise cluster_error(e) from e
         choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": stats["finish_reason"]}
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": usage(job, stats)}
@@ -572,7 +599,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        job = await anyio.to_thread.run_sync(prepare_text, await read_body(request))
+        arrived = time.monotonic()
+        job = await anyio.to_thread.run_sync(prepare_text, await read_body(request), arrived)
         if job["stream"]:
             return StreamingResponse(stream_text(job), media_type="text/event-stream")
         return await whole_reply(text_completion, job, request)

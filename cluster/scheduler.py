@@ -52,6 +52,12 @@ def sampling_error(s: pb.SamplingParams) -> str | None:
     return None
 
 
+def deadline_message(when: str, running: int) -> str:
+    return (f"the client's deadline passed {when}, with {running} requests running on the cluster; "
+            "the request was stopped and its caches freed: give it more time (the API's `timeout` field, "
+            "or a longer gRPC deadline), ask for fewer tokens, or retry when fewer requests run")
+
+
 class Scheduler:
     """Runs requests through `membership.chain`; `local` is this process's own node."""
 
@@ -64,6 +70,7 @@ class Scheduler:
         self._tickets = itertools.count(1)
         self._ring: dict[int, Future] = {}  # ticket -> the reply the last stage will deliver
         self._ring_lock = threading.Lock()
+        self.running = 0  # requests generating now (named when a deadline passes)
         local.on_deliver = self.deliver
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
@@ -121,10 +128,13 @@ class Scheduler:
         when the client's `deadline` (time.monotonic()) passes first."""
         chain = list(self.membership.chain)
         timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
-        future = self._send(chain, request, max(timeout, 0.1))
+        if timeout <= 0:
+            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        future = self._send(chain, request, timeout)
         while True:
+            wait = min(WAIT_SLICE_S, deadline - time.monotonic()) if deadline else WAIT_SLICE_S
             try:
-                return reply_of(future.result(WAIT_SLICE_S))
+                return reply_of(future.result(max(wait, 0)))
             except FutureTimeout:
                 pass
             if lost := next((m for m in chain if m.status in ("lost", "failed")), None):
@@ -133,9 +143,7 @@ class Scheduler:
                                  lost.name)
             if deadline and time.monotonic() > deadline:
                 future.cancel()
-                raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 "the request's deadline passed while the cluster was busy; "
-                                 "give it more time, or retry when fewer requests run")
+                raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None):
@@ -146,9 +154,14 @@ class Scheduler:
         caches for the shared prefix are reused and only the rest is prefilled; afterwards the
         session stays cached for the next turn unless `stats["cancelled"]` is set (a client that
         went away). `stats` receives the session id and the number of cached prompt tokens.
-        `deadline` (time.monotonic()) bounds the whole request; without one it runs as long as
-        the chain is alive."""
+        `deadline` (time.monotonic(): the client's) bounds the whole request, its wait behind
+        other requests included; without one it runs as long as the chain is alive (a busy
+        cluster only makes it slower)."""
         stats = {} if stats is None else stats
+        began = time.monotonic()
+        if deadline and began >= deadline:
+            raise GenerateError(grpc.StatusCode.DEADLINE_EXCEEDED, deadline_message(
+                "before it started: it waited its turn", self.running))
         session_id, cached = self.sessions.claim(prompt)
         stats.update(session_id=session_id, cached_tokens=cached)
         max_positions = len(prompt) + max_tokens
@@ -214,6 +227,8 @@ class Scheduler:
                                 session_id, e.message, len(prompt) + len(generated))
                     run = resume
 
+        with self._ring_lock:
+            self.running += 1
         try:
             reply = attempt(lambda: prefill(prompt, cached))
             offset = len(prompt)
@@ -229,7 +244,16 @@ class Scheduler:
         except GeneratorExit:  # the consumer stopped reading (an EOS, a stop string, or it went away)
             kept = not stats.get("cancelled")
             raise
+        except GenerateError as e:
+            if e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            when = f"{time.monotonic() - began:.1f} s into its generation, " + \
+                (f"after {len(generated)} of {max_tokens} tokens" if generated else
+                 f"while its {len(prompt) - cached}-token prompt was read")
+            raise GenerateError(e.code, deadline_message(when, self.running)) from e
         finally:
+            with self._ring_lock:
+                self.running -= 1
             if kept:  # the caches hold the prompt and every token but the last one sampled
                 self.sessions.keep(session_id, CachedSession(prompt + generated[:-1], len(prompt)))
             else:

@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 import mlx.core as mx
 import openai
 import pytest
@@ -443,6 +444,56 @@ def test_client_that_goes_away_frees_the_session_on_every_node(api, client, expe
     reply = create(client, api, messages, 12, extra_body=NO_THINKING)
     assert reply.usage.prompt_tokens_details.cached_tokens == 0
     assert reply.choices[0].message.content == want.content
+
+
+# ---- the client's deadline -------------------------------------------------------------------------
+
+
+def assert_only_cached_sessions_left(api):
+    """Every node holds the sessions of the conversations the coordinator keeps cached, no more."""
+    def state():
+        cached = json.loads(raw(api, "/cluster")[1])["cached_conversations"]
+        return cached, {name: sessions for name, (sessions, _) in api.kv_state().items()}
+
+    poll(state, lambda s: all(n == s[0] for n in s[1].values()), 15, "nodes to hold only the cached sessions")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "soon", True])
+def test_bad_timeout_is_refused_naming_it(api, timeout):
+    status, body = raw(api, "/chat/completions", {"messages": chat("Hi!"), "max_tokens": 4, "timeout": timeout})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "timeout" and "`timeout`" in error["message"], body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_timeout_stops_the_request_and_frees_its_caches(api, client, expect, stream):
+    """`timeout` (seconds) is the client's deadline: a reply that cannot be done in time stops,
+    says why and what to do, and leaves nothing on the nodes. The official client's own timeout
+    (an HTTP setting, 60 s here) is untouched by it."""
+    messages = chat("Tell me everything.")
+    want = expect(messages, 300, thinking=False)
+    assert len(want.tokens) >= 100, "the test needs a long reply: pick another question"
+    with pytest.raises(openai.APIError) as info:
+        reply = create(client, api, messages, 300, extra_body={**NO_THINKING, "timeout": 0.3}, stream=stream)
+        for _ in reply if stream else ():
+            pass
+    error = info.value
+    if not stream:
+        assert error.status_code == 504 and error.code == "deadline_exceeded" and error.param == "timeout"
+    assert "deadline passed" in error.message and "`timeout`" in error.message, error.message
+    assert_only_cached_sessions_left(api)
+    # the same request with time enough is whole and right
+    reply = create(client, api, messages, 24, extra_body={**NO_THINKING, "timeout": 60})
+    assert reply.choices[0].message.content == expect(messages, 24, thinking=False).content
+
+
+def test_grpc_deadline_stops_generate_and_frees_its_caches(api, expect):
+    """A gRPC client's own deadline is the request's: Generate stops when it passes."""
+    want = expect(chat("Tell me everything."), 300, thinking=False)
+    with pytest.raises(grpc.RpcError) as info:
+        api.generate(prompt_tokens=want.prompt, max_tokens=300, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_only_cached_sessions_left(api)
 
 
 # ---- a session a node freed on its own ------------------------------------------------------------
