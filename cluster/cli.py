@@ -253,6 +253,7 @@ def serve(args, secret: bytes):
 
     from .auth import config_dir
     from .node import NodeService
+    from .rejoin import Rejoiner
     from .transfer import SliceStore, SlicesService
     from .wire import ListenError, make_server
 
@@ -270,7 +271,7 @@ def serve(args, secret: bytes):
                        max_transfer_rate=args.max_transfer_rate or 0)
     pb_grpc.add_NodeServicer_to_server(node, server)
     pb_grpc.add_SlicesServicer_to_server(SlicesService(slices), server)
-    zeroconf = advertiser = coordinator = None
+    zeroconf = advertiser = coordinator = rejoiner = None
     if not args.no_mdns:
         zeroconf = open_zeroconf(args.host)
     if args.model:
@@ -279,6 +280,8 @@ def serve(args, secret: bytes):
         slices.checkpoints[coordinator.checkpoint.model_id] = coordinator.checkpoint
         pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     server.start()
+    if not coordinator:
+        rejoiner = Rejoiner(node, secret, args.peer)
     if zeroconf:
         advertiser = Advertiser(zeroconf, Announcement(
             node.node_id, name, __version__, machine.backend, machine.chip, machine.total_bytes,
@@ -288,6 +291,8 @@ def serve(args, secret: bytes):
         if coordinator:
             coordinator.stop()
             _release_workers(coordinator, secret)
+        if rejoiner:
+            rejoiner.close()
         if advertiser:
             advertiser.close()
         if zeroconf:
@@ -770,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside the cluster secret)")
     p.add_argument("--max-transfer-rate", type=_size, metavar="SIZE",
                    help="receive slices at most this many bytes per second, e.g. 500MB")
-    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a node to include (repeat)")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="with --model: a node to include; without: the coordinator to join (repeat)")
     p.add_argument("--context", type=int, default=32768, help="tokens of KV cache to plan for (default 32768)")
     p.add_argument("--nodes", type=int, metavar="N",
                    help="wait for N nodes (this one included) before planning; default: as soon as the model fits")

@@ -20,7 +20,7 @@ from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
-from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk
+from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk, replan_for
 from .membership import HEALTH_INTERVAL_S, Membership
 from .node import NodeService
 from .planner import Plan
@@ -122,18 +122,22 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _replan(self):
         """Plan again over the nodes that answer (the chain's survivors and the spares) and load
         it, when the model fits them; otherwise keep waiting for the lost node to come back.
+        Only the lost layers move when a spare or the neighbours hold them (replan_for): a node
+        keeping its layers is only re-pointed, one that grows reads only the layers it lacks.
         Requests in flight wait on `ready` and replay their sessions on the new chain."""
         chain, members = self.membership.snapshot()
         lost = [m.name for m in chain if m.status in ("lost", "failed")]
         present = [m for m in chain if m.status not in ("lost", "failed")]
         present += [m for m in members if m.status == "spare" and m not in chain and m.refresh()]
-        plan = plan_for(self.sizes, present, self.context, self.prefill_chunk)
+        plan = replan_for(self.sizes, self.plan, present, self.context, self.prefill_chunk)
         if not plan.feasible:
             self._status(f"lost {', '.join(lost)}; the other nodes cannot hold the model, so requests wait "
                          "for it to come back: restart it (same --name) or add a node")
             return
+        before = {s.node: (s.start, s.end) for s in self.plan.stages}
         log.warning("lost %s; moving its layers: %s", ", ".join(lost),
-                    ", ".join(f"{s.node} [{s.start}, {s.end})" for s in plan.stages))
+                    ", ".join(f"{s.node} [{s.start}, {s.end})"
+                              + (" kept" if before.get(s.node) == (s.start, s.end) else "") for s in plan.stages))
         self.ready.clear()
         by_name = {m.info.name: m for m in present}
         with self.membership.lock:
@@ -313,3 +317,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def MemoryMap(self, request, context):
         return self.memory_map()
+
+    def Join(self, request, context):
+        if request.address == self.local.address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.address} is this coordinator's own node")
+        try:
+            return pb.JoinReply(status=self.membership.join(request.address))
+        except grpc.RpcError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"the coordinator cannot reach {request.address} to ask who it is: {e.details()}")

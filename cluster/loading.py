@@ -13,7 +13,7 @@ from mlx_kimi.checkpoint import text_config
 
 from .generated import kimi_cluster_pb2 as pb
 from .membership import Member
-from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, sizes_for_model
+from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, replan_after_loss, sizes_for_model
 from .transfer import CANNOT_RECEIVE
 from .wire import CHUNK_PAYLOAD_BYTES
 
@@ -34,13 +34,25 @@ def prefill_chunk(sizes: ModelSizes) -> int:
     return max(1, min(MLX_PREFILL_STEP, CHUNK_PAYLOAD_BYTES // sizes.hidden_bytes_per_token))
 
 
-def plan_for(sizes: ModelSizes, present: list, context: int, chunk: int) -> Plan:
+def _capacities(present: list) -> list:
     # Physical memory only for Macs: the wired-limit advice (sudo sysctl iogpu...) is for macOS alone.
-    nodes = [NodeCapacity(m.info.name, m.info.usable_bytes, m.info.memory_bandwidth or None,
-                          total_bytes=m.info.total_bytes if m.info.backend == "metal" else None) for m in present]
+    return [NodeCapacity(m.info.name, m.info.usable_bytes, m.info.memory_bandwidth or None,
+                         total_bytes=m.info.total_bytes if m.info.backend == "metal" else None) for m in present]
+
+
+def _allocated(context: int) -> int:
     # Nodes allocate KV caches in whole KVCache steps; plan for what they will reserve.
-    allocated = -(-context // KVCache.step) * KVCache.step
-    return plan_partition(sizes, nodes, context=allocated, prefill_chunk=chunk)
+    return -(-context // KVCache.step) * KVCache.step
+
+
+def plan_for(sizes: ModelSizes, present: list, context: int, chunk: int) -> Plan:
+    return plan_partition(sizes, _capacities(present), context=_allocated(context), prefill_chunk=chunk)
+
+
+def replan_for(sizes: ModelSizes, plan: Plan, present: list, context: int, chunk: int) -> Plan:
+    """`plan` again over the members `present` after some of its nodes were lost, moving only
+    what must move (planner.replan_after_loss)."""
+    return replan_after_loss(sizes, plan, _capacities(present), context=_allocated(context), prefill_chunk=chunk)
 
 
 def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: str, coordinator_id: str,

@@ -88,30 +88,60 @@ class Membership:
 
     def on_discovery(self, kind: str, found):
         """A node of this cluster joined, changed or left (mDNS)."""
+        log.info("mDNS: %s %s at %s", found.name, kind, found.address)
+        if kind != "leave":
+            self.attach(found.address, found.name)
+            return
         lost_name = None
         with self.lock:
             member = self.members.get(found.address)
-            if kind == "leave":
-                if member and member not in self.chain and found.address not in self.static:
-                    del self.members[found.address]
-                elif member:
-                    lost_name = member.name
-            elif member is None:
-                stub = node_stub(open_channel(found.address, self.secret))
-                back = next((m for m in self.members.values() if m.name == found.name), None)
-                if back:  # restarted on a new address (names are unique): it replaces its old entry
-                    del self.members[back.address]
-                    back.address, back.stub = found.address, stub
-                    self.members[found.address] = back
-                    if back in self.chain:  # a planned node: load it there
-                        back.status, lost_name = "lost", back.name
-                else:
-                    self.members[found.address] = Member(found.address, stub,
-                                                         status="spare" if self.chain else "waiting")
-            log.info("mDNS: %s %s at %s", found.name, kind, found.address)
+            if member and member not in self.chain and found.address not in self.static:
+                del self.members[found.address]
+            elif member:
+                lost_name = member.name
         if lost_name:
             self.on_lost(lost_name)
         self.changed.set()
+
+    def join(self, address: str) -> str:
+        """A node says it serves at `address` (Join): ask it who it is, attach it, return its status."""
+        with self.lock:
+            if member := self.members.get(address):
+                return member.status
+        stub = node_stub(open_channel(address, self.secret))
+        info = stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
+        return self.attach(address, info.name, stub)
+
+    def attach(self, address: str, name: str, stub=None) -> str:
+        """The node `name` serves at `address` (found over mDNS, or it said so with Join): a new
+        one is a spare once the chain is planned; one known under another address (restarted on a
+        new port or host: names are unique) replaces its old entry, and a planned one is then
+        loaded there. Returns its status."""
+        lost_name = None
+        with self.lock:
+            member = self.members.get(address)
+            if member is not None:
+                return member.status
+            stub = stub or node_stub(open_channel(address, self.secret))
+            member = next((m for m in self.members.values() if m.name == name), None)
+            if member:
+                del self.members[member.address]
+                if member.address in self.static:  # named with --peer: wait for it where it is now
+                    self.static.discard(member.address)
+                    self.static.add(address)
+                log.info("%s moved from %s to %s", name, member.address, address)
+                member.address, member.stub = address, stub
+                if member in self.chain:
+                    member.status, lost_name = "lost", name
+            else:
+                member = Member(address, stub, status="spare" if self.chain else "waiting")
+                log.info("%s joined at %s as %s", name, address, member.status)
+            self.members[address] = member
+            status = member.status
+        if lost_name:
+            self.on_lost(lost_name)
+        self.changed.set()
+        return status
 
     def wait_for_members(self, enough, stop: threading.Event, on_status) -> list:
         """Wait until every static node answers and `enough(present)` says (True, _); meanwhile

@@ -162,6 +162,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.sessions: dict[str, Session] = {}
         self.on_exit_request = None  # called when asked to shut down (Stop with exit)
         self.on_deliver = None  # the coordinator's: a token ring reply arrived (Deliver)
+        self.on_owner = None  # (coordinator address) a coordinator loads this node (rejoin.py remembers it)
         self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
         self._lock = threading.Lock()  # guards stage and sessions
         self._stop = threading.Event()
@@ -249,6 +250,8 @@ class NodeService(pb_grpc.NodeServicer):
                 self.sessions.clear()
         self.owner = Owner(who, request.coordinator_id, request.coordinator, now)
         self.coordinator_address = request.coordinator or self.coordinator_address
+        if self.on_owner:
+            self.on_owner(self.coordinator_address)
 
     def _check_owner(self, coordinator_id: str):
         """Refuse a Forward of any coordinator but the owner; the owner's keep its lease fresh."""
@@ -285,6 +288,9 @@ class NodeService(pb_grpc.NodeServicer):
                 stage.next_link.close()
             self.stage = None
             self.sessions.clear()
+        # A new range of the same model (a re-plan after a lost node): the layers already in memory
+        # are kept, and only the others are read.
+        held = stage.slice if stage and stage.model_id == request.model_id else None
 
         fetcher = SliceFetcher(self.slices, self.secret, lambda done, total: progress(done, total, "transfer"),
                                self.max_transfer_rate)
@@ -294,7 +300,7 @@ class NodeService(pb_grpc.NodeServicer):
 
         def work():
             mx.clear_cache()
-            return load_slice(checkpoint, layers, lambda done, total: progress(done, total, "load"))
+            return load_slice(checkpoint, layers, lambda done, total: progress(done, total, "load"), reuse=held)
 
         model_slice = self.worker.run(work)
         stage = LocalStage(

@@ -468,6 +468,51 @@ def plan_partition(
     )
 
 
+def replan_after_loss(sizes: ModelSizes, plan: Plan, nodes: list[NodeCapacity], context: int = 32768,
+                      prefill_chunk: int = 2048) -> Plan:
+    """Plan again over `nodes` (the survivors of `plan`'s stages and any spares) moving only the
+    layers of the lost stages (those whose node is not among `nodes`), so that every survivor
+    keeps what it holds: a lost stage goes whole to the spare with the least memory that holds
+    it, else it is split between its surviving neighbours (each grows by the layers next to it,
+    cut where the larger of the two reads the fewest bytes per token). When neither fits, the plan is made afresh
+    (plan_partition), which may move any layer."""
+    layers = _Layers(sizes, context, prefill_chunk)
+    index = {node.name: i for i, node in enumerate(nodes)}
+    staged = {stage.node for stage in plan.stages}
+    spares = sorted((i for i, node in enumerate(nodes) if node.name not in staged), key=lambda i: nodes[i].usable_bytes)
+    placed = [[index.get(stage.node), stage.start, stage.end] for stage in plan.stages]
+
+    def fits(node, start, end):
+        return layers.needed(start, end) <= nodes[node].usable_bytes
+
+    while (k := next((k for k, p in enumerate(placed) if p[0] is None), None)) is not None:
+        _, start, end = placed[k]
+        if (spare := next((i for i in spares if fits(i, start, end)), None)) is not None:
+            spares.remove(spare)
+            placed[k][0] = spare
+            continue
+        left = placed[k - 1] if k > 0 and placed[k - 1][0] is not None else None
+        right = placed[k + 1] if k + 1 < len(placed) and placed[k + 1][0] is not None else None
+        if left is None and right is None:
+            return plan_partition(sizes, nodes, context, prefill_chunk)
+        # Where the lost range is cut: the left neighbour takes [start, cut), the right one [cut, end).
+        cuts = range(start if right else end, (end if left else start) + 1)
+        ok = [c for c in cuts
+              if (left is None or fits(left[0], left[1], c)) and (right is None or fits(right[0], c, right[2]))]
+        if not ok:
+            return plan_partition(sizes, nodes, context, prefill_chunk)
+        cut = min(ok, key=lambda c: max(layers.read_bytes(left[1], c) if left else 0,
+                                        layers.read_bytes(c, right[2]) if right else 0))
+        if left:
+            left[2] = cut
+        if right:
+            right[1] = cut
+        del placed[k]
+    stages = _make_stages(sizes, nodes, context, prefill_chunk, [tuple(p) for p in placed])
+    return Plan(feasible=True, stages=stages, context=context, shortfall_bytes=0,
+                advice=_feasible_advice(sizes, nodes, stages, context, prefill_chunk))
+
+
 def _smallest_stage_need(layers: _Layers) -> int:
     return min(layers.needed(i, i + 1) for i in range(layers.count))
 

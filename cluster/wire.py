@@ -40,7 +40,7 @@ SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_
 # streams is answered RESOURCE_EXHAUSTED instead of starving health checks.
 MAX_WORK_CALLS = 32
 CONTROL_THREADS = 16
-CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver"}
+CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver", "Join"}
 
 # mlx dtype <-> wire name, and the same-width integer view numpy can hold (numpy has no bf16).
 _DTYPES = {

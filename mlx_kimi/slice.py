@@ -157,21 +157,28 @@ def quantize_slice(module: nn.Module, layers: LayerRange, predicate) -> None:
     nn.quantize(module, class_predicate=lambda p, m: predicate(checkpoint_name(p, layers), m))
 
 
-def load_slice(checkpoint: Checkpoint, layers: LayerRange, progress=None) -> ModelSlice:
+def load_slice(checkpoint: Checkpoint, layers: LayerRange, progress=None,
+               reuse: ModelSlice | None = None) -> ModelSlice:
     """Read only the slice's tensors (lazily, then evaluate them), reusing mlx-lm's modules.
-    `progress(bytes_done, bytes_total)` is called as parts of the slice become resident."""
+    `progress(bytes_done, bytes_total)` is called as parts of the slice become resident.
+    `reuse`: a slice of the same model already in memory, whose tensors the new one shares
+    instead of reading them again (a stage that grows by a neighbour's layers reads only those)."""
     if layers.end > checkpoint.num_layers:
         raise CheckpointError(
             f"{checkpoint.path}: layer range {layers} beyond the model's {checkpoint.num_layers} layers"
         )
     wanted = checkpoint.slice_tensors(layers.start, layers.end)
     weights = {}
-    for file in sorted({t.file for t in wanted}):
+    if reuse is not None:
+        names = {t.name for t in wanted}
+        held = ((checkpoint_name(path, reuse.layers), array) for path, array in tree_flatten(reuse.module.parameters()))
+        weights.update((name, array) for name, array in held if name in names)
+    for file in sorted({t.file for t in wanted if t.name not in weights}):
         try:
             arrays = mx.load(str(checkpoint.path / file))
         except (RuntimeError, ValueError, OSError) as e:
             raise CheckpointError(f"{checkpoint.path / file}: cannot load ({e})") from e
-        weights.update({t.name: arrays[t.name] for t in wanted if t.file == file})
+        weights.update({t.name: arrays[t.name] for t in wanted if t.file == file and t.name not in weights})
 
     module = build_slice_module(checkpoint.config, layers)
     quantization = checkpoint.config.get("quantization") or {}

@@ -2,6 +2,7 @@
 the secret, a KV cache budget too small for a request. Real processes, real gRPC, real MLX; the
 single-process mlx-lm model is the reference for every token."""
 
+import re
 import secrets
 import signal
 import threading
@@ -71,11 +72,10 @@ def generate_during(cluster, requests: list, interrupt, after_tokens: int = 5) -
     return results
 
 
-def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path, tiny_dir, oracle,
-                                                                       make_chat_prompt):
-    """kill -9 of a stage during concurrent generations, greedy and seeded: the survivors can hold
-    the model, so the coordinator plans again over them and loads it; each session is replayed on
-    the new chain and every reply equals an uninterrupted run. The killed node, restarted, is a spare."""
+@pytest.fixture(scope="module")
+def eight_generations(oracle, make_chat_prompt):
+    """([(prompt ids, SamplingParams, max_tokens)] of 8 requests, greedy and seeded, and the
+    tokens of each from the oracle)."""
     prompts = [make_chat_prompt(oracle[1], text) for text in ("Hi!", "Hello there", "Why?", "Go on")]
     requests, expected = [], []
     for i, prompt in enumerate(prompts):
@@ -86,9 +86,32 @@ def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path,
             sampler = make_sampler(temperature) if temperature else None
             requests.append((prompt, sampling, GREEDY_TOKENS))
             expected.append(oracle_reply(oracle, prompt, GREEDY_TOKENS, sampler=sampler, seed=seed))
+    return requests, expected
+
+
+def stage_ranges(reply) -> dict:
+    """{node name: (start, end)} of the nodes holding layers in a memory map."""
+    return {n.name: (n.start, n.end) for n in reply.nodes if n.has_layers}
+
+
+def loads(node) -> int:
+    """How many slices the node has loaded since it started (its log says each)."""
+    return len(re.findall(r"loaded \S+ layers", node.log()))
+
+
+def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path, tiny_dir, eight_generations):
+    """kill -9 of the last stage during concurrent generations, greedy and seeded, with no spare:
+    the stage before it can hold its layers too, so it takes them (the first stage keeps its own
+    and is not loaded again); each session is replayed on the new chain and every reply equals an
+    uninterrupted run. The killed node, restarted, is a spare."""
+    requests, expected = eight_generations
     with LocalCluster(tmp_path, tiny_dir, stages=3) as cluster:
-        last = next(n for n in cluster.peers if n.name == max(cluster.memory_map().nodes, key=lambda n: n.start).name)
+        before = stage_ranges(cluster.memory_map())
+        last = next(n for n in cluster.peers if before[n.name] == (4, 6))
+        middle = next(n for n in cluster.peers if before[n.name] == (2, 4))
+        assert before[cluster.coordinator.name] == (0, 2)
         port = int(last.address.rsplit(":", 1)[1])
+        coordinator_loads = loads(cluster.coordinator)
         results = generate_during(cluster, requests, lambda: last.kill(signal.SIGKILL), after_tokens=3)
         for got, want in zip(results, expected):
             assert got == want
@@ -96,15 +119,53 @@ def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path,
         assert reply.state == "ready", reply
         status = {n.name: (n.status, n.has_layers) for n in reply.nodes}
         assert status[last.name][0] == "lost" and not status[last.name][1], status
-        assert sorted((n.start, n.end) for n in reply.nodes if n.has_layers)[-1][1] == 6
+        assert stage_ranges(reply) == {cluster.coordinator.name: (0, 2), middle.name: (2, 6)}
+        assert loads(cluster.coordinator) == coordinator_loads
         assert "moving its layers" in cluster.coordinator.log()
 
         restarted = start_node(tmp_path, last.name, "1GB", env=cluster.env, port=port)
         cluster.peers[cluster.peers.index(last)] = restarted
         poll(cluster.memory_map, lambda m: {n.name: n.status for n in m.nodes}[last.name] == "spare", 30,
              "the restarted node to be a spare")
-        ids, _ = cluster.generate(prompt_tokens=prompts[0], max_tokens=GREEDY_TOKENS)
+        ids, _ = cluster.generate(prompt_tokens=requests[0][0], max_tokens=GREEDY_TOKENS)
         assert ids == expected[0]
+
+
+def test_any_stage_killed_is_replaced_by_a_spare_and_no_generation_is_lost(tmp_path, tiny_dir, eight_generations):
+    """Three stages and a spare that joins the running cluster with `--peer COORDINATOR`; the
+    coordinator holds no layers (too little memory). kill -9 of the last, then the first, then
+    the middle stage, each during 8 concurrent generations (greedy and seeded): the spare takes
+    the lost stage's layers whole, no other node loads anything, and every reply equals an
+    uninterrupted run. Each killed node, restarted on another port with only its --name (no
+    --peer, no mDNS), finds the coordinator that loaded it and is the next spare."""
+    requests, expected = eight_generations
+    with LocalCluster(tmp_path, tiny_dir, stages=4, coordinator_extra=["--memory", "500MB"]) as cluster:
+        ranges = stage_ranges(cluster.memory_map())
+        assert sorted(ranges.values()) == [(0, 2), (2, 4), (4, 6)] and cluster.coordinator.name not in ranges
+        spare = start_node(tmp_path, "spare", env=cluster.env, extra=["--peer", cluster.coordinator.address])
+        cluster.peers.append(spare)
+        poll(cluster.memory_map, lambda m: {n.name: n.status for n in m.nodes}.get("spare") == "spare", 30,
+             "the node started with --peer to be a spare")
+        for layers in ((4, 6), (0, 2), (2, 4)):
+            victim = next(n for n in cluster.peers if ranges.get(n.name) == layers)
+            survivors = [n for n in cluster.peers if n.name in ranges and n is not victim]
+            survivor_loads = [loads(n) for n in survivors]
+            results = generate_during(cluster, requests, lambda: victim.kill(signal.SIGKILL), after_tokens=3)
+            assert results == expected, layers
+            reply = cluster.memory_map()
+            assert reply.state == "ready", reply
+            moved = {name: r for name, r in ranges.items() if name != victim.name} | {spare.name: layers}
+            ranges = stage_ranges(reply)
+            assert ranges == moved, layers
+            assert [loads(n) for n in survivors] == survivor_loads, layers  # only re-pointed
+
+            back = start_node(tmp_path, victim.name, env=cluster.env)
+            assert back.address != victim.address
+            cluster.peers[cluster.peers.index(victim)] = back
+            poll(cluster.memory_map, lambda m: any(n.name == back.name and n.address == back.address
+                                                   and n.status == "spare" for n in m.nodes), 30,
+                 f"{back.name}, back on another port, to be a spare")
+            spare = back
 
 
 def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir, oracle, chat_prompt_ids):
@@ -142,6 +203,32 @@ def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir
         for node in cluster.nodes:  # only the finished reply's session is left (cached for a next turn)
             health = cluster.node_stub(node).Health(pb.HealthRequest(), timeout=10)
             assert health.sessions == 1, (node.name, health)
+
+
+def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny_dir, oracle, chat_prompt_ids):
+    """Two nodes the model needs both of, the peer named with --peer and no mDNS. It is killed -9
+    during a reply and restarted on another port with only its --name: it finds the coordinator
+    that loaded it (saved in its config dir) and says where it is now; the coordinator attaches
+    it there and loads its layers again, and the waiting reply finishes with the oracle's tokens."""
+    expected = oracle_reply(oracle, chat_prompt_ids, GREEDY_TOKENS)
+    memory = tight_memory(tiny_dir, 2)
+    with LocalCluster(tmp_path, tiny_dir, stages=2, memory=memory) as cluster:
+        [peer] = cluster.peers
+
+        def kill_and_restart_elsewhere():
+            peer.kill(signal.SIGKILL)
+            poll(cluster.memory_map, lambda m: m.state == "degraded", 30, "the cluster to be degraded")
+            back = start_node(tmp_path, peer.name, memory, env=cluster.env)
+            assert back.address != peer.address
+            cluster.peers[0] = back
+
+        [ids] = generate_during(cluster, [(chat_prompt_ids, pb.SamplingParams(), GREEDY_TOKENS)],
+                                kill_and_restart_elsewhere)
+        assert ids == expected
+        reply = cluster.memory_map()
+        entry = next(n for n in reply.nodes if n.name == peer.name)
+        assert reply.state == "ready" and (entry.status, entry.address) == ("ready", cluster.peers[0].address), reply
+        assert f"{peer.name} moved from {peer.address} to {cluster.peers[0].address}" in cluster.coordinator.log()
 
 
 def test_peer_with_another_secret_is_never_used(tmp_path, tiny_dir, chat_prompt_ids):

@@ -16,6 +16,7 @@ from cluster.planner import (
     mac_default_usable_bytes,
     plan_partition,
     prefill_scratch_bytes,
+    replan_after_loss,
     usable_from_wired_limit_mb,
 )
 from cluster.units import format_bytes
@@ -191,6 +192,97 @@ def test_matches_brute_force_on_small_cases(seed):
         assert plan.shortfall_bytes == min(o for o in least_overflow if o is not None)
     assert plan.stages == []
     assert any(format_bytes(plan.shortfall_bytes) in line for line in plan.advice)
+
+
+# ---- re-planning after a node is lost: only the lost layers move --------------------------------------
+
+
+def ranges(plan) -> dict:
+    return {stage.node: (stage.start, stage.end) for stage in plan.stages}
+
+
+def test_a_lost_stage_goes_whole_to_the_smallest_spare_that_holds_it():
+    sizes = toy_sizes([10] * 6, embed=5, head=5)
+    nodes = [NodeCapacity(n, 40) for n in ("a", "b", "c")]
+    plan = plan_partition(sizes, nodes, context=0, prefill_chunk=1)
+    assert ranges(plan) == {"a": (0, 2), "b": (2, 4), "c": (4, 6)}
+    spares = [NodeCapacity("big", 100), NodeCapacity("small", 20), NodeCapacity("tiny", 19)]
+    replanned = replan_after_loss(sizes, plan, [nodes[0], nodes[2], *spares], context=0, prefill_chunk=1)
+    check_valid(replanned, sizes, [*nodes, *spares], 0, 1)
+    assert ranges(replanned) == {"a": (0, 2), "small": (2, 4), "c": (4, 6)}
+    assert [s.node for s in replanned.stages] == ["a", "small", "c"]
+
+
+def test_without_a_spare_the_neighbours_share_the_lost_layers():
+    sizes = toy_sizes([10] * 6, embed=5, head=5)
+    nodes = [NodeCapacity(n, 60) for n in ("a", "b", "c")]
+    plan = plan_partition(sizes, nodes, context=0, prefill_chunk=1)
+    survivors = [nodes[0], nodes[2], NodeCapacity("tiny", 15)]  # the spare cannot hold b's 20 bytes
+    replanned = replan_after_loss(sizes, plan, survivors, context=0, prefill_chunk=1)
+    check_valid(replanned, sizes, survivors, 0, 1)
+    # a reads 30 bytes per token for [0, 3) (the embedding is a lookup), c 35 for [3, 6) with the head
+    assert ranges(replanned) == {"a": (0, 3), "c": (3, 6)}
+    # the first or last stage lost: its one neighbour takes it all
+    for lost, expected in (("a", {"b": (0, 4), "c": (4, 6)}), ("c", {"a": (0, 2), "b": (2, 6)})):
+        left = [n for n in nodes if n.name != lost]
+        assert ranges(replan_after_loss(sizes, plan, left, context=0, prefill_chunk=1)) == expected
+
+
+def test_when_nothing_holds_the_lost_layers_in_place_the_plan_is_made_afresh():
+    sizes = toy_sizes([10] * 6, embed=5, head=5)
+    nodes = [NodeCapacity("a", 25), NodeCapacity("b", 25), NodeCapacity("c", 80)]
+    plan = plan_partition(sizes, nodes, context=0, prefill_chunk=1)
+    lost = next(s.node for s in plan.stages if s.node != "c" and s.end < 6)
+    left = [n for n in nodes if n.name != lost] + [NodeCapacity("d", 20)]  # holds no stage of 2 layers
+    replanned = replan_after_loss(sizes, plan, left, context=0, prefill_chunk=1)
+    assert replanned == plan_partition(sizes, left, context=0, prefill_chunk=1)
+    assert (lost, ranges(plan)["b"], ranges(replanned)["b"]) == ("a", (2, 4), (0, 2))  # a survivor's layers moved
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_replan_moves_only_lost_layers_whenever_that_fits(seed):
+    """One stage of a random plan is lost and random spares join (besides the nodes the plan left
+    out): the result is a valid plan in which every survivor keeps its layers (growing at most by
+    the lost ones) whenever a spare or a split between the neighbours holds them, the smallest
+    such spare taking them whole; otherwise it is the fresh plan."""
+    rng = random.Random(seed)
+    sizes, nodes, context, chunk = random_case(rng)
+    plan = plan_partition(sizes, nodes, context=context, prefill_chunk=chunk)
+    if not plan.feasible:
+        return
+    k = rng.randrange(len(plan.stages))
+    lost = plan.stages[k]
+    spares = [NodeCapacity(f"s{i}", rng.randint(30, 400)) for i in range(rng.randint(0, 2))]
+    present = [n for n in nodes if n.name != lost.node] + spares
+    replanned = replan_after_loss(sizes, plan, present, context=context, prefill_chunk=chunk)
+    fresh = plan_partition(sizes, present, context=context, prefill_chunk=chunk)
+    scratch = prefill_scratch_bytes(sizes, context, chunk)
+
+    def fits(node, start, end):
+        weight, kv = expected_stage_bytes(sizes, start, end, context)
+        return weight + kv + scratch <= node.usable_bytes
+
+    by_name = {n.name: n for n in present}
+    before = plan.stages[k - 1] if k > 0 else None
+    after = plan.stages[k + 1] if k + 1 < len(plan.stages) else None
+    cuts = range(lost.start if after else lost.end, (lost.end if before else lost.start) + 1)
+    split_fits = [c for c in cuts if (before is None or fits(by_name[before.node], before.start, c))
+                  and (after is None or fits(by_name[after.node], c, after.end))]
+    staged = {stage.node for stage in plan.stages}
+    held_by_spare = [n for n in present if n.name not in staged and fits(n, lost.start, lost.end)]
+    if not held_by_spare and not split_fits:
+        assert replanned == fresh
+        return
+    check_valid(replanned, sizes, present, context, chunk)
+    new = ranges(replanned)
+    for stage in plan.stages:
+        if stage is not lost:
+            start, end = new[stage.node]
+            assert start <= stage.start and stage.end <= end  # kept, at most grown by lost layers
+    if held_by_spare:
+        assert new[min(held_by_spare, key=lambda s: s.usable_bytes).name] == (lost.start, lost.end)
+    else:
+        assert len(replanned.stages) == len(plan.stages) - 1
 
 
 def test_infeasible_total_shortfall_is_exact():

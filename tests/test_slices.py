@@ -187,6 +187,24 @@ def test_loading_a_slice_allocates_only_its_bytes(ckpt):
     del s
 
 
+def test_a_grown_slice_shares_the_layers_it_held_and_reads_only_the_others(ckpt):
+    """A last stage taking its lost neighbour's layers (re-planning after a node is lost) keeps
+    its layers and head in memory: MLX's active memory grows by the new layers only, and the
+    grown slice computes exactly what a slice loaded afresh does."""
+    held = load_slice(ckpt, LayerRange(4, 6))
+    added = ckpt.sizes().range_bytes(2, 4)
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    grown = load_slice(ckpt, LayerRange(2, 6), reuse=held)
+    growth = mx.get_active_memory() - before
+    assert grown.nbytes() == ckpt.sizes().range_bytes(2, 6)
+    assert added <= growth < added + 64 * 1024 + added // 10 < grown.nbytes(), (growth, added)
+    fresh = load_slice(ckpt, LayerRange(2, 6))
+    x = mx.random.normal((1, 5, grown.args.hidden_size)).astype(grown._backbone.layers[0].input_layernorm.weight.dtype)
+    assert mx.array_equal(grown.forward(x, grown.make_caches()), fresh.forward(x, fresh.make_caches())).item()
+
+
 def test_layer_range_rejects_empty_and_negative():
     for start, end in [(0, 0), (3, 3), (4, 2), (-1, 2), (-2, -1)]:
         with pytest.raises(ValueError, match="empty or negative"):

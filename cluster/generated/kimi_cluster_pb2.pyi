@@ -370,6 +370,18 @@ class MemoryMapRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class JoinRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    def __init__(self, status: _Optional[str] = ...) -> None: ...
+
 class NodeEntry(_message.Message):
     __slots__ = ("name", "address", "backend", "total_bytes", "usable_bytes", "has_layers", "start", "end", "weight_bytes", "resident_bytes", "kv_bytes", "free_bytes", "status", "node_id", "chip", "source", "cache_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]

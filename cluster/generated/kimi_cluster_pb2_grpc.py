@@ -552,6 +552,11 @@ class CoordinatorStub:
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.MemoryMapRequest.SerializeToString,
                 response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.MemoryMapReply.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/kimi_cluster.v1.Coordinator/Join',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinRequest.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -571,6 +576,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """A node says where it listens: one named with --peer, or one this coordinator loaded before
+        that restarted (perhaps on another address). It joins as a spare, or takes its planned place.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -583,6 +596,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.MemoryMap,
                     request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.MemoryMapRequest.FromString,
                     response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.MemoryMapReply.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinRequest.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -639,6 +657,33 @@ class Coordinator:
             '/kimi_cluster.v1.Coordinator/MemoryMap',
             cluster_dot_generated_dot_kimi__cluster__pb2.MemoryMapRequest.SerializeToString,
             cluster_dot_generated_dot_kimi__cluster__pb2.MemoryMapReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimi_cluster.v1.Coordinator/Join',
+            cluster_dot_generated_dot_kimi__cluster__pb2.JoinRequest.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
