@@ -474,13 +474,14 @@ def replan_after_loss(sizes: ModelSizes, plan: Plan, nodes: list[NodeCapacity], 
     layers of the lost stages (those whose node is not among `nodes`), so that every survivor
     keeps what it holds: a lost stage goes whole to the spare with the least memory that holds
     it, else it is split between its surviving neighbours (each grows by the layers next to it,
-    cut where the larger of the two reads the fewest bytes per token). When neither fits, the plan is made afresh
+    cut where the slower of the two is fastest, see the module docstring's stage time). When neither fits, the plan is made afresh
     (plan_partition), which may move any layer."""
     layers = _Layers(sizes, context, prefill_chunk)
     index = {node.name: i for i, node in enumerate(nodes)}
     staged = {stage.node for stage in plan.stages}
     spares = sorted((i for i, node in enumerate(nodes) if node.name not in staged), key=lambda i: nodes[i].usable_bytes)
     placed = [[index.get(stage.node), stage.start, stage.end] for stage in plan.stages]
+    speeds = _bandwidths(nodes)
 
     def fits(node, start, end):
         return layers.needed(start, end) <= nodes[node].usable_bytes
@@ -501,8 +502,8 @@ def replan_after_loss(sizes: ModelSizes, plan: Plan, nodes: list[NodeCapacity], 
               if (left is None or fits(left[0], left[1], c)) and (right is None or fits(right[0], c, right[2]))]
         if not ok:
             return plan_partition(sizes, nodes, context, prefill_chunk)
-        cut = min(ok, key=lambda c: max(layers.read_bytes(left[1], c) if left else 0,
-                                        layers.read_bytes(c, right[2]) if right else 0))
+        cut = min(ok, key=lambda c: max(layers.read_bytes(left[1], c) / speeds[left[0]] if left else 0,
+                                        layers.read_bytes(c, right[2]) / speeds[right[0]] if right else 0))
         if left:
             left[2] = cut
         if right:

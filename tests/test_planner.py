@@ -222,6 +222,9 @@ def test_without_a_spare_the_neighbours_share_the_lost_layers():
     check_valid(replanned, sizes, survivors, 0, 1)
     # a reads 30 bytes per token for [0, 3) (the embedding is a lookup), c 35 for [3, 6) with the head
     assert ranges(replanned) == {"a": (0, 3), "c": (3, 6)}
+    # a neighbour three times as fast takes all of them: [0, 4) reads 40 bytes at 3, [4, 6) 25 at 1
+    fast = [NodeCapacity("a", 60, 3.0), NodeCapacity("c", 60, 1.0)]
+    assert ranges(replan_after_loss(sizes, plan, fast, context=0, prefill_chunk=1)) == {"a": (0, 4), "c": (4, 6)}
     # the first or last stage lost: its one neighbour takes it all
     for lost, expected in (("a", {"b": (0, 4), "c": (4, 6)}), ("c", {"a": (0, 2), "b": (2, 6)})):
         left = [n for n in nodes if n.name != lost]
