@@ -319,6 +319,10 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return self.memory_map()
 
     def Join(self, request, context):
+        host, _, port = request.address.rpartition(":")
+        if not host or not port.isdigit():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address {request.address!r}: give the HOST:PORT "
+                          "the joining node serves on")
         if request.address == self.local.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.address} is this coordinator's own node")
         try:

@@ -158,6 +158,8 @@ def test_any_stage_killed_is_replaced_by_a_spare_and_no_generation_is_lost(tmp_p
             ranges = stage_ranges(reply)
             assert ranges == moved, layers
             assert [loads(n) for n in survivors] == survivor_loads, layers  # only re-pointed
+            for node in [*survivors, spare]:  # the 8 replies stay cached; nothing of the broken chain is left
+                assert cluster.node_stub(node).Health(pb.HealthRequest(), timeout=10).sessions == 8, node.name
 
             back = start_node(tmp_path, victim.name, env=cluster.env)
             assert back.address != victim.address
@@ -229,6 +231,13 @@ def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny
         entry = next(n for n in reply.nodes if n.name == peer.name)
         assert reply.state == "ready" and (entry.status, entry.address) == ("ready", cluster.peers[0].address), reply
         assert f"{peer.name} moved from {peer.address} to {cluster.peers[0].address}" in cluster.coordinator.log()
+        # what a Join that cannot be right is told
+        with pytest.raises(grpc.RpcError) as info:
+            cluster.client.Join(pb.JoinRequest(address="no-port"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "HOST:PORT" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            cluster.client.Join(pb.JoinRequest(address=peer.address), timeout=10)  # nothing listens there now
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and peer.address in info.value.details()
 
 
 def test_peer_with_another_secret_is_never_used(tmp_path, tiny_dir, chat_prompt_ids):
