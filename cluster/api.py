@@ -5,9 +5,12 @@ Sampling runs on the cluster's last stage; this layer turns the token stream int
 shapes: reasoning_content, content and tool_calls (Kimi's formats, see reply.py), stop strings,
 usage with prompt_tokens_details.cached_tokens, and SSE streaming. A client that disconnects
 mid-stream stops the generation and frees its caches on every node. A request runs until it is
-done however busy the cluster is, unless it names a deadline: `timeout` (seconds, from its arrival).
+done however busy the cluster is, unless it names a deadline: `timeout` (seconds, from its arrival);
+a stream that waits sends SSE comments meanwhile, so no client or proxy takes the wait for a dead
+connection.
 """
 
+import asyncio
 import hmac
 import json
 import logging
@@ -66,6 +69,7 @@ DEFAULT_MAX_TOKENS = 1024
 MAX_BODY_BYTES = 8 * 2**20       # a request body larger than this is refused (413) before it is read whole
 MAX_WHOLE_REPLIES = 8            # non-streaming generations at once; more wait their turn
 MAX_STREAM_THREADS = 64          # threads stepping streaming generations (apart from the above)
+KEEPALIVE_S = 1.0                # a stream waiting this long for its next token sends an SSE comment
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -449,11 +453,20 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         `finish()` chunk, the usage when asked, [DONE]; a cluster error as an error event. A client
         that goes away stops the generation and frees its session on every node."""
         tokens = run(job, stats)
-        done = False
+        done, step = False, None  # step: the thread computing the next item, while one runs
         try:
             for line in opening:
                 yield line
-            while (item := await anyio.to_thread.run_sync(next, tokens, None, limiter=stream_steps)) is not None:
+            while True:
+                step = step or asyncio.ensure_future(anyio.to_thread.run_sync(next, tokens, None, limiter=stream_steps))
+                if not (await asyncio.wait({step}, timeout=KEEPALIVE_S))[0]:
+                    # a busy cluster is not a dead connection: clients skip an SSE comment, but their
+                    # read timeout (and a proxy's) starts again
+                    yield ": waiting for the cluster\n\n"
+                    continue
+                item, step = step.result(), None
+                if item is None:
+                    break
                 for line in events(item):
                     yield line
             yield finish()
@@ -469,6 +482,10 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             if not done:
                 stats["cancelled"] = True
             with anyio.CancelScope(shield=True):
+                if step is not None:  # the client left while a step ran: let it end, then close
+                    await asyncio.wait({step})
+                    if not step.cancelled():
+                        step.exception()  # retrieved: a failure after the client left is nobody's to report
                 await anyio.to_thread.run_sync(tokens.close)
 
     def stream(job: dict):
