@@ -54,6 +54,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.plan: Plan | None = None
         self.state, self.message = "waiting", "waiting for nodes"
         self._stop = threading.Event()
+        self._lost = threading.Event()  # wakes the health watch (set on stop too)
         self.on_status = lambda message: log.info("%s", message)
         self.sampling_defaults = generation_defaults(self.checkpoint.path)
         self.last_decode_tok_s = 0.0
@@ -69,6 +70,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def stop(self):
         self._stop.set()
+        self._lost.set()
         self.membership.close()
 
     def _run(self):
@@ -82,7 +84,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _watch(self):
         """Health-check the chain each second; while degraded, move the lost layers if the
         nodes present can hold them."""
-        while not self._stop.wait(HEALTH_INTERVAL_S):
+        while not self._stop.is_set():
+            self._lost.wait(HEALTH_INTERVAL_S)  # a lost node is handled at once, not at the next round
+            self._lost.clear()
+            if self._stop.is_set():
+                return
             self.membership.check(self._node_back)
             if self.state == "degraded":
                 self._replan()
@@ -192,6 +198,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     def _node_lost(self, name: str):
         self.membership.mark_lost(name)
         self._update_state()
+        self._lost.set()
         # Cached conversations lost their caches on that node: free them everywhere else.
         self.sessions.evict_all()
 

@@ -295,8 +295,9 @@ class NodeService(pb_grpc.NodeServicer):
         fetcher = SliceFetcher(self.slices, self.secret, lambda done, total: progress(done, total, "transfer"),
                                self.max_transfer_rate)
         # Never a path from the request: a path on the coordinator's Mac means nothing here.
+        in_memory = (held.layers.start, held.layers.end) if held else ()
         checkpoint, received = fetcher.checkpoint(request.model_id, request.start, request.end,
-                                                  list(request.sources))
+                                                  list(request.sources), in_memory)
 
         def work():
             mx.clear_cache()

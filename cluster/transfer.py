@@ -147,8 +147,9 @@ class SliceFetcher:
         self._started = time.monotonic()
         self._lock = threading.Lock()
 
-    def checkpoint(self, model_id: str, start: int, end: int, sources: list) -> tuple:
-        """(Checkpoint holding at least layers [start, end), Received)."""
+    def checkpoint(self, model_id: str, start: int, end: int, sources: list, in_memory: tuple = ()) -> tuple:
+        """(Checkpoint holding at least layers [start, end), Received). `in_memory`: the (start, end)
+        this node holds in memory already; their cached parts are not checked again (they are not read)."""
         if whole := self.store.whole(model_id):
             return whole, Received(f"read from {whole.path}")
         cache = self.store.cache
@@ -159,11 +160,12 @@ class SliceFetcher:
         config = json.loads((path / "config.json").read_text())
         text = config.get("text_config", config) if config.get("model_type") == "kimi_k25" else config
         names = slice_parts(start, end, text["num_hidden_layers"])
+        resident = set(slice_parts(*in_memory, text["num_hidden_layers"])) if in_memory else set()
         missing = []
         for name in names:
             if cache.manifest(model_id, name) is None:
                 missing.append(name)
-            elif why := cache.verify(model_id, name):
+            elif name not in resident and (why := cache.verify(model_id, name)):
                 log.warning("cached part %s is corrupt (%s); fetching it again", name, why)
                 cache.remove_part(model_id, name)
                 missing.append(name)

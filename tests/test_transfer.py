@@ -142,6 +142,11 @@ def test_a_corrupt_cached_part_is_found_at_load_and_fetched_again(tiny_dir, tmp_
     data[-10] ^= 0x01
     path.write_bytes(bytes(data))
     assert "fails its sha256" in store.cache.verify(source.model_id, "layer-0002")
+    # A node growing from layer 2 (held in memory: its part is not read, so not checked) to [2, 4)
+    # receives layer 3 only; the damage is found once layer 2 would be read from the cache again.
+    grown = SliceFetcher(store, SECRET)
+    grown.checkpoint(source.model_id, 2, 4, [coordinator.address], in_memory=(2, 3))
+    assert grown.received == source.sizes().layer_bytes[3]
     again = SliceFetcher(store, SECRET)
     again.checkpoint(source.model_id, 2, 3, [coordinator.address])
     assert again.received == source.sizes().layer_bytes[2]
