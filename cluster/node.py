@@ -312,7 +312,10 @@ class NodeService(pb_grpc.NodeServicer):
         )
         with self._lock:
             self.stage = stage
-        log.info("loaded %s layers %s (%d bytes; %s)", checkpoint.name, layers, model_slice.nbytes(), received.source)
+        start, end = (max(layers.start, in_memory[0]), min(layers.end, in_memory[1])) if held else (0, 0)
+        kept = f"; layers {LayerRange(start, end)} were in memory already" if start < end else ""
+        log.info("loaded %s layers %s (%d bytes; %s%s)", checkpoint.name, layers, model_slice.nbytes(), received.source,
+                 kept)
         return stage
 
     def _link(self, name: str, address: str) -> ForwardLink | None:

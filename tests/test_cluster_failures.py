@@ -121,6 +121,7 @@ def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path,
         assert status[last.name][0] == "lost" and not status[last.name][1], status
         assert stage_ranges(reply) == {cluster.coordinator.name: (0, 2), middle.name: (2, 6)}
         assert loads(cluster.coordinator) == coordinator_loads
+        assert "layers [2, 6)" in middle.log() and "layers [2, 4) were in memory already" in middle.log()
         assert "moving its layers" in cluster.coordinator.log()
 
         restarted = start_node(tmp_path, last.name, "1GB", env=cluster.env, port=port)
