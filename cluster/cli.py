@@ -25,6 +25,7 @@ from .convert_cli import add_compare_parser, add_convert_parser
 from .weights_cli import add_weights_parsers
 from . import client
 from .client import DEFAULT_PORT
+from .scheduler import DEFAULT_PREFILL_CHUNK
 from .units import format_bytes, parse_size
 
 SHUTDOWN_GRACE_S = 2.0  # calls in flight get this long to finish after SIGTERM
@@ -276,7 +277,8 @@ def serve(args, secret: bytes):
         zeroconf = open_zeroconf(args.host)
     if args.model:
         coordinator = Coordinator(node, args.model, secret, args.peer, context=args.context,
-                                  min_nodes=args.nodes, zeroconf=zeroconf, take_over=args.take_over)
+                                  min_nodes=args.nodes, zeroconf=zeroconf, take_over=args.take_over,
+                                  max_prefill_chunk=args.prefill_chunk)
         slices.checkpoints[coordinator.checkpoint.model_id] = coordinator.checkpoint
         pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     server.start()
@@ -653,6 +655,12 @@ def cmd_secret_rotate(args) -> None:
     Console(stderr=True).print(rotate_secret(args.secret_file), highlight=False)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -782,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for N nodes (this one included) before planning; default: as soon as the model fits")
     p.add_argument("--take-over", action="store_true",
                    help="load nodes even if another running coordinator serves them (it then stops using them)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt tokens per prefill step: the most a running reply waits for another's prompt "
+                        f"on each node (default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--api-port", type=int, help="also serve the OpenAI-compatible API on this port (0 picks one)")
     p.add_argument("--api-host", default="127.0.0.1", help="address of the API (default 127.0.0.1)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request (visible in `ps`: "

@@ -24,7 +24,7 @@ from .loading import checkpoint_sizes, load_member, load_request, plan_for, pref
 from .membership import HEALTH_INTERVAL_S, Membership
 from .node import NodeService
 from .planner import Plan
-from .scheduler import GenerateError, Scheduler, sampling_error
+from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler, sampling_error
 from .sampling import generation_defaults, with_defaults
 from .sessions import Sessions
 from .units import format_bytes
@@ -34,14 +34,15 @@ log = logging.getLogger("kimi_cluster.coordinator")
 
 class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, local: NodeService, model_path: str, secret: bytes, peers: list[str],
-                 context: int = 32768, min_nodes: int | None = None, zeroconf=None, take_over: bool = False):
+                 context: int = 32768, min_nodes: int | None = None, zeroconf=None, take_over: bool = False,
+                 max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.local, self.context, self.min_nodes = local, context, min_nodes
         # This process's identity: nodes it loads serve it alone (and free a predecessor's sessions);
         # every Load, Forward and health check carries it. take_over: load nodes another live one owns.
         self.id, self.take_over = uuid.uuid4().hex, take_over
         self.checkpoint = open_checkpoint(model_path)
         self.sizes = checkpoint_sizes(self.checkpoint)
-        self.prefill_chunk = prefill_chunk(self.sizes)
+        self.prefill_chunk = prefill_chunk(self.sizes, max_prefill_chunk)
         self.tokenizer = load_tokenizer(self.checkpoint.path)
         local.is_coordinator = True
         local.coordinator_address = local.address

@@ -14,6 +14,7 @@ from mlx_kimi.checkpoint import text_config
 from .generated import kimi_cluster_pb2 as pb
 from .membership import Member
 from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, replan_after_loss, sizes_for_model
+from .scheduler import DEFAULT_PREFILL_CHUNK
 from .transfer import CANNOT_RECEIVE
 from .wire import CHUNK_PAYLOAD_BYTES
 
@@ -29,9 +30,10 @@ def checkpoint_sizes(checkpoint) -> ModelSizes:
                            text_config(checkpoint.config), checkpoint.activation_itemsize)
 
 
-def prefill_chunk(sizes: ModelSizes) -> int:
-    """Prompt tokens per Forward: mlx-lm's step, or fewer when their hidden states would not fit a message."""
-    return max(1, min(MLX_PREFILL_STEP, CHUNK_PAYLOAD_BYTES // sizes.hidden_bytes_per_token))
+def prefill_chunk(sizes: ModelSizes, limit: int = DEFAULT_PREFILL_CHUNK) -> int:
+    """Prompt tokens per Forward: `limit` (the --prefill-chunk setting) at most mlx-lm's step, or
+    fewer when their hidden states would not fit a message."""
+    return max(1, min(limit, MLX_PREFILL_STEP, CHUNK_PAYLOAD_BYTES // sizes.hidden_bytes_per_token))
 
 
 def _capacities(present: list) -> list:

@@ -8,21 +8,24 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import grpc
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from mlx_kimi.batch import forward_rows
 from mlx_kimi.checkpoint import CheckpointError, text_config
 from mlx_kimi.slice import LayerRange, ModelSlice, load_slice
 
 from . import __version__
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
-from .link import ForwardLink, StageError
+from .link import ForwardLink, StageError, reply_of
 from .machine import Machine
+from .stage_queue import StageQueue, Step
 from .transfer import CANNOT_RECEIVE, SliceFetcher, SliceStore, TransferError
 from .wire import FAILED_NODE_KEY, WireError, check_tensor, decode_tensor, encode_tensor, node_stub, open_channel
 
@@ -33,7 +36,6 @@ HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
 DELIVER_TIMEOUT_S = 10.0
 DELIVER_TRIES = 3
-STREAM_WORKERS = 16   # requests of one ForwardStream in flight at once (sessions in the pipeline)
 MAX_CHUNK_TOKENS = 8192
 # A coordinator that owns this node health-checks it every second; silent this long, it is gone
 # and another may load the node without --take-over.
@@ -41,16 +43,21 @@ OWNER_LEASE_S = 5.0
 
 
 class ComputeWorker:
-    """The one thread that runs MLX for this process."""
+    """The one thread that runs MLX for this process: rounds of its StageQueue (stage_queue.py).
+    `compute(steps)` runs one round's decode batch, or its one prefill step, and settles each
+    step's future."""
 
-    def __init__(self):
-        self._jobs = queue.Queue()
-        self.busy_since: float | None = None  # when the running job started (None: idle)
+    def __init__(self, compute=None):
+        self.queue = StageQueue()
+        self._compute = compute
+        self.busy_since: float | None = None  # when the running round started (None: idle)
+        self.max_batch = 0     # the most decode steps one round has run together
+        self.batched_rows = 0  # decode steps run in batches of two or more
         threading.Thread(target=self._loop, name="mlx-compute", daemon=True).start()
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        return len(self.queue)
 
     def busy_s(self) -> float:
         since = self.busy_since
@@ -58,20 +65,27 @@ class ComputeWorker:
 
     def _loop(self):
         while True:
-            fn, future = self._jobs.get()
-            if future.set_running_or_notify_cancel():
-                self.busy_since = time.monotonic()
-                try:
-                    future.set_result(fn())
-                except BaseException as e:  # handed to the waiting thread
-                    future.set_exception(e)
-                finally:
-                    self.busy_since = None
+            round_ = self.queue.take()
+            self.busy_since = time.monotonic()
+            try:
+                for fn, future in round_.jobs:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as e:  # handed to the waiting thread
+                            future.set_exception(e)
+                if round_.decodes:
+                    self.max_batch = max(self.max_batch, len(round_.decodes))
+                    if len(round_.decodes) > 1:
+                        self.batched_rows += len(round_.decodes)
+                    self._compute(round_.decodes)
+                if round_.prefill:
+                    self._compute([round_.prefill])
+            finally:
+                self.busy_since = None
 
     def submit(self, fn) -> Future:
-        future = Future()
-        self._jobs.put((fn, future))
-        return future
+        return self.queue.submit_job(fn)
 
     def run(self, fn):
         return self.submit(fn).result()
@@ -91,6 +105,11 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     sampler: object = None
     rng_seed: int = 0  # the session's random key, as a seed (see _key_seed)
+
+    @property
+    def position(self) -> int:
+        """Positions the caches hold (changed only on the compute thread)."""
+        return self.caches[0].offset
 
     def held_bytes(self) -> int:
         """KV bytes this session holds: its reservation, or what its caches really allocated if
@@ -157,7 +176,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.coordinator_address = ""
         self.owner: Owner | None = None
         self.is_coordinator = False
-        self.worker = ComputeWorker()
+        self.worker = ComputeWorker(self._compute)
         self.stage: LocalStage | None = None
         self.sessions: dict[str, Session] = {}
         self.on_exit_request = None  # called when asked to shut down (Stop with exit)
@@ -200,6 +219,8 @@ class NodeService(pb_grpc.NodeServicer):
             session = self.sessions.pop(session_id, None)
         if session is None:
             return pb.ReleaseReply(found=False)
+        self.worker.queue.drop_session(session, StageError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: session {session_id} was released"))
         return pb.ReleaseReply(found=True, freed_bytes=session.reserved_bytes)
 
     def _reap_idle_sessions(self):
@@ -380,26 +401,44 @@ class NodeService(pb_grpc.NodeServicer):
             return mx.array(list(request.tokens), dtype=mx.int32)[None]
         return decode_tensor(request.hidden, (1, None, stage.slice.args.hidden_size))
 
-    def _compute(self, stage: LocalStage, session: Session, request: pb.ForwardRequest):
-        """Runs on the compute thread: MLX arrays are made and evaluated only there."""
-        x = self._input(stage, request)
-        caches = session.caches
-        position = caches[0].offset
-        if request.offset > position:
-            raise StageError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"node {self.name}: session {request.session_id} is at position {position}, "
-                f"the request continues at {request.offset}",
-            )
-        if request.offset < position:  # reuse the common prefix, drop the rest
-            for c in caches:
-                c.trim(position - request.offset)
-        out = stage.slice.forward(x, caches)
+    def _compute(self, steps: list):
+        """Runs on the compute thread (MLX arrays are made and evaluated only there): one batch of
+        single-position steps of distinct sessions, or one prefill step; settles every step."""
+        stage = steps[0].stage
+        try:
+            inputs = [self._input(stage, step.request) for step in steps]
+            for step in steps:
+                drop = step.session.position - step.offset
+                if drop > 0:  # reuse the common prefix, drop the rest
+                    for c in step.session.caches:
+                        c.trim(drop)
+            outs = forward_rows(stage.slice, inputs, [step.session.caches for step in steps])
+            mx.eval([] if stage.slice.is_last else outs, [[c.state for c in step.session.caches] for step in steps])
+            results = [self._output(stage, step, out) for step, out in zip(steps, outs)]
+        except Exception as e:  # MLX failed on this node (e.g. out of memory)
+            log.exception("forward failed")
+            error = StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}", self.name)
+            for step in steps:
+                self._fail(step, error)
+            return
+        for step, result in zip(steps, results):
+            if step.request.reply_to:
+                result = self._pass_on_ring(stage, step.request, result, step.deadline - time.monotonic())
+            if step.future.set_running_or_notify_cancel():
+                step.future.set_result(result)
+
+    def _fail(self, step: Step, error: StageError):
+        """A step failed: so do the session's later steps queued here (they would wait for it)."""
+        if step.future.set_running_or_notify_cancel():
+            step.future.set_exception(error)
+        self.worker.queue.drop_session(step.session, error)
+
+    def _output(self, stage: LocalStage, step: Step, out: mx.array):
+        """What a step passes on: the hidden state (encoded), or the last stage's reply."""
+        request, session = step.request, step.session
         if not stage.slice.is_last:
-            mx.eval(out)
             return encode_tensor(out)
         if not request.sample:
-            mx.eval([c.state for c in caches])
             return pb.ForwardReply(sampled=False)
         logits = out[:, -1, :]
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
@@ -410,28 +449,50 @@ class NodeService(pb_grpc.NodeServicer):
         tok = token.item()
         return pb.ForwardReply(sampled=True, token=tok, logprob=logprobs[0, tok].item(), rng_state=session.rng_seed)
 
+    def accept(self, request: pb.ForwardRequest, time_left: float | None) -> Future:
+        """Validate `request` and queue its step; the Future of its reply (a StageError when it
+        fails). With `reply_to` (the token ring) the reply is an empty acceptance once the step is
+        computed and passed on; otherwise it is the last stage's reply, through the stages after
+        this one."""
+        try:
+            stage = self.stage
+            if stage is None:
+                raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: no model loaded", self.name)
+            try:
+                positions = self._check_input(stage, request)
+            except WireError as e:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
+            self._check_owner(request.coordinator_id)
+            session = self._open_session(stage, request)
+        except StageError as e:
+            refused = Future()
+            refused.set_exception(e)
+            return refused
+        wait = time_left if time_left is not None else DEFAULT_TIMEOUT_S
+        computed = self.worker.queue.submit(Step(stage, session, request, positions, time.monotonic() + wait))
+        if request.reply_to or stage.slice.is_last:
+            return computed
+        reply = Future()
+
+        def pass_on(f: Future):
+            if f.exception() is not None:
+                reply.set_exception(f.exception())
+                return
+            sent = stage.next_link.send(self._onward(request, f.result()), self._hop_timeout(time_left))
+            sent.add_done_callback(lambda r: reply.set_exception(r.exception()) if r.exception() is not None
+                                   else reply.set_result(r.result()))
+
+        computed.add_done_callback(pass_on)
+        return reply
+
     def forward(self, request: pb.ForwardRequest, time_left: float | None) -> pb.ForwardReply:
-        stage = self.stage
-        if stage is None:
-            raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: no model loaded", self.name)
+        """accept(), waiting for the reply; StageError when it failed or did not come in time."""
+        wait = time_left if time_left is not None else DEFAULT_TIMEOUT_S
         try:
-            self._check_input(stage, request)
-        except WireError as e:
-            raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
-        self._check_owner(request.coordinator_id)
-        session = self._open_session(stage, request)
-        try:
-            out = self.worker.run(lambda: self._compute(stage, session, request))
-        except StageError:
-            raise
-        except Exception as e:  # MLX failed on this node (e.g. out of memory)
-            log.exception("forward failed")
-            raise StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}", self.name) from e
-        if request.reply_to:
-            return self._pass_on_ring(stage, request, out, time_left)
-        if stage.slice.is_last:
-            return out
-        return stage.next_link.call(self._onward(request, out), self._hop_timeout(time_left))
+            return reply_of(self.accept(request, time_left).result(wait))
+        except FutureTimeout:
+            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"node {self.name}: no reply within {wait:.1f} s", self.name) from None
 
     def _onward(self, request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
         onward = pb.ForwardRequest(
@@ -491,18 +552,19 @@ class NodeService(pb_grpc.NodeServicer):
 
         call.add_done_callback(done)
 
-    def _serve(self, request: pb.ForwardRequest) -> pb.ForwardReply:
-        """One request of a ForwardStream: its reply, or the failure in it."""
-        try:
-            reply = self.forward(request, request.time_left_s or None)
-        except StageError as e:
-            reply = pb.ForwardReply(failure=e.failure())
-        except Exception as e:  # a bug: still answer, or the sender waits out its deadline
-            log.exception("forward failed")
-            reply = pb.ForwardReply(failure=StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}",
-                                                       self.name).failure())
-        reply.seq = request.seq
-        return reply
+    @staticmethod
+    def _streamed(reply: Future, seq: int) -> pb.ForwardReply:
+        """A ForwardStream reply: the request's reply, or the failure in it."""
+        error = reply.exception()
+        if error is None:
+            out = reply.result()
+        elif isinstance(error, StageError):
+            out = pb.ForwardReply(failure=error.failure())
+        else:  # a bug: still answer, or the sender waits out its deadline
+            log.error("forward failed", exc_info=error)
+            out = pb.ForwardReply(failure=StageError(grpc.StatusCode.INTERNAL, f"{error}").failure())
+        out.seq = seq
+        return out
 
     # ---- gRPC handlers ---------------------------------------------------------------------------
 
@@ -519,6 +581,7 @@ class NodeService(pb_grpc.NodeServicer):
                                   sessions=len(self.sessions),
                                   kv_bytes=sum(s.held_bytes() for s in self.sessions.values()),
                                   queued=self.worker.queued, busy_s=self.worker.busy_s(),
+                                  max_batch=self.worker.max_batch, batched_rows=self.worker.batched_rows,
                                   coordinator_id=owner.coordinator_id if owner else "",
                                   owner=owner.address if alive else "",
                                   owner_node_id=owner.node_id if owner else "")
@@ -544,12 +607,12 @@ class NodeService(pb_grpc.NodeServicer):
         replies = queue.Queue()
 
         def read():
-            # Requests are served concurrently: while one session waits on the stages after this
-            # one, this stage computes another's (the pipeline overlaps sessions).
+            # Requests are queued in the order they arrive (a session's steps then reach the
+            # compute thread in order) and answered as each is done, out of order across sessions.
             try:
-                with ThreadPoolExecutor(max_workers=STREAM_WORKERS, thread_name_prefix="forward") as pool:
-                    for request in requests:
-                        pool.submit(lambda r=request: replies.put(self._serve(r)))
+                for request in requests:
+                    self.accept(request, request.time_left_s or None).add_done_callback(
+                        lambda f, seq=request.seq: replies.put(self._streamed(f, seq)))
             except grpc.RpcError:  # the sender went away; what is in flight still finishes
                 pass
             finally:

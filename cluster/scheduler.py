@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
@@ -25,8 +25,11 @@ log = logging.getLogger("kimi_cluster.scheduler")
 # from health, never from how long a busy node takes), or until the client's deadline.
 WAIT_SLICE_S = 0.25          # how often a waiting step looks at the chain's health
 HOP_WAIT_S = 600.0           # what a stage waits on the next one when the client set no deadline
-LOCAL_WORKERS = 16           # steps in flight at once through this process's own first stage
 RECOVERY_WAIT_S = 600.0      # how long a request waits for a lost node's stages to run again
+# Prompt tokens per prefill step (at most; fewer when a message cannot hold them): chunks pipeline
+# through the stages, and each stage runs its decode batch between two chunks, so a running reply
+# waits at most one chunk's compute per stage for another's prompt.
+DEFAULT_PREFILL_CHUNK = 256
 MAX_RECOVERIES = 3           # replays of one request before its error is the client's
 
 
@@ -66,7 +69,6 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.on_lost = on_lost  # (node name) a node's link broke
         self.ready = ready  # set while every stage of the chain is loaded
-        self._local_steps = ThreadPoolExecutor(LOCAL_WORKERS, thread_name_prefix="local-step")
         self._tickets = itertools.count(1)
         self._ring: dict[int, Future] = {}  # ticket -> the reply the last stage will deliver
         self._ring_lock = threading.Lock()
@@ -83,7 +85,7 @@ class Scheduler:
         request.reply_to, request.ticket = self.local.address, ticket
         first = chain[0]
         if first.address == self.local.address:
-            accepted = self._local_steps.submit(self.local.forward, request, timeout)
+            accepted = self.local.accept(request, timeout)
         else:
             if first.link is None or first.link.address != first.address:
                 if first.link:
@@ -123,14 +125,9 @@ class Scheduler:
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"a node was lost and its layers did not run again "
                                 f"within {wait:.0f} s; restart it (same --name) or add a node")
 
-    def _forward(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardReply:
-        """Run one step through the chain; StageError when a node of it is lost or fails, or
+    def _await(self, chain: list, future: Future, deadline: float | None) -> pb.ForwardReply:
+        """The reply of a request sent to `chain`; StageError when a node of it is lost or fails, or
         when the client's `deadline` (time.monotonic()) passes first."""
-        chain = list(self.membership.chain)
-        timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
-        if timeout <= 0:
-            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
-        future = self._send(chain, request, timeout)
         while True:
             wait = min(WAIT_SLICE_S, deadline - time.monotonic()) if deadline else WAIT_SLICE_S
             try:
@@ -144,6 +141,25 @@ class Scheduler:
             if deadline and time.monotonic() > deadline:
                 future.cancel()
                 raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+
+    def _forward(self, requests: list, deadline: float | None) -> list:
+        """Send `requests` (steps of one session, in offset order) down the chain at once, without
+        waiting for each other's replies, and wait for every reply; the first StageError in
+        order once all have settled (a step after a failed one fails or is wasted work)."""
+        chain = list(self.membership.chain)
+        timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
+        if timeout <= 0:
+            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        futures = [self._send(chain, request, timeout) for request in requests]
+        replies, error = [], None
+        for future in futures:
+            try:
+                replies.append(self._await(chain, future, deadline))
+            except StageError as e:
+                error = error or e
+        if error:
+            raise error
+        return replies
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None):
@@ -169,19 +185,23 @@ class Scheduler:
         rng_state = None  # the last stage's random state after the last draw
         recoveries = 0
 
-        def step(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None):
-            request = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
-                                        offset=offset, sample=sample, new_generation=new_generation,
-                                        coordinator_id=self.membership.coordinator_id)
-            request.tokens.extend(tokens)
+        def request(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None):
+            r = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
+                                  offset=offset, sample=sample, new_generation=new_generation,
+                                  coordinator_id=self.membership.coordinator_id)
+            r.tokens.extend(tokens)
             if rng is not None:
-                request.rng_state = rng
+                r.rng_state = rng
+            return r
+
+        def run_steps(requests: list) -> pb.ForwardReply:
+            """Send a session's steps down the chain together; the last one's reply."""
             while True:
                 try:
-                    return self._forward(request, deadline)
+                    return self._forward(requests, deadline)[-1]
                 except StageError as e:
                     if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.sessions.evict_one():
-                        continue  # retrying is safe: every stage trims back to `offset`
+                        continue  # retrying is safe: every stage trims back to each step's offset
                     if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) and e.node:
                         self.on_lost(e.node)
                         raise SessionLost(e.code, e.message) from e
@@ -189,30 +209,36 @@ class Scheduler:
                         raise SessionLost(e.code, e.message) from e
                     raise GenerateError(e.code, e.message) from e
 
-        def prefill(tokens: list, offset: int, sample: bool = True) -> pb.ForwardReply:
-            """Chunks of mlx-lm's prefill step, then the last token alone (sampled unless replaying)."""
+        def step(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None):
+            return run_steps([request(tokens, offset, sample, new_generation, rng)])
+
+        def prefill(tokens: list, offset: int, sample: bool = True) -> list:
+            """The steps of a prefill: chunks of at most prefill_chunk tokens, then the last token
+            alone (sampled unless replaying). They are sent at once: chunk k+1 enters the first
+            stage while chunk k is on the next one, and decodes run between chunks on every stage."""
+            steps = []
             while len(tokens) - offset > 1:
                 n = min(self.prefill_chunk, len(tokens) - offset - 1)
-                step(tokens[offset:offset + n], offset, sample=False)
+                steps.append(request(tokens[offset:offset + n], offset, sample=False))
                 offset += n
-            return step(tokens[offset:], offset, sample=sample, new_generation=sample)
+            return steps + [request(tokens[offset:], offset, sample=sample, new_generation=sample)]
 
         def resume() -> pb.ForwardReply:
             """A new session on the chain as it is now, computing what the lost one held in the
-            same steps as the first time (so the caches are bit for bit the same), then the next
-            token drawn with the sampler's saved random state."""
+            same steps as the first time (so the caches are the same, but for the arithmetic of
+            other batches: README, Honest performance), all sent at once, then the next token
+            drawn with the sampler's saved random state."""
             nonlocal session_id
             self.sessions.release(session_id)
             self._wait_ready(deadline)
             session_id = uuid.uuid4().hex
             stats.update(session_id=session_id, cached_tokens=0)
             if not generated:
-                return prefill(prompt, 0)
-            prefill(prompt, 0, sample=False)
-            for i, token in enumerate(generated[:-1]):
-                step([token], len(prompt) + i, sample=False)
-            return step(generated[-1:], len(prompt) + len(generated) - 1, sample=True, new_generation=True,
-                        rng=rng_state)
+                return run_steps(prefill(prompt, 0))
+            replay = [request([token], len(prompt) + i, sample=False) for i, token in enumerate(generated[:-1])]
+            last = request(generated[-1:], len(prompt) + len(generated) - 1, sample=True, new_generation=True,
+                           rng=rng_state)
+            return run_steps(prefill(prompt, 0, sample=False) + replay + [last])
 
         def attempt(run) -> pb.ForwardReply:
             nonlocal recoveries
@@ -230,7 +256,7 @@ class Scheduler:
         with self._ring_lock:
             self.running += 1
         try:
-            reply = attempt(lambda: prefill(prompt, cached))
+            reply = attempt(lambda: run_steps(prefill(prompt, cached)))
             offset = len(prompt)
             for n in range(1, max_tokens + 1):
                 generated.append(reply.token)

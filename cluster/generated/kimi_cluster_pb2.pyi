@@ -295,7 +295,7 @@ class HealthRequest(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner", "owner_node_id")
+    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner", "owner_node_id", "max_batch", "batched_rows")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +305,8 @@ class HealthReply(_message.Message):
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     OWNER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_ROWS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     loaded: bool
     sessions: int
@@ -314,7 +316,9 @@ class HealthReply(_message.Message):
     coordinator_id: str
     owner: str
     owner_node_id: str
-    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., owner_node_id: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    batched_rows: int
+    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., owner_node_id: _Optional[str] = ..., max_batch: _Optional[int] = ..., batched_rows: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling")

@@ -1,0 +1,119 @@
+"""What a stage's compute thread does next: rounds of sessions' steps, and other jobs.
+
+Each round takes every session whose next step is a single position (decode, sampled or not)
+as one batch, then at most one prompt chunk (prefill): a long prompt sent as several chunks
+lets the decodes run between its chunks, so a decode step waits at most one chunk's compute.
+A session's steps run in offset order whatever order they arrived in: a step that starts past
+the session's position waits for the steps before it (until its own deadline).
+"""
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+
+from .link import StageError
+
+
+@dataclass
+class Step:
+    """One request's work on this stage: `positions` tokens of `session` from `offset` on."""
+
+    stage: object
+    session: object
+    request: object  # pb.ForwardRequest
+    positions: int
+    deadline: float  # time.monotonic() after which a step still waiting for its turn fails
+    future: Future = field(default_factory=Future)
+
+    @property
+    def offset(self) -> int:
+        return self.request.offset
+
+
+@dataclass
+class Round:
+    jobs: list    # (fn, future) of other work, e.g. loading a slice
+    decodes: list  # single-position steps of distinct sessions, run as one batch
+    prefill: Step | None = None
+
+
+class StageQueue:
+    """Steps and jobs waiting for the compute thread; a step's session has `position`, the
+    positions its caches hold (read only on the compute thread, which changes it)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._jobs = deque()
+        self._steps: list[Step] = []  # in arrival order
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._jobs) + len(self._steps)
+
+    def submit_job(self, fn) -> Future:
+        future = Future()
+        with self._cond:
+            self._jobs.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def submit(self, step: Step) -> Future:
+        with self._cond:
+            self._steps.append(step)
+            self._cond.notify()
+        return step.future
+
+    def drop_session(self, session, error: StageError):
+        """Fail the session's queued steps (its caches are gone, or a step before them failed)."""
+        with self._cond:
+            dropped = [s for s in self._steps if s.session is session]
+            self._steps = [s for s in self._steps if s.session is not session]
+        for step in dropped:
+            if step.future.set_running_or_notify_cancel():
+                step.future.set_exception(error)
+
+    def take(self) -> Round:
+        """Block until there is work; the next round (its steps leave the queue)."""
+        with self._cond:
+            while True:
+                round_, expired, wake = self._pick()
+                if round_ or expired:
+                    break
+                self._cond.wait(wake)
+        for step in expired:
+            if step.future.set_running_or_notify_cancel():
+                step.future.set_exception(StageError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"session {step.request.session_id} is at position {step.session.position}, "
+                    f"the request continues at {step.offset} and the steps between never came"))
+        return round_ or Round([], [])
+
+    def _pick(self):
+        """(the round or None, held steps past their deadline, seconds until the next deadline)."""
+        now = time.monotonic()
+        jobs, self._jobs = list(self._jobs), deque()
+        first = {}  # session -> its next step: the lowest offset, then the earliest arrived
+        for step in self._steps:
+            best = first.get(id(step.session))
+            if best is None or step.offset < best.offset:
+                first[id(step.session)] = step
+        decodes, prefill, expired, wake = [], None, [], None
+        for step in first.values():
+            if step.offset > step.session.position:
+                if step.deadline <= now:
+                    expired.append(step)
+                else:
+                    wake = min(wake or step.deadline - now, step.deadline - now)
+            elif step.positions == 1:
+                decodes.append(step)
+            elif prefill is None:
+                prefill = step
+        taken = {id(s) for s in [*decodes, *expired, *([prefill] if prefill else [])]}
+        self._steps = [s for s in self._steps if id(s) not in taken]
+        if not (jobs or decodes or prefill):
+            return None, expired, wake
+        return Round(jobs, decodes, prefill), expired, wake
