@@ -140,7 +140,7 @@ def test_any_stage_killed_is_replaced_by_a_spare_and_no_generation_is_lost(tmp_p
     uninterrupted run. Each killed node, restarted on another port with only its --name (no
     --peer, no mDNS), finds the coordinator that loaded it and is the next spare."""
     requests, expected = eight_generations
-    with LocalCluster(tmp_path, tiny_dir, stages=4, coordinator_extra=["--memory", "500MB"]) as cluster:
+    with LocalCluster(tmp_path, tiny_dir, stages=4, coordinator_extra=["--memory", "50MB"]) as cluster:
         ranges = stage_ranges(cluster.memory_map())
         assert sorted(ranges.values()) == [(0, 2), (2, 4), (4, 6)] and cluster.coordinator.name not in ranges
         spare = start_node(tmp_path, "spare", env=cluster.env, extra=["--peer", cluster.coordinator.address])
