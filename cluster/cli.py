@@ -846,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=int, help=f"0 is off ({defaults})")
             p.add_argument("--min-p", type=float, help="0 is off (the default)")
             p.add_argument("--seed", type=int)
-            p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole reply")
+            p.add_argument("--timeout", type=float,
+                           help="seconds for the whole reply (default: none; a busy cluster only makes it wait)")
     return parser
 
 
