@@ -404,7 +404,10 @@ class NodeService(pb_grpc.NodeServicer):
     def _compute(self, steps: list):
         """Runs on the compute thread (MLX arrays are made and evaluated only there): one batch of
         single-position steps of distinct sessions, or one prefill step; settles every step."""
-        stage = steps[0].stage
+        for stage in {id(step.stage): step.stage for step in steps}.values():  # one, unless a reload came between
+            self._compute_on(stage, [step for step in steps if step.stage is stage])
+
+    def _compute_on(self, stage: LocalStage, steps: list):
         try:
             inputs = [self._input(stage, step.request) for step in steps]
             for step in steps:

@@ -154,4 +154,4 @@ def test_decode_goes_on_while_a_long_prompt_prefills(cluster2, oracle, make_chat
     sent, first_long = names.index("long sent"), names.index("long")
     during = names[sent:first_long].count("short")
     # the long prompt is 20 chunks; without interleaving the short reply would stall for all of them
-    assert during >= 3, f"only {during} tokens of the running reply during the long prefill: {names}"
+    assert during >= 5, f"only {during} tokens of the running reply during the long prefill: {names}"

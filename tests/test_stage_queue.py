@@ -1,0 +1,81 @@
+"""The stage queue's rounds: decode batches, one prefill chunk, each session's steps in order."""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.link import StageError
+from cluster.stage_queue import StageQueue, Step
+
+
+@dataclass
+class Session:
+    position: int = 0  # what the compute thread would have computed
+
+
+def step(session, offset, positions, deadline_s=60.0, name="s"):
+    return Step(None, session, pb.ForwardRequest(session_id=name, offset=offset), positions,
+                time.monotonic() + deadline_s)
+
+
+def compute(round_):
+    """What the compute thread does to the sessions' positions."""
+    for s in [*round_.decodes, *([round_.prefill] if round_.prefill else [])]:
+        s.session.position = s.offset + s.positions
+
+
+def test_a_round_batches_every_decode_and_runs_one_prefill_chunk():
+    q = StageQueue()
+    a, b, c, long_ = Session(10), Session(20), Session(5), Session(0)
+    chunks = [step(long_, 0, 32), step(long_, 32, 32), step(long_, 64, 1)]
+    decodes = [step(a, 10, 1), step(b, 20, 1), step(c, 5, 1)]
+    for s in [chunks[0], decodes[0], chunks[1], decodes[1], chunks[2], decodes[2]]:
+        q.submit(s)
+    first = q.take()
+    assert first.decodes == decodes and first.prefill is chunks[0]
+    compute(first)
+    for s, session in zip([step(a, 11, 1), step(b, 21, 1)], [a, b]):
+        q.submit(s)
+    second = q.take()  # the next decodes run before the prompt's next chunk completes
+    assert [d.session for d in second.decodes] == [a, b] and second.prefill is chunks[1]
+    compute(second)
+    third = q.take()
+    assert third.decodes == [chunks[2]] and third.prefill is None and len(q) == 0
+
+
+def test_steps_that_arrive_early_wait_for_their_turn():
+    q = StageQueue()
+    s = Session(0)
+    later, first = step(s, 16, 16), step(s, 0, 16)
+    q.submit(later)
+    q.submit(first)
+    r = q.take()
+    assert r.prefill is first and not r.decodes
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(q.take()))
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive()  # `later` is held: the session is still at position 0
+    compute(r)
+    q.submit(step(Session(3), 3, 1))  # any new step wakes the queue, which finds `later` ready now
+    thread.join(10)
+    assert taken[0].prefill is later
+
+
+def test_a_held_step_fails_at_its_deadline_and_a_dropped_session_fails_its_steps():
+    q = StageQueue()
+    gap = step(Session(0), 8, 1, deadline_s=0.2)
+    q.submit(gap)
+    assert q.take().decodes == []
+    with pytest.raises(StageError) as info:
+        gap.future.result(5)
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "at position 0" in info.value.message
+    s = Session(0)
+    held = step(s, 4, 1)
+    q.submit(held)
+    q.drop_session(s, StageError(grpc.StatusCode.FAILED_PRECONDITION, "released"))
+    assert held.future.exception(5).message == "released" and len(q) == 0
