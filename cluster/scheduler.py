@@ -145,20 +145,20 @@ class Scheduler:
     def _forward(self, requests: list, deadline: float | None) -> list:
         """Send `requests` (steps of one session, in offset order) down the chain at once, without
         waiting for each other's replies, and wait for every reply; the first StageError in
-        order once all have settled (a step after a failed one fails or is wasted work)."""
+        order (the steps after it are given up: each fails, or is wasted work a retry redoes)."""
         chain = list(self.membership.chain)
         timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
         if timeout <= 0:
             raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
         futures = [self._send(chain, request, timeout) for request in requests]
-        replies, error = [], None
-        for future in futures:
+        replies = []
+        for i, future in enumerate(futures):
             try:
                 replies.append(self._await(chain, future, deadline))
-            except StageError as e:
-                error = error or e
-        if error:
-            raise error
+            except StageError:
+                for later in futures[i + 1:]:
+                    later.cancel()
+                raise
         return replies
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
