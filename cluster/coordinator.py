@@ -21,7 +21,7 @@ from mlx_kimi.kimi_tokenizer import load_tokenizer
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk, replan_for
-from .membership import HEALTH_INTERVAL_S, Membership
+from .membership import HEALTH_INTERVAL_S, Membership, NameTaken
 from .node import NodeService
 from .planner import Plan
 from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler, sampling_error
@@ -335,6 +335,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.address} is this coordinator's own node")
         try:
             return pb.JoinReply(status=self.membership.join(request.address))
+        except NameTaken as e:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except grpc.RpcError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"the coordinator cannot reach {request.address} to ask who it is: {e.details()}")

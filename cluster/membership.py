@@ -31,6 +31,10 @@ LOST_AFTER_S = 6.0
 STALL_S = 120.0
 
 
+class NameTaken(Exception):
+    """A node joined under the name of another node (another node id) that is not lost."""
+
+
 @dataclass
 class Member:
     """A node as the coordinator sees it."""
@@ -90,7 +94,10 @@ class Membership:
         """A node of this cluster joined, changed or left (mDNS)."""
         log.info("mDNS: %s %s at %s", found.name, kind, found.address)
         if kind != "leave":
-            self.attach(found.address, found.name)
+            try:
+                self.attach(found.address, found.name, found.node_id)
+            except NameTaken as e:
+                log.warning("%s", e)
             return
         lost_name = None
         with self.lock:
@@ -110,13 +117,14 @@ class Membership:
                 return member.status
         stub = node_stub(open_channel(address, self.secret))
         info = stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
-        return self.attach(address, info.name, stub)
+        return self.attach(address, info.name, info.node_id, stub)
 
-    def attach(self, address: str, name: str, stub=None) -> str:
+    def attach(self, address: str, name: str, node_id: str, stub=None) -> str:
         """The node `name` serves at `address` (found over mDNS, or it said so with Join): a new
         one is a spare once the chain is planned; one known under another address (restarted on a
-        new port or host: names are unique) replaces its old entry, and a planned one is then
-        loaded there. Returns its status."""
+        new port or host) replaces its old entry, and a planned one is then loaded there. Names are
+        unique: another node (another node id) taking the name of one that is not lost is refused
+        (NameTaken). Returns its status."""
         lost_name = None
         with self.lock:
             member = self.members.get(address)
@@ -124,6 +132,9 @@ class Membership:
                 return member.status
             stub = stub or node_stub(open_channel(address, self.secret))
             member = next((m for m in self.members.values() if m.name == name), None)
+            if member and member.info and member.info.node_id != node_id and member.status != "lost":
+                raise NameTaken(f"a node named {name} ({member.info.node_id}) already serves at {member.address}; "
+                                f"start the one at {address} ({node_id}) with another --name")
             if member:
                 del self.members[member.address]
                 if member.address in self.static:  # named with --peer: wait for it where it is now

@@ -18,7 +18,7 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.planner import kv_cache_bytes, prefill_scratch_bytes
 from cluster.wire import coordinator_stub, node_stub, open_channel
 import harness
-from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node, tight_memory
+from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node, tight_memory, wait_for_log
 from mlx_kimi.checkpoint import open_checkpoint
 from mlx_kimi.slice import LayerRange, load_slice
 
@@ -239,6 +239,13 @@ def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny
         with pytest.raises(grpc.RpcError) as info:
             cluster.client.Join(pb.JoinRequest(address=peer.address), timeout=10)  # nothing listens there now
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and peer.address in info.value.details()
+        # another node (another machine's id) under the name of a live one does not take its place
+        other = start_node(tmp_path, peer.name, memory, env=harness.test_env(tmp_path / "other-machine"),
+                           extra=["--peer", cluster.coordinator.address])
+        cluster.peers.append(other)
+        wait_for_log(other, rf"cannot join the coordinator at \S+: a node named {peer.name} .* already serves at "
+                            rf"{cluster.peers[0].address}; start the one at {other.address} .* with another --name", 30)
+        assert {n.name: n.address for n in cluster.memory_map().nodes}[peer.name] == cluster.peers[0].address
 
 
 def test_peer_with_another_secret_is_never_used(tmp_path, tiny_dir, chat_prompt_ids):
