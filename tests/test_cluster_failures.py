@@ -208,6 +208,28 @@ def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir
             assert health.sessions == 1, (node.name, health)
 
 
+def test_a_node_started_with_peer_coordinator_joins_it(tmp_path, tiny_dir, oracle, chat_prompt_ids):
+    """Without mDNS, a coordinator started alone (--nodes 2) learns of a node only from the node
+    itself: `up --peer COORDINATOR` joins it, the two are planned and reply like mlx-lm."""
+    coordinator = start_node(tmp_path, "coord", model=tiny_dir, extra=["--nodes", "2"])
+    worker = None
+    try:
+        wait_for_log(coordinator, r"waiting for 2 nodes", 60)
+        worker = start_node(tmp_path, "worker", extra=["--peer", coordinator.address])
+        coordinator.wait_for("cluster ready")
+        wait_for_log(worker, rf"joined the coordinator at {coordinator.address} \(this node's status there: waiting\)")
+        client = coordinator_stub(open_channel(coordinator.address, bytes.fromhex(TEST_SECRET)))
+        reply = client.MemoryMap(pb.MemoryMapRequest(), timeout=30)
+        assert {n.name: n.has_layers for n in reply.nodes} == {"coord": True, "worker": True}, reply
+        request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=16)
+        ids = [e.token.id for e in client.Generate(request, timeout=120) if e.HasField("token") and e.token.id >= 0]
+        assert ids == oracle_reply(oracle, chat_prompt_ids, 16)
+    finally:
+        for node in (worker, coordinator):
+            if node:
+                node.kill()
+
+
 def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny_dir, oracle, chat_prompt_ids):
     """Two nodes the model needs both of, the peer named with --peer and no mDNS. It is killed -9
     during a reply and restarted on another port with only its --name: it finds the coordinator
