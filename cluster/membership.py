@@ -216,7 +216,7 @@ class Membership:
         """One health round over the chain: a node that is gone or stalled (see LOST_AFTER_S) or
         that now serves another coordinator goes to `on_lost`, one that answers again (or lost its
         slice) to `on_back(index, member)`. A lost node outside the chain (its layers moved) that
-        answers again becomes a spare."""
+        answers again becomes a spare, and a spare that does not answer is lost."""
         for i, member in enumerate(list(self.chain)):
             try:
                 health = member.stub.Health(pb.HealthRequest(coordinator_id=self.coordinator_id),
@@ -246,8 +246,12 @@ class Membership:
                 member.refresh()
                 on_back(i, member)
         with self.lock:
-            away = [m for m in self.members.values() if m.status == "lost" and m not in self.chain]
-        for member in away:
-            if member.refresh():
+            others = [m for m in self.members.values() if m.status in ("lost", "spare") and m not in self.chain]
+        for member in others:
+            answers = member.refresh()
+            if member.status == "lost" and answers:
                 log.info("%s is back at %s; a spare now", member.name, member.address)
                 member.status = "spare"
+            elif member.status == "spare" and not answers:
+                log.warning("spare %s (%s) does not answer; lost", member.name, member.address)
+                member.status = "lost"

@@ -169,6 +169,9 @@ def test_any_stage_killed_is_replaced_by_a_spare_and_no_generation_is_lost(tmp_p
                                                    and n.status == "spare" for n in m.nodes), 30,
                  f"{back.name}, back on another port, to be a spare")
             spare = back
+        spare.kill(signal.SIGKILL)  # a spare that goes away is shown lost
+        poll(cluster.memory_map, lambda m: {n.name: n.status for n in m.nodes}[spare.name] == "lost", 30,
+             f"the killed spare {spare.name} to be lost")
 
 
 def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir, oracle, chat_prompt_ids):
