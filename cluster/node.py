@@ -408,27 +408,44 @@ class NodeService(pb_grpc.NodeServicer):
             self._compute_on(stage, [step for step in steps if step.stage is stage])
 
     def _compute_on(self, stage: LocalStage, steps: list):
+        """One forward for `steps`; what fails for one row alone (its input, its sampling) fails
+        that step only, never the others of its batch."""
+        rows = []  # (step, its input)
+        for step in steps:
+            try:
+                rows.append((step, self._input(stage, step.request)))
+            except Exception as e:
+                self._fail(step, self._internal(e))
+        if not rows:
+            return
+        caches = [step.session.caches for step, _ in rows]
         try:
-            inputs = [self._input(stage, step.request) for step in steps]
-            for step in steps:
+            for step, _ in rows:
                 drop = step.session.position - step.offset
                 if drop > 0:  # reuse the common prefix, drop the rest
                     for c in step.session.caches:
                         c.trim(drop)
-            outs = forward_rows(stage.slice, inputs, [step.session.caches for step in steps])
-            mx.eval([] if stage.slice.is_last else outs, [[c.state for c in step.session.caches] for step in steps])
-            results = [self._output(stage, step, out) for step, out in zip(steps, outs)]
+            outs = forward_rows(stage.slice, [x for _, x in rows], caches)
+            mx.eval([] if stage.slice.is_last else outs, [[c.state for c in layers] for layers in caches])
         except Exception as e:  # MLX failed on this node (e.g. out of memory)
-            log.exception("forward failed")
-            error = StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}", self.name)
-            for step in steps:
+            error = self._internal(e)
+            for step, _ in rows:
                 self._fail(step, error)
             return
-        for step, result in zip(steps, results):
-            if step.request.reply_to:
-                result = self._pass_on_ring(stage, step.request, result, step.deadline - time.monotonic())
+        for (step, _), out in zip(rows, outs):
+            try:
+                result = self._output(stage, step, out)
+                if step.request.reply_to:
+                    result = self._pass_on_ring(stage, step.request, result, step.deadline - time.monotonic())
+            except Exception as e:
+                self._fail(step, self._internal(e))
+                continue
             if step.future.set_running_or_notify_cancel():
                 step.future.set_result(result)
+
+    def _internal(self, e: Exception) -> StageError:
+        log.error("forward failed", exc_info=e)
+        return StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}", self.name)
 
     def _fail(self, step: Step, error: StageError):
         """A step failed: so do the session's later steps queued here (they would wait for it)."""

@@ -8,6 +8,7 @@ prompt prefills in chunks while a running generation keeps producing tokens.
 import random
 import threading
 
+import grpc
 import pytest
 from mlx_lm.generate import batch_generate
 from mlx_lm.sample_utils import make_sampler
@@ -155,3 +156,31 @@ def test_decode_goes_on_while_a_long_prompt_prefills(cluster2, oracle, make_chat
     during = names[sent:first_long].count("short")
     # the long prompt is 20 chunks; without interleaving the short reply would stall for all of them
     assert during >= 5, f"only {during} tokens of the running reply during the long prefill: {names}"
+
+
+def test_a_row_that_fails_fails_alone(cluster2, oracle, make_chat_prompt):
+    """A request whose sampling fails on the last stage (top_k past the vocabulary) fails with
+    the reason, while a reply batched beside it goes on with mlx-lm's tokens."""
+    tokenizer = oracle[1]
+    good = make_chat_prompt(tokenizer, "Hi!")
+    expected = oracle_reply(oracle, good, 64)
+    events, lock, results = [], threading.Lock(), {}
+    def run_good():
+        try:
+            results["good"] = _stream(cluster2, good, _params(), events, lock, "good", max_tokens=64)
+        except grpc.RpcError as e:  # reported below
+            results["good"] = e.details()
+
+    thread = threading.Thread(target=run_good)
+    thread.start()
+    failures = []
+    while thread.is_alive() and len(failures) < 8:
+        request = pb.GenerateRequest(prompt_tokens=good[:5], max_tokens=4,
+                                     sampling=pb.SamplingParams(temperature=1.0, top_k=100_000))
+        try:
+            list(cluster2.client.Generate(request, timeout=60))
+        except grpc.RpcError as e:
+            failures.append(e.details())
+    thread.join(timeout=300)
+    assert failures and all("top_k" in f for f in failures), failures
+    assert results["good"] == expected
