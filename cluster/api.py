@@ -476,7 +476,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
             done = True
         except GenerateError as e:
             error = cluster_error(e)
-            yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind, 'code': error.code}})}\n\n"
+            body = {"error": {"message": error.message, "type": error.kind, "code": error.code}}
+            yield f"data: {json.dumps(body)}\n\n"
             done = True
         finally:
             if not done:

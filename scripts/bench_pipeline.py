@@ -663,7 +663,8 @@ def bench(args, work: Path, stack: ExitStack, began: float):
     console.print(f"hop target node: {hop['target']}; it answered: {hop['answer']}", highlight=False)
     console.print(
         f"[bold]after idle[/], on this machine ({os.cpu_count()} CPU cores{', a virtual machine' if on_vm() else ''}, "
-        f"shared by every process here): the round trip grows from {med['forward']:.0f} to {med['forward_idle']:.0f} µs "
+        f"shared by every process here): the round trip grows from {med['forward']:.0f} to "
+        f"{med['forward_idle']:.0f} µs "
         f"({med['forward_idle'] / med['forward']:.1f}x), and so do the in-process pieces with no network and no thread "
         f"between them (check_tensor {med['check']:.0f} -> {med['check_idle']:.0f} µs, hand-off {med['handoff']:.0f} "
         f"-> {med['handoff_idle']:.0f} µs): the path itself runs slower after the CPU did something else, it is not "
