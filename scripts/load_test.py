@@ -5,15 +5,15 @@ that go away are cancelled cleanly, and no node is ever marked lost.
     python scripts/load_test.py                     # 64 requests, 50- and 2,000-token prompts, 2 stages
     python scripts/load_test.py --requests 16 --long-tokens 512 --max-tokens 8
 
-The full run takes about 10 minutes on a 2-core VM (2.5 of them for the oracle): each stage still
-prefills one 2,000-token prompt at a time while every other request waits behind it.
+The full run takes about 10 minutes on a 2-core VM, 3-4 of them for the oracle.
 
 It starts a loopback cluster of real `kimi-cluster up` processes (tests/harness.py) on a tiny
 generated checkpoint, sends every request at once (streamed /v1/completions through the official
-openai client, greedy), and has every --disconnect-every'th client close its stream after its
-first tokens. Meanwhile it polls the coordinator's memory map. It prints a summary and exits 1 when:
-  - a reply that ran to the end differs from mlx-lm's greedy tokens for the same prompt ids (text,
-    finish reason and token count), or a request failed;
+openai client; greedy, and every --seeded-every'th short one sampled with a seed of its own), and
+has every --disconnect-every'th client close its stream after its first tokens. Meanwhile it polls
+the coordinator's memory map. It prints a summary and exits 1 when:
+  - a reply that ran to the end differs from mlx-lm's for the same prompt ids (greedy, or sampled
+    after mx.random.seed(seed)): text, finish reason and token count; or a request failed;
   - a node was ever anything but `ready`, or the coordinator logged a lost node or a traceback;
   - afterwards a node holds a session other than the cached conversations (a cancelled request's
     session was not freed).
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 API_KEY = "sk-load-test"
+SAMPLED_TEMPERATURE = 0.8
 WORDS = ("cluster token stage layer expert memory prompt reply hidden state stream node mac wire "
          "cache batch queue ring model slice prefill decode sample answer").split()
 
@@ -48,6 +49,12 @@ class Job:
     prompt: list       # its ids, as the API encodes it
     max_tokens: int
     disconnect_after: int | None  # chunks read before the client closes its stream (None: reads all)
+    seed: int | None = None  # sampled at SAMPLED_TEMPERATURE with this seed; None: greedy
+
+    @property
+    def key(self) -> tuple:
+        """What its reply depends on (jobs with equal keys have equal replies)."""
+        return tuple(self.prompt), self.max_tokens, self.seed
 
 
 @dataclass
@@ -73,10 +80,11 @@ def prompt_of(tokenizer, rng: random.Random, tokens: int) -> tuple:
 
 
 def make_jobs(tokenizer, requests: int, short: int, long: int, long_every: int, disconnect_every: int,
-              max_tokens: int, distinct: int, seed: int = 0) -> list:
+              max_tokens: int, distinct: int, seeded_every: int = 0, seed: int = 0) -> list:
     """`requests` jobs: every `long_every`th has a `long`-token prompt, the rest `short` ones; each
     kind cycles over `distinct` prompts (a repeat may continue a cached conversation); every
-    `disconnect_every`th client goes away after 1-3 chunks."""
+    `disconnect_every`th client goes away after 1-3 chunks; every `seeded_every`th short one
+    samples with a seed of its own instead of greedy."""
     rng = random.Random(seed)
     prompts = {size: [prompt_of(tokenizer, rng, size) for _ in range(distinct)] for size in {short, long}}
     jobs, used = [], {short: 0, long: 0}
@@ -85,27 +93,30 @@ def make_jobs(tokenizer, requests: int, short: int, long: int, long_every: int, 
         text, ids = prompts[size][used[size] % distinct]
         used[size] += 1
         leave = 1 + i % 3 if disconnect_every and i % disconnect_every == disconnect_every - 1 else None
-        jobs.append(Job(i, text, ids, max_tokens, leave))
+        sampled = size == short and seeded_every and used[short] % seeded_every == 0
+        jobs.append(Job(i, text, ids, max_tokens, leave, seed=1000 + i if sampled else None))
     return jobs
 
 
 def oracle_replies(oracle, tokenizer, jobs: list) -> dict:
-    """{(prompt ids, max_tokens): (text, finish, tokens)}: mlx-lm's greedy generation in this
-    process (`oracle`: mlx_lm.load's (model, tokenizer)), cut before the first EOS, turned into
-    text by `tokenizer` (the API's) as its raw completions do."""
+    """{job.key: (text, finish, tokens)}: mlx-lm's generation in this process (`oracle`:
+    mlx_lm.load's (model, tokenizer)), greedy or after mx.random.seed(job.seed), cut before the
+    first EOS, turned into text by `tokenizer` (the API's) as its raw completions do."""
+    from mlx_lm.sample_utils import make_sampler
+
     from harness import oracle_reply
 
     out = {}
     for job in jobs:
-        key = (tuple(job.prompt), job.max_tokens)
-        if key not in out:
-            tokens = oracle_reply(oracle, job.prompt, job.max_tokens)
+        if job.key not in out:
+            sampler = None if job.seed is None else make_sampler(SAMPLED_TEMPERATURE)
+            tokens = oracle_reply(oracle, job.prompt, job.max_tokens, sampler, job.seed)
             detokenizer = tokenizer.detokenizer
             detokenizer.reset()
             for t in tokens:
                 detokenizer.add_token(t)
             detokenizer.finalize()
-            out[key] = detokenizer.text, "length" if len(tokens) == job.max_tokens else "stop", len(tokens)
+            out[job.key] = detokenizer.text, "length" if len(tokens) == job.max_tokens else "stop", len(tokens)
     return out
 
 
@@ -114,8 +125,9 @@ def run_one(client, model: str, job: Job, start: threading.Event) -> Outcome:
     start.wait()
     began = time.monotonic()
     try:
-        stream = client.completions.create(model=model, prompt=job.text, max_tokens=job.max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True})
+        sampling = {"temperature": 0} if job.seed is None else {"temperature": SAMPLED_TEMPERATURE, "seed": job.seed}
+        stream = client.completions.create(model=model, prompt=job.text, max_tokens=job.max_tokens, stream=True,
+                                           stream_options={"include_usage": True}, **sampling)
         with stream:
             for n, chunk in enumerate(stream, 1):
                 if chunk.choices:
@@ -199,8 +211,9 @@ def problems(outcomes: list, expected: dict, seen: list, sessions: tuple, coordi
     """Everything that is not as it must be, in words (empty: all good)."""
     out = []
     for o in outcomes:
-        want_text, want_finish, want_tokens = expected[(tuple(o.job.prompt), o.job.max_tokens)]
-        where = f"request {o.job.index} ({len(o.job.prompt)}-token prompt)"
+        want_text, want_finish, want_tokens = expected[o.job.key]
+        where = f"request {o.job.index} ({len(o.job.prompt)}-token prompt, " + \
+            ("greedy)" if o.job.seed is None else f"seed {o.job.seed})")
         if o.error:
             out.append(f"{where} failed: {o.error}")
         elif o.cancelled:
@@ -238,6 +251,9 @@ def parse_args():
     p.add_argument("--long-tokens", type=int, default=2000, help="tokens of a long prompt")
     p.add_argument("--long-every", type=int, default=4, help="every Nth request has a long prompt (0: none)")
     p.add_argument("--disconnect-every", type=int, default=5, help="every Nth client goes away mid-stream (0: none)")
+    p.add_argument("--seeded-every", type=int, default=3,
+                   help=f"every Nth short request samples (temperature {SAMPLED_TEMPERATURE}) with a seed of its "
+                        "own (0: none)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--distinct", type=int, default=8, help="different prompts of each length")
     p.add_argument("--stages", type=int, default=2)
@@ -262,7 +278,7 @@ def main():
     model_dir = make_tiny(work / "ckpt", TinyShape(layers=args.layers), model_type="kimi_k25")
     tokenizer = load_tokenizer(model_dir)
     jobs = make_jobs(tokenizer, args.requests, args.short_tokens, args.long_tokens, args.long_every,
-                     args.disconnect_every, args.max_tokens, args.distinct)
+                     args.disconnect_every, args.max_tokens, args.distinct, args.seeded_every)
     began = time.monotonic()
     expected = oracle_replies(mlx_lm.load(str(model_dir)), tokenizer, jobs)
     print(f"mlx-lm oracle: {len(expected)} distinct replies in {time.monotonic() - began:.1f} s", flush=True)

@@ -1,6 +1,6 @@
 """Many users at once (issue 13's first "done when", at test size): concurrent streamed API requests
-mixing short and long prompts, some clients leaving mid-stream, on a 2-stage loopback cluster.
-Every reply that runs to the end equals single-process mlx-lm's; a client that leaves gets its
+mixing short and long prompts, greedy and seeded sampling, some clients leaving mid-stream, on a
+2-stage loopback cluster. Every reply that runs to the end equals single-process mlx-lm's; a client that leaves gets its
 session freed on every node; the memory map never shows a node other than `ready`, and the
 coordinator logs no lost node. scripts/load_test.py runs the same checks at full size (64 requests,
 2,000-token prompts). And a stream kept waiting (here by a paused node) says it is alive."""
@@ -35,7 +35,7 @@ def tokenizer(tiny_dir):
 @pytest.fixture(scope="module")
 def jobs(tokenizer, oracle):
     jobs = load_test.make_jobs(tokenizer, REQUESTS, SHORT, LONG, long_every=6, disconnect_every=4,
-                               max_tokens=MAX_TOKENS, distinct=2)
+                               max_tokens=MAX_TOKENS, distinct=2, seeded_every=3)
     return jobs, load_test.oracle_replies(oracle, tokenizer, jobs)
 
 
@@ -49,6 +49,7 @@ def cluster(tmp_path_factory, tiny_dir):
 def test_concurrent_mixed_requests_with_clients_leaving(cluster, jobs):
     jobs, expected = jobs
     assert {len(j.prompt) >= LONG for j in jobs} == {True, False} and any(j.disconnect_after for j in jobs)
+    assert {j.seed is None for j in jobs if not j.disconnect_after} == {True, False}
     outcomes, seen, polls, took = load_test.run_load(cluster, jobs)
     sessions = load_test.settled_sessions(cluster)
     log = cluster.coordinator.log()
@@ -68,7 +69,7 @@ def test_a_stream_kept_waiting_says_it_is_alive(cluster, tokenizer, oracle):
     assert KEEPALIVE_S < read_timeout_s
     text, ids = load_test.prompt_of(tokenizer, random.Random(7), SHORT)
     job = load_test.Job(0, text, ids, max_tokens=48, disconnect_after=None)
-    want_text, want_finish, want_tokens = load_test.oracle_replies(oracle, tokenizer, [job])[(tuple(ids), 48)]
+    want_text, want_finish, want_tokens = load_test.oracle_replies(oracle, tokenizer, [job])[job.key]
     assert want_tokens >= 24, "the test needs a reply still generating when the node stops: pick another seed"
     body = {"model": cluster.model_name, "prompt": text, "max_tokens": 48, "temperature": 0, "stream": True}
     peer = cluster.peers[0]
