@@ -4,13 +4,15 @@ mlx-lm's BatchKVCache does the batching: per layer the sessions' caches are merg
 to the longest), the slice runs once on all rows (deepseek_v3's attention takes the batch cache's
 per-row offsets and padding mask), and each row's cache is extracted back to its session.
 
-Merging and extracting copy every session's KV cache at every step. Measured on the bench's
-float32 20-layer tiny model (CPU, 8 sessions at 1,024 positions; scripts/bench_streams.py prints
-it): the copies take about a tenth of the batched step. The alternative, batching all but the
-attention and running that row by row on the sessions' own caches, re-reads the attention
-weights once per row: a fifth of a Kimi layer's active weights (~100M of ~500M parameters), more
-bytes than the copies (4 x 1,152 bytes per position and layer in bf16) below about 12k positions.
-So: copy, and never for a batch of one.
+Merging and extracting copy every session's KV cache at every step. scripts/bench_streams.py
+prints what that costs: on the bench's float32 20-layer tiny model (2-core CPU VM, 8 sessions at
+1,024 positions) 70 ms of a 217-447 ms batched step, 16-33%, because that model's KV cache is
+large beside its tiny weights. The alternative, batching all but the attention and running that
+row by row on the sessions' own caches, re-reads the attention weights once per row: for Kimi a
+fifth of a layer's active weights (~100M of ~500M parameters), more bytes than the copies
+(4 x 1,152 bytes per position and layer in bf16) below about 12k positions. So: copy, and never
+for a batch of one; past ~12k positions per session the row-by-row attention would move fewer
+bytes.
 """
 
 import mlx.core as mx
