@@ -5,6 +5,12 @@ as one batch, then at most one prompt chunk (prefill): a long prompt sent as sev
 lets the decodes run between its chunks, so a decode step waits at most one chunk's compute.
 A session's steps run in offset order whatever order they arrived in: a step that starts past
 the session's position waits for the steps before it (until its own deadline).
+
+Sessions that ran in one batch come back together (their tokens went out together), but one by
+one: a round that started at the first arrival would run one row, then the rest. So while some
+of a batch's sessions are back and others not yet, the round waits for them a short, bounded time
+(a fraction of the last round's compute); one that does not come in that time is not waited for
+again until it has run in a batch once more.
 """
 
 import threading
@@ -17,6 +23,9 @@ import grpc
 
 from .link import StageError
 
+GATHER_FRACTION = 0.1   # of the last round's duration: how long a batch's returning sessions are awaited
+GATHER_MAX_S = 0.005
+
 
 @dataclass
 class Step:
@@ -28,6 +37,7 @@ class Step:
     positions: int
     deadline: float  # time.monotonic() after which a step still waiting for its turn fails
     future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def offset(self) -> int:
@@ -49,6 +59,10 @@ class StageQueue:
         self._cond = threading.Condition()
         self._jobs = deque()
         self._steps: list[Step] = []  # in arrival order
+        self._batches = 0  # decode batches taken so far
+        self._batch_of: dict[int, tuple] = {}  # id(session) -> (its last batch's number, session)
+        self._round_started: float | None = None
+        self._round_s = 0.0  # how long the last round took
 
     def __len__(self) -> int:
         with self._cond:
@@ -72,6 +86,8 @@ class StageQueue:
         with self._cond:
             dropped = [s for s in self._steps if s.session is session]
             self._steps = [s for s in self._steps if s.session is not session]
+            self._batch_of.pop(id(session), None)
+            self._cond.notify()  # a round may be waiting for this session to come back
         for step in dropped:
             if step.future.set_running_or_notify_cancel():
                 step.future.set_exception(error)
@@ -79,11 +95,18 @@ class StageQueue:
     def take(self) -> Round:
         """Block until there is work; the next round (its steps leave the queue)."""
         with self._cond:
+            if self._round_started is not None:
+                self._round_s = time.monotonic() - self._round_started
             while True:
                 round_, expired, wake = self._pick()
                 if round_ or expired:
                     break
                 self._cond.wait(wake)
+            if round_ and round_.decodes:
+                self._batches += 1
+                for step in round_.decodes:
+                    self._batch_of[id(step.session)] = (self._batches, step.session)
+            self._round_started = time.monotonic() if round_ else None
         for step in expired:
             if step.future.set_running_or_notify_cancel():
                 step.future.set_exception(StageError(
@@ -112,8 +135,26 @@ class StageQueue:
                 decodes.append(step)
             elif prefill is None:
                 prefill = step
+        if decodes and not jobs and (until := self._gathering(decodes, first, now)):
+            gone = {id(s) for s in expired}
+            self._steps = [s for s in self._steps if id(s) not in gone]
+            return None, expired, min(wake or until - now, until - now)
         taken = {id(s) for s in [*decodes, *expired, *([prefill] if prefill else [])]}
         self._steps = [s for s in self._steps if id(s) not in taken]
         if not (jobs or decodes or prefill):
             return None, expired, wake
         return Round(jobs, decodes, prefill), expired, wake
+
+    def _gathering(self, decodes: list, first: dict, now: float) -> float | None:
+        """Until when to wait for the rest of the batches these decodes ran in last (None: go)."""
+        batches = {self._batch_of[id(s.session)][0] for s in decodes if id(s.session) in self._batch_of}
+        missing = [key for key, (batch, _) in self._batch_of.items()
+                   if batch in batches and key not in first]
+        if not missing:
+            return None
+        until = min(s.arrived for s in decodes) + min(GATHER_MAX_S, GATHER_FRACTION * self._round_s)
+        if now < until:
+            return until
+        for key in missing:  # not back in time: run without them, and do not wait for them again
+            del self._batch_of[key]
+        return None

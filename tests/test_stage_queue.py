@@ -79,3 +79,57 @@ def test_a_held_step_fails_at_its_deadline_and_a_dropped_session_fails_its_steps
     q.submit(held)
     q.drop_session(s, StageError(grpc.StatusCode.FAILED_PRECONDITION, "released"))
     assert held.future.exception(5).message == "released" and len(q) == 0
+
+
+def take_in_thread(q):
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(q.take()))
+    thread.start()
+    return thread, taken
+
+
+def test_a_batch_coming_back_one_by_one_runs_together_and_a_session_that_left_is_not_awaited(monkeypatch):
+    monkeypatch.setattr("cluster.stage_queue.GATHER_FRACTION", 1e9)  # the window is GATHER_MAX_S
+    monkeypatch.setattr("cluster.stage_queue.GATHER_MAX_S", 60.0)
+    q = StageQueue()
+    a, b, c = Session(0), Session(0), Session(0)
+    for s in (a, b, c):
+        q.submit(step(s, 0, 1))
+    first = q.take()
+    compute(first)
+    assert len(first.decodes) == 3
+    q.submit(step(a, 1, 1))  # a is back first; the round waits for b and c, who ran with it
+    thread, taken = take_in_thread(q)
+    thread.join(0.3)
+    assert thread.is_alive()
+    q.submit(step(b, 1, 1))
+    q.submit(step(c, 1, 1))
+    thread.join(10)
+    assert [d.session for d in taken[0].decodes] == [a, b, c]
+    compute(taken[0])
+    q.submit(step(a, 2, 1))
+    q.submit(step(b, 2, 1))
+    q.drop_session(c, StageError(grpc.StatusCode.FAILED_PRECONDITION, "released"))  # c ended: go without it
+    thread, taken = take_in_thread(q)
+    thread.join(10)
+    assert [d.session for d in taken[0].decodes] == [a, b]
+
+
+def test_a_batch_member_that_does_not_come_back_in_time_is_awaited_once(monkeypatch):
+    monkeypatch.setattr("cluster.stage_queue.GATHER_FRACTION", 1e9)
+    monkeypatch.setattr("cluster.stage_queue.GATHER_MAX_S", 0.2)
+    q = StageQueue()
+    a, b = Session(0), Session(0)
+    q.submit(step(a, 0, 1))
+    q.submit(step(b, 0, 1))
+    compute(q.take())
+    q.submit(step(a, 1, 1))
+    waited = time.monotonic()
+    r = q.take()  # b (whose reply ended its generation) never comes: a runs alone after the window
+    assert [d.session for d in r.decodes] == [a] and time.monotonic() - waited >= 0.2
+    compute(r)
+    monkeypatch.setattr("cluster.stage_queue.GATHER_MAX_S", 60.0)  # were b awaited, take would block
+    q.submit(step(a, 2, 1))
+    thread, taken = take_in_thread(q)
+    thread.join(10)
+    assert [d.session for d in taken[0].decodes] == [a]  # b is no longer awaited
