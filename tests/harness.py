@@ -160,13 +160,13 @@ class LocalCluster:
     def memory_map(self) -> pb.MemoryMapReply:
         return self.client.MemoryMap(pb.MemoryMapRequest(), timeout=30)
 
+    def health(self) -> dict:
+        """{node name: its HealthReply}."""
+        return {node.name: self.node_stub(node).Health(pb.HealthRequest(), timeout=10) for node in self.nodes}
+
     def kv_state(self) -> dict:
         """{node name: (sessions, KV bytes reserved)} from every node's Health."""
-        out = {}
-        for node in self.nodes:
-            health = self.node_stub(node).Health(pb.HealthRequest(), timeout=10)
-            out[node.name] = (health.sessions, health.kv_bytes)
-        return out
+        return {name: (h.sessions, h.kv_bytes) for name, h in self.health().items()}
 
     def cli(self, *args, timeout=120) -> subprocess.CompletedProcess:
         return subprocess.run([KIMI, *args], capture_output=True, text=True, env=self.env, timeout=timeout)
@@ -185,6 +185,29 @@ class LocalCluster:
 
 
 # ---- helpers for mDNS discovery tests ---------------------------------------------------------------
+
+
+def run_at_once(jobs: list, timeout: float = 300) -> list:
+    """Run the callables at once, each in its own thread (started together at a barrier); their
+    results. A job that raises, or is still running after `timeout`, fails the caller."""
+    results, barrier = [None] * len(jobs), threading.Barrier(len(jobs))
+
+    def run(i):
+        barrier.wait(timeout=60)
+        try:
+            results[i] = jobs[i]()
+        except Exception as e:  # reported below, in the caller's thread
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
+    for r in results:
+        assert not isinstance(r, Exception), r
+    return results
 
 
 def launch_node(workdir: Path, name: str, args: list, env: dict, wait_listening: bool = True) -> NodeProcess:

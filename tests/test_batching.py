@@ -14,7 +14,7 @@ from mlx_lm.generate import batch_generate
 from mlx_lm.sample_utils import make_sampler
 
 from cluster.generated import kimi_cluster_pb2 as pb
-from harness import LocalCluster, oracle_reply
+from harness import LocalCluster, oracle_reply, run_at_once
 
 TOKENS = 16
 CHUNK = 32  # --prefill-chunk: a long prompt is many chunks
@@ -46,34 +46,8 @@ def _stream(cluster, prompt: list, params: pb.SamplingParams, events: list, lock
     return ids
 
 
-def _run_at_once(jobs: list) -> list:
-    """Run the callables at once, each in its own thread; their results (an exception fails)."""
-    results, barrier = [None] * len(jobs), threading.Barrier(len(jobs))
-
-    def run(i):
-        barrier.wait(timeout=60)
-        try:
-            results[i] = jobs[i]()
-        except Exception as e:  # reported below
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads)
-    for r in results:
-        assert not isinstance(r, Exception), r
-    return results
-
-
 def _batching(cluster) -> dict:
-    out = {}
-    for node in cluster.nodes:
-        health = cluster.node_stub(node).Health(pb.HealthRequest(), timeout=10)
-        out[node.name] = (health.max_batch, health.batched_rows)
-    return out
+    return {name: (h.max_batch, h.batched_rows) for name, h in cluster.health().items()}
 
 
 def test_concurrent_generations_are_batched_and_equal_mlx_lm(cluster2, oracle, make_chat_prompt):
@@ -87,7 +61,7 @@ def test_concurrent_generations_are_batched_and_equal_mlx_lm(cluster2, oracle, m
     assert all(rows == 0 for _, rows in _batching(cluster2).values())
 
     events, lock = [], threading.Lock()
-    got = _run_at_once([lambda p=p, i=i: _stream(cluster2, p, _params(), events, lock, i)
+    got = run_at_once([lambda p=p, i=i: _stream(cluster2, p, _params(), events, lock, i)
                         for i, p in enumerate(prompts)])
     assert got == batched
     batching = _batching(cluster2)
@@ -108,7 +82,7 @@ def test_seeded_rows_keep_their_own_sampling(cluster2, oracle, make_chat_prompt,
     assert expected[0] != expected[2]  # the seeded row really samples
     before = _batching(cluster2)
     events, lock = [], threading.Lock()
-    got = _run_at_once([lambda p=p, s=s, i=i: _stream(cluster2, p, s, events, lock, i)
+    got = run_at_once([lambda p=p, s=s, i=i: _stream(cluster2, p, s, events, lock, i)
                         for i, (p, s) in enumerate(zip(prompts, params))])
     assert got == expected
     after = _batching(cluster2)

@@ -23,7 +23,7 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
 from cluster.link import ForwardLink, StageError
 from cluster.wire import coordinator_stub, node_stub, open_channel
-from harness import LocalCluster, oracle_reply, poll
+from harness import LocalCluster, oracle_reply, poll, run_at_once
 from mlx_kimi.checkpoint import open_checkpoint, text_config
 from mlx_kimi.tiny import TinyShape, make_tiny
 
@@ -142,30 +142,16 @@ def test_concurrent_sessions_do_not_disturb_each_other(cluster3, oracle, make_ch
     alone = [cluster3.generate(prompt_tokens=p, max_tokens=GREEDY_TOKENS)[0] for p in prompts]
     assert alone == expected
 
-    barrier = threading.Barrier(2)
-    results = [None, None]
-
-    def run(i):
-        barrier.wait(timeout=30)
+    def run(prompt):
         ids, times = [], []
-        request = pb.GenerateRequest(prompt_tokens=prompts[i], max_tokens=GREEDY_TOKENS)
-        try:
-            for event in cluster3.client.Generate(request, timeout=120):
-                if event.HasField("token") and event.token.id >= 0:
-                    ids.append(event.token.id)
-                    times.append(time.monotonic())
-            results[i] = (ids, times)
-        except Exception as e:  # reported by the main thread
-            results[i] = e
+        request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=GREEDY_TOKENS)
+        for event in cluster3.client.Generate(request, timeout=120):
+            if event.HasField("token") and event.token.id >= 0:
+                ids.append(event.token.id)
+                times.append(time.monotonic())
+        return ids, times
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads)
-    for r in results:
-        assert not isinstance(r, Exception), r
+    results = run_at_once([lambda p=p: run(p) for p in prompts], timeout=180)
     assert [r[0] for r in results] == expected
     # they really ran at the same time: each streamed tokens while the other was streaming
     (_, ta), (_, tb) = results
