@@ -37,6 +37,21 @@ class StageError(Exception):
         return cls(_STATUS.get(f.code, grpc.StatusCode.UNKNOWN), f.message, f.node)
 
 
+def failure_of(sent: Future, node: str = "") -> pb.StageFailure | None:
+    """Why a request sent on (a ForwardLink's or a local stage's Future) was refused or lost;
+    None when it was accepted or its sender cancelled it. `node` names this node in an
+    unexpected error's message."""
+    if sent.cancelled():
+        return None
+    error = sent.exception()
+    if error is None:
+        reply = sent.result()
+        return reply.failure if reply.HasField("failure") else None
+    if isinstance(error, StageError):
+        return error.failure()
+    return StageError(grpc.StatusCode.INTERNAL, f"node {node}: {error}" if node else str(error), node).failure()
+
+
 def reply_of(reply: pb.ForwardReply) -> pb.ForwardReply:
     """The reply, or the StageError it carries."""
     if reply.HasField("failure"):

@@ -23,7 +23,7 @@ from mlx_kimi.slice import LayerRange, ModelSlice, load_slice
 from . import __version__
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
-from .link import ForwardLink, StageError, reply_of
+from .link import ForwardLink, StageError, failure_of, reply_of
 from .machine import Machine
 from .stage_queue import StageQueue, Step
 from .transfer import CANNOT_RECEIVE, SliceFetcher, SliceStore, TransferError
@@ -543,15 +543,8 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _relay_failure(self, request: pb.ForwardRequest, sent: Future):
         """The next stage refused or lost `request`: tell the coordinator (it waits on the ring)."""
-        if sent.cancelled():
-            return
-        error = sent.exception()
-        if error is None and not sent.result().HasField("failure"):
-            return  # accepted
-        failure = sent.result().failure if error is None else (
-            error.failure() if isinstance(error, StageError) else
-            StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {error}", self.name).failure())
-        self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
+        if failure := failure_of(sent, self.name):
+            self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
 
     def _deliver(self, address: str, reply: pb.ForwardReply, tries: int = DELIVER_TRIES):
         if address == self.address:

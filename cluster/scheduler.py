@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 
 from .generated import kimi_cluster_pb2 as pb
-from .link import ForwardLink, StageError, reply_of
+from .link import ForwardLink, StageError, failure_of, reply_of
 from .prompt_cache import CachedSession
 
 log = logging.getLogger("kimi_cluster.scheduler")
@@ -97,16 +97,8 @@ class Scheduler:
 
     def _refused(self, ticket: int, accepted: Future):
         """The first stage's answer: nothing to do once accepted; a failure is the reply."""
-        error = accepted.exception()
-        if error is None and not accepted.result().HasField("failure"):
-            return
-        if isinstance(error, StageError):
-            failure = error.failure()
-        elif error is not None:
-            failure = StageError(grpc.StatusCode.INTERNAL, str(error)).failure()
-        else:
-            failure = accepted.result().failure
-        self.deliver(pb.ForwardReply(ticket=ticket, failure=failure))
+        if failure := failure_of(accepted):
+            self.deliver(pb.ForwardReply(ticket=ticket, failure=failure))
 
     def deliver(self, reply: pb.ForwardReply):
         """A reply (or failure) for a ticket arrived (Deliver); unknown tickets are ignored."""
