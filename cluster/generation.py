@@ -97,6 +97,10 @@ class GenerationLoop:
             raise ContextTooLong(len(request.prompt), max_tokens, self.context)
         return Generation(self, request, sampling, max_tokens)
 
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
     def finished(self, result: GenerationResult, stats: dict) -> None:
         """The request's log line; its decode speed becomes the last one."""
         tokens = result.completion_tokens
@@ -142,8 +146,7 @@ class Generation:
 
     def _run(self):
         request, loop = self.request, self.loop
-        with loop._lock:
-            loop.in_flight += 1
+        loop.started()
         parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
         tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline)
         count, first, last, ended, finish = 0, None, None, None, "error"
