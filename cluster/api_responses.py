@@ -108,7 +108,9 @@ class ChatCompletion(Completion):
         if delta.tool_calls:
             out["tool_calls"] = [tool_call_json(c, self.calls_sent + i) for i, c in enumerate(delta.tool_calls)]
             self.calls_sent += len(delta.tool_calls)
-        extra = {"logprobs": {"content": [self.logprob_json(piece)]}} if self.logprobs and piece.token is not None else {}
+        extra = {}
+        if self.logprobs and piece.token is not None:
+            extra["logprobs"] = {"content": [self.logprob_json(piece)]}
         return [self.chunk({"delta": out, "finish_reason": None, **extra})] if out or extra else []
 
     def last_choice(self, result: GenerationResult) -> dict:
