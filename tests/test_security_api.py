@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 import pytest
 
 import harness
-from cluster.api import MAX_BODY_BYTES, MAX_WHOLE_REPLIES
+from cluster.api import MAX_WHOLE_REPLIES
+from cluster.api_guards import MAX_BODY_BYTES
 from harness import ApiCluster, poll, wait_for_log
 
 API_KEY = "sk-security-test-0123456789"
