@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from .api_guards import Guard, RequireKey, allowed_hosts  # noqa: F401 (allowed_hosts: for the CLI)
+from .api_guards import Guard, RequireKey
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
 from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_reply, whole_reply
 

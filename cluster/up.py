@@ -333,7 +333,8 @@ class RunningApi:
 def _start_api(args, coordinator) -> RunningApi:
     import uvicorn
 
-    from .api import allowed_hosts, build_app
+    from .api import build_app
+    from .api_guards import allowed_hosts
 
     app = build_app(coordinator, coordinator.checkpoint.name, args.api_key,
                     hosts=allowed_hosts(args.api_host, args.api_allow_host), origins=args.api_allow_origin)
