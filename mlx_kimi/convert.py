@@ -15,17 +15,15 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import DTYPE_BYTES, INDEX_FILE, open_checkpoint, text_config, weight_prefix
+from .checkpoint import INDEX_FILE, open_checkpoint, safetensors_header, tensor_nbytes, text_config, weight_prefix
 from .slice import LayerRange, build_slice_module
 from .sources import FP8_BLOCK, ConvertError, Source, decode_rows, int4_rows, native_int4, open_source, source_rows
 
@@ -181,29 +179,18 @@ def _finish(w: mx.array, target: Target, dtype) -> list:
 
 # --- writing shards -------------------------------------------------------------------------------
 
-def _header(entries: list) -> tuple:
-    """Safetensors header bytes and each tensor's data offset, for (name, dtype, shape) entries."""
-    table, offset, offsets = {}, 0, []
-    for name, dtype, shape in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[dtype]
-        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offsets.append(offset)
-        offset += nbytes
-    table["__metadata__"] = {"format": "mlx"}
-    raw = json.dumps(table, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, offsets, offset
+_SHARD_METADATA = {"format": "mlx"}
 
 
 def shard_bytes(targets: list, dtype) -> int:
-    return len(_header([o for t in targets for o in t.outputs(dtype)])[0]) + sum(
-        int(np.prod(s, dtype=np.int64)) * DTYPE_BYTES[d] for t in targets for _, d, s in t.outputs(dtype))
+    entries = [o for t in targets for o in t.outputs(dtype)]
+    return len(safetensors_header(entries, _SHARD_METADATA)[0]) + sum(tensor_nbytes(d, s) for _, d, s in entries)
 
 
 def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: int, on_bytes=None) -> str:
     """Write the part's tensors to `path` (via path.tmp, renamed when complete); returns its sha256."""
     entries = [o for t in targets for o in t.outputs(dtype)]
-    header, offsets, _ = _header(entries)
+    header, offsets = safetensors_header(entries, _SHARD_METADATA)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
