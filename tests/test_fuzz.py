@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import harness
 from cluster.generated import kimi_cluster_pb2 as pb
 from harness import ApiCluster, oracle_reply
 
