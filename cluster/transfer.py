@@ -2,9 +2,11 @@
 
 A node loads a slice from a whole checkpoint it holds (`--model`, `--model-dir`), else from its
 cache, after fetching the parts the cache lacks from the nodes the coordinator names as sources:
-fastest answer first, parts spread over every source that holds them, each chunk checked against
-the manifest of the first source before it is written. A part cut short resumes after its last
-verified chunk; a chunk that fails its sha256 twice stops the load with the reason.
+fastest answer first. Where several sources hold a part, each sends a different share of its chunks
+at once; every chunk is checked against the manifest of the first source before it is written at
+its place in the part's file. A part cut short resumes with the chunks it lacks; a chunk that fails
+its sha256 is fetched again from another source when one holds it, and failing twice stops the load
+with the reason.
 """
 
 import json
@@ -115,7 +117,8 @@ class SlicesService(pb_grpc.SlicesServicer):
         if reader is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"part {request.part} of model {request.model_id[:16]} is not here")
         # One chunk at a time: the generator is resumed only when gRPC has room to send.
-        for index in range(request.first_chunk, len(reader.manifest.chunks)):
+        end = request.end_chunk or len(reader.manifest.chunks)
+        for index in range(request.first_chunk, min(end, len(reader.manifest.chunks))):
             yield pb.PartChunk(index=index, data=reader.chunk(index))
 
 
@@ -240,11 +243,7 @@ class SliceFetcher:
                 copied[directory] = copied.get(directory, 0) + 1
                 missing = [n for n in missing if n != name]
         with ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch") as pool:
-            jobs = []
-            for i, name in enumerate(missing):
-                # Spread the parts over the sources that hold them, fastest first.
-                order = holders[name][i % len(holders[name]):] + holders[name][:i % len(holders[name])]
-                jobs.append(pool.submit(self.fetch_part, model_id, manifests[name], order))
+            jobs = [pool.submit(self.fetch_part, model_id, manifests[name], holders[name]) for name in missing]
             for job in jobs:
                 job.result()
         return copied, missing
@@ -257,7 +256,7 @@ class SliceFetcher:
             if reader is None:
                 continue
             with self.store.cache.receiving(model_id, manifest) as writer:
-                for index in range(writer.next_chunk, len(manifest.chunks)):
+                for index in list(writer.missing):
                     if not writer.write(index, reader.chunk(index)):
                         log.warning("%s in %s differs from the coordinator's (chunk %d); receiving it instead",
                                     manifest.name, directory, index)
@@ -269,40 +268,68 @@ class SliceFetcher:
         return None
 
     def fetch_part(self, model_id: str, manifest: PartManifest, order: list):
-        """Receive one part into the cache, trying the sources in `order` in turn."""
-        bad = {}  # chunk index -> sources whose copy failed its sha256
+        """Receive one part into the cache from the sources in `order`, each sending a different share
+        of the chunks it lacks at once; a source that failed or sent a bad chunk is asked again only
+        when no other is left."""
+        bad = {}       # chunk index -> sources whose copy failed its sha256
+        failed = {}    # source address -> its failures on this part
         errors = []
         with self.store.cache.receiving(model_id, manifest) as writer:
             self._count(writer.verified_bytes(), 0)
-            attempt = 0
             while not writer.done:
-                if attempt >= len(order) * MAX_BAD_CHUNKS:
+                usable = [s for s in order if failed.get(s.address, 0) < MAX_BAD_CHUNKS]
+                if not usable:
                     raise TransferError(f"cannot receive {manifest.name}: {'; '.join(errors)}")
-                source = order[attempt % len(order)]
-                attempt += 1
-                request = pb.FetchPartRequest(model_id=model_id, part=manifest.name, first_chunk=writer.next_chunk)
-                call = source.stub.FetchPart(request, timeout=PART_TIMEOUT_S)
-                try:
-                    for chunk in call:
-                        self._count(0, len(chunk.data))
-                        self._pace()
-                        if not writer.write(chunk.index, chunk.data):
-                            bad.setdefault(chunk.index, []).append(source.address)
-                            log.warning("chunk %d of %s from %s fails its sha256; fetching it again",
-                                        chunk.index, manifest.name, source.address)
-                            if len(bad[chunk.index]) >= MAX_BAD_CHUNKS:
-                                raise TransferError(
-                                    f"checksum mismatch twice: chunk {chunk.index} of {manifest.name} "
-                                    f"(from {', '.join(bad[chunk.index])}) does not match its manifest")
-                            call.cancel()
-                            break
-                        self._count(len(chunk.data), 0)
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.CANCELLED:
-                        errors.append(f"{source.address}: {e.details()}")
-                        log.warning("fetching %s from %s failed: %s", manifest.name, source.address, e.details())
+                senders = [s for s in usable if s.address not in failed] or usable
+                shares = _shares(writer.missing, len(senders))
+                stop = threading.Event()  # a chunk failed twice: the other shares stop too
+                with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="share") as pool:
+                    jobs = [pool.submit(self._receive, model_id, writer, source, share, bad, errors, stop)
+                            for source, share in zip(senders, shares)]
+                    for source, job in zip(senders, jobs):
+                        if not job.result():
+                            failed[source.address] = failed.get(source.address, 0) + 1
             writer.complete()
         log.info("received %s (%d bytes)", manifest.name, manifest.data_bytes)
+
+    def _receive(self, model_id: str, writer, source: Source, share: list, bad: dict, errors: list,
+                 stop: threading.Event) -> bool:
+        """Chunks `share` of a part from `source` into `writer`; False when the source failed or
+        sent a chunk that fails its sha256."""
+        name = writer.manifest.name
+        for first, end in _runs(share):
+            request = pb.FetchPartRequest(model_id=model_id, part=name, first_chunk=first, end_chunk=end)
+            call = source.stub.FetchPart(request, timeout=PART_TIMEOUT_S)
+            try:
+                for chunk in call:
+                    if stop.is_set():
+                        call.cancel()
+                        return True
+                    data = chunk.data
+                    self._count(0, len(data))
+                    self._pace()
+                    if writer.write(chunk.index, data):
+                        self._count(len(data), 0)
+                        continue
+                    with self._lock:
+                        sent_bad = bad.setdefault(chunk.index, [])
+                        sent_bad.append(source.address)
+                    log.warning("chunk %d of %s from %s fails its sha256; fetching it again",
+                                chunk.index, name, source.address)
+                    call.cancel()
+                    if len(sent_bad) >= MAX_BAD_CHUNKS:
+                        stop.set()
+                        raise TransferError(f"checksum mismatch twice: chunk {chunk.index} of {name} "
+                                            f"(from {', '.join(sent_bad)}) does not match its manifest")
+                    return False
+            except grpc.RpcError as e:
+                errors.append(f"{source.address}: {e.details()}")
+                log.warning("fetching %s from %s failed: %s", name, source.address, e.details())
+                return False
+        if short := [i for i in share if i in writer.missing]:
+            errors.append(f"{source.address}: ended its stream {len(short)} chunks short")
+            return False
+        return True
 
     def _count(self, verified: int, received: int):
         with self._lock:
@@ -317,3 +344,20 @@ class SliceFetcher:
             ahead = self.received / self.max_rate - (time.monotonic() - self._started)
             if ahead > 0:
                 time.sleep(ahead)  # hold the link to --max-transfer-rate
+
+
+def _shares(chunks: list, n: int) -> list:
+    """`chunks` (ascending) cut into `n` consecutive shares as even as can be (no empty one)."""
+    n = min(n, len(chunks))
+    return [chunks[len(chunks) * i // n:len(chunks) * (i + 1) // n] for i in range(n)]
+
+
+def _runs(chunks: list) -> list:
+    """Ascending chunk indices as [first, end) runs of consecutive ones (one request each)."""
+    runs = []
+    for index in chunks:
+        if runs and runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, index + 1])
+    return runs

@@ -86,7 +86,7 @@ def test_a_cut_transfer_resumes_after_its_last_verified_chunk(tiny_dir, tmp_path
     with cache.receiving(source.model_id, manifest) as writer:
         for chunk in call:
             assert writer.write(chunk.index, chunk.data)
-            if writer.next_chunk == 3:
+            if len(writer.missing) == len(manifest.chunks) - 3:
                 call.cancel()
                 break
     kept = manifest.chunk_span(2)[1]
