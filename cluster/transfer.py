@@ -146,6 +146,7 @@ class SliceFetcher:
         self.progress = progress or (lambda done, total: None)
         self.max_rate = max_rate  # bytes/s over all parts, 0 for no limit
         self.received = 0
+        self.received_from = {}  # source address -> bytes it sent
         self._done = self._total = 0
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -183,9 +184,8 @@ class SliceFetcher:
         if missing:
             copied, fetched = self._fetch(model_id, missing, sources, held)
             origins += [f"read {n} part{'s' * (n != 1)} from {d}" for d, n in copied.items()]
-            if fetched:
-                used = sorted({s.address for s in sources if any(n in s.parts for n in fetched)})
-                origins.append(f"received from {', '.join(used)}")
+            if fetched and self.received_from:
+                origins.append(f"received from {', '.join(sorted(self.received_from))}")
         return cache.checkpoint(model_id, names), Received("; ".join(origins) or "from its cache", self.received)
 
     def _add_model(self, model_id: str, sources: list):
@@ -306,7 +306,7 @@ class SliceFetcher:
                         call.cancel()
                         return True
                     data = chunk.data
-                    self._count(0, len(data))
+                    self._count(0, len(data), source.address)
                     self._pace()
                     if writer.write(chunk.index, data):
                         self._count(len(data), 0)
@@ -331,9 +331,11 @@ class SliceFetcher:
             return False
         return True
 
-    def _count(self, verified: int, received: int):
+    def _count(self, verified: int, received: int, source: str = ""):
         with self._lock:
             self.received += received
+            if received:
+                self.received_from[source] = self.received_from.get(source, 0) + received
             self._done += verified
             done, total = self._done, self._total
         if verified:

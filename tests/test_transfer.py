@@ -167,6 +167,22 @@ def test_a_peer_serves_the_parts_of_its_cache(tiny_dir, tmp_path, coordinator):
         peer.server.stop(0)
 
 
+def test_a_part_two_nodes_hold_comes_in_different_chunks_from_each(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    peer = Server(tmp_path / "peer-cache")
+    try:
+        SliceFetcher(peer.store, SECRET).checkpoint(source.model_id, 1, 2, [coordinator.address])
+        fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
+        _, received = fetcher.checkpoint(source.model_id, 1, 2, [coordinator.address, peer.address])
+        part = source.sizes().layer_bytes[1]
+        assert len(fetcher.received_from) == 2 and all(n > 0 for n in fetcher.received_from.values())
+        assert received.received_bytes == sum(fetcher.received_from.values()) == part  # no chunk twice
+        assert received.source == f"received from {', '.join(sorted([coordinator.address, peer.address]))}"
+        assert fetcher.store.cache.verify(source.model_id, "layer-0001") is None
+    finally:
+        peer.server.stop(0)
+
+
 def test_a_model_no_source_holds_is_named(tmp_path, coordinator):
     fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
     with pytest.raises(TransferError, match="no source holds model"):
