@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -138,6 +139,36 @@ class Received:
     received_bytes: int = 0
 
 
+@dataclass
+class Receiving:
+    """A slice whose missing parts arrive in the background: `checkpoint` names every part already;
+    ready(file) returns once that file's part is verified and in place, result() once all are."""
+
+    checkpoint: Checkpoint
+    jobs: dict          # file name -> the Future of its part
+    received: Callable  # -> Received, once every part is in place
+
+    def ready(self, file: str) -> None:
+        if job := self.jobs.get(file):
+            self._wait(job)
+
+    def finished(self) -> bool:
+        return all(job.done() for job in self.jobs.values())
+
+    def result(self) -> Received:
+        for job in self.jobs.values():
+            self._wait(job)
+        return self.received()
+
+    def _wait(self, job):
+        try:
+            job.result()
+        except BaseException:
+            for other in self.jobs.values():  # the load fails: parts not yet begun are not fetched
+                other.cancel()
+            raise
+
+
 class SliceFetcher:
     """Finds or fetches the parts of one slice into the cache (one per load)."""
 
@@ -152,10 +183,17 @@ class SliceFetcher:
         self._lock = threading.Lock()
 
     def checkpoint(self, model_id: str, start: int, end: int, sources: list, in_memory: tuple = ()) -> tuple:
-        """(Checkpoint holding at least layers [start, end), Received). `in_memory`: the (start, end)
-        this node holds in memory already; their cached parts are not checked again (they are not read)."""
+        """(Checkpoint holding at least layers [start, end), Received), once every part is in place."""
+        receiving = self.receive(model_id, start, end, sources, in_memory)
+        return receiving.checkpoint, receiving.result()
+
+    def receive(self, model_id: str, start: int, end: int, sources: list, in_memory: tuple = ()) -> "Receiving":
+        """Start receiving the parts of layers [start, end) this node lacks; they arrive in the
+        background, in pipeline order, while the returned Receiving's checkpoint is loaded.
+        `in_memory`: the (start, end) this node holds in memory already; their cached parts are not
+        checked again (they are not read)."""
         if whole := self.store.whole(model_id):
-            return whole, Received(f"read from {whole.path}")
+            return Receiving(whole, {}, lambda: Received(f"read from {whole.path}"))
         cache = self.store.cache
         sources = [Source(a, pb_grpc.SlicesStub(open_channel(a, self.secret))) for a in sources]
         if self.store.config(model_id) is None:
@@ -180,13 +218,16 @@ class SliceFetcher:
             path = download(self.store.download_repo, (start, end))
             if path not in self.store.local_dirs:
                 self.store.local_dirs.append(path)
-        origins = []
-        if missing:
-            copied, fetched = self._fetch(model_id, missing, sources, held)
-            origins += [f"read {n} part{'s' * (n != 1)} from {d}" for d, n in copied.items()]
-            if fetched and self.received_from:
+        copied, jobs, manifests = self._fetch(model_id, missing, sources, held) if missing else ({}, {}, {})
+
+        def received() -> Received:
+            origins = [f"read {n} part{'s' * (n != 1)} from {d}" for d, n in copied.items()]
+            if self.received_from:
                 origins.append(f"received from {', '.join(sorted(self.received_from))}")
-        return cache.checkpoint(model_id, names), Received("; ".join(origins) or "from its cache", self.received)
+            return Received("; ".join(origins) or "from its cache", self.received)
+
+        return Receiving(cache.checkpoint(model_id, names, manifests),
+                         {manifests[n].file: job for n, job in jobs.items()}, received)
 
     def _add_model(self, model_id: str, sources: list):
         for source in sources:
@@ -242,11 +283,11 @@ class SliceFetcher:
             if directory := self._copy_local(model_id, manifests[name]):
                 copied[directory] = copied.get(directory, 0) + 1
                 missing = [n for n in missing if n != name]
-        with ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch") as pool:
-            jobs = [pool.submit(self.fetch_part, model_id, manifests[name], holders[name]) for name in missing]
-            for job in jobs:
-                job.result()
-        return copied, missing
+        # In pipeline order, so the first parts are in place (and loading) while the last arrive.
+        pool = ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch")
+        jobs = {name: pool.submit(self.fetch_part, model_id, manifests[name], holders[name]) for name in missing}
+        pool.shutdown(wait=False)
+        return copied, jobs, manifests
 
     def _copy_local(self, model_id: str, manifest: PartManifest):
         """Take a part from a local directory holding its tensors, when every chunk matches the

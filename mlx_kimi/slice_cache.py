@@ -269,14 +269,15 @@ class SliceCache:
             finally:
                 writer.close()
 
-    def checkpoint(self, model_id: str, names: list) -> Checkpoint:
-        """The cached parts `names` as a Checkpoint that load_slice reads (they must be complete)."""
+    def checkpoint(self, model_id: str, names: list, receiving: dict | None = None) -> Checkpoint:
+        """The cached parts `names` as a Checkpoint that load_slice reads: complete ones, and those
+        `receiving` (part name -> manifest) holds the manifests of, still being received."""
         path = self.model_dir(model_id)
         config = json.loads((path / "config.json").read_text())
         prefix = "language_model." if config.get("model_type") == "kimi_k25" else ""
         tensors = {}
         for name in names:
-            manifest = self.manifest(model_id, name)
+            manifest = (receiving or {}).get(name) or self.manifest(model_id, name)
             if manifest is None:
                 raise CheckpointError(f"{path}: part {name} is not in the cache")
             for tname, dtype, shape in manifest.tensors:

@@ -183,6 +183,24 @@ def test_a_part_two_nodes_hold_comes_in_different_chunks_from_each(tiny_dir, tmp
         peer.server.stop(0)
 
 
+def test_parts_load_while_the_rest_of_the_slice_arrives(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    n = source.num_layers
+    layers = LayerRange(0, n)
+    # Received at a held rate, so the slice takes about a second to arrive.
+    fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET,
+                           max_rate=_data_bytes(source, slice_parts(0, n, n)))
+    receiving = fetcher.receive(source.model_id, 0, n, [coordinator.address])
+    arrived_when_loaded = []
+    fetched = load_slice(receiving.checkpoint, layers, lambda done, total: arrived_when_loaded.append(receiving.finished()),
+                         ready=receiving.ready)
+    assert receiving.result().received_bytes == fetcher.received == _data_bytes(source, slice_parts(0, n, n))
+    assert arrived_when_loaded[0] is False and arrived_when_loaded[-1] is True  # the first part loaded early
+    original = load_slice(source, layers)
+    tokens = mx.array([[1, 2, 3]])
+    assert mx.array_equal(fetched.forward(tokens, fetched.make_caches()), original.forward(tokens, original.make_caches()))
+
+
 def test_a_model_no_source_holds_is_named(tmp_path, coordinator):
     fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
     with pytest.raises(TransferError, match="no source holds model"):
