@@ -187,9 +187,9 @@ def test_parts_load_while_the_rest_of_the_slice_arrives(tiny_dir, tmp_path, coor
     source = open_checkpoint(tiny_dir)
     n = source.num_layers
     layers = LayerRange(0, n)
-    # Received at a held rate, so the slice takes about a second to arrive.
+    # Received at a held rate, so the slice takes two seconds to arrive.
     fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET,
-                           max_rate=_data_bytes(source, slice_parts(0, n, n)))
+                           max_rate=_data_bytes(source, slice_parts(0, n, n)) / 2)
     receiving = fetcher.receive(source.model_id, 0, n, [coordinator.address])
     arrived_when_loaded = []
     fetched = load_slice(receiving.checkpoint, layers, lambda done, total: arrived_when_loaded.append(receiving.finished()),
