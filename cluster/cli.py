@@ -255,7 +255,7 @@ def serve(args, secret: bytes):
     from .auth import config_dir
     from .node import NodeService
     from .rejoin import Rejoiner
-    from .transfer import SliceStore, SlicesService
+    from .transfer import SliceStore, add_slices_service
     from .wire import ListenError, make_server
 
     name = args.name or socket.gethostname().split(".")[0]
@@ -271,7 +271,7 @@ def serve(args, secret: bytes):
     node = NodeService(name, this_id, address, machine, secret, slices, session_ttl_s=args.session_ttl,
                        max_transfer_rate=args.max_transfer_rate or 0)
     pb_grpc.add_NodeServicer_to_server(node, server)
-    pb_grpc.add_SlicesServicer_to_server(SlicesService(slices), server)
+    add_slices_service(server, slices)
     zeroconf = advertiser = coordinator = rejoiner = None
     if not args.no_mdns:
         zeroconf = open_zeroconf(args.host)

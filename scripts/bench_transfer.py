@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from cluster import transfer  # noqa: E402
-from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc  # noqa: E402
-from cluster.transfer import SliceFetcher, SliceStore, SlicesService  # noqa: E402
+from cluster.transfer import SliceFetcher, SliceStore, add_slices_service  # noqa: E402
 from cluster.wire import CHANNEL_OPTIONS, SERVER_OPTIONS, make_server  # noqa: E402
 from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
 from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
@@ -63,7 +62,7 @@ def serve(model_dir: str, cache_dir: str, plaintext: bool, ports, conn):
         else:  # the control: no TLS, never offered by the product
             server = grpc.server(ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
             port = server.add_insecure_port("127.0.0.1:0")
-        pb_grpc.add_SlicesServicer_to_server(SlicesService(store), server)
+        add_slices_service(server, store)
         server.start()
         servers.append(server)
         ports.put(port)

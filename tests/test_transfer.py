@@ -7,8 +7,8 @@ import mlx.core as mx
 import pytest
 
 from cluster.generated import kimi_cluster_pb2 as pb
-from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
-from cluster.transfer import SliceFetcher, SliceStore, SlicesService, Source, TransferError
+from cluster.transfer import (SliceFetcher, SliceStore, Source, TransferError, add_slices_service, decode_chunk,
+                              encode_chunk)
 from cluster.wire import make_server, open_channel
 from mlx_kimi.checkpoint import open_checkpoint, tensor_part
 from mlx_kimi.slice import LayerRange, load_slice
@@ -24,12 +24,12 @@ class Server:
     def __init__(self, cache_dir, checkpoints=()):
         self.store = SliceStore(SliceCache(cache_dir), checkpoints, chunk_bytes=CHUNK)
         self.server, port = make_server("127.0.0.1", 0, SECRET, "node")
-        pb_grpc.add_SlicesServicer_to_server(SlicesService(self.store), self.server)
+        add_slices_service(self.server, self.store)
         self.address = f"127.0.0.1:{port}"
         self.server.start()
 
     def source(self) -> Source:
-        return Source(self.address, pb_grpc.SlicesStub(open_channel(self.address, SECRET)))
+        return Source(self.address, open_channel(self.address, SECRET))
 
 
 @pytest.fixture
@@ -199,6 +199,20 @@ def test_parts_load_while_the_rest_of_the_slice_arrives(tiny_dir, tmp_path, coor
     original = load_slice(source, layers)
     tokens = mx.array([[1, 2, 3]])
     assert mx.array_equal(fetched.forward(tokens, fetched.make_caches()), original.forward(tokens, original.make_caches()))
+
+
+@pytest.mark.parametrize("index", [0, 1, 300, 2**32 - 1])
+def test_a_chunk_travels_as_the_part_chunk_protobuf_would_write(index):
+    data = bytes(range(256)) * 3
+    raw = pb.PartChunk(index=index, data=data).SerializeToString()
+    assert encode_chunk(index, data) == raw
+    decoded = decode_chunk(raw)
+    assert decoded[0] == index and bytes(decoded[1]) == data
+    # Fields in another order (any protobuf writer may) still decode; what is no PartChunk does not.
+    data_field = encode_chunk(0, data)
+    swapped = data_field + raw[:len(raw) - len(data_field)]
+    assert (decode_chunk(swapped)[0], bytes(decode_chunk(swapped)[1])) == (index, data)
+    assert decode_chunk(b"\x12\xff") == (-1, b"")
 
 
 def test_a_model_no_source_holds_is_named(tmp_path, coordinator):
