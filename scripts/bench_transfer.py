@@ -77,14 +77,13 @@ def _read(paths):
                 pass
 
 
-def _empty(path: Path) -> Path:
+def _empty(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     os.sync()  # the deletion's and the last run's writeback are not charged to the next
-    return path
 
 
 def time_copy(shards: list, work: Path) -> float:
-    out = _empty(work / "copy")
+    out = work / "copy"
     out.mkdir()
     began = time.perf_counter()
     for shard in shards:
@@ -97,7 +96,7 @@ def time_copy(shards: list, work: Path) -> float:
 def time_transfer(model_id: str, n: int, addresses: list, work: Path, load: str = "") -> float:
     """Seconds to receive the whole model; with `load`, until its slice is also loaded, either while
     it arrives ("overlapped") or after ("after")."""
-    fetcher = SliceFetcher(SliceStore(SliceCache(_empty(work / "cache"))), SECRET)
+    fetcher = SliceFetcher(SliceStore(SliceCache(work / "cache")), SECRET)
     began = time.perf_counter()
     receiving = fetcher.receive(model_id, 0, n, addresses)
     if load == "overlapped":
@@ -160,6 +159,8 @@ def main():
         for r in range(rounds):
             _read(shards)
             for what in list(runs) if r % 2 == 0 else reversed(list(runs)):
+                _empty(work / "copy")
+                _empty(work / "cache")
                 before = cpu_s()
                 took[what].append(runs[what]())
                 cpu[what].append((cpu_s() - before) / (data / 1e6))
