@@ -4,7 +4,7 @@ A slice is made of parts: one per decoder layer, the embedding and the head. Eac
 safetensors file whose header follows from its tensor list, so a part travels as its data bytes
 alone, cut into chunks with a sha256 each (its `PartManifest`). A node's cache keeps, per model
 identity, the parts it received, each beside its manifest; every part is checked against its
-manifest before it is loaded, and a part cut short resumes after its last verified chunk.
+manifest before it is loaded, and a part cut short resumes with the chunks it lacks.
 
 No networking here: cluster/transfer.py moves the chunks.
 """

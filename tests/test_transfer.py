@@ -1,5 +1,5 @@
 """Slice parts over real gRPC between in-process servers: only the slice's bytes travel, every chunk
-is checked, a cut transfer resumes after its last verified chunk, a corrupt chunk is fetched again,
+is checked, a cut transfer resumes with the chunks it lacks, a corrupt chunk is fetched again,
 and a corrupt cached part is found before it is loaded."""
 
 import shutil
@@ -73,7 +73,7 @@ def test_a_node_receives_exactly_its_slice_and_loads_it(tiny_dir, tmp_path, coor
     assert moved.received == _data_bytes(source, ["embed", "layer-0000"])
 
 
-def test_a_cut_transfer_resumes_after_its_last_verified_chunk(tiny_dir, tmp_path, coordinator):
+def test_a_cut_transfer_resumes_with_the_chunks_it_lacks(tiny_dir, tmp_path, coordinator):
     source = open_checkpoint(tiny_dir)
     part = "layer-0001"
     src = coordinator.source()
