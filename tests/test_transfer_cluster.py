@@ -12,7 +12,7 @@ import pytest
 
 from cluster.generated import kimi_cluster_pb2 as pb
 from mlx_kimi.checkpoint import open_checkpoint, tensor_part
-from mlx_kimi.slice_cache import SliceCache, part_name, slice_parts
+from mlx_kimi.slice_cache import SliceCache, checkpoint_part, part_name, slice_parts
 
 from cluster.client import read_reply
 from cluster.wire import coordinator_stub, node_stub, open_channel
@@ -56,13 +56,16 @@ def held_bytes(cache_dir) -> int:
 
 
 def partial_bytes(cache_dir, checkpoint) -> int:
-    """Data bytes of parts received whole but not yet put in place when the node was killed (a
-    tiny model's part is one chunk, so a partial part holds all its chunk or none verified)."""
+    """Data bytes of the chunks verified in parts not yet put in place when the node was killed (a
+    partial file has the part's full size from the start; a chunk counts when its bytes are the part's)."""
     total = 0
     for partial in cache_dir.rglob("*.safetensors.partial"):
+        reader = checkpoint_part(checkpoint, partial.name.split(".")[0])
         raw = partial.read_bytes()
-        data = len(raw) - 8 - int.from_bytes(raw[:8], "little")
-        total += data if data == slice_bytes_of(checkpoint, [partial.name.split(".")[0]]) else 0
+        data = raw[8 + int.from_bytes(raw[:8], "little"):]
+        for i in range(len(reader.manifest.chunks)):
+            begin, end = reader.manifest.chunk_span(i)
+            total += end - begin if data[begin:end] == reader.chunk(i) else 0
     return total
 
 
