@@ -156,19 +156,19 @@ class NodeService(pb_grpc.NodeServicer):
         layers = LayerRange(request.start, request.end)
         with self._lock:
             self._take_ownership(request)
-            stage = self.stage.loaded
-            if stage and stage.model_id == request.model_id and stage.slice.layers == layers:
+            loaded = self.stage.loaded
+            if loaded and loaded.model_id == request.model_id and loaded.slice.layers == layers:
                 # Already holds this slice: only the next stage or the budget changed.
                 if request.drop_sessions and (dropped := self.stage.drop_sessions()):
                     log.info("dropping %d sessions of a broken chain", dropped)
                 self.stage.retarget(request.kv_budget_bytes, request.next_name, request.next_address)
-                n = stage.slice.nbytes()
+                n = loaded.slice.nbytes()
                 progress(n, n, "load")
-                return stage
+                return loaded
             self.stage.unload()
         # A new range of the same model (a re-plan after a lost node): the layers already in memory
         # are kept, and only the others are read.
-        held = stage.slice if stage and stage.model_id == request.model_id else None
+        held = loaded.slice if loaded and loaded.model_id == request.model_id else None
 
         fetcher = SliceFetcher(self.slices, self.secret, lambda done, total: progress(done, total, "transfer"),
                                self.max_transfer_rate)
@@ -182,19 +182,19 @@ class NodeService(pb_grpc.NodeServicer):
             return load_slice(checkpoint, layers, lambda done, total: progress(done, total, "load"), reuse=held)
 
         model_slice = self.worker.run(work)
-        stage = LocalStage(
+        loaded = LocalStage(
             slice=model_slice, model_id=request.model_id, model_name=checkpoint.name,
             num_layers=text_config(checkpoint.config)["num_hidden_layers"], kv_budget_bytes=request.kv_budget_bytes,
             next_link=self.stage.link(request.next_name, request.next_address),
             source=received.source, received_bytes=received.received_bytes,
         )
         with self._lock:
-            self.stage.loaded = stage
+            self.stage.loaded = loaded
         start, end = (max(layers.start, in_memory[0]), min(layers.end, in_memory[1])) if held else (0, 0)
         kept = f"; layers {LayerRange(start, end)} were in memory already" if start < end else ""
         log.info("loaded %s layers %s (%d bytes; %s%s)", checkpoint.name, layers, model_slice.nbytes(), received.source,
                  kept)
-        return stage
+        return loaded
 
     # ---- gRPC handlers ---------------------------------------------------------------------------
 
@@ -255,7 +255,7 @@ class NodeService(pb_grpc.NodeServicer):
         while (update := updates.get()) is not None:
             yield update
         try:
-            stage = result.result()
+            loaded = result.result()
         except StageError as e:
             context.abort(e.code, e.message)
         except TransferError as e:
@@ -265,6 +265,6 @@ class NodeService(pb_grpc.NodeServicer):
         except Exception as e:
             log.exception("load failed")
             context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: loading failed: {e}")
-        n = stage.slice.nbytes()
+        n = loaded.slice.nbytes()
         yield pb.LoadProgress(bytes_done=n, bytes_total=n, done=True, phase="load",
-                              message=f"{self.name} holds layers {stage.slice.layers} ({stage.source})")
+                              message=f"{self.name} holds layers {loaded.slice.layers} ({loaded.source})")
