@@ -60,10 +60,17 @@ def prefill(stage: Stage, session_id: str, prompt: list, max_positions: int,
                                  sampling=sampling), TIMEOUT_S)
 
 
+def hold(worker: ComputeWorker) -> threading.Event:
+    """Hold the compute thread (in a job of its own) until the returned event is set."""
+    gate, running = threading.Event(), threading.Event()
+    worker.submit(lambda: running.set() or gate.wait())
+    running.wait(TIMEOUT_S)
+    return gate
+
+
 def one_round(stage: Stage, requests: list) -> list:
     """Queue `requests` while the compute thread is held, so they run in the same round; their futures."""
-    gate = threading.Event()
-    stage.worker.submit(gate.wait)
+    gate = hold(stage.worker)
     futures = [stage.accept(r, TIMEOUT_S) for r in requests]
     gate.set()
     return futures
@@ -134,8 +141,7 @@ def test_a_released_session_frees_its_bytes_and_fails_its_queued_steps(whole, pr
     sessions, held = stage.usage()
     assert sessions == 1 and held >= stage.loaded.slice.kv_bytes(len(prompt) + TOKENS)
 
-    gate = threading.Event()
-    stage.worker.submit(gate.wait)
+    gate = hold(stage.worker)
     queued = stage.accept(request("s", [token], len(prompt), len(prompt) + TOKENS), TIMEOUT_S)
     released = stage.release("s")
     gate.set()
