@@ -103,7 +103,7 @@ class Stage:
         worker.compute = self._compute
         self.loaded: LocalStage | None = None
         self.sessions: dict[str, Session] = {}
-        self.lock = threading.Lock()  # guards loaded and sessions
+        self._lock = threading.Lock()  # guards loaded and sessions
         self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
 
     # ---- the slice and the sessions -----------------------------------------------------------
@@ -114,7 +114,7 @@ class Stage:
 
     def retarget(self, kv_budget_bytes: int, next_name: str, next_address: str):
         """The slice stays; its KV budget and the stage after it change."""
-        with self.lock:
+        with self._lock:
             loaded = self.loaded
             loaded.kv_budget_bytes = kv_budget_bytes
             if loaded.next_address != next_address:
@@ -124,19 +124,19 @@ class Stage:
 
     def usage(self) -> tuple[int, int]:
         """(sessions, KV bytes they hold)."""
-        with self.lock:
+        with self._lock:
             return len(self.sessions), sum(s.held_bytes() for s in self.sessions.values())
 
     def drop_sessions(self) -> int:
         """Free every session; how many there were."""
-        with self.lock:
+        with self._lock:
             n = len(self.sessions)
             self.sessions.clear()
         return n
 
     def unload(self) -> int:
         """Drop the slice and every session; the bytes released."""
-        with self.lock:
+        with self._lock:
             loaded, self.loaded = self.loaded, None
             sessions, self.sessions = self.sessions, {}
         if loaded and loaded.next_link:
@@ -144,7 +144,7 @@ class Stage:
         return (loaded.slice.nbytes() if loaded else 0) + sum(s.reserved_bytes for s in sessions.values())
 
     def release(self, session_id: str) -> pb.ReleaseReply:
-        with self.lock:
+        with self._lock:
             session = self.sessions.pop(session_id, None)
         if session is None:
             return pb.ReleaseReply(found=False)
@@ -155,14 +155,14 @@ class Stage:
     def free_idle(self, ttl_s: float) -> list:
         """Free the sessions unused for `ttl_s` seconds; their ids."""
         now = time.monotonic()
-        with self.lock:
+        with self._lock:
             idle = [k for k, s in self.sessions.items() if now - s.last_used > ttl_s]
             for k in idle:
                 del self.sessions[k]
         return idle
 
     def _open_session(self, loaded: LocalStage, request: pb.ForwardRequest) -> Session:
-        with self.lock:
+        with self._lock:
             session = self.sessions.get(request.session_id)
             if session is not None:
                 session.last_used = time.monotonic()
