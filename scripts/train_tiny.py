@@ -19,9 +19,7 @@ perplexity, a uniform guess's and the untrained model's.
 import argparse
 import hashlib
 import json
-import math
 import platform
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -33,6 +31,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3
+from mlx_lm.utils import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_kimi import trained_text  # noqa: E402
@@ -171,8 +170,6 @@ def main() -> None:
     for gate in gates:
         gate.__class__ = deepseek_v3.MoEGate
     digest = write_checkpoint(out, model, config)
-    from mlx_lm.utils import load_model
-
     shipped, _ = load_model(out)
     shipped.set_dtype(mx.float32)  # MLX's CPU backend gathers experts in float32 only
     held_ppl = perplexity(shipped, held_tokens, args.seq)
@@ -187,7 +184,6 @@ def main() -> None:
         "weights_sha256": digest, "python": platform.python_version(), "mlx": mx.__version__,
     }
     (out / "trained.json").write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(out / "__pycache__", ignore_errors=True)
     print(json.dumps(record, indent=2))
 
 
