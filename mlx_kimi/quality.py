@@ -84,3 +84,10 @@ def compare_checkpoints(path_a, path_b, text: str = DEFAULT_TEXT, max_tokens: in
         raise ValueError(f"{path_a} and {path_b} have different vocabularies ({log_a.shape[-1]} vs "
                          f"{log_b.shape[-1]}); compare two checkpoints of the same model")
     return compare_logprobs(log_a, log_b, mx.array(ids[1:]))
+
+
+def perplexity(model, ids: list, window: int = 256) -> float:
+    """exp of the mean next-token negative log likelihood of `ids`, the text run in windows."""
+    log_probs = _log_probs(model, ids, window)
+    nll = -mx.take_along_axis(log_probs, mx.array(ids[1:])[:, None], axis=-1)
+    return float(np.exp(np.array(nll).mean()))
