@@ -143,6 +143,22 @@ def _mtp_tensors(shard: dict, prefix: str, last: int) -> dict:
     return out
 
 
+def vision_tensors(rng: np.random.Generator, text_hidden: int) -> dict:
+    """A stand-in vision tower and projector under the official names (convert drops them)."""
+    v = 64
+    shapes = {
+        "vision_tower.patch_embed.proj.weight": (v, 3, 14, 14),
+        "vision_tower.patch_embed.proj.bias": (v,),
+        "vision_tower.encoder.blocks.0.wqkv.weight": (3 * v, v),
+        "vision_tower.encoder.blocks.0.wo.weight": (v, v),
+        "vision_tower.encoder.final_layernorm.weight": (v,),
+        "mm_projector.pre_norm.weight": (4 * v,),
+        "mm_projector.proj.0.weight": (text_hidden, 4 * v),
+        "mm_projector.proj.2.weight": (text_hidden, text_hidden),
+    }
+    return {n: mx.array(rng.standard_normal(s).astype(np.float32) * 0.05).astype(mx.bfloat16) for n, s in shapes.items()}
+
+
 def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type: str = "kimi_k25",
               dtype: str = "float32", scheme: QuantScheme = DEFAULT_SCHEME, recipe: str = "",
               tokenizer: str = "json", vision: bool = False, mtp: bool = False) -> Path:
@@ -218,9 +234,7 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
     if mtp:
         shards[-1].update(_mtp_tensors(shards[-1], prefix, shape.layers - 1))
     if vision:
-        from .official import _vision_tensors
-
-        shards[0].update(_vision_tensors(np.random.default_rng(seed), shape.hidden_size))
+        shards[0].update(vision_tensors(np.random.default_rng(seed), shape.hidden_size))
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
