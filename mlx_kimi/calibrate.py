@@ -37,13 +37,14 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.deepseek_v3 import DeepseekV3Attention, group_expert_select
 from mlx_lm.quant.gptq import Catcher
 
-from .convert import ConvertError, _finish, _int4_rows, _native_int4, _row_step, decode_rows, produce, source_rows
+from .convert import CALIBRATION_DIR, produce, quantized_arrays, row_step
 from .gptq import gptq_quantize, inverse_hessian_factor
 from .kimi_tokenizer import load_tokenizer
+from .quality_card import CARD_FILE, build_card, read_card, write_card
 from .recipe import CANDIDATES
 from .slice import model_args
+from .sources import ConvertError, decode_rows, int4_rows, native_int4, source_rows
 
-CALIBRATION_DIR = ".calibration"
 DEFAULT_TOKENS = 1024
 SEQUENCE = 128  # tokens per calibration sequence
 GPTQ_MIN_TOKENS = 32  # fewer inputs than this and a module's Hessian says too little: round to nearest
@@ -214,8 +215,8 @@ class Calibration:
         """The arrays the shard gets for `w` (exactly convert's own for round to nearest), GPTQ'd on the
         inputs x (tokens, in_features) when on and enough of them reached the module."""
         name = target.sources[expert if expert is not None else 0]
-        if quant and _native_int4(self.source, name, quant):
-            arrays = list(_int4_rows(self.source, name, 0, source_rows(self.source, name), dtype))
+        if quant and native_int4(self.source, name, quant):
+            arrays = list(int4_rows(self.source, name, 0, source_rows(self.source, name), dtype))
             return Written(arrays, w, False)
         if (quant and self.gptq and x is not None and x.shape[0] >= GPTQ_MIN_TOKENS and w.ndim == 2):
             factor = inverse_hessian_factor(x.T @ x)
@@ -223,7 +224,7 @@ class Calibration:
             arrays = [packed, scales.astype(dtype), biases.astype(dtype)]
             used = True
         else:
-            arrays = _finish(w.astype(dtype), dataclasses.replace(target, quant=quant), dtype)
+            arrays = quantized_arrays(w.astype(dtype), dataclasses.replace(target, quant=quant), dtype)
             used = False
         if quant:
             flat = [a.reshape(-1, a.shape[-1]) for a in arrays]
@@ -276,7 +277,7 @@ class Calibration:
     def _candidates(self, target, error) -> dict:
         """{candidate: error} over the candidates valid for the target (native INT4: exact at 4-bit g32,
         nothing above 4 bits)."""
-        native = _native_int4(self.source, target.sources[0], {"bits": 4, "group_size": 32})
+        native = native_int4(self.source, target.sources[0], {"bits": 4, "group_size": 32})
         out = {}
         for c in CANDIDATES:
             if c is not None and target.shape[-1] % c[1]:
@@ -293,7 +294,7 @@ class Calibration:
         quant = choose(head)
         errors, total, err = {}, 0.0, 0.0
         rows = head.shape[0]
-        step = _row_step(rows, head.shape[-1], self.chunk_bytes)
+        step = row_step(rows, head.shape[-1], self.chunk_bytes)
         used = False
         for r in range(0, rows, step):
             w = decode_rows(self.source, head.sources[0], r, min(rows, r + step)).astype(mx.float32)
@@ -410,7 +411,7 @@ class Calibration:
 
     def _quantize_with_hessian(self, target, w, quant, dtype, hessian) -> Written:
         """quantize() from a Hessian already summed (attention's, caught by mlx-lm's Catcher)."""
-        if hessian is None or not (quant and self.gptq) or _native_int4(self.source, target.sources[0], quant):
+        if hessian is None or not (quant and self.gptq) or native_int4(self.source, target.sources[0], quant):
             return self.quantize(target, w, quant, dtype)
         tokens = self.ids.size
         if tokens < GPTQ_MIN_TOKENS:
@@ -535,9 +536,23 @@ class Calibration:
             file.write_text(json.dumps(key))
         return stage
 
-    def card(self) -> list:
-        """The quality card entries, in model order (errors of the candidates left out)."""
-        return [{k: v for k, v in self.cards[p].items() if k != "errors"} for p in self._order if p in self.cards]
+    def finish(self, out) -> dict:
+        """Write OUT/quality.json from every part's entry (a rerun that wrote nothing keeps the card it
+        finds) and drop the hidden states."""
+        folder = self.work / "quantize"
+        for part in self._order:
+            file = self._saved("quantize", part).with_suffix(".json")
+            if part not in self.cards and file.exists():
+                self.cards[part] = _card_from_json(json.loads(file.read_text()))
+        if len(self.cards) < len(self._order) and (Path(out) / CARD_FILE).exists():
+            return read_card(out)
+        entries = [{k: v for k, v in self.cards[p].items() if k != "errors"} for p in self._order if p in self.cards]
+        card = build_card(entries, {"tokens": int(self.ids.size), "sequences": int(self.ids.shape[0]),
+                                    "gptq": self.gptq, "gptq_min_tokens": GPTQ_MIN_TOKENS})
+        write_card(out, card)
+        for file in folder.glob("*.npy"):
+            file.unlink()
+        return card
 
 
 def _card_to_json(card: dict) -> dict:
