@@ -39,6 +39,7 @@ from mlx_lm.quant.gptq import Catcher
 
 from .convert import CALIBRATION_DIR, produce, quantized_arrays, row_step
 from .gptq import gptq_quantize, inverse_hessian_factor
+from .checkpoint import text_config
 from .kimi_tokenizer import load_tokenizer
 from .quality_card import CARD_FILE, build_card, read_card, write_card
 from .recipe import CANDIDATES
@@ -114,8 +115,27 @@ TOOLS = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 
 
+def peak_bytes_bound(config: dict, tokens: int, chunk_bytes: int) -> int:
+    """What the streamed pass may hold above the idle process (the module docstring's formula): it
+    depends on one layer's dimensions and the calibration set, not on the number of layers or experts."""
+    t = text_config(config)
+    hidden, heads = t["hidden_size"], t["num_attention_heads"]
+    q_head = t["qk_nope_head_dim"] + t["qk_rope_head_dim"]
+    q = hidden * t["q_lora_rank"] + t["q_lora_rank"] * heads * q_head if t.get("q_lora_rank") else hidden * heads * q_head
+    attention = (q + hidden * (t["kv_lora_rank"] + t["qk_rope_head_dim"])
+                 + t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]) + heads * t["v_head_dim"] * hidden)
+    widest = max(t["intermediate_size"], t["moe_intermediate_size"] * max(1, t.get("n_shared_experts") or 1))
+    unit = 4 * max(attention, 3 * hidden * widest, chunk_bytes // 4)
+    hessian = 4 * max(hidden, widest, heads * t["v_head_dim"]) ** 2
+    return 32 * 2**20 + 16 * tokens * hidden * 4 + 3 * unit + 2 * hessian
+
+
 class CalibrationError(ConvertError):
     """A calibration set that cannot serve, with what it has and what was asked."""
+
+
+def has_tokenizer(path) -> bool:
+    return any((Path(path) / f).exists() for f in ("tiktoken.model", "tokenizer.json"))
 
 
 def builtin_ids(tokenizer) -> list:
@@ -148,7 +168,12 @@ def calibration_ids(tokenizer_dir, tokens: int = DEFAULT_TOKENS, file=None) -> m
 # --- the pieces of one layer ----------------------------------------------------------------------
 
 def _sumsq(a: mx.array) -> float:
-    return float((a.astype(mx.float32) ** 2).sum())
+    return float(_squares(a))
+
+
+def _squares(a: mx.array) -> mx.array:
+    """The sum of squares, unevaluated (candidates' errors are evaluated together)."""
+    return (a.astype(mx.float32) ** 2).sum()
 
 
 def _rtn(w: mx.array, candidate) -> mx.array:
@@ -268,24 +293,27 @@ class Calibration:
         rows = rows.astype(mx.float32)
         quant = choose(t)
         if candidates:
-            card["errors"][t.module] = self._candidates(t, lambda c: _sumsq(_rtn(rows, c) - rows) / _sumsq(rows))
+            total = _sumsq(rows)
+            card["errors"][t.module] = self._candidates(t, lambda c: _squares(_rtn(rows, c) - rows) / total)
         q = _rtn(rows.astype(dtype).astype(mx.float32), (quant["bits"], quant["group_size"]) if quant else None)
         card["bits"]["embedding"] = [_label(quant)]
         card["output_error"] = {"embedding": (_sumsq(q - rows) / _sumsq(rows)) ** 0.5}
         self._hidden = q.reshape(*self.ids.shape, -1)
 
-    def _candidates(self, target, error) -> dict:
-        """{candidate: error} over the candidates valid for the target (native INT4: exact at 4-bit g32,
-        nothing above 4 bits)."""
+    def valid_candidates(self, target) -> list:
+        """The candidates the target can take (a native INT4 source: none above 4 bits, nor float)."""
         native = native_int4(self.source, target.sources[0], {"bits": 4, "group_size": 32})
-        out = {}
-        for c in CANDIDATES:
-            if c is not None and target.shape[-1] % c[1]:
-                continue
-            if native and (c is None or c[0] > 4):
-                continue
-            out[c] = 0.0 if c is None or (native and c == (4, 32)) else error(c)
-        return out
+        return [c for c in CANDIDATES if (c is None or target.shape[-1] % c[1] == 0)
+                and not (native and (c is None or c[0] > 4))]
+
+    def _candidates(self, target, error) -> dict:
+        """{candidate: error(candidate)} over the valid candidates, evaluated together (0 for float, and
+        for native INT4 at 4-bit g32, which is lossless)."""
+        native = native_int4(self.source, target.sources[0], {"bits": 4, "group_size": 32})
+        out = {c: mx.array(0.0) if c is None or (native and c == (4, 32)) else error(c)
+               for c in self.valid_candidates(target)}
+        mx.eval(list(out.values()))
+        return {c: float(e) for c, e in out.items()}
 
     def _head(self, targets, dtype, choose, candidates, card, emit):
         by = {t.name[len(self.prefix):]: t for t in targets}
@@ -301,7 +329,7 @@ class Calibration:
             logits = x @ w.T
             total += _sumsq(logits)
             if candidates:
-                for c, e in self._candidates(head, lambda c: _sumsq(x @ (_rtn(w, c) - w).T)).items():
+                for c, e in self._candidates(head, lambda c: _squares(x @ (_rtn(w, c) - w).T)).items():
                     errors[c] = errors.get(c, 0.0) + e
             out = self.quantize(head, w, quant, dtype, x)
             used |= out.gptq
@@ -341,12 +369,7 @@ class Calibration:
                 continue
             module, w = key[: -len(".weight")], master[key]
             if candidates:
-                def error(c, module=module, w=w):
-                    getattr(attn, module).weight = _rtn(w, c)
-                    e = _sumsq(attn(xn, self.mask) - a_master)
-                    getattr(attn, module).weight = w
-                    return e
-                errors[t.module] = self._candidates(t, error)
+                errors[t.module] = self._attention_errors(attn, module, t, w, xn, a_master, inputs.get(module))
             out = self._quantize_with_hessian(t, w, choose(t), dtype, inputs.get(module))
             card["gptq"] += out.gptq
             quantized[module] = out.weight
@@ -409,6 +432,23 @@ class Calibration:
             scale = max(_sumsq(x + sub_master), 1e-30)
             card["errors"] = {m: {c: e / scale for c, e in cands.items()} for m, cands in errors.items()}
 
+    def _attention_errors(self, attn, module, target, w, xn, a_master, hessian) -> dict:
+        """A module's effect on the attention output, run at one candidate (PASS_ON if valid) and scaled
+        to the others by its own output error on its inputs (trace(dW H dW^T) with H = X^T X, or, for
+        the per-head modules, its weight error): one attention run per module, not one per candidate."""
+        quantized = [c for c in self.valid_candidates(target) if c is not None]
+        reference = PASS_ON if PASS_ON in quantized else quantized[0]
+
+        def own(c):
+            d = _rtn(w, c) - w
+            return ((d @ hessian) * d).sum() if hessian is not None else _squares(d)
+
+        getattr(attn, module).weight = _rtn(w, reference)
+        effect = _squares(attn(xn, self.mask) - a_master)
+        getattr(attn, module).weight = w
+        scale = effect / mx.maximum(own(reference), 1e-30)
+        return self._candidates(target, lambda c: scale * own(c))
+
     def _quantize_with_hessian(self, target, w, quant, dtype, hessian) -> Written:
         """quantize() from a Hessian already summed (attention's, caught by mlx-lm's Catcher)."""
         if hessian is None or not (quant and self.gptq) or native_int4(self.source, target.sources[0], quant):
@@ -428,28 +468,28 @@ class Calibration:
         w = {p: self.master(t, expert) for p, t in mods.items()}
         scale = (lambda y: y * weight) if weight is not None else (lambda y: y)
 
-        def run(g, u, d):
-            return scale((nn.silu(x @ g.T) * (x @ u.T)) @ d.T)
-
-        y_master = run(w["gate"], w["up"], w["down"])
+        g, u = x @ w["gate"].T, x @ w["up"].T
+        act = nn.silu(g) * u
+        y_master = scale(act @ w["down"].T)
         if candidates:
+            effects = {"gate": lambda c: (nn.silu(x @ _rtn(w["gate"], c).T) * u - act) @ w["down"].T,
+                       "up": lambda c: (nn.silu(g) * (x @ (_rtn(w["up"], c) - w["up"]).T)) @ w["down"].T,
+                       "down": lambda c: act @ (_rtn(w["down"], c) - w["down"]).T}
             for p, t in mods.items():
-                def error(c, p=p):
-                    return _sumsq(run(*[_rtn(w[k], c) if k == p else w[k] for k in ("gate", "up", "down")]) - y_master)
-                for c, e in self._candidates(t, error).items():
+                for c, e in self._candidates(t, lambda c, p=p: _squares(scale(effects[p](c)))).items():
                     errors.setdefault(t.module, {}).setdefault(c, 0.0)
                     errors[t.module][c] += e
         rows = mods["gate"].shape[-2] if expert is not None else 0
         down_rows = mods["down"].shape[-2] if expert is not None else 0
         gate = self.quantize(mods["gate"], w["gate"], choose(mods["gate"]), dtype, x, expert)
         up = self.quantize(mods["up"], w["up"], choose(mods["up"]), dtype, x, expert)
-        act = nn.silu(x @ gate.weight.T) * (x @ up.weight.T)
-        down = self.quantize(mods["down"], w["down"], choose(mods["down"]), dtype, act, expert)
+        act_quant = nn.silu(x @ gate.weight.T) * (x @ up.weight.T)
+        down = self.quantize(mods["down"], w["down"], choose(mods["down"]), dtype, act_quant, expert)
         base = expert or 0
         yield emit(mods["gate"], base * rows, gate.arrays)
         yield emit(mods["up"], base * rows, up.arrays)
         yield emit(mods["down"], base * down_rows, down.arrays)
-        y_quant = scale(act @ down.weight.T)
+        y_quant = scale(act_quant @ down.weight.T)
         mx.eval(y_master, y_quant)
         return {"master": y_master, "quant": y_quant, "gptq": gate.gptq + up.gptq + down.gptq}
 

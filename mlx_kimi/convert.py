@@ -14,6 +14,7 @@ interrupted conversion resumes where it stopped.
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -104,12 +105,35 @@ def _part_of(name: str):
     return "embed" if name.startswith("model.embed_tokens.") else "head"
 
 
+_LAYER_OR_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp\.experts\.(\d+)\.)?")
+
+
+def check_layers_match_config(source: Source) -> None:
+    """No decoder layer (beyond the MTP layers) or routed expert in the shards that config.json does not
+    count: the converter would drop them without a word."""
+    text = source.text
+    layers = text["num_hidden_layers"] + text.get("num_nextn_predict_layers", 0)
+    experts = text.get("n_routed_experts") or 0
+    found_layer, found_expert = -1, -1
+    for name in source.tensors:
+        if m := _LAYER_OR_EXPERT.search(name):
+            found_layer = max(found_layer, int(m.group(1)))
+            found_expert = max(found_expert, int(m.group(2) or -1))
+    if found_layer >= layers or found_expert >= experts:
+        counted = f"layers 0-{found_layer}" if found_layer >= layers else f"routed experts 0-{found_expert}"
+        said = (f"num_hidden_layers {text['num_hidden_layers']} (+{text.get('num_nextn_predict_layers', 0)} MTP)"
+                if found_layer >= layers else f"n_routed_experts {experts}")
+        raise ConvertError(f"{source.path}: the shards hold {counted}, but config.json says {said}; the shards and "
+                           "config come from different models")
+
+
 def check_source(source: Source, parts: dict) -> None:
     """Every tensor the output needs is in the files, in a dtype the converter decodes and the shape
     the config implies."""
     if any(".switch_mlp." in name for name in source.tensors):
         raise ConvertError(f"{source.path}: already in MLX layout (stacked switch_mlp experts); it needs no "
                            "conversion: point kimi-cluster at it")
+    check_layers_match_config(source)
     for targets in parts.values():
         for t in targets:
             for name in t.sources:
