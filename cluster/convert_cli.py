@@ -173,24 +173,24 @@ def streamed_calibration(source, args, scratch: Path):
 
 
 def print_card(card: dict) -> None:
-    """The quality card as a table: one row per part, the relative error of each module kind's output."""
+    """The quality card as a table, one row per part and module kind; unrouted experts and those rounded to
+    nearest for want of tokens below it."""
     from mlx_kimi.quality_card import CARD_FILE, card_rows
 
-    kinds = ["attention", "mlp", "experts", "shared_experts", "layer"]
+    calibration = card["calibration"]
     table = Table(title=f"quality card ({CARD_FILE}): relative output error against the master on the same "
-                        f"{card['calibration']['tokens']} calibration tokens"
-                        f"{', GPTQ' if card['calibration']['gptq'] else ''}", title_justify="left")
-    for column in ["part", *kinds, "notes"]:
+                        f"{calibration['tokens']} calibration tokens{', GPTQ' if calibration['gptq'] else ''}",
+                  title_justify="left")
+    for column in ("part", "module kind", "bits", "relative error"):
         table.add_column(column)
-    rows = {}
+    notes = []
     for part, kind, bits, error, note in card_rows(card):
-        row = rows.setdefault(part, {"notes": []})
-        row["attention" if kind in ("embedding", "lm_head") else kind] = f"{error:.4f}" + (f" ({bits})" if bits else "")
+        table.add_row(part, kind, bits, f"{error:.4f}")
         if note:
-            row["notes"].append(note)
-    for part, row in rows.items():
-        table.add_row(part, *(row.get(k, "") for k in kinds), "; ".join(row["notes"]))
+            notes.append(f"{part} experts: {note}")
     console.print(table)
+    for note in notes:
+        console.print(note)
 
 
 def add_compare_parser(sub) -> None:

@@ -12,7 +12,7 @@ columns are evaluated once per group instead of once per column, and every MLX b
 import mlx.core as mx
 import numpy as np
 
-DAMP = 1e-2  # of the mean diagonal, added to H, as mlx-lm does
+DAMP = 0.1  # of the mean diagonal, added to H (mlx-lm: 0.01; 0.1 generalizes better past a small calibration set)
 
 
 def inverse_hessian_factor(h: mx.array) -> mx.array:
