@@ -218,10 +218,13 @@ class Calibration:
         self._order = []
 
     @property
+    def ids_digest(self) -> str:
+        return hashlib.sha256(np.array(self.ids).tobytes()).hexdigest()[:16]
+
+    @property
     def key(self) -> str:
         """What the quantized shards depend on besides source and recipe."""
-        digest = hashlib.sha256(np.array(self.ids).tobytes()).hexdigest()[:16]
-        return f"{'gptq' if self.gptq else 'rtn'}:{digest}:{GPTQ_MIN_TOKENS}"
+        return f"{'gptq' if self.gptq else 'rtn'}:{self.ids_digest}:{GPTQ_MIN_TOKENS}"
 
     # --- reading master weights ---
 
@@ -567,7 +570,7 @@ class Calibration:
     def _fresh(self, stage: str) -> str:
         """The stage's directory, emptied if a run with another source or calibration set left it."""
         folder = self.work / stage
-        key = {"source": self.source.identity(), "calibration": self.key}
+        key = {"source": self.source.identity(), "calibration": self.key if stage == "quantize" else self.ids_digest}
         file = folder / "key.json"
         if folder.exists() and (not file.exists() or json.loads(file.read_text()) != key):
             shutil.rmtree(folder)
