@@ -16,8 +16,9 @@ The layer's QUANTIZED output is what the next layer receives, so errors compound
 model. After each part the hidden states are saved in OUT/.calibration, so an interrupted pass
 resumes at the next part.
 
-Peak memory above the idle process, whatever the number of layers or experts:
-  hidden states  ~ 12 x tokens x hidden_size x 4 bytes
+Peak memory above the idle process, whatever the number of layers or experts (peak_bytes_bound):
+  32 MB
+  + hidden states  ~ 16 x tokens x hidden_size x 4 bytes
   + one unit     ~ 3 x its float32 bytes (the attention block, or the three weights of one MLP
                    or expert, or a row block of the embedding / lm_head)
   + one Hessian  = in_features^2 x 4 bytes (and its inverse factor)
@@ -121,9 +122,10 @@ def peak_bytes_bound(config: dict, tokens: int, chunk_bytes: int) -> int:
     t = text_config(config)
     hidden, heads = t["hidden_size"], t["num_attention_heads"]
     q_head = t["qk_nope_head_dim"] + t["qk_rope_head_dim"]
-    q = hidden * t["q_lora_rank"] + t["q_lora_rank"] * heads * q_head if t.get("q_lora_rank") else hidden * heads * q_head
-    attention = (q + hidden * (t["kv_lora_rank"] + t["qk_rope_head_dim"])
-                 + t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]) + heads * t["v_head_dim"] * hidden)
+    rank = t.get("q_lora_rank")
+    q = hidden * rank + rank * heads * q_head if rank else hidden * heads * q_head
+    attention = (q + hidden * (t["kv_lora_rank"] + t["qk_rope_head_dim"]) + heads * t["v_head_dim"] * hidden
+                 + t["kv_lora_rank"] * heads * (t["qk_nope_head_dim"] + t["v_head_dim"]))
     widest = max(t["intermediate_size"], t["moe_intermediate_size"] * max(1, t.get("n_shared_experts") or 1))
     unit = 4 * max(attention, 3 * hidden * widest, chunk_bytes // 4)
     hessian = 4 * max(hidden, widest, heads * t["v_head_dim"]) ** 2

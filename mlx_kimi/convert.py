@@ -233,7 +233,8 @@ def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: i
     header, offsets, _ = _header(entries)
     firsts = np.cumsum([0] + [len(t.outputs(dtype)) for t in targets])
     if blocks is None:
-        blocks = ((k, row, arrays) for k, t in enumerate(targets) for row, arrays in produce(source, t, dtype, chunk_bytes))
+        blocks = ((k, row, arrays) for k, t in enumerate(targets)
+                  for row, arrays in produce(source, t, dtype, chunk_bytes))
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

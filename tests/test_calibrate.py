@@ -13,7 +13,7 @@ from mlx_lm.utils import load_model
 
 from harness import KIMI, LocalCluster, oracle_reply
 from mlx_kimi.calibrate import Calibration, CalibrationError, calibration_ids
-from mlx_kimi.convert import CALIBRATION_DIR, ConvertError, convert
+from mlx_kimi.convert import CALIBRATION_DIR, ConvertError, convert, plan_targets
 from mlx_kimi.gptq import gptq_quantize, inverse_hessian_factor, pack, rtn_quantize
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 from mlx_kimi.official import OFFICIAL_TINY_SHAPE, write_official
@@ -85,9 +85,8 @@ def test_calibrated_conversion_card_and_cluster_tokens(tmp_path):
     assert not list((out / CALIBRATION_DIR / "quantize").glob("*.npy"))  # hidden states dropped when done
 
     # the same bits without error correction: the card's output errors are larger
-    plain = convert(src, tmp_path / "rtn", QuantScheme(3, 4, 64).params, dtype="float32",
-                    calibration=Calibration(open_source(src), calibration_ids(src, 128), tmp_path / "rtn" / CALIBRATION_DIR,
-                                            gptq=False))
+    rtn = Calibration(open_source(src), calibration_ids(src, 128), tmp_path / "rtn" / CALIBRATION_DIR, gptq=False)
+    plain = convert(src, tmp_path / "rtn", QuantScheme(3, 4, 64).params, dtype="float32", calibration=rtn)
     rtn_layers = {e["part"]: e for e in plain.card["parts"] if isinstance(e["part"], int)}
     for i, entry in layers.items():
         print(f"layer {i}: output error GPTQ {entry['output_error']['layer']:.4f}, "
@@ -129,6 +128,15 @@ def test_calibrated_conversion_resumes(tmp_path):
     assert json.loads((out / CARD_FILE).read_text()) == json.loads((fresh.out / CARD_FILE).read_text())
     with pytest.raises(ConvertError, match="calibration"):  # GPTQ'd shards are not mixed with other ones
         convert(src, out, recipe, calibration=Calibration(source, ids, out / CALIBRATION_DIR, gptq=False))
+
+    # --fit's measuring pass resumes from the last part it saved
+    parts = plan_targets(source.config, lambda name, module: False)
+    measured = calibration(tmp_path / "fit").measure(parts, mx.bfloat16)
+    saved = tmp_path / "fit" / CALIBRATION_DIR / "measure"
+    for part in (SHAPE.layers - 1, "head"):
+        for file in saved.glob(f"after-{part}.*"):
+            file.unlink()
+    assert calibration(tmp_path / "fit").measure(parts, mx.bfloat16) == measured
 
 
 def test_bad_calibration_input_and_layers_at_odds_with_the_config(tmp_path):

@@ -49,8 +49,8 @@ def test_streamed_calibration_beats_uniform_and_the_in_memory_one(tmp_path):
     memory = compare_checkpoints(reference, convert(src, tmp_path / "in-memory", in_memory.recipe, dtype="float32").out,
                                  max_tokens=96)
     print(f"uniform 3-bit: KL mean {uni.kl_mean:.4f} p95 {uni.kl_p95:.4f}; in-memory --fit: KL mean "
-          f"{memory.kl_mean:.4f} p95 {memory.kl_p95:.4f}; streamed --fit --calibrate: KL mean {streamed['kl_mean']:.4f} "
-          f"p95 {streamed['kl_p95']:.4f}; float ppl {uni.perplexity_a:.1f}; budget {budget:,} bytes")
+          f"{memory.kl_mean:.4f} p95 {memory.kl_p95:.4f}; streamed --fit --calibrate: KL mean "
+          f"{streamed['kl_mean']:.4f} p95 {streamed['kl_p95']:.4f}; float ppl {uni.perplexity_a:.1f}; budget {budget:,} bytes")
     assert streamed["tokens"] == uni.tokens == 95 and streamed["perplexity_a"] == uni.perplexity_a
     assert streamed["kl_mean"] < 0.85 * uni.kl_mean
     assert streamed["kl_mean"] <= 1.05 * memory.kl_mean
