@@ -349,8 +349,8 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
         raise ConvertError(f"{out}: exists and holds no conversion to resume; choose an empty or new directory")
     if state is not None and [state.get(k) for k in ("source", "config", "calibration")] != \
             [job[k] for k in ("source", "config", "calibration")]:
-        raise ConvertError(f"{out}: holds a conversion of another source, recipe or calibration; choose another "
-                           "directory or delete it to start over")
+        raise ConvertError(f"{out}: holds a conversion of another source or recipe, or with another calibration; "
+                           "choose another directory or delete it to start over")
     out.mkdir(parents=True, exist_ok=True)
     done = {}
     for file, digest in (state or {}).get("shards", {}).items():
