@@ -16,17 +16,16 @@ import json
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import DTYPE_BYTES, INDEX_FILE, open_checkpoint, text_config, weight_prefix
+from .checkpoint import INDEX_FILE, open_checkpoint, safetensors_header, tensor_nbytes, text_config, weight_prefix
 from .slice import LayerRange, build_slice_module
 from .sources import FP8_BLOCK, ConvertError, Source, decode_rows, int4_rows, native_int4, open_source, source_rows
 
@@ -206,23 +205,12 @@ def quantized_arrays(w: mx.array, target: Target, dtype) -> list:
 
 # --- writing shards -------------------------------------------------------------------------------
 
-def _header(entries: list) -> tuple:
-    """Safetensors header bytes and each tensor's data offset, for (name, dtype, shape) entries."""
-    table, offset, offsets = {}, 0, []
-    for name, dtype, shape in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[dtype]
-        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offsets.append(offset)
-        offset += nbytes
-    table["__metadata__"] = {"format": "mlx"}
-    raw = json.dumps(table, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, offsets, offset
+_SHARD_METADATA = {"format": "mlx"}
 
 
 def shard_bytes(targets: list, dtype) -> int:
-    return len(_header([o for t in targets for o in t.outputs(dtype)])[0]) + sum(
-        int(np.prod(s, dtype=np.int64)) * DTYPE_BYTES[d] for t in targets for _, d, s in t.outputs(dtype))
+    entries = [o for t in targets for o in t.outputs(dtype)]
+    return len(safetensors_header(entries, _SHARD_METADATA)[0]) + sum(tensor_nbytes(d, s) for _, d, s in entries)
 
 
 def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: int, on_bytes=None,
@@ -230,8 +218,8 @@ def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: i
     """Write the part's tensors to `path` (via path.tmp, renamed when complete); returns its sha256.
     `blocks` yields (target index, row, arrays) in any order (default: each target's `produce`)."""
     entries = [o for t in targets for o in t.outputs(dtype)]
-    header, offsets, _ = _header(entries)
-    firsts = np.cumsum([0] + [len(t.outputs(dtype)) for t in targets])
+    header, offsets = safetensors_header(entries, _SHARD_METADATA)
+    firsts = list(accumulate((len(t.outputs(dtype)) for t in targets), initial=0))
     if blocks is None:
         blocks = ((k, row, arrays) for k, t in enumerate(targets)
                   for row, arrays in produce(source, t, dtype, chunk_bytes))

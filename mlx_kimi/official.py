@@ -17,13 +17,13 @@ weights), so that quantization recipes differ measurably on them. These files ar
 """
 
 import json
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from .checkpoint import safetensors_header
 from .recipe import draw_weight
 from .sources import FP8_BLOCK
 from .tiny import TinyShape, tiny_text_config, vision_tensors
@@ -68,20 +68,11 @@ OFFICIAL_TINY_SHAPE = TinyShape(vocab_size=1024)
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict = None) -> None:
     """Write `name -> (dtype string, shape, bytes)` or `name -> mx.array` as one safetensors file."""
-    entries, blobs, offset = {}, [], 0
-    for name, value in tensors.items():
-        dtype, shape, data = value if isinstance(value, tuple) else _raw(value)
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    if metadata:
-        entries["__metadata__"] = metadata
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
+    raw = {name: value if isinstance(value, tuple) else _raw(value) for name, value in tensors.items()}
+    header, _ = safetensors_header([(name, dtype, shape) for name, (dtype, shape, _) in raw.items()], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for data in blobs:
+        for _, _, data in raw.values():
             f.write(data)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
 from mlx_lm.utils import _get_classes
 
-from .checkpoint import DTYPE_BYTES
+from .checkpoint import tensor_nbytes
 from .sources import decode_rows, native_int4, source_rows
 from .spec import QuantScheme
 
@@ -68,7 +68,7 @@ def _quant(candidate):
 
 def target_bytes(target, candidate, dtype) -> int:
     outputs = dataclasses.replace(target, quant=_quant(candidate)).outputs(dtype)
-    return sum(int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[d] for _, d, shape in outputs)
+    return sum(tensor_nbytes(d, shape) for _, d, shape in outputs)
 
 
 def relative_error(w: mx.array, candidate) -> float:

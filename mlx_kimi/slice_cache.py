@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import (DTYPE_BYTES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo, read_safetensors_header,
-                         tensor_data_offsets, tensor_part)
+                         safetensors_header, tensor_data_offsets, tensor_nbytes, tensor_part)
 
 CHUNK_BYTES = 4 * 1024 * 1024
 MODEL_FILE = "model.json"   # in a model's cache directory: its identity and name
@@ -47,7 +47,7 @@ class PartManifest:
 
     @property
     def data_bytes(self) -> int:
-        return sum(_nbytes(dtype, shape) for _, dtype, shape in self.tensors)
+        return sum(tensor_nbytes(dtype, shape) for _, dtype, shape in self.tensors)
 
     @property
     def file(self) -> str:
@@ -59,14 +59,7 @@ class PartManifest:
 
     def header(self) -> bytes:
         """The safetensors header (length prefix included) every copy of this part starts with."""
-        entries, offset = {"__metadata__": {"format": "mlx"}}, 0
-        for name, dtype, shape in self.tensors:
-            n = _nbytes(dtype, shape)
-            entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(entries, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        return len(raw).to_bytes(8, "little") + raw
+        return safetensors_header(self.tensors, {"format": "mlx"})[0]
 
     def to_json(self) -> dict:
         return {"name": self.name, "tensors": [[n, d, list(s)] for n, d, s in self.tensors],
@@ -86,13 +79,6 @@ class PartManifest:
         if self.chunk_bytes <= 0 or len(self.chunks) != -(-self.data_bytes // self.chunk_bytes):
             raise CheckpointError(f"part {self.name}: manifest has {len(self.chunks)} chunk digests for "
                                   f"{self.data_bytes} bytes in chunks of {self.chunk_bytes}")
-
-
-def _nbytes(dtype: str, shape) -> int:
-    n = DTYPE_BYTES[dtype]
-    for d in shape:
-        n *= d
-    return n
 
 
 def digest(data) -> str:
@@ -278,7 +264,7 @@ class SliceCache:
             for tname, dtype, shape in manifest.tensors:
                 if not tname.startswith(prefix):
                     raise CheckpointError(f"{path / manifest.file}: tensor {tname!r} outside the text model")
-                tensors[tname] = TensorInfo(tname, manifest.file, dtype, shape, _nbytes(dtype, shape))
+                tensors[tname] = TensorInfo(tname, manifest.file, dtype, shape, tensor_nbytes(dtype, shape))
         return Checkpoint(path, config, tensors, model_id)
 
     def model_bytes(self, model_id: str) -> int:

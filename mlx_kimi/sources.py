@@ -16,13 +16,13 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import (
-    DTYPE_BYTES,
     INDEX_FILE,
     CheckpointError,
     TensorInfo,
     model_identity,
     read_safetensors_header,
     tensor_data_offsets,
+    tensor_nbytes,
     text_config,
     weight_prefix,
 )
@@ -48,7 +48,7 @@ class SourceTensor:
 
     def read_rows(self, start: int, end: int) -> mx.array:
         """Rows [start, end) of the first axis, as stored (F8_E4M3 as uint8, BF16 as bfloat16)."""
-        row = int(np.prod(self.shape[1:], dtype=np.int64)) * DTYPE_BYTES[self.dtype]
+        row = tensor_nbytes(self.dtype, self.shape[1:])
         with open(self.path, "rb") as f:
             f.seek(self.offset + start * row)
             data = f.read((end - start) * row)

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from .builtin import KIMI_ROUTING
 from .checkpoint import INDEX_FILE, tensor_part, weight_prefix
 from .slice import LayerRange, build_slice_module, checkpoint_name, quantize_slice
 from .spec import QuantScheme, cast_unquantized, quantization_config
@@ -53,13 +54,7 @@ def tiny_text_config(shape: TinyShape, eos_ids: list, bos_id: int, dtype: str) -
         "qk_rope_head_dim": 32,
         "qk_nope_head_dim": 64,
         "v_head_dim": 64,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "n_group": 1,
-        "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
+        **KIMI_ROUTING,
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-6,
         "rope_theta": 50000.0,
