@@ -21,8 +21,8 @@ DEFAULT_TEXT = (
 ) * 4
 
 
-# What `convert --calibrate` measures sensitivities on (other words than DEFAULT_TEXT, so that a
-# recipe is not judged on its own calibration text).
+# What the in-memory calibration (recipe.calibrate, the yardstick of the streamed one) measures
+# sensitivities on (other words than DEFAULT_TEXT, so that a recipe is not judged on its own calibration text).
 CALIBRATION_TEXT = (
     "A tree grows from a seed to a trunk with 42 rings and 7 branches; its roots drink water, its "
     "leaves turn light into sugar. for i in range(10): total += i * i\n"
