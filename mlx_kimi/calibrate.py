@@ -38,7 +38,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.deepseek_v3 import DeepseekV3Attention, group_expert_select
 from mlx_lm.quant.gptq import Catcher
 
-from .convert import CALIBRATION_DIR, produce, quantized_arrays, row_step
+from .convert import produce, quantized_arrays, row_step
 from .gptq import gptq_quantize, inverse_hessian_factor
 from .checkpoint import text_config
 from .kimi_tokenizer import load_tokenizer
