@@ -139,7 +139,8 @@ def fit_to_cluster(parts: dict, config: dict, nodes: list, context: int, dtype, 
 def streamed_calibration(source, args, scratch: Path):
     """The calibration set and the streamed pass over `source` (None, with a note, when the source has no
     tokenizer to encode it with and --calibrate was not asked)."""
-    from mlx_kimi.calibrate import Calibration, calibration_ids, has_tokenizer
+    from mlx_kimi.calibrate import Calibration
+    from mlx_kimi.calibration_set import calibration_ids, has_tokenizer
     from mlx_kimi.convert import CALIBRATION_DIR
 
     if not has_tokenizer(source.path):

@@ -27,8 +27,6 @@ For Kimi K2 with 1024 calibration tokens: 0.47 GB + 3 x 1.6 GB (layer 0's dense 
 
 import dataclasses
 import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -39,82 +37,16 @@ from mlx_lm.models.deepseek_v3 import DeepseekV3Attention, group_expert_select
 from mlx_lm.quant.gptq import Catcher
 
 from .convert import produce, quantized_arrays, row_step
-from .gptq import gptq_quantize, inverse_hessian_factor
+from .gptq import gptq_quantize, inverse_hessian_factor, rtn_dequantized, squares, sum_squares
 from .checkpoint import text_config
-from .kimi_tokenizer import load_tokenizer
-from .quality_card import CARD_FILE, build_card, read_card, write_card
+from .calibration_state import PartStore
+from .quality_card import CARD_FILE, bits_label, build_card, read_card, write_card
 from .recipe import CANDIDATES
 from .slice import model_args
-from .sources import ConvertError, decode_rows, int4_rows, native_int4, source_rows
+from .sources import decode_rows, int4_rows, native_int4, source_rows
 
-DEFAULT_TOKENS = 1024
-SEQUENCE = 128  # tokens per calibration sequence
 GPTQ_MIN_TOKENS = 32  # fewer inputs than this and a module's Hessian says too little: round to nearest
 PASS_ON = (3, 64)  # while measuring, each layer is passed on quantized at this candidate
-
-# The built-in calibration set: code, prose, Chinese, and a chat with tools and thinking (rendered with
-# the checkpoint's own chat template). Its words are not quality.DEFAULT_TEXT's, on which `compare` judges.
-CODE = '''
-import heapq
-from dataclasses import dataclass, field
-
-
-@dataclass(order=True)
-class Job:
-    priority: int
-    name: str = field(compare=False)
-
-
-def schedule(jobs: list[Job], workers: int) -> dict[str, int]:
-    """Assign each job to the least loaded worker, highest priority first."""
-    loads = [(0, w) for w in range(workers)]
-    heapq.heapify(loads)
-    placed = {}
-    for job in sorted(jobs, reverse=True):
-        load, worker = heapq.heappop(loads)
-        placed[job.name] = worker
-        heapq.heappush(loads, (load + job.priority, worker))
-    return placed
-
-
-fn parse_header(bytes: &[u8]) -> Result<(u64, &[u8]), String> {
-    let len = u64::from_le_bytes(bytes[..8].try_into().map_err(|e| format!("{e}"))?);
-    Ok((len, &bytes[8..8 + len as usize]))
-}
-
-SELECT city, COUNT(*) AS orders, SUM(total) FROM sales WHERE year = 2024 GROUP BY city ORDER BY 3 DESC;
-'''
-PROSE = (
-    "The river had frozen early that winter, and the ferryman spent his mornings mending nets by the stove. "
-    "Merchants crossed on foot, testing the ice with long poles; by February a market had grown on it, with "
-    "stalls selling chestnuts, wool and salted fish. Historians still argue whether the thaw of 1816 was "
-    "caused by a volcano half a world away, but the ledgers of the town record only that the price of flour "
-    "doubled in a week and that the bridge, finished the following summer, cost 12,400 florins. "
-    "Photosynthesis converts light, water and carbon dioxide into glucose and oxygen; chlorophyll absorbs red "
-    "and blue light and reflects green, which is why leaves look the colour they do. "
-)
-CHINESE = (
-    "春天来了，山上的桃花开得正好。村里的孩子们放学以后总喜欢跑到河边，看渔夫把船划回码头。"
-    "人工智能模型在量化以后体积变小，但精度也会下降，所以需要在校准数据上衡量每一层的误差。"
-    "这座城市有三百万人口，地铁线路一共十二条，每天早上七点到九点是最拥挤的时候。"
-)
-CHAT = [
-    {"role": "system", "content": "You are a careful assistant with access to tools."},
-    {"role": "user", "content": "What's the weather in Hangzhou tomorrow, and should I bring an umbrella?"},
-    {"role": "assistant", "reasoning_content": "The user wants tomorrow's forecast; call the weather tool first.",
-     "content": "", "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
-                                    "function": {"name": "get_weather",
-                                                 "arguments": '{"city": "Hangzhou", "day": "tomorrow"}'}}]},
-    {"role": "tool", "tool_call_id": "functions.get_weather:0",
-     "content": '{"high_c": 19, "low_c": 12, "rain_probability": 0.7}'},
-    {"role": "assistant", "reasoning_content": "70% chance of rain: yes, an umbrella.",
-     "content": "Tomorrow in Hangzhou: 12-19 °C with a 70% chance of rain, so yes, bring an umbrella."},
-]
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Forecast for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "day": {"type": "string"}},
-                   "required": ["city"]}}}]
-
 
 def peak_bytes_bound(config: dict, tokens: int, chunk_bytes: int) -> int:
     """What the streamed pass may hold above the idle process (the module docstring's formula): it
@@ -132,65 +64,7 @@ def peak_bytes_bound(config: dict, tokens: int, chunk_bytes: int) -> int:
     return 32 * 2**20 + 16 * tokens * hidden * 4 + 3 * unit + 2 * hessian
 
 
-class CalibrationError(ConvertError):
-    """A calibration set that cannot serve, with what it has and what was asked."""
-
-
-def has_tokenizer(path) -> bool:
-    return any((Path(path) / f).exists() for f in ("tiktoken.model", "tokenizer.json"))
-
-
-def builtin_ids(tokenizer) -> list:
-    ids = []
-    for text in (CODE, PROSE, CHINESE):
-        ids += tokenizer.encode(text)
-    if getattr(tokenizer, "chat_template", None):
-        ids += tokenizer.apply_chat_template(CHAT, tools=TOOLS, tokenize=True)
-    return ids
-
-
-def calibration_ids(tokenizer_dir, tokens: int = DEFAULT_TOKENS, file=None) -> mx.array:
-    """(sequences, length) token ids: the first `tokens` of `file` (the user's text) or of the built-in
-    set (repeated as often as it takes), encoded with the checkpoint's own tokenizer."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if file is not None:
-        ids = tokenizer.encode(Path(file).read_text())
-        if len(ids) < tokens:
-            raise CalibrationError(f"{file}: {len(ids)} tokens with this checkpoint's tokenizer, but the calibration "
-                                   f"set asked needs {tokens}; give a longer file or ask fewer tokens "
-                                   "(--calibration-tokens)")
-    else:
-        one = builtin_ids(tokenizer)
-        ids = one * -(-tokens // len(one))
-    length = min(SEQUENCE, tokens)
-    usable = tokens // length * length
-    return mx.array(ids[:usable]).reshape(-1, length)
-
-
 # --- the pieces of one layer ----------------------------------------------------------------------
-
-def _sumsq(a: mx.array) -> float:
-    return float(_squares(a))
-
-
-def _squares(a: mx.array) -> mx.array:
-    """The sum of squares, unevaluated (candidates' errors are evaluated together)."""
-    return (a.astype(mx.float32) ** 2).sum()
-
-
-def _rtn(w: mx.array, candidate) -> mx.array:
-    """w quantized to `candidate` by round to nearest, dequantized (float32)."""
-    if candidate is None:
-        return w
-    bits, group = candidate
-    flat = w.reshape(-1, w.shape[-1])
-    q = mx.dequantize(*mx.quantize(flat, group_size=group, bits=bits), group_size=group, bits=bits)
-    return q.reshape(w.shape).astype(mx.float32)
-
-
-def _label(quant) -> str:
-    return f"{quant['bits']}-bit g{quant['group_size']}" if quant else "float"
-
 
 @dataclasses.dataclass
 class Written:
@@ -207,7 +81,7 @@ class Calibration:
     def __init__(self, source, ids: mx.array, work: Path, gptq: bool = True, chunk_bytes: int = 256 * 2**20):
         self.source = source
         self.ids = ids
-        self.work = Path(work)
+        self.store = PartStore(work)
         self.gptq = gptq
         self.chunk_bytes = chunk_bytes
         self.args = model_args(source.config)
@@ -298,11 +172,11 @@ class Calibration:
         rows = rows.astype(mx.float32)
         quant = choose(t)
         if candidates:
-            total = _sumsq(rows)
-            card["errors"][t.module] = self._candidates(t, lambda c: _squares(_rtn(rows, c) - rows) / total)
-        q = _rtn(rows.astype(dtype).astype(mx.float32), (quant["bits"], quant["group_size"]) if quant else None)
-        card["bits"]["embedding"] = [_label(quant)]
-        card["output_error"] = {"embedding": (_sumsq(q - rows) / _sumsq(rows)) ** 0.5}
+            total = sum_squares(rows)
+            card["errors"][t.module] = self._candidates(t, lambda c: squares(rtn_dequantized(rows, c) - rows) / total)
+        q = rtn_dequantized(rows.astype(dtype).astype(mx.float32), (quant["bits"], quant["group_size"]) if quant else None)
+        card["bits"]["embedding"] = [bits_label(quant)]
+        card["output_error"] = {"embedding": (sum_squares(q - rows) / sum_squares(rows)) ** 0.5}
         self._hidden = q.reshape(*self.ids.shape, -1)
 
     def valid_candidates(self, target) -> list:
@@ -332,18 +206,18 @@ class Calibration:
         for r in range(0, rows, step):
             w = decode_rows(self.source, head.sources[0], r, min(rows, r + step)).astype(mx.float32)
             logits = x @ w.T
-            total += _sumsq(logits)
+            total += sum_squares(logits)
             if candidates:
-                for c, e in self._candidates(head, lambda c: _squares(x @ (_rtn(w, c) - w).T)).items():
+                for c, e in self._candidates(head, lambda c: squares(x @ (rtn_dequantized(w, c) - w).T)).items():
                     errors[c] = errors.get(c, 0.0) + e
             out = self.quantize(head, w, quant, dtype, x)
             used |= out.gptq
-            err += _sumsq(x @ (out.weight - w).T)
+            err += sum_squares(x @ (out.weight - w).T)
             yield emit(head, r, out.arrays)
         if candidates:
             card["errors"][head.module] = {c: e / total for c, e in errors.items()}
         card["gptq"] += used
-        card["bits"]["lm_head"] = [_label(quant)]
+        card["bits"]["lm_head"] = [bits_label(quant)]
         card["output_error"] = {"lm_head": (err / total) ** 0.5}
 
     def _layer(self, i, targets, dtype, choose, candidates, card, emit):
@@ -385,7 +259,7 @@ class Calibration:
         mx.eval(a_quant)
         del attn, master, quantized
         kinds = {"attention": (a_master, a_quant)}
-        card["bits"]["attention"] = sorted({_label(choose(t)) for t in attention.values() if t.quantizable})
+        card["bits"]["attention"] = sorted({bits_label(choose(t)) for t in attention.values() if t.quantizable})
 
         # MLP: one unit (dense MLP, shared experts, one routed expert) at a time, on the same input
         h = x + a_quant
@@ -425,16 +299,16 @@ class Calibration:
                     y_quant = y_quant.at[tokens].add(out["quant"])
                 mx.eval(y_master, y_quant)
             kinds[kind] = (y_master, y_quant)
-            card["bits"][kind] = sorted({_label(choose(t)) for t in mods.values()})
+            card["bits"][kind] = sorted({bits_label(choose(t)) for t in mods.values()})
         mlp_master = sum(m for k, (m, _) in kinds.items() if k != "attention").reshape(x.shape)
         mlp_quant = sum(q for k, (_, q) in kinds.items() if k != "attention").reshape(x.shape)
-        card["output_error"] = {k: (_sumsq(q - m) / max(_sumsq(m), 1e-30)) ** 0.5 for k, (m, q) in kinds.items()}
+        card["output_error"] = {k: (sum_squares(q - m) / max(sum_squares(m), 1e-30)) ** 0.5 for k, (m, q) in kinds.items()}
         sub_master, sub_quant = a_master + mlp_master, a_quant + mlp_quant
-        card["output_error"]["layer"] = (_sumsq(sub_quant - sub_master) / max(_sumsq(sub_master), 1e-30)) ** 0.5
+        card["output_error"]["layer"] = (sum_squares(sub_quant - sub_master) / max(sum_squares(sub_master), 1e-30)) ** 0.5
         self._hidden = h + mlp_quant
         mx.eval(self._hidden)
         if candidates:
-            scale = max(_sumsq(x + sub_master), 1e-30)
+            scale = max(sum_squares(x + sub_master), 1e-30)
             card["errors"] = {m: {c: e / scale for c, e in cands.items()} for m, cands in errors.items()}
 
     def _attention_errors(self, attn, module, target, w, xn, a_master, hessian) -> dict:
@@ -445,11 +319,11 @@ class Calibration:
         reference = PASS_ON if PASS_ON in quantized else quantized[0]
 
         def own(c):
-            d = _rtn(w, c) - w
-            return ((d @ hessian) * d).sum() if hessian is not None else _squares(d)
+            d = rtn_dequantized(w, c) - w
+            return ((d @ hessian) * d).sum() if hessian is not None else squares(d)
 
-        getattr(attn, module).weight = _rtn(w, reference)
-        effect = _squares(attn(xn, self.mask) - a_master)
+        getattr(attn, module).weight = rtn_dequantized(w, reference)
+        effect = squares(attn(xn, self.mask) - a_master)
         getattr(attn, module).weight = w
         scale = effect / mx.maximum(own(reference), 1e-30)
         return self._candidates(target, lambda c: scale * own(c))
@@ -477,11 +351,11 @@ class Calibration:
         act = nn.silu(g) * u
         y_master = scale(act @ w["down"].T)
         if candidates:
-            effects = {"gate": lambda c: (nn.silu(x @ _rtn(w["gate"], c).T) * u - act) @ w["down"].T,
-                       "up": lambda c: (nn.silu(g) * (x @ (_rtn(w["up"], c) - w["up"]).T)) @ w["down"].T,
-                       "down": lambda c: act @ (_rtn(w["down"], c) - w["down"]).T}
+            effects = {"gate": lambda c: (nn.silu(x @ rtn_dequantized(w["gate"], c).T) * u - act) @ w["down"].T,
+                       "up": lambda c: (nn.silu(g) * (x @ (rtn_dequantized(w["up"], c) - w["up"]).T)) @ w["down"].T,
+                       "down": lambda c: act @ (rtn_dequantized(w["down"], c) - w["down"]).T}
             for p, t in mods.items():
-                for c, e in self._candidates(t, lambda c, p=p: _squares(scale(effects[p](c)))).items():
+                for c, e in self._candidates(t, lambda c, p=p: squares(scale(effects[p](c)))).items():
                     errors.setdefault(t.module, {}).setdefault(c, 0.0)
                     errors[t.module][c] += e
         rows = mods["gate"].shape[-2] if expert is not None else 0
@@ -500,32 +374,16 @@ class Calibration:
 
     # --- state between parts and runs ---
 
-    def _saved(self, stage: str, part) -> Path:
-        return self.work / stage / f"after-{part}"
-
     def restore(self, stage: str, part) -> None:
         """The hidden states (and card) after `part`, from memory or from a previous run's files."""
-        if self._hidden_part == (stage, part):
-            return
-        path = self._saved(stage, part)
-        if not (path.with_suffix(".npy").exists() and path.with_suffix(".json").exists()):
-            raise CalibrationError(f"{path.parent}: the calibration state after part {part} is missing; delete "
-                                   f"{self.work.parent} to start the conversion over")
-        self._hidden = mx.array(np.load(path.with_suffix(".npy")))
-        self.cards[part] = _card_from_json(json.loads(path.with_suffix(".json").read_text()))
-        self._hidden_part = (stage, part)
+        if self._hidden_part != (stage, part):
+            self._hidden, self.cards[part] = self.store.load(stage, part)
+            self._hidden_part = (stage, part)
 
     def save(self, stage: str, part, card: dict) -> None:
-        path = self._saved(stage, part)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".npy.tmp"), np.array(self._hidden), allow_pickle=False)
-        Path(str(path.with_suffix(".npy.tmp")) + ".npy").replace(path.with_suffix(".npy"))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_card_to_json(card)))
-        tmp.replace(path.with_suffix(".json"))
+        self.store.save(stage, part, self._hidden, card)
         self.cards[part] = card
         self._hidden_part = (stage, part)
-
 
     def _stage(self, stage: str, part, targets, dtype, choose, candidates: bool):
         order = self._order
@@ -554,7 +412,7 @@ class Calibration:
         gptq, self.gptq = self.gptq, False
         try:
             for part in self._order:
-                if self._saved(stage, part).with_suffix(".json").exists():
+                if self.store.has(stage, part):
                     self.restore(stage, part)
                 else:
                     for _ in self._stage(stage, part, parts[part], dtype, choose, True):
@@ -570,41 +428,21 @@ class Calibration:
         yield from self._stage(self._fresh("quantize"), part, targets, dtype, lambda t: t.quant, False)
 
     def _fresh(self, stage: str) -> str:
-        """The stage's directory, emptied if a run with another source or calibration set left it."""
-        folder = self.work / stage
-        key = {"source": self.source.identity(), "calibration": self.key if stage == "quantize" else self.ids_digest}
-        file = folder / "key.json"
-        if folder.exists() and (not file.exists() or json.loads(file.read_text()) != key):
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not file.exists():
-            file.write_text(json.dumps(key))
-        return stage
+        return self.store.fresh(stage, {"source": self.source.identity(),
+                                        "calibration": self.key if stage == "quantize" else self.ids_digest})
 
     def finish(self, out) -> dict:
         """Write OUT/quality.json from every part's entry (a rerun that wrote nothing keeps the card it
         finds) and drop the hidden states."""
-        folder = self.work / "quantize"
         for part in self._order:
-            file = self._saved("quantize", part).with_suffix(".json")
-            if part not in self.cards and file.exists():
-                self.cards[part] = _card_from_json(json.loads(file.read_text()))
+            if part not in self.cards and self.store.has("quantize", part):
+                self.cards[part] = self.store.card("quantize", part)
         if len(self.cards) < len(self._order) and (Path(out) / CARD_FILE).exists():
             return read_card(out)
         entries = [{k: v for k, v in self.cards[p].items() if k != "errors"} for p in self._order if p in self.cards]
         card = build_card(entries, {"tokens": int(self.ids.size), "sequences": int(self.ids.shape[0]),
                                     "gptq": self.gptq, "gptq_min_tokens": GPTQ_MIN_TOKENS})
         write_card(out, card)
-        for file in folder.glob("*.npy"):
-            file.unlink()
+        self.store.drop_hidden("quantize")
         return card
 
-
-def _card_to_json(card: dict) -> dict:
-    errors = {m: [[list(c) if c else None, e] for c, e in cands.items()] for m, cands in card["errors"].items()}
-    return {**card, "errors": errors}
-
-
-def _card_from_json(card: dict) -> dict:
-    errors = {m: {tuple(c) if c else None: e for c, e in cands} for m, cands in card["errors"].items()}
-    return {**card, "errors": errors}

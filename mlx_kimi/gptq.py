@@ -82,3 +82,22 @@ def output_error(x: mx.array, w: mx.array, quantized: tuple, bits: int, group_si
     wq = mx.dequantize(*quantized, group_size=group_size, bits=bits)
     d = x @ (w.astype(mx.float32) - wq.astype(mx.float32)).T
     return float((d * d).sum())
+
+
+def sum_squares(a: mx.array) -> float:
+    return float(squares(a))
+
+
+def squares(a: mx.array) -> mx.array:
+    """The sum of squares, unevaluated (candidates' errors are evaluated together)."""
+    return (a.astype(mx.float32) ** 2).sum()
+
+
+def rtn_dequantized(w: mx.array, candidate) -> mx.array:
+    """w quantized to `candidate` by round to nearest, dequantized (float32)."""
+    if candidate is None:
+        return w
+    bits, group = candidate
+    flat = w.reshape(-1, w.shape[-1])
+    q = mx.dequantize(*mx.quantize(flat, group_size=group, bits=bits), group_size=group, bits=bits)
+    return q.reshape(w.shape).astype(mx.float32)

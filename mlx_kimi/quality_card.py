@@ -64,3 +64,6 @@ def card_rows(card: dict) -> list:
             rows.append((label, kind, bits, error, note))
     return rows
 
+
+def bits_label(quant) -> str:
+    return f"{quant['bits']}-bit g{quant['group_size']}" if quant else "float"

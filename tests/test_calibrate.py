@@ -12,7 +12,8 @@ import pytest
 from mlx_lm.utils import load_model
 
 from harness import KIMI, LocalCluster, oracle_reply
-from mlx_kimi.calibrate import Calibration, CalibrationError, calibration_ids
+from mlx_kimi.calibrate import Calibration
+from mlx_kimi.calibration_set import CalibrationError, calibration_ids
 from mlx_kimi.convert import CALIBRATION_DIR, ConvertError, convert, plan_targets
 from mlx_kimi.gptq import gptq_quantize, inverse_hessian_factor, pack, rtn_quantize
 from mlx_kimi.kimi_tokenizer import load_tokenizer

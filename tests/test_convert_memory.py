@@ -63,7 +63,8 @@ def test_peak_rss_bounded_below_the_model(tmp_path):
 CALIBRATED_PROBE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from mlx_kimi.calibrate import Calibration, calibration_ids
+    from mlx_kimi.calibrate import Calibration
+    from mlx_kimi.calibration_set import calibration_ids
     from mlx_kimi.convert import CALIBRATION_DIR, convert
     from mlx_kimi.sources import open_source
     from mlx_kimi.spec import QuantScheme
