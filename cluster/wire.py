@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 import mlx.core as mx
 import numpy as np
 
@@ -182,3 +183,45 @@ def failed_node(error: grpc.RpcError) -> str | None:
         if key == FAILED_NODE_KEY:
             return value
     return None
+
+
+# A slice part's chunks travel as PartChunk messages built around the data (transfer.py's FetchPart),
+# so 4 MiB of weights are neither copied into a message nor out of one.
+def encode_chunk(index: int, data: bytes) -> bytes:
+    """The PartChunk message (index, data) as it travels, built around `data` with one copy."""
+    return b"".join((b"\x08" + _varint(index) if index else b"", b"\x12", _varint(len(data)), data))
+
+
+def decode_chunk(raw: bytes) -> tuple:
+    """(index, data) of a PartChunk as it travelled; data is a view into `raw` when encode_chunk made
+    it (no copy), else what protobuf reads; (-1, b"") when `raw` is not a PartChunk."""
+    index, at = _read_varint(raw, 1) if raw[:1] == b"\x08" else (0, 0)
+    if raw[at:at + 1] == b"\x12":
+        size, start = _read_varint(raw, at + 1)
+        if size >= 0 and start + size == len(raw):
+            return index, memoryview(raw)[start:]
+    try:
+        chunk = pb.PartChunk.FromString(raw)
+    except DecodeError:
+        return -1, b""
+    return chunk.index, chunk.data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, at: int) -> tuple:
+    """(value, position after it) of the varint at `at`; (-1, len(raw) + 1) when it runs off the end."""
+    value = shift = 0
+    for i in range(at, min(at + 10, len(raw))):
+        value |= (raw[i] & 0x7F) << shift
+        if raw[i] < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, len(raw) + 1
