@@ -580,6 +580,13 @@ def cmd_chat(args) -> None:
         Console(stderr=True).print(f"[dim]{reply.stats_line()}[/]", highlight=False)
 
 
+def cmd_node(args) -> None:
+    from .generated import kimi_cluster_pb2 as pb
+
+    reply = _connect(args).RemoveNode(pb.RemoveNodeRequest(name=args.name), timeout=30)
+    print(f"removed {args.name} ({reply.node_id}): the coordinator refuses it from now on and plans without it")
+
+
 def cmd_map(args) -> None:
     from .generated import kimi_cluster_pb2 as pb
 
@@ -822,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command, func, what in (("chat", cmd_chat, "chat with the cluster"), ("map", cmd_map, "memory map"),
                                 ("status", cmd_status, "this machine's nodes and the cluster at a glance"),
-                                ("stop", cmd_stop, "stop this machine's nodes (releasing their slices), or all")):
+                                ("stop", cmd_stop, "stop this machine's nodes (releasing their slices), or all"),
+                                ("node", cmd_node, "remove a node: the cluster refuses it from now on")):
         p = sub.add_parser(command, help=what)
         p.add_argument("--coordinator", metavar="HOST[:PORT]",
                        help=f"the coordinator (default: the one on this machine, else found over mDNS; "
@@ -831,6 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: the one `up` would choose)")
         p.add_argument("--secret-file", type=Path, help=secret_help)
         p.set_defaults(func=func)
+        if command == "node":
+            p.add_argument("action", choices=["remove"], help="remove: the cluster refuses node NAME from now on")
+            p.add_argument("name", help="the node's name, as `kimi-cluster map` shows it")
+            continue
         if command == "stop":
             p.add_argument("--cluster", action="store_true", help="stop every node of the cluster")
             p.add_argument("--name", help="stop only this machine's node of this name")
