@@ -110,7 +110,7 @@ class Membership:
         if kind != "leave":
             try:
                 self.attach(found.address, found.name, found.node_id)
-            except NameTaken as e:
+            except (NameTaken, Refused) as e:
                 log.warning("%s", e)
             return
         lost_name = None
