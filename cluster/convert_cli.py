@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .units import format_bytes, parse_size
+from .cli_args import mac_memory, size
+from .model_cli import mac_nodes
+from .units import format_bytes
 
 console = Console()
 
@@ -28,7 +30,7 @@ def add_convert_parser(sub) -> None:
                         "(or 192GB+128GB)")
     p.add_argument("--wired-limit-mb", type=int,
                    help="with --fit: the GPU wired limit set on every Mac (default: macOS's 75%% of memory)")
-    p.add_argument("--budget", type=_size, help="choose bits per module so the weights take at most this, e.g. 350GB")
+    p.add_argument("--budget", type=size, help="choose bits per module so the weights take at most this, e.g. 350GB")
     p.add_argument("--context", type=int, default=32768, help="with --fit: tokens of KV cache to leave room for")
     p.add_argument("--calibrate", action="store_true",
                    help="with --fit/--budget: measure each module's effect on the output (KL on a calibration text) "
@@ -42,24 +44,15 @@ def add_convert_parser(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
 def parse_fit(text: str) -> list:
     """"2x192GB" or "192GB+128GB" -> the Macs' memory in bytes, GB as Apple means it (as `plan --node`)."""
-    from .cli import _mac_memory
-
     sizes = []
     for term in text.split("+"):
-        count, _, size = term.strip().rpartition("x")
+        count, _, each = term.strip().rpartition("x")
         if count and not count.isdigit():
             raise ValueError(f"--fit {text!r}: write the Macs as COUNTxSIZE, e.g. 2x192GB, joined by +")
         try:
-            sizes += [_mac_memory(size)] * (int(count) if count else 1)
+            sizes += [mac_memory(each)] * (int(count) if count else 1)
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"--fit {text!r}: {e}") from None
     return sizes
@@ -99,18 +92,6 @@ def print_recipe(title: str, parts: dict, dtype) -> int:
     table.add_row("[bold]total", "", f"[bold]{total / 1e9:.3f}")
     console.print(table)
     return total
-
-
-def mac_nodes(totals: list, wired_limit_mb=None) -> list:
-    """NodeCapacity of each Mac, as `kimi-cluster plan --node SIZE` counts it."""
-    from .planner import NodeCapacity, mac_default_usable_bytes, usable_from_wired_limit_mb
-
-    nodes = []
-    for i, total in enumerate(totals, 1):
-        usable = usable_from_wired_limit_mb(wired_limit_mb) if wired_limit_mb else mac_default_usable_bytes(total)
-        nodes.append(NodeCapacity(f"mac{i}", usable, total_bytes=total,
-                                  wired_limit_bytes=wired_limit_mb * 2**20 if wired_limit_mb else None))
-    return nodes
 
 
 def part_sizes(parts: dict, dtype):

@@ -1,8 +1,14 @@
 """`kimi-cluster service install`: start `kimi-cluster up` at login on macOS (a launchd agent)."""
 
+import argparse
+import platform
 import plistlib
 import shlex
+import shutil
+import sys
 from pathlib import Path
+
+from .cli_args import fail
 
 LABEL = "ai.kimi-cluster.up"
 
@@ -39,3 +45,26 @@ def uninstall(home: Path) -> tuple:
     existed = path.exists()
     path.unlink(missing_ok=True)
     return path, existed
+
+
+def cmd_service(args) -> None:
+    if platform.system() != "Darwin":
+        fail("`service` writes a macOS launchd agent; on Linux run `kimi-cluster up ...` from a systemd unit")
+    home = Path.home()
+    if args.action == "uninstall":
+        path, existed = uninstall(home)
+        print(f"removed {path}; stop the running one with: launchctl bootout gui/$(id -u)/{LABEL}"
+              if existed else f"no agent at {path}")
+        return
+    up_args = [a for a in args.up_args if a != "--"]
+    executable = shutil.which("kimi-cluster") or str(Path(sys.executable).parent / "kimi-cluster")
+    path, start = install(executable, up_args, home)
+    print(f"wrote {path}: `kimi-cluster up {' '.join(up_args)}` at every login (log in ~/Library/Logs/kimi-cluster.log)")
+    print(f"start it now: {start}")
+
+
+def add_service_parser(sub) -> None:
+    p = sub.add_parser("service", help="macOS: run `kimi-cluster up` at login (a launchd agent)")
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("up_args", nargs=argparse.REMAINDER, help="arguments for `up`, after --, e.g. -- --model DIR")
+    p.set_defaults(func=cmd_service)

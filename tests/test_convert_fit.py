@@ -3,7 +3,8 @@
 import re
 import subprocess
 
-from cluster.convert_cli import fit_to_cluster, mac_nodes
+from cluster.convert_cli import fit_to_cluster
+from cluster.model_cli import mac_nodes
 from cluster.planner import plan_partition, sizes_for_model
 from harness import KIMI
 from mlx_kimi.builtin import BUILTIN_MODELS

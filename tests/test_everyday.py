@@ -158,7 +158,7 @@ def test_load_bars_show_every_planned_node_once_however_the_loads_interleave():
 
     from rich.console import Console
 
-    from cluster.cli import LoadBars
+    from cluster.load_progress import LoadBars
 
     @dataclass
     class Stage:

@@ -226,7 +226,7 @@ def test_load_bars_show_receiving_then_loading_per_node():
 
     from rich.console import Console
 
-    from cluster.cli import LoadBars
+    from cluster.load_progress import LoadBars
 
     out = io.StringIO()
     plan = SimpleNamespace(stages=[SimpleNamespace(node="a", weight_bytes=100), SimpleNamespace(node="b", weight_bytes=100)])
