@@ -203,12 +203,14 @@ def node_sessions(cluster) -> tuple:
     return cached, {name: sessions for name, (sessions, _) in cluster.kv_state().items()}
 
 
-def settled_sessions(cluster, timeout: float = 15.0) -> tuple:
-    """node_sessions once every node holds just the cached conversations, or the last reading
-    after `timeout` s (a cancelled request frees its sessions just after its client left)."""
+def settled_sessions(cluster, timeout: float = 15.0, nodes=None) -> tuple:
+    """node_sessions (of the nodes named in `nodes`, default all) once each holds just the cached
+    conversations, or the last reading after `timeout` s (a cancelled request frees its sessions
+    just after its client left)."""
     deadline = time.monotonic() + timeout
     while True:
         cached, held = node_sessions(cluster)
+        held = {name: n for name, n in held.items() if nodes is None or name in nodes}
         if all(n == cached for n in held.values()) or time.monotonic() > deadline:
             return cached, held
         time.sleep(0.1)  # pacing between readings; the state is what we wait on

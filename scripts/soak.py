@@ -286,8 +286,8 @@ def _run(cluster, memory: str, args, jobs: list, expected: dict) -> Run:
     run.problems += load_test.reply_problems([o for o in run.outcomes if not unavailable(o)], expected)
     run.problems += [f"a request was refused (503) for {args.request_timeout:.0f} s: {o.error}" for o in run.outcomes
                      if unavailable(o)]
-    sessions = load_test.settled_sessions(cluster)
-    cached, held = sessions
+    stages = {n.name for n in cluster.memory_map().nodes if n.has_layers}  # a spare holds no session
+    cached, held = load_test.settled_sessions(cluster, nodes=stages)
     run.problems += [f"node {name} holds {n} sessions after the run, the coordinator caches {cached} conversations"
                      for name, n in held.items() if n != cached]
     for p in run.processes:
