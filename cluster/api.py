@@ -78,7 +78,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
                 "last_decode_tok_s": loop.last_decode_tok_s}
 
     def prepare(prompt, body: dict, arrived: float):
-        request = read_request(body, arrived, model_name, tokenizer, prompt)
+        request = read_request(body, arrived, model_name, loop, prompt)
         return request, start(loop, request)
 
     async def reply(request: Request, prompt, shape):

@@ -43,13 +43,16 @@ class SessionLost(GenerateError):
     """The session's caches are gone from a node (it was lost, or freed them): replay it."""
 
 
-def sampling_error(s: pb.SamplingParams) -> str | None:
+def sampling_error(s: pb.SamplingParams, vocab_size: int) -> str | None:
+    """What is wrong with `s`, or None; `vocab_size` (the model's head) bounds top_k."""
     if not s.temperature >= 0:
         return f"temperature must be >= 0, got {s.temperature}"
     if not 0 <= s.top_p <= 1:
         return f"top_p must be in (0, 1] (0 turns it off), got {s.top_p}"
     if s.top_k < 0:
         return f"top_k must be >= 0, got {s.top_k}"
+    if s.top_k >= vocab_size:
+        return f"top_k must be below the model's vocabulary of {vocab_size} tokens (0 turns it off), got {s.top_k}"
     if not 0 <= s.min_p <= 1:
         return f"min_p must be in [0, 1], got {s.min_p}"
     return None
