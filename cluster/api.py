@@ -26,6 +26,7 @@ from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_repl
 WEB_DIR = Path(__file__).parent / "web"
 MAX_WHOLE_REPLIES = 8            # non-streaming generations at once; more wait their turn
 MAX_STREAM_THREADS = 64          # threads stepping streaming generations (apart from the above)
+MAX_PREPARING = 4                # requests tokenized at once (CPU-bound anyway): bounds their memory together
 
 
 def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: set | None = None,
@@ -39,6 +40,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     # few, and queue for them, so they never take the threads that streams and requests need.
     whole_replies = anyio.CapacityLimiter(MAX_WHOLE_REPLIES)
     stream_steps = anyio.CapacityLimiter(MAX_STREAM_THREADS)
+    preparing = anyio.CapacityLimiter(MAX_PREPARING)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
     app.add_middleware(Guard, hosts=hosts, origins=set(origins))  # outermost: runs first
@@ -86,7 +88,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         arrived = time.monotonic()
         body = await read_body(request, coordinator)
         # tokenizing and rendering the template may take a while on a big prompt: off the event loop
-        job, generation = await anyio.to_thread.run_sync(prepare, prompt, body, arrived)
+        job, generation = await anyio.to_thread.run_sync(prepare, prompt, body, arrived, limiter=preparing)
         out = shape(model_name, tokenizer, job.logprobs)
         if job.stream:
             return StreamingResponse(stream_reply(generation, out, job.include_usage, stream_steps),

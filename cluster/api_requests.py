@@ -106,7 +106,9 @@ def start(loop: GenerationLoop, request: ApiRequest) -> Generation:
 
 
 def too_long(e: ContextTooLong, field: str) -> ApiError:
-    return ApiError(400, e.explain(f"`{field}`", "`max_tokens`"), field, "context_length_exceeded")
+    """The refusal naming the prompt's `field`, or max_tokens where that alone cannot fit."""
+    param = "max_tokens" if e.counted_all and e.max_tokens > e.context else field
+    return ApiError(400, e.explain(f"`{field}`", "`max_tokens`"), param, "context_length_exceeded")
 
 
 def chat_prompt(body: dict, tokenizer) -> Prompt:

@@ -71,6 +71,8 @@ class ContextTooLong(GenerateError):
 
     def explain(self, prompt: str, max_tokens: str) -> str:
         """The refusal, naming the request's fields as its client knows them."""
+        if self.counted_all and self.max_tokens > self.context:
+            return f"max_tokens {self.max_tokens} alone exceeds the planned context of {self.context} tokens: lower {max_tokens}"
         if not self.counted_all:
             return (f"the prompt has more than {self.prompt_tokens} tokens (counting stopped there), past the "
                     f"planned context of {self.context} tokens: shorten {prompt}")

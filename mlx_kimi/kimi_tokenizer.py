@@ -103,7 +103,8 @@ def count_past(tokenizer, text: str, limit: int) -> int | None:
     a time and stopping there; None when it may have `limit` or fewer. The work is that of about
     `limit` tokens however long `text` is: a prompt far past the context is refused without being
     encoded whole (which for megabytes takes seconds and gigabytes)."""
-    if len(text) * 4 <= limit or len(text.encode()) <= limit:  # a token holds at least one byte
+    # A token holds at least one byte, and a character at most four: a text of `limit` bytes or fewer fits.
+    if len(text) * 4 <= limit or (len(text) <= limit and len(text.encode()) <= limit):
         return None
     counted, start = 0, 0
     while start < len(text):
