@@ -18,6 +18,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from .api_guards import Guard, RequireKey
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
@@ -48,6 +49,12 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
         return error.response()
+
+    @app.exception_handler(HTTPException)  # no such path or method (routes, the web view's files): our shape
+    async def http_error(request, error: HTTPException):
+        where = f"{request.scope['method']} {request.scope['path'][:200]}"
+        return ApiError(error.status_code, f"{where}: {error.detail}", code="not_found" if error.status_code == 404
+                        else None).response()
 
     @app.get("/health")
     async def health():
