@@ -135,8 +135,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         keeping its layers is only re-pointed, one that grows reads only the layers it lacks.
         Requests in flight wait on `ready` and replay their sessions on the new chain."""
         chain, members = self.membership.snapshot()
-        lost = [m.name for m in chain if m.status in ("lost", "failed")]
-        present = [m for m in chain if m.status not in ("lost", "failed")]
+        lost = [m.name for m in chain if m.down]
+        present = [m for m in chain if not m.down]
         present += [m for m in members if m.status == "spare" and m not in chain and m.refresh()]
         plan = replan_for(self.sizes, self.plan, present, self.context, self.prefill_chunk)
         if not plan.feasible:
@@ -192,8 +192,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             elif any(m.status == "cannot receive" for m in self.chain):
                 self.state = "waiting"  # for that node to be given room (its load named it and the reason)
                 self.ready.clear()
-            elif any(m.status in ("lost", "failed") for m in self.chain):
-                lost = [m.name for m in self.chain if m.status in ("lost", "failed")]
+            elif any(m.down for m in self.chain):
+                lost = [m.name for m in self.chain if m.down]
                 self.state = "degraded"
                 self.message = f"lost {', '.join(lost)}; restart it and it will be loaded again"
                 self.ready.clear()

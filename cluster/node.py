@@ -90,6 +90,15 @@ class ComputeWorker:
     def run(self, fn):
         return self.submit(fn).result()
 
+    def outside(self, fn):
+        """fn, called from a running job, waiting on something else (a part still arriving): not
+        counted as computing, so a long wait is not taken for a stalled job."""
+        self.busy_since = None
+        try:
+            return fn()
+        finally:
+            self.busy_since = time.monotonic()
+
 
 def _key_seed(key: mx.array) -> int:
     """An mlx random key as the integer mx.random.seed turns back into that key."""
@@ -317,14 +326,20 @@ class NodeService(pb_grpc.NodeServicer):
                                self.max_transfer_rate)
         # Never a path from the request: a path on the coordinator's Mac means nothing here.
         in_memory = (held.layers.start, held.layers.end) if held else ()
-        checkpoint, received = fetcher.checkpoint(request.model_id, request.start, request.end,
-                                                  list(request.sources), in_memory)
+        receiving = fetcher.receive(request.model_id, request.start, request.end, list(request.sources), in_memory)
+        checkpoint = receiving.checkpoint
+
+        def loaded(done, total):
+            if receiving.finished():  # parts load as they arrive: one bar receiving, then one loading
+                progress(done, total, "load")
 
         def work():
             mx.clear_cache()
-            return load_slice(checkpoint, layers, lambda done, total: progress(done, total, "load"), reuse=held)
+            return load_slice(checkpoint, layers, loaded, reuse=held,
+                              ready=lambda file: self.worker.outside(lambda: receiving.ready(file)))
 
         model_slice = self.worker.run(work)
+        received = receiving.result()
         stage = LocalStage(
             slice=model_slice, model_id=request.model_id, model_name=checkpoint.name,
             num_layers=text_config(checkpoint.config)["num_hidden_layers"], kv_budget_bytes=request.kv_budget_bytes,

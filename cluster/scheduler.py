@@ -129,7 +129,7 @@ class Scheduler:
                 return reply_of(future.result(max(wait, 0)))
             except FutureTimeout:
                 pass
-            if lost := next((m for m in chain if m.status in ("lost", "failed")), None):
+            if lost := next((m for m in chain if m.down), None):
                 future.cancel()
                 raise StageError(grpc.StatusCode.UNAVAILABLE, f"node {lost.name} ({lost.address}) was lost",
                                  lost.name)

@@ -25,7 +25,7 @@ EXTRA_BYTES_PER_REFUSAL = 160 << 20  # the body, its parsed text and the rendere
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, tiny_dir):
     workdir = tmp_path_factory.mktemp("api-sec")
-    env = harness.test_env(workdir / "home")
+    env = harness.node_env(workdir / "home")
     env["KIMI_CLUSTER_API_KEY"] = API_KEY  # the key never appears on the command line
     with ApiCluster(workdir, tiny_dir, stages=1, env=env, coordinator_extra=["--api-port", "0"]) as cluster:
         url = urlsplit(cluster.api_url)

@@ -5,7 +5,7 @@ import warnings
 
 from cluster.generated import kimi_cluster_pb2 as cluster_dot_generated_dot_kimi__cluster__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -445,7 +445,7 @@ class SlicesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchPart(self, request, context):
-        """A part's data from chunk `first_chunk` on, one chunk per message; gRPC's flow control keeps
+        """A part's chunks [first_chunk, end_chunk), one chunk per message; gRPC's flow control keeps
         only a few chunks in memory on either side.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
