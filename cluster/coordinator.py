@@ -162,7 +162,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _load(self, index: int, drop_sessions: bool = False) -> bool:
         request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, self.id,
-                               self.local.node_id, self.take_over, drop_sessions)
+                               self.local.node_id, self.prefill_chunk, self.take_over, drop_sessions)
         if error := load_member(self.chain[index], request, self.on_load_progress):
             self._status(error)
             return False

@@ -46,6 +46,7 @@ class Member:
     link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
     heard: float = field(default_factory=time.monotonic)  # its last health answer
     refused: int = 0  # health checks refused in a row (connection failed)
+    idle_since: float | None = None  # since when its health says it computes nothing and queues nothing
 
     @property
     def name(self) -> str:
@@ -234,6 +235,8 @@ class Membership:
                     self.on_lost(member.name)
                 continue
             member.heard, member.refused = time.monotonic(), 0
+            idle = health.queued == 0 and health.busy_s == 0
+            member.idle_since = (member.idle_since or member.heard) if idle else None
             if health.coordinator_id not in ("", self.coordinator_id):
                 if member.status != "lost":
                     log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,
