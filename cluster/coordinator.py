@@ -45,14 +45,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.sizes = checkpoint_sizes(self.checkpoint)
         self.prefill_chunk = prefill_chunk(self.sizes, max_prefill_chunk)
         self.tokenizer = load_tokenizer(self.checkpoint.path)
-        local.is_coordinator = True
-        local.coordinator_address = local.address
         self.membership = Membership(local.address, secret, peers, self.id, local.node_id, zeroconf, take_over)
         self.membership.on_lost = self._node_lost
         self.sessions = Sessions(lambda: self.membership.chain)
         self.ready = threading.Event()
         self.scheduler = Scheduler(local, self.membership, self.sessions, self.prefill_chunk, self._node_lost,
                                    self.ready)
+        local.serve_coordinator(self.scheduler.deliver)  # the token ring ends here
         self.plan: Plan | None = None
         self.state, self.message = "waiting", "waiting for nodes"
         self._stop = threading.Event()

@@ -93,7 +93,6 @@ class Scheduler:
         self._ring_lock = threading.Lock()
         self.running = 0  # requests generating now (named when a deadline passes)
         self._step_s = collections.deque([0.0], maxlen=STEP_HISTORY)  # how long the last steps took
-        local.on_deliver = self.deliver
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
         """Send `request` round the token ring (see ForwardRequest.reply_to): the Future of the
@@ -105,7 +104,7 @@ class Scheduler:
         request.reply_to, request.ticket = self.local.address, ticket
         first = chain[0]
         if first.address == self.local.address:
-            accepted = self.local.accept(request, timeout)
+            accepted = self.local.stage.accept(request, timeout)
         else:
             if first.link is None or first.link.address != first.address:
                 if first.link:
