@@ -57,6 +57,12 @@ class Member:
         """Lost (stopped answering) or failed (its load failed): it serves nothing until loaded again."""
         return self.status in ("lost", "failed")
 
+    def answered(self, health: pb.HealthReply):
+        """It answered a health check: heard now, and idle since when if it computes and queues nothing."""
+        self.heard, self.refused = time.monotonic(), 0
+        idle = health.queued == 0 and health.busy_s == 0
+        self.idle_since = (self.idle_since or self.heard) if idle else None
+
     def refresh(self) -> bool:
         """Ask the node for its NodeInfo; whether it answered."""
         try:
@@ -234,9 +240,7 @@ class Membership:
                     log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, e.details(), silent)
                     self.on_lost(member.name)
                 continue
-            member.heard, member.refused = time.monotonic(), 0
-            idle = health.queued == 0 and health.busy_s == 0
-            member.idle_since = (member.idle_since or member.heard) if idle else None
+            member.answered(health)
             if health.coordinator_id not in ("", self.coordinator_id):
                 if member.status != "lost":
                     log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,
