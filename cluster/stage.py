@@ -25,7 +25,7 @@ from .generated import kimi_cluster_pb2 as pb
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .stage_queue import Step
 from .stage_session import Session
-from .wire import WireError, check_tensor, decode_tensor, encode_tensor
+from .wire import WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
 
 log = logging.getLogger("kimi_cluster.stage")
 
@@ -234,6 +234,7 @@ class Stage:
             try:
                 positions = self._check_input(loaded, request)
             except WireError as e:
+                return_freed_memory(len(request.hidden.data))
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
             if self.admit:
                 self.admit(request.coordinator_id)
