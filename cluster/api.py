@@ -18,6 +18,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from .api_guards import Guard, RequireKey
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
@@ -26,6 +27,7 @@ from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_repl
 WEB_DIR = Path(__file__).parent / "web"
 MAX_WHOLE_REPLIES = 8            # non-streaming generations at once; more wait their turn
 MAX_STREAM_THREADS = 64          # threads stepping streaming generations (apart from the above)
+MAX_PREPARING = 4                # requests tokenized at once (CPU-bound anyway): bounds their memory together
 
 
 def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: set | None = None,
@@ -39,6 +41,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     # few, and queue for them, so they never take the threads that streams and requests need.
     whole_replies = anyio.CapacityLimiter(MAX_WHOLE_REPLIES)
     stream_steps = anyio.CapacityLimiter(MAX_STREAM_THREADS)
+    preparing = anyio.CapacityLimiter(MAX_PREPARING)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
     app.add_middleware(Guard, hosts=hosts, origins=set(origins))  # outermost: runs first
@@ -46,6 +49,12 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
         return error.response()
+
+    @app.exception_handler(HTTPException)  # no such path or method (routes, the web view's files): our shape
+    async def http_error(request, error: HTTPException):
+        where = f"{request.scope['method']} {request.scope['path'][:200]}"
+        return ApiError(error.status_code, f"{where}: {error.detail}", code="not_found" if error.status_code == 404
+                        else None).response()
 
     @app.get("/health")
     async def health():
@@ -78,7 +87,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
                 "last_decode_tok_s": loop.last_decode_tok_s}
 
     def prepare(prompt, body: dict, arrived: float):
-        request = read_request(body, arrived, model_name, tokenizer, prompt)
+        request = read_request(body, arrived, model_name, loop, prompt)
         return request, start(loop, request)
 
     async def reply(request: Request, prompt, shape):
@@ -86,7 +95,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         arrived = time.monotonic()
         body = await read_body(request, coordinator)
         # tokenizing and rendering the template may take a while on a big prompt: off the event loop
-        job, generation = await anyio.to_thread.run_sync(prepare, prompt, body, arrived)
+        job, generation = await anyio.to_thread.run_sync(prepare, prompt, body, arrived, limiter=preparing)
         out = shape(model_name, tokenizer, job.logprobs)
         if job.stream:
             return StreamingResponse(stream_reply(generation, out, job.include_usage, stream_steps),

@@ -14,13 +14,15 @@ from starlette.requests import ClientDisconnect
 from .api_guards import MAX_BODY_BYTES
 from .api_responses import ApiError
 from .generated import kimi_cluster_pb2 as pb
-from .generation import ContextTooLong, Generation, GenerationLoop, GenerationRequest
+from .generation import ContextTooLong, Generation, GenerationLoop, GenerationRequest, PromptTokenizer
 from .scheduler import GenerateError
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 1024        # a chat reply that names no max_tokens: up to this, as the context allows
 DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default for /v1/completions
+MAX_TIMEOUT_S = 7 * 86400        # a `timeout` longer than a week is a mistake, not a deadline
+IMAGE_PARTS = ("image_url", "image", "input_image")
 
 
 def _nonzero(value) -> bool:
@@ -84,10 +86,11 @@ async def read_body(request: Request, coordinator) -> dict:
     return body
 
 
-def read_request(body: dict, arrived: float, model_name: str, tokenizer, prompt: Callable) -> ApiRequest:
-    """`prompt(body, tokenizer)` reads the endpoint's own fields (chat_prompt, text_prompt)."""
+def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLoop, prompt: Callable) -> ApiRequest:
+    """`prompt(body, tokenizer)` reads the endpoint's own fields (chat_prompt, text_prompt); its
+    tokenizer refuses a prompt that cannot fit the context before encoding it whole."""
     check_model(body, model_name)
-    p = prompt(body, tokenizer)
+    p = prompt(body, PromptTokenizer(loop.tokenizer, loop.context))
     generation = GenerationRequest(p.ids, p.max_tokens, sampling(body), default_max_tokens=p.default_max_tokens,
                                    stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived)
     return ApiRequest(generation, p.field, logprobs=p.logprobs, **_stream_flags(body))
@@ -97,10 +100,15 @@ def start(loop: GenerationLoop, request: ApiRequest) -> Generation:
     try:
         return loop.start(request.generation)
     except ContextTooLong as e:
-        message = e.explain(f"`{request.prompt_field}`", "`max_tokens`")
-        raise ApiError(400, message, request.prompt_field, "context_length_exceeded") from e
+        raise too_long(e, request.prompt_field) from e
     except GenerateError as e:  # sampling the checkpoint's generation_config.json makes invalid
         raise ApiError(400, e.message) from e
+
+
+def too_long(e: ContextTooLong, field: str) -> ApiError:
+    """The refusal naming the prompt's `field`, or max_tokens where that alone cannot fit."""
+    param = "max_tokens" if e.counted_all and e.max_tokens > e.context else field
+    return ApiError(400, e.explain(f"`{field}`", "`max_tokens`"), param, "context_length_exceeded")
 
 
 def chat_prompt(body: dict, tokenizer) -> Prompt:
@@ -117,6 +125,8 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     extra = {} if thinking is None else {"thinking": thinking}
     try:
         ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **extra)
+    except ContextTooLong as e:
+        raise too_long(e, "messages") from e
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
     return Prompt(ids, max_tokens, DEFAULT_MAX_TOKENS, "messages", raw=False, logprobs=bool(logprobs))
@@ -128,7 +138,10 @@ def text_prompt(body: dict, tokenizer) -> Prompt:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "`prompt` must be a non-empty string (one prompt per request)", "prompt")
-    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    try:
+        ids = tokenizer.encode(prompt)
+    except ContextTooLong as e:
+        raise too_long(e, "prompt") from e
     max_tokens = _number(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, low=1, integer=True)
     if body.get("logprobs") not in (None, 0, False):
         raise ApiError(400, "not supported by kimi-cluster: `logprobs` on /v1/completions (use "
@@ -148,7 +161,7 @@ def sampling(body: dict) -> pb.SamplingParams:
     _refuse_unsupported(body)
     temperature = _number(body, "temperature", None, low=0, high=2)
     top_p = _number(body, "top_p", None, low=0, high=1, low_open=True)
-    seed = _number(body, "seed", None, integer=True)
+    seed = _number(body, "seed", None, low=-2**63, high=2**64 - 1, integer=True)
     params = pb.SamplingParams()
     if temperature is not None:
         params.temperature = temperature
@@ -173,7 +186,7 @@ def _number(body: dict, name: str, default, low=None, high=None, low_open=False,
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ApiError(400, f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}", name)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # math.isfinite(10**400) overflows: ints are finite
         raise ApiError(400, f"`{name}` must be a finite number, got {value}", name)
     if low is not None and (value <= low if low_open else value < low):
         raise ApiError(400, f"`{name}` must be {'>' if low_open else '>='} {low}, got {value}", name)
@@ -194,17 +207,32 @@ def _messages(body: dict) -> list:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise ApiError(400, f"`messages[{i}].content` must be a string or a list of parts", f"messages[{i}].content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            _check_part(part, f"messages[{i}].content[{j}]")
         if m["role"] == "tool" and not m.get("tool_call_id"):
             raise ApiError(400, f"`messages[{i}].tool_call_id` is required for tool messages",
                            f"messages[{i}].tool_call_id")
     return messages
 
 
+def _check_part(part, where: str) -> None:
+    """A content part must be {"type": "text", "text": "..."}: the chat template renders text parts
+    in order, and would drop anything else without a word."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in IMAGE_PARTS:
+        raise ApiError(400, f"`{where}` is an image ({kind!r}): this cluster serves the language model only (no "
+                            "node loads the vision tower); send text parts", where, "unsupported_content")
+    if kind != "text" or not isinstance(part.get("text"), str):
+        got = json.dumps(part)[:80]
+        raise ApiError(400, f"`{where}` must be a text part such as {{\"type\": \"text\", \"text\": \"...\"}}, got {got}",
+                       where)
+
+
 def _deadline(body: dict, arrived: float) -> float | None:
     """The client's deadline (time.monotonic()) from `timeout`, seconds from the request's arrival.
     The official client's own timeout is an HTTP setting it never sends: when it gives up it
     disconnects, which stops the generation too."""
-    timeout = _number(body, "timeout", None, low=0, low_open=True)
+    timeout = _number(body, "timeout", None, low=0, high=MAX_TIMEOUT_S, low_open=True)
     return None if timeout is None else arrived + timeout
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 import grpc
 
+from mlx_kimi.kimi_tokenizer import count_past
+
 from .generated import kimi_cluster_pb2 as pb
 from .reply import RawText, ReplyDelta, ReplyParser, StopMatcher, prompt_ends_thinking
 from .sampling import with_defaults
@@ -60,15 +62,39 @@ class GenerationResult:
 
 
 class ContextTooLong(GenerateError):
-    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int, counted_all: bool = True):
+        # counted_all False: the prompt was refused once it passed `prompt_tokens`, before it was encoded whole
         self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        self.counted_all = counted_all
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, self.explain("the prompt", "max_tokens") +
                          ", or start the coordinator with a larger --context")
 
     def explain(self, prompt: str, max_tokens: str) -> str:
         """The refusal, naming the request's fields as its client knows them."""
+        if self.counted_all and self.max_tokens > self.context:
+            return f"max_tokens {self.max_tokens} alone exceeds the planned context of {self.context} tokens: lower {max_tokens}"
+        if not self.counted_all:
+            return (f"the prompt has more than {self.prompt_tokens} tokens (counting stopped there), past the "
+                    f"planned context of {self.context} tokens: shorten {prompt}")
         return (f"the prompt has {self.prompt_tokens} tokens; with max_tokens {self.max_tokens} it exceeds the "
                 f"planned context of {self.context} tokens: shorten {prompt} or lower {max_tokens}")
+
+
+class PromptTokenizer:
+    """The coordinator's tokenizer for prompts (encode, apply_chat_template): a prompt that cannot
+    leave `max_tokens` of the context is refused (ContextTooLong) before it is encoded whole."""
+
+    def __init__(self, tokenizer, context: int, max_tokens: int = 1):
+        self.tokenizer, self.context, self.max_tokens = tokenizer, context, max_tokens
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list:
+        limit = self.context - self.max_tokens
+        if (past := count_past(self.tokenizer, text, limit)) is not None:
+            raise ContextTooLong(past, self.max_tokens, self.context, counted_all=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def apply_chat_template(self, messages: list, **options) -> list:
+        return self.encode(self.tokenizer.apply_chat_template(messages, tokenize=False, **options))
 
 
 class GenerationLoop:
@@ -76,9 +102,10 @@ class GenerationLoop:
     generating now and done, and the last decode speed (for /v1/cluster)."""
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
-                 chain_names: Callable[[], list]):
+                 chain_names: Callable[[], list], vocab_size: int):
         # tokens(prompt, max_tokens, sampling, stats, deadline) yields (token id, logprob): Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
+        self.vocab_size = vocab_size  # the head's outputs: top_k must stay below it
         self.tokens, self.chain_names = tokens, chain_names
         self.in_flight = self.served = 0
         self.last_decode_tok_s = 0.0
@@ -88,8 +115,10 @@ class GenerationLoop:
         """A Generation for `request`, checked now (a bad request raises GenerateError here, before
         any response is started); it runs as it is iterated."""
         sampling = with_defaults(request.sampling, self.sampling_defaults)
-        if error := sampling_error(sampling):
+        if error := sampling_error(sampling, self.vocab_size):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, error)
+        if any(not 0 <= t < self.vocab_size for t in request.prompt):
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt token ids must be in [0, {self.vocab_size})")
         max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(request.default_max_tokens, self.context - len(request.prompt)))

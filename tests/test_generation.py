@@ -3,14 +3,17 @@ on the tiny checkpoint, where the cluster's come from the scheduler. Where a rep
 max_tokens, a stop string, a client leaving), the checks made before any token, and what the
 result and the loop's counts say."""
 
+import json
+
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
 from cluster.generated import kimi_cluster_pb2 as pb
-from cluster.generation import ContextTooLong, GenerationLoop, GenerationRequest
+from cluster.generation import ContextTooLong, GenerationLoop, GenerationRequest, PromptTokenizer
 from cluster.scheduler import GenerateError
 from harness import oracle_reply
+from mlx_kimi.checkpoint import text_config
 
 CONTEXT = 256
 DEFAULTS = {"temperature": 0.0, "top_p": 0.0, "top_k": 0}
@@ -30,9 +33,14 @@ class MlxLmTokens:
 
 
 @pytest.fixture
-def loop(oracle):
+def vocab(tiny_dir) -> int:
+    return text_config(json.loads((tiny_dir / "config.json").read_text()))["vocab_size"]
+
+
+@pytest.fixture
+def loop(oracle, vocab):
     model, tokenizer = oracle
-    return GenerationLoop(tokenizer, CONTEXT, DEFAULTS, MlxLmTokens(model), lambda: ["here"])
+    return GenerationLoop(tokenizer, CONTEXT, DEFAULTS, MlxLmTokens(model), lambda: ["here"], vocab)
 
 
 def run(loop, prompt, **fields):
@@ -81,3 +89,49 @@ def test_refused_before_any_token(loop, chat_prompt_ids):
     # no max_tokens: what the context leaves, up to the default
     generation = loop.start(GenerationRequest(chat_prompt_ids, None, pb.SamplingParams(), default_max_tokens=10**6))
     assert generation.max_tokens == CONTEXT - len(chat_prompt_ids)
+
+
+def test_sampling_the_model_cannot_honour_and_foreign_ids_refused(loop, vocab, chat_prompt_ids):
+    with pytest.raises(GenerateError, match=f"top_k must be below the model's vocabulary of {vocab}"):
+        loop.start(GenerationRequest(chat_prompt_ids, 4, pb.SamplingParams(top_k=vocab)))
+    with pytest.raises(GenerateError, match=r"prompt token ids must be in \[0, "):
+        loop.start(GenerationRequest(chat_prompt_ids + [vocab], 4, pb.SamplingParams()))
+    assert not loop.tokens.calls
+    assert list(loop.start(GenerationRequest(chat_prompt_ids, 2, pb.SamplingParams(top_k=vocab - 1))))
+
+
+class CountingTokenizer:
+    """The tiny checkpoint's tokenizer, counting the characters it was given to encode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encoded = tokenizer, 0
+
+    def encode(self, text, **options):
+        self.encoded += len(text)
+        return self.tokenizer.encode(text, **options)
+
+    def apply_chat_template(self, messages, **options):
+        return self.tokenizer.apply_chat_template(messages, **options)
+
+
+def test_a_prompt_past_the_context_is_refused_before_it_is_encoded_whole(oracle):
+    counting = CountingTokenizer(oracle[1])
+    text = "word " * (3 * 2**20 // 2)  # 7.5 MiB in one message, as a client may send
+    with pytest.raises(ContextTooLong) as error:
+        PromptTokenizer(counting, CONTEXT).apply_chat_template([{"role": "user", "content": text}],
+                                                                add_generation_prompt=True)
+    assert not error.value.counted_all and error.value.prompt_tokens >= CONTEXT
+    assert "more than" in error.value.message
+    assert counting.encoded < 64 * CONTEXT, counting.encoded  # about the context's worth, not 7.5 MiB
+
+
+@pytest.mark.parametrize("words", [3, 40, 2000])
+def test_a_prompt_that_fits_is_encoded_as_the_tokenizer_does(oracle, words):
+    """Near the limit too: counting a piece at a time never refuses a prompt that fits."""
+    tokenizer = oracle[1]
+    messages = [{"role": "user", "content": " ".join(f"w{i % 97}, x" for i in range(words))}]
+    expected = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    for context in (len(expected) + 1, 4 * len(expected)):  # exactly full (one token to generate), roomy
+        assert PromptTokenizer(tokenizer, context).apply_chat_template(messages, add_generation_prompt=True) == expected
+    assert PromptTokenizer(tokenizer, 10**6).encode("Once upon") == list(tokenizer.encode("Once upon",
+                                                                                         add_special_tokens=False))

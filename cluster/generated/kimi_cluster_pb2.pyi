@@ -85,7 +85,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., chip: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., loaded: _Optional[_Union[LoadedSlice, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., is_coordinator: _Optional[bool] = ..., memory_bandwidth: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources", "coordinator_id", "owner", "take_over")
+    __slots__ = ("model_id", "start", "end", "kv_budget_bytes", "next_address", "next_name", "coordinator", "drop_sessions", "sources", "coordinator_id", "owner", "take_over", "prefill_chunk")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class LoadRequest(_message.Message):
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TAKE_OVER_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     start: int
     end: int
@@ -110,7 +111,8 @@ class LoadRequest(_message.Message):
     coordinator_id: str
     owner: str
     take_over: bool
-    def __init__(self, model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., take_over: _Optional[bool] = ...) -> None: ...
+    prefill_chunk: int
+    def __init__(self, model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., next_address: _Optional[str] = ..., next_name: _Optional[str] = ..., coordinator: _Optional[str] = ..., drop_sessions: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., take_over: _Optional[bool] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "message", "done", "phase")
