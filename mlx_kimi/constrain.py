@@ -261,14 +261,10 @@ class Constraint:
         return constrain
 
 
-def unpack_bitmask(packed: np.ndarray, vocab_size: int) -> np.ndarray:
-    """bool[rows, vocab_size] from uint32[rows, words] packed masks."""
-    packed = np.ascontiguousarray(packed, dtype=np.uint32)
-    bits = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")
-    return bits[:, :vocab_size].astype(bool)
-
-
 def apply_bitmask(logits: mx.array, packed: np.ndarray) -> mx.array:
-    """logits[rows, vocab] with every token a row's mask leaves out set to -inf."""
-    allowed = mx.array(unpack_bitmask(packed, logits.shape[-1]))
+    """logits[rows, vocab] with every token a row's packed mask (uint32[rows, words]) leaves out
+    set to -inf. Unpacked in MLX, where the logits are."""
+    words = mx.array(np.ascontiguousarray(packed, dtype=np.uint32))
+    bits = (words[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    allowed = bits.reshape(words.shape[0], -1)[:, :logits.shape[-1]].astype(mx.bool_)
     return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
