@@ -5,7 +5,7 @@ import warnings
 
 from cluster.generated import kimi_cluster_pb2 as cluster_dot_generated_dot_kimi__cluster__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
