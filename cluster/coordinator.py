@@ -2,9 +2,9 @@
 
 It is itself a node (its NodeService may hold layers). The work is split by concern:
 membership.py (who is present, lost, back), loading.py (the plan and loading the slices),
-scheduler.py (how a request runs through the chain) and sessions.py (the prompt cache).
-This file wires them together, keeps the cluster's state (waiting, loading, ready, degraded)
-and answers Generate and MemoryMap.
+scheduler.py (how a request runs through the chain), sessions.py (the prompt cache) and
+generation.py (where a reply ends, its timing and log line). This file wires them together,
+keeps the cluster's state (waiting, loading, ready, degraded) and answers Generate and MemoryMap.
 """
 
 import json
@@ -20,12 +20,13 @@ from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
+from .generation import GenerationLoop, GenerationRequest
 from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk, replan_for
 from .membership import HEALTH_INTERVAL_S, Membership, NameTaken
 from .node import NodeService
 from .planner import Plan
-from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler, sampling_error
-from .sampling import generation_defaults, with_defaults
+from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler
+from .sampling import generation_defaults
 from .sessions import Sessions
 from .units import format_bytes
 
@@ -44,21 +45,20 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.sizes = checkpoint_sizes(self.checkpoint)
         self.prefill_chunk = prefill_chunk(self.sizes, max_prefill_chunk)
         self.tokenizer = load_tokenizer(self.checkpoint.path)
-        local.is_coordinator = True
-        local.coordinator_address = local.address
         self.membership = Membership(local.address, secret, peers, self.id, local.node_id, zeroconf, take_over)
         self.membership.on_lost = self._node_lost
         self.sessions = Sessions(lambda: self.membership.chain)
         self.ready = threading.Event()
         self.scheduler = Scheduler(local, self.membership, self.sessions, self.prefill_chunk, self._node_lost,
                                    self.ready)
+        local.serve_coordinator(self.scheduler.deliver)  # the token ring ends here
         self.plan: Plan | None = None
         self.state, self.message = "waiting", "waiting for nodes"
         self._stop = threading.Event()
         self._lost = threading.Event()  # wakes the health watch (set on stop too)
         self.on_status = lambda message: log.info("%s", message)
-        self.sampling_defaults = generation_defaults(self.checkpoint.path)
-        self.last_decode_tok_s = 0.0
+        self.generation = GenerationLoop(self.tokenizer, context, generation_defaults(self.checkpoint.path),
+                                         self.generate, lambda: [m.name for m in self.chain])
 
     @property
     def chain(self) -> list:
@@ -133,8 +133,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         keeping its layers is only re-pointed, one that grows reads only the layers it lacks.
         Requests in flight wait on `ready` and replay their sessions on the new chain."""
         chain, members = self.membership.snapshot()
-        lost = [m.name for m in chain if m.status in ("lost", "failed")]
-        present = [m for m in chain if m.status not in ("lost", "failed")]
+        lost = [m.name for m in chain if m.down]
+        present = [m for m in chain if not m.down]
         present += [m for m in members if m.status == "spare" and m not in chain and m.refresh()]
         plan = replan_for(self.sizes, self.plan, present, self.context, self.prefill_chunk)
         if not plan.feasible:
@@ -190,8 +190,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             elif any(m.status == "cannot receive" for m in self.chain):
                 self.state = "waiting"  # for that node to be given room (its load named it and the reason)
                 self.ready.clear()
-            elif any(m.status in ("lost", "failed") for m in self.chain):
-                lost = [m.name for m in self.chain if m.status in ("lost", "failed")]
+            elif any(m.down for m in self.chain):
+                lost = [m.name for m in self.chain if m.down]
                 self.state = "degraded"
                 self.message = f"lost {', '.join(lost)}; restart it and it will be loaded again"
                 self.ready.clear()
@@ -214,18 +214,6 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._update_state()
 
     # ---- generation ------------------------------------------------------------------------
-
-    def log_request(self, prompt_tokens: int, stats: dict, completion_tokens: int, finish: str, ttft_s: float,
-                    decode_s: float) -> float:
-        """One log line per request (the API's and Generate's); returns its decode tok/s."""
-        tok_s = (completion_tokens - 1) / decode_s if completion_tokens > 1 and decode_s > 0 else 0.0
-        if tok_s:
-            self.last_decode_tok_s = tok_s
-        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
-                 stats.get("session_id", "-"), prompt_tokens, stats.get("cached_tokens", 0), completion_tokens,
-                 "cancelled" if stats.get("cancelled") else finish, ttft_s * 1000, tok_s,
-                 ", ".join(m.name for m in self.chain) or "-")
-        return tok_s
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None):
@@ -250,51 +238,23 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- gRPC handlers ---------------------------------------------------------------------
 
     def Generate(self, request, context):
-        started = time.perf_counter()
+        arrived = time.monotonic()
         try:
-            if error := sampling_error(request.sampling):
-                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, error)
-            prompt = self.prompt_tokens(request)
-            max_tokens = request.max_tokens or 256
-            if len(prompt) + max_tokens > self.context:
-                raise GenerateError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} exceeds the planned context "
-                    f"of {self.context} tokens; shorten the prompt or start the coordinator with a larger --context",
-                )
-            detokenizer = self.tokenizer.detokenizer
-            detokenizer.reset()
-            eos = self.tokenizer.eos_token_ids
-            count, first_at, finish = 0, None, "length"
-            stats = {}
             left = context.time_remaining()  # the client's deadline, if it set one
-            deadline = time.monotonic() + left if left is not None and left < 1e6 else None
-            sampling = with_defaults(request.sampling, self.sampling_defaults)
-            for token, logprob in self.generate(prompt, max_tokens, sampling, stats, deadline):
-                if not context.is_active():
-                    stats["cancelled"] = True
-                    now = time.perf_counter()
-                    self.log_request(len(prompt), stats, count, "cancelled", (first_at or now) - started,
-                                     now - (first_at or now))
-                    return
-                if first_at is None:
-                    first_at = time.perf_counter()
-                if token in eos:
-                    finish = "stop"
-                    break
-                count += 1
-                detokenizer.add_token(token)
-                yield pb.GenerateEvent(token=pb.TokenEvent(id=token, text=detokenizer.last_segment, logprob=logprob))
-            detokenizer.finalize()
-            if tail := detokenizer.last_segment:
-                yield pb.GenerateEvent(token=pb.TokenEvent(id=-1, text=tail))
-            now = time.perf_counter()
-            self.log_request(len(prompt), stats, count, finish, (first_at or now) - started, now - (first_at or now))
-            yield pb.GenerateEvent(done=pb.DoneEvent(
-                finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=count,
-                cached_tokens=stats.get("cached_tokens", 0),
-                ttft_s=(first_at or now) - started, decode_s=now - (first_at or now),
-            ))
+            generation = self.generation.start(GenerationRequest(
+                self.prompt_tokens(request), request.max_tokens or 256, request.sampling, arrived=arrived,
+                deadline=arrived + left if left is not None and left < 1e6 else None,
+                cancelled=lambda: not context.is_active()))
+            for piece in generation:
+                token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
+                                      logprob=piece.logprob or 0.0)
+                yield pb.GenerateEvent(token=token)
+            done = generation.result
+            if done.finish_reason != "cancelled":
+                yield pb.GenerateEvent(done=pb.DoneEvent(
+                    finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
+                    completion_tokens=done.completion_tokens, cached_tokens=done.cached_tokens,
+                    ttft_s=done.ttft_s, decode_s=done.decode_s))
         except GenerateError as e:
             context.abort(e.code, e.message)
 

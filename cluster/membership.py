@@ -51,6 +51,11 @@ class Member:
     def name(self) -> str:
         return self.info.name if self.info else self.address
 
+    @property
+    def down(self) -> bool:
+        """Lost (stopped answering) or failed (its load failed): it serves nothing until loaded again."""
+        return self.status in ("lost", "failed")
+
     def refresh(self) -> bool:
         """Ask the node for its NodeInfo; whether it answered."""
         try:

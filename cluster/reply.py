@@ -4,7 +4,8 @@ Kimi thinks between <think> and </think> (K2.5/K2.6 prompts already end inside <
 calls tools as
   <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}
   <|tool_call_end|>...<|tool_calls_section_end|>
-The section's text is parsed with mlx-lm's Kimi tool parser.
+The section's text is parsed with mlx-lm's Kimi tool parser. StopMatcher ends the content at
+a client's stop string.
 """
 
 import json
@@ -113,3 +114,28 @@ class ReplyParser:
             calls.append(ToolCall(call["id"], call["name"], args if isinstance(args, str) else json.dumps(args)))
         self.tool_calls += calls
         return calls
+
+
+class StopMatcher:
+    """Cuts content at the first stop string, holding back text that may be the start of one."""
+
+    def __init__(self, stops: list):
+        self.stops, self.held, self.stopped = stops, "", False
+        self.keep = max((len(s) for s in stops), default=1) - 1
+
+    def push(self, text: str) -> str:
+        if not self.stops or self.stopped:
+            return "" if self.stopped else text
+        self.held += text
+        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.held = self.held[:cut], ""
+            return out
+        out = self.held[:max(0, len(self.held) - self.keep)]  # hold the last `keep` characters
+        self.held = self.held[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out

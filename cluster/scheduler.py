@@ -73,7 +73,6 @@ class Scheduler:
         self._ring: dict[int, Future] = {}  # ticket -> the reply the last stage will deliver
         self._ring_lock = threading.Lock()
         self.running = 0  # requests generating now (named when a deadline passes)
-        local.on_deliver = self.deliver
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
         """Send `request` round the token ring (see ForwardRequest.reply_to): the Future of the
@@ -85,7 +84,7 @@ class Scheduler:
         request.reply_to, request.ticket = self.local.address, ticket
         first = chain[0]
         if first.address == self.local.address:
-            accepted = self.local.accept(request, timeout)
+            accepted = self.local.stage.accept(request, timeout)
         else:
             if first.link is None or first.link.address != first.address:
                 if first.link:
@@ -126,7 +125,7 @@ class Scheduler:
                 return reply_of(future.result(max(wait, 0)))
             except FutureTimeout:
                 pass
-            if lost := next((m for m in chain if m.status in ("lost", "failed")), None):
+            if lost := next((m for m in chain if m.down), None):
                 future.cancel()
                 raise StageError(grpc.StatusCode.UNAVAILABLE, f"node {lost.name} ({lost.address}) was lost",
                                  lost.name)

@@ -27,7 +27,7 @@ class Sessions:
 
     def release(self, session_id: str):
         for m in self.chain():
-            if m.status not in ("lost", "failed"):  # a node being loaded again still holds its sessions
+            if not m.down:  # a node being loaded again still holds its sessions
                 try:
                     m.stub.Release(pb.ReleaseRequest(session_id=session_id), timeout=HEALTH_TIMEOUT_S)
                 except grpc.RpcError:

@@ -2,9 +2,11 @@
 
 A node loads a slice from a whole checkpoint it holds (`--model`, `--model-dir`), else from its
 cache, after fetching the parts the cache lacks from the nodes the coordinator names as sources:
-fastest answer first, parts spread over every source that holds them, each chunk checked against
-the manifest of the first source before it is written. A part cut short resumes after its last
-verified chunk; a chunk that fails its sha256 twice stops the load with the reason.
+fastest answer first. Where several sources hold a part, each sends a different share of its chunks
+at once; every chunk is checked against the manifest of the first source before it is written at
+its place in the part's file. A part cut short resumes with the chunks it lacks; a chunk that fails
+its sha256 is fetched again from another source when one holds it, and failing twice stops the load
+with the reason.
 """
 
 import json
@@ -13,9 +15,11 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mlx_kimi.checkpoint import Checkpoint, CheckpointError
 from mlx_kimi.slice_cache import CHUNK_BYTES, PartManifest, SliceCache, checkpoint_part, local_part, slice_parts
@@ -31,6 +35,8 @@ MANIFEST_TIMEOUT_S = 600.0  # a source hashes the parts it serves from a whole c
 PART_TIMEOUT_S = 3600.0
 MAX_BAD_CHUNKS = 2          # the same chunk failing its sha256 this often stops the transfer
 
+
+SLICES = pb.DESCRIPTOR.services_by_name["Slices"].full_name
 
 # The status of a Load that failed because the node cannot receive its slice (disk full, a chunk
 # failing its sha256 twice, no source holding a part): the cluster waits for that node.
@@ -115,16 +121,74 @@ class SlicesService(pb_grpc.SlicesServicer):
         if reader is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"part {request.part} of model {request.model_id[:16]} is not here")
         # One chunk at a time: the generator is resumed only when gRPC has room to send.
-        for index in range(request.first_chunk, len(reader.manifest.chunks)):
-            yield pb.PartChunk(index=index, data=reader.chunk(index))
+        end = request.end_chunk or len(reader.manifest.chunks)
+        for index in range(request.first_chunk, min(end, len(reader.manifest.chunks))):
+            yield encode_chunk(index, reader.chunk(index))
+
+
+def add_slices_service(server: grpc.Server, store: SliceStore) -> None:
+    """Serve the Slices service: as the generated code would, except that FetchPart's chunks go out
+    as encode_chunk made them (protobuf would copy each 4 MiB chunk twice more)."""
+    service = SlicesService(store)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SLICES, {
+        "Manifest": grpc.unary_unary_rpc_method_handler(service.Manifest, pb.ManifestRequest.FromString,
+                                                        pb.ManifestReply.SerializeToString),
+        "FetchPart": grpc.unary_stream_rpc_method_handler(service.FetchPart, pb.FetchPartRequest.FromString),
+    }),))
+
+
+def encode_chunk(index: int, data: bytes) -> bytes:
+    """The PartChunk message (index, data) as it travels, built around `data` with one copy."""
+    return b"".join((b"\x08" + _varint(index) if index else b"", b"\x12", _varint(len(data)), data))
+
+
+def decode_chunk(raw: bytes) -> tuple:
+    """(index, data) of a PartChunk as it travelled; data is a view into `raw` when encode_chunk made
+    it (no copy), else what protobuf reads; (-1, b"") when `raw` is not a PartChunk."""
+    index, at = _read_varint(raw, 1) if raw[:1] == b"\x08" else (0, 0)
+    if raw[at:at + 1] == b"\x12":
+        size, start = _read_varint(raw, at + 1)
+        if size >= 0 and start + size == len(raw):
+            return index, memoryview(raw)[start:]
+    try:
+        chunk = pb.PartChunk.FromString(raw)
+    except DecodeError:
+        return -1, b""
+    return chunk.index, chunk.data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, at: int) -> tuple:
+    """(value, position after it) of the varint at `at`; (-1, len(raw) + 1) when it runs off the end."""
+    value = shift = 0
+    for i in range(at, min(at + 10, len(raw))):
+        value |= (raw[i] & 0x7F) << shift
+        if raw[i] < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, len(raw) + 1
 
 
 @dataclass
 class Source:
     address: str
-    stub: object
+    channel: grpc.Channel
     rtt_s: float = 0.0
     parts: dict = field(default_factory=dict)  # part name -> PartManifest
+
+    def __post_init__(self):
+        self.stub = pb_grpc.SlicesStub(self.channel)
+        # FetchPart's replies as they arrive, for decode_chunk (no PartChunk copy of each chunk)
+        self.fetch_part = self.channel.unary_stream(f"/{SLICES}/FetchPart",
+                                                    request_serializer=pb.FetchPartRequest.SerializeToString)
 
 
 @dataclass
@@ -135,6 +199,36 @@ class Received:
     received_bytes: int = 0
 
 
+@dataclass
+class Receiving:
+    """A slice whose missing parts arrive in the background: `checkpoint` names every part already;
+    ready(file) returns once that file's part is verified and in place, result() once all are."""
+
+    checkpoint: Checkpoint
+    jobs: dict          # file name -> the Future of its part
+    received: Callable  # -> Received, once every part is in place
+
+    def ready(self, file: str) -> None:
+        if job := self.jobs.get(file):
+            self._wait(job)
+
+    def finished(self) -> bool:
+        return all(job.done() for job in self.jobs.values())
+
+    def result(self) -> Received:
+        for job in self.jobs.values():
+            self._wait(job)
+        return self.received()
+
+    def _wait(self, job):
+        try:
+            job.result()
+        except BaseException:
+            for other in self.jobs.values():  # the load fails: parts not yet begun are not fetched
+                other.cancel()
+            raise
+
+
 class SliceFetcher:
     """Finds or fetches the parts of one slice into the cache (one per load)."""
 
@@ -143,17 +237,25 @@ class SliceFetcher:
         self.progress = progress or (lambda done, total: None)
         self.max_rate = max_rate  # bytes/s over all parts, 0 for no limit
         self.received = 0
+        self.received_from = {}  # source address -> bytes it sent
         self._done = self._total = 0
         self._started = time.monotonic()
         self._lock = threading.Lock()
 
     def checkpoint(self, model_id: str, start: int, end: int, sources: list, in_memory: tuple = ()) -> tuple:
-        """(Checkpoint holding at least layers [start, end), Received). `in_memory`: the (start, end)
-        this node holds in memory already; their cached parts are not checked again (they are not read)."""
+        """(Checkpoint holding at least layers [start, end), Received), once every part is in place."""
+        receiving = self.receive(model_id, start, end, sources, in_memory)
+        return receiving.checkpoint, receiving.result()
+
+    def receive(self, model_id: str, start: int, end: int, sources: list, in_memory: tuple = ()) -> "Receiving":
+        """Start receiving the parts of layers [start, end) this node lacks; they arrive in the
+        background, in pipeline order, while the returned Receiving's checkpoint is loaded.
+        `in_memory`: the (start, end) this node holds in memory already; their cached parts are not
+        checked again (they are not read)."""
         if whole := self.store.whole(model_id):
-            return whole, Received(f"read from {whole.path}")
+            return Receiving(whole, {}, lambda: Received(f"read from {whole.path}"))
         cache = self.store.cache
-        sources = [Source(a, pb_grpc.SlicesStub(open_channel(a, self.secret))) for a in sources]
+        sources = [Source(a, open_channel(a, self.secret)) for a in sources]
         if self.store.config(model_id) is None:
             self._add_model(model_id, sources)
         path = cache.model_dir(model_id)
@@ -176,14 +278,16 @@ class SliceFetcher:
             path = download(self.store.download_repo, (start, end))
             if path not in self.store.local_dirs:
                 self.store.local_dirs.append(path)
-        origins = []
-        if missing:
-            copied, fetched = self._fetch(model_id, missing, sources, held)
-            origins += [f"read {n} part{'s' * (n != 1)} from {d}" for d, n in copied.items()]
-            if fetched:
-                used = sorted({s.address for s in sources if any(n in s.parts for n in fetched)})
-                origins.append(f"received from {', '.join(used)}")
-        return cache.checkpoint(model_id, names), Received("; ".join(origins) or "from its cache", self.received)
+        copied, jobs, manifests = self._fetch(model_id, missing, sources, held) if missing else ({}, {}, {})
+
+        def received() -> Received:
+            origins = [f"read {n} part{'s' * (n != 1)} from {d}" for d, n in copied.items()]
+            if self.received_from:
+                origins.append(f"received from {', '.join(sorted(self.received_from))}")
+            return Received("; ".join(origins) or "from its cache", self.received)
+
+        return Receiving(cache.checkpoint(model_id, names, manifests),
+                         {manifests[n].file: job for n, job in jobs.items()}, received)
 
     def _add_model(self, model_id: str, sources: list):
         for source in sources:
@@ -239,15 +343,11 @@ class SliceFetcher:
             if directory := self._copy_local(model_id, manifests[name]):
                 copied[directory] = copied.get(directory, 0) + 1
                 missing = [n for n in missing if n != name]
-        with ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch") as pool:
-            jobs = []
-            for i, name in enumerate(missing):
-                # Spread the parts over the sources that hold them, fastest first.
-                order = holders[name][i % len(holders[name]):] + holders[name][:i % len(holders[name])]
-                jobs.append(pool.submit(self.fetch_part, model_id, manifests[name], order))
-            for job in jobs:
-                job.result()
-        return copied, missing
+        # In pipeline order, so the first parts are in place (and loading) while the last arrive.
+        pool = ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="fetch")
+        jobs = {name: pool.submit(self.fetch_part, model_id, manifests[name], holders[name]) for name in missing}
+        pool.shutdown(wait=False)
+        return copied, jobs, manifests
 
     def _copy_local(self, model_id: str, manifest: PartManifest):
         """Take a part from a local directory holding its tensors, when every chunk matches the
@@ -257,7 +357,7 @@ class SliceFetcher:
             if reader is None:
                 continue
             with self.store.cache.receiving(model_id, manifest) as writer:
-                for index in range(writer.next_chunk, len(manifest.chunks)):
+                for index in list(writer.missing):
                     if not writer.write(index, reader.chunk(index)):
                         log.warning("%s in %s differs from the coordinator's (chunk %d); receiving it instead",
                                     manifest.name, directory, index)
@@ -269,44 +369,74 @@ class SliceFetcher:
         return None
 
     def fetch_part(self, model_id: str, manifest: PartManifest, order: list):
-        """Receive one part into the cache, trying the sources in `order` in turn."""
-        bad = {}  # chunk index -> sources whose copy failed its sha256
+        """Receive one part into the cache from the sources in `order`, each sending a different share
+        of the chunks it lacks at once; a source that failed or sent a bad chunk is asked again only
+        when no other is left."""
+        bad = {}       # chunk index -> sources whose copy failed its sha256
+        failed = {}    # source address -> its failures on this part
         errors = []
         with self.store.cache.receiving(model_id, manifest) as writer:
             self._count(writer.verified_bytes(), 0)
-            attempt = 0
             while not writer.done:
-                if attempt >= len(order) * MAX_BAD_CHUNKS:
+                usable = [s for s in order if failed.get(s.address, 0) < MAX_BAD_CHUNKS]
+                if not usable:
                     raise TransferError(f"cannot receive {manifest.name}: {'; '.join(errors)}")
-                source = order[attempt % len(order)]
-                attempt += 1
-                request = pb.FetchPartRequest(model_id=model_id, part=manifest.name, first_chunk=writer.next_chunk)
-                call = source.stub.FetchPart(request, timeout=PART_TIMEOUT_S)
-                try:
-                    for chunk in call:
-                        self._count(0, len(chunk.data))
-                        self._pace()
-                        if not writer.write(chunk.index, chunk.data):
-                            bad.setdefault(chunk.index, []).append(source.address)
-                            log.warning("chunk %d of %s from %s fails its sha256; fetching it again",
-                                        chunk.index, manifest.name, source.address)
-                            if len(bad[chunk.index]) >= MAX_BAD_CHUNKS:
-                                raise TransferError(
-                                    f"checksum mismatch twice: chunk {chunk.index} of {manifest.name} "
-                                    f"(from {', '.join(bad[chunk.index])}) does not match its manifest")
-                            call.cancel()
-                            break
-                        self._count(len(chunk.data), 0)
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.CANCELLED:
-                        errors.append(f"{source.address}: {e.details()}")
-                        log.warning("fetching %s from %s failed: %s", manifest.name, source.address, e.details())
+                senders = [s for s in usable if s.address not in failed] or usable
+                shares = _shares(writer.missing, len(senders))
+                stop = threading.Event()  # a chunk failed twice: the other shares stop too
+                with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="share") as pool:
+                    jobs = [pool.submit(self._receive, model_id, writer, source, share, bad, errors, stop)
+                            for source, share in zip(senders, shares)]
+                    for source, job in zip(senders, jobs):
+                        if not job.result():
+                            failed[source.address] = failed.get(source.address, 0) + 1
             writer.complete()
         log.info("received %s (%d bytes)", manifest.name, manifest.data_bytes)
 
-    def _count(self, verified: int, received: int):
+    def _receive(self, model_id: str, writer, source: Source, share: list, bad: dict, errors: list,
+                 stop: threading.Event) -> bool:
+        """Chunks `share` of a part from `source` into `writer`; False when the source failed or
+        sent a chunk that fails its sha256."""
+        name = writer.manifest.name
+        for first, end in _runs(share):
+            request = pb.FetchPartRequest(model_id=model_id, part=name, first_chunk=first, end_chunk=end)
+            call = source.fetch_part(request, timeout=PART_TIMEOUT_S)
+            try:
+                for raw in call:
+                    if stop.is_set():
+                        call.cancel()
+                        return True
+                    index, data = decode_chunk(raw)
+                    self._count(0, len(data), source.address)
+                    self._pace()
+                    if writer.write(index, data):
+                        self._count(len(data), 0)
+                        continue
+                    with self._lock:
+                        sent_bad = bad.setdefault(index, [])
+                        sent_bad.append(source.address)
+                    log.warning("chunk %d of %s from %s fails its sha256; fetching it again",
+                                index, name, source.address)
+                    call.cancel()
+                    if len(sent_bad) >= MAX_BAD_CHUNKS:
+                        stop.set()
+                        raise TransferError(f"checksum mismatch twice: chunk {index} of {name} "
+                                            f"(from {', '.join(sent_bad)}) does not match its manifest")
+                    return False
+            except grpc.RpcError as e:
+                errors.append(f"{source.address}: {e.details()}")
+                log.warning("fetching %s from %s failed: %s", name, source.address, e.details())
+                return False
+        if short := [i for i in share if i in writer.missing]:
+            errors.append(f"{source.address}: ended its stream {len(short)} chunks short")
+            return False
+        return True
+
+    def _count(self, verified: int, received: int, source: str = ""):
         with self._lock:
             self.received += received
+            if received:
+                self.received_from[source] = self.received_from.get(source, 0) + received
             self._done += verified
             done, total = self._done, self._total
         if verified:
@@ -317,3 +447,20 @@ class SliceFetcher:
             ahead = self.received / self.max_rate - (time.monotonic() - self._started)
             if ahead > 0:
                 time.sleep(ahead)  # hold the link to --max-transfer-rate
+
+
+def _shares(chunks: list, n: int) -> list:
+    """`chunks` (ascending) cut into `n` consecutive shares as even as can be (no empty one)."""
+    n = min(n, len(chunks))
+    return [chunks[len(chunks) * i // n:len(chunks) * (i + 1) // n] for i in range(n)]
+
+
+def _runs(chunks: list) -> list:
+    """Ascending chunk indices as [first, end) runs of consecutive ones (one request each)."""
+    runs = []
+    for index in chunks:
+        if runs and runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, index + 1])
+    return runs

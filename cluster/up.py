@@ -76,7 +76,7 @@ def serve(options: NodeOptions, secret: bytes) -> ServingNode:
     from .machine import describe_machine, node_id
     from .node import NodeService
     from .rejoin import Rejoiner
-    from .transfer import SliceStore, SlicesService
+    from .transfer import SliceStore, add_slices_service
     from .wire import make_server
 
     name = options.name or socket.gethostname().split(".")[0]
@@ -90,7 +90,7 @@ def serve(options: NodeOptions, secret: bytes) -> ServingNode:
     node = NodeService(name, this_id, address, machine, secret, slices, session_ttl_s=options.session_ttl,
                        max_transfer_rate=options.max_transfer_rate or 0)
     pb_grpc.add_NodeServicer_to_server(node, server)
-    pb_grpc.add_SlicesServicer_to_server(SlicesService(slices), server)
+    add_slices_service(server, slices)
     zeroconf = advertiser = coordinator = rejoiner = None
     if not options.no_mdns:
         zeroconf = open_zeroconf(options.host)
@@ -333,7 +333,8 @@ class RunningApi:
 def _start_api(args, coordinator) -> RunningApi:
     import uvicorn
 
-    from .api import allowed_hosts, build_app
+    from .api import build_app
+    from .api_guards import allowed_hosts
 
     app = build_app(coordinator, coordinator.checkpoint.name, args.api_key,
                     hosts=allowed_hosts(args.api_host, args.api_allow_host), origins=args.api_allow_origin)

@@ -5,6 +5,16 @@ Plain data, so that naming a model needs no MLX import.
 
 KIMI_BOS_ID = 163584
 KIMI_EOS_IDS = [163585, 163586]  # [EOS] and <|im_end|>
+# Expert routing of every Kimi K2 model (DeepSeek-V3's, one group) and its one dense first layer.
+KIMI_ROUTING = {
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+}
 
 _K2_TEXT = {
     "vocab_size": 163840,
@@ -23,13 +33,7 @@ _K2_TEXT = {
     "qk_rope_head_dim": 64,
     "qk_nope_head_dim": 128,
     "v_head_dim": 128,
-    "topk_method": "noaux_tc",
-    "scoring_func": "sigmoid",
-    "norm_topk_prob": True,
-    "n_group": 1,
-    "topk_group": 1,
-    "first_k_dense_replace": 1,
-    "moe_layer_freq": 1,
+    **KIMI_ROUTING,
     "rope_theta": 50000.0,
     "tie_word_embeddings": False,
     "bos_token_id": KIMI_BOS_ID,

@@ -103,6 +103,25 @@ def tensor_data_offsets(path: Path) -> dict:
             for name, entry in header.items() if name != "__metadata__"}
 
 
+def tensor_nbytes(dtype: str, shape) -> int:
+    return math.prod(shape) * DTYPE_BYTES[dtype]
+
+
+def safetensors_header(entries, metadata: Optional[dict] = None) -> tuple:
+    """The header (length prefix included) of a safetensors file holding `entries`, (name, dtype,
+    shape) in file order, and each tensor's data offset after it: the one writer of headers (convert's
+    shards, the slice cache's parts, the official-layout generator)."""
+    table, offsets, offset = {"__metadata__": metadata} if metadata else {}, [], 0
+    for name, dtype, shape in entries:
+        nbytes = tensor_nbytes(dtype, shape)
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offsets.append(offset)
+        offset += nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
 def read_safetensors_header(path: Path) -> dict:
     """The tensor table of a safetensors file, checked against the file's length."""
     try:
@@ -137,7 +156,7 @@ def read_safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from e
         if dtype not in DTYPE_BYTES:
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+        if end - begin != tensor_nbytes(dtype, shape):
             raise CheckpointError(
                 f"{path}: corrupt safetensors header: tensor {name!r} {dtype}{list(shape)} "
                 f"declares {end - begin} bytes"

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .builtin import KIMI_BOS_ID, KIMI_EOS_IDS
+from .sources import ConvertError, Source
 
 ARCH = "deepseek2"
 # Bits of each value in the GGUF types (block scales aside), for "no fewer bits than it had".
@@ -111,8 +112,6 @@ def open_gguf(path, tokenizer_dir=None):
     """A convert Source for a GGUF file or split set; the config comes from its metadata and its
     tensor shapes, the tokenizer files from `tokenizer_dir` (the official checkpoint's)."""
     from gguf import GGUFReader
-
-    from .convert import ConvertError, Source
 
     files = gguf_files(path)
     if "-of-" in Path(path).stem:

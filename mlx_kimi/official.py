@@ -17,18 +17,18 @@ weights), so that quantization recipes differ measurably on them. These files ar
 """
 
 import json
-import math
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .tiny import TinyShape, tiny_text_config
+from .checkpoint import safetensors_header
+from .recipe import draw_weight
+from .sources import FP8_BLOCK
+from .tiny import TinyShape, tiny_text_config, vision_tensors
 from .tokenizer import write_tiktoken_tokenizer
 
-FP8_BLOCK = 128
 INT4_GROUP = 32
 SAFETENSORS_DTYPES = {
     mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint8: "U8",
@@ -68,20 +68,11 @@ OFFICIAL_TINY_SHAPE = TinyShape(vocab_size=1024)
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict = None) -> None:
     """Write `name -> (dtype string, shape, bytes)` or `name -> mx.array` as one safetensors file."""
-    entries, blobs, offset = {}, [], 0
-    for name, value in tensors.items():
-        dtype, shape, data = value if isinstance(value, tuple) else _raw(value)
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    if metadata:
-        entries["__metadata__"] = metadata
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
+    raw = {name: value if isinstance(value, tuple) else _raw(value) for name, value in tensors.items()}
+    header, _ = safetensors_header([(name, dtype, shape) for name, (dtype, shape, _) in raw.items()], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for data in blobs:
+        for _, _, data in raw.values():
             f.write(data)
 
 
@@ -200,29 +191,6 @@ def is_int4_target(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def draw_weight(name: str, shape: tuple, rng: np.random.Generator, rope_theta: float) -> np.ndarray:
-    """Values with the structure of trained weights: unit-ish norms, linear weights scaled by fan-in
-    with ~2% outlier input channels 8x larger, and the projections that write to the residual
-    stream (o_proj, down_proj) 4x smaller, so that each layer refines the stream rather than
-    replacing it (a random model is otherwise chaotic: any weight error flips its output)."""
-    if name.endswith("inv_freq"):
-        dim = 2 * shape[0]
-        return (1.0 / rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
-    if name.endswith("e_score_correction_bias"):
-        return rng.uniform(0.0, 0.1, shape).astype(np.float32)
-    if len(shape) == 1:
-        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if "embed_tokens" in name:
-        return rng.standard_normal(shape).astype(np.float32)
-    w = rng.standard_normal(shape).astype(np.float32) * shape[-1] ** -0.5
-    if True:
-        outliers = rng.choice(shape[-1], max(1, shape[-1] // 50), replace=False)
-        w[:, outliers] *= 8.0
-    if name.endswith(("o_proj.weight", "down_proj.weight", "q_b_proj.weight")):
-        w *= 0.25
-    return w
-
-
 def _encode(name: str, value: mx.array, weights: str) -> dict:
     """One bf16-master tensor as the official files hold it (possibly several tensors)."""
     if weights == "fp8" and is_fp8_target(name):
@@ -235,22 +203,6 @@ def _encode(name: str, value: mx.array, weights: str) -> dict:
         return {f"{base}weight_packed": packed, f"{base}weight_scale": scale,
                 f"{base}weight_shape": mx.array(value.shape, dtype=mx.int32)}
     return {name: value}
-
-
-def _vision_tensors(rng: np.random.Generator, text_hidden: int) -> dict:
-    """A stand-in vision tower and projector under the official names (convert drops them)."""
-    v = 64
-    shapes = {
-        "vision_tower.patch_embed.proj.weight": (v, 3, 14, 14),
-        "vision_tower.patch_embed.proj.bias": (v,),
-        "vision_tower.encoder.blocks.0.wqkv.weight": (3 * v, v),
-        "vision_tower.encoder.blocks.0.wo.weight": (v, v),
-        "vision_tower.encoder.final_layernorm.weight": (v,),
-        "mm_projector.pre_norm.weight": (4 * v,),
-        "mm_projector.proj.0.weight": (text_hidden, 4 * v),
-        "mm_projector.proj.2.weight": (text_hidden, text_hidden),
-    }
-    return {n: mx.array(rng.standard_normal(s).astype(np.float32) * 0.05).astype(mx.bfloat16) for n, s in shapes.items()}
 
 
 def official_config(layout: OfficialLayout, text: dict) -> dict:
@@ -316,7 +268,7 @@ def write_official(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE,
         index = layer if layer is not None else (0 if "embed_tokens" in name else len(groups) - 1)
         groups[index].append((name, value))
     if spec.wrapped:
-        groups[0] = [(n, v) for n, v in _vision_tensors(rng, text["hidden_size"]).items()] + groups[0]
+        groups[0] = [(n, v) for n, v in vision_tensors(rng, text["hidden_size"]).items()] + groups[0]
 
     weight_map, total = {}, 0
     for i, group in enumerate(groups):

@@ -16,7 +16,8 @@ import numpy as np
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
 from mlx_lm.utils import _get_classes
 
-from .checkpoint import DTYPE_BYTES
+from .checkpoint import tensor_nbytes
+from .sources import decode_rows, native_int4, source_rows
 from .spec import QuantScheme
 
 
@@ -67,7 +68,7 @@ def _quant(candidate):
 
 def target_bytes(target, candidate, dtype) -> int:
     outputs = dataclasses.replace(target, quant=_quant(candidate)).outputs(dtype)
-    return sum(int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[d] for _, d, shape in outputs)
+    return sum(tensor_nbytes(d, shape) for _, d, shape in outputs)
 
 
 def relative_error(w: mx.array, candidate) -> float:
@@ -80,11 +81,31 @@ def relative_error(w: mx.array, candidate) -> float:
     return float(((w - q) ** 2).sum() / mx.maximum((w ** 2).sum(), 1e-30))
 
 
-def synthetic_errors() -> dict:
-    """Relative error per candidate on weights drawn like trained ones (official.draw_weight:
-    fan-in scaled, 2% outlier channels): the estimate when there are no weights to measure."""
-    from .official import draw_weight
+def draw_weight(name: str, shape: tuple, rng: np.random.Generator, rope_theta: float) -> np.ndarray:
+    """Values with the structure of trained weights: unit-ish norms, linear weights scaled by fan-in
+    with ~2% outlier input channels 8x larger, and the projections that write to the residual
+    stream (o_proj, down_proj) 4x smaller, so that each layer refines the stream rather than
+    replacing it (a random model is otherwise chaotic: any weight error flips its output)."""
+    if name.endswith("inv_freq"):
+        dim = 2 * shape[0]
+        return (1.0 / rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+    if name.endswith("e_score_correction_bias"):
+        return rng.uniform(0.0, 0.1, shape).astype(np.float32)
+    if len(shape) == 1:
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if "embed_tokens" in name:
+        return rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape).astype(np.float32) * shape[-1] ** -0.5
+    outliers = rng.choice(shape[-1], max(1, shape[-1] // 50), replace=False)
+    w[:, outliers] *= 8.0
+    if name.endswith(("o_proj.weight", "down_proj.weight", "q_b_proj.weight")):
+        w *= 0.25
+    return w
 
+
+def synthetic_errors() -> dict:
+    """Relative error per candidate on weights drawn like trained ones (draw_weight: fan-in scaled,
+    2% outlier channels): the estimate when there are no weights to measure."""
     w = mx.array(draw_weight("w", (SAMPLE_ROWS, 2048), np.random.default_rng(0), 1.0))
     return {c: relative_error(w, c) for c in CANDIDATES}
 
@@ -92,8 +113,6 @@ def synthetic_errors() -> dict:
 def measured_errors(source, target) -> dict:
     """Relative error per candidate on the target's own weights (a sample of rows and experts);
     a native INT4 source is exact at 4-bit group 32 and gains nothing above it."""
-    from .convert import _native_int4, decode_rows, source_rows
-
     experts = target.sources
     if len(experts) > SAMPLE_EXPERTS:
         experts = [experts[i] for i in np.linspace(0, len(experts) - 1, SAMPLE_EXPERTS).astype(int)]
@@ -101,7 +120,7 @@ def measured_errors(source, target) -> dict:
         w = decode_rows(source, experts[0], 0, source_rows(source, experts[0]))
     else:
         w = mx.concatenate([decode_rows(source, n, 0, min(SAMPLE_ROWS, source_rows(source, n))) for n in experts])
-    if _native_int4(source, experts[0], {"bits": 4, "group_size": 32}):
+    if native_int4(source, experts[0], {"bits": 4, "group_size": 32}):
         return {c: (0.0 if c == (4, 32) else relative_error(w, c)) for c in CANDIDATES
                 if c is not None and c[0] <= 4}
     return {c: relative_error(w, c) for c in CANDIDATES}

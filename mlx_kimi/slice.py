@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.deepseek_v3 import DeepseekV3DecoderLayer, ModelArgs
 from mlx_lm.utils import infer_quant_config
 
-from .checkpoint import Checkpoint, CheckpointError, text_config, weight_prefix
+from .checkpoint import Checkpoint, CheckpointError, tensor_part, text_config, weight_prefix
 
 _LAYER_PATH = re.compile(r"^(.*?model\.layers\.)(\d+)(\..*)$")
 
@@ -158,11 +158,13 @@ def quantize_slice(module: nn.Module, layers: LayerRange, predicate) -> None:
 
 
 def load_slice(checkpoint: Checkpoint, layers: LayerRange, progress=None,
-               reuse: ModelSlice | None = None) -> ModelSlice:
-    """Read only the slice's tensors (lazily, then evaluate them), reusing mlx-lm's modules.
-    `progress(bytes_done, bytes_total)` is called as parts of the slice become resident.
+               reuse: ModelSlice | None = None, ready=None) -> ModelSlice:
+    """Read only the slice's tensors, file by file in pipeline order, reusing mlx-lm's modules.
+    `progress(bytes_done, bytes_total)` is called as files of the slice become resident.
     `reuse`: a slice of the same model already in memory, whose tensors the new one shares
-    instead of reading them again (a stage that grows by a neighbour's layers reads only those)."""
+    instead of reading them again (a stage that grows by a neighbour's layers reads only those).
+    `ready(file)`: returns once that file of the checkpoint is in place, for a slice still being
+    received (each part loads as soon as it arrives)."""
     if layers.end > checkpoint.num_layers:
         raise CheckpointError(
             f"{checkpoint.path}: layer range {layers} beyond the model's {checkpoint.num_layers} layers"
@@ -173,12 +175,21 @@ def load_slice(checkpoint: Checkpoint, layers: LayerRange, progress=None,
         names = {t.name for t in wanted}
         held = ((checkpoint_name(path, reuse.layers), array) for path, array in tree_flatten(reuse.module.parameters()))
         weights.update((name, array) for name, array in held if name in names)
-    for file in sorted({t.file for t in wanted if t.name not in weights}):
+    total = sum(t.nbytes for t in wanted)
+    done = sum(t.nbytes for t in wanted if t.name in weights)
+    for file in _pipeline_order(checkpoint, [t for t in wanted if t.name not in weights]):
+        if ready:
+            ready(file)
         try:
             arrays = mx.load(str(checkpoint.path / file))
         except (RuntimeError, ValueError, OSError) as e:
             raise CheckpointError(f"{checkpoint.path / file}: cannot load ({e})") from e
-        weights.update({t.name: arrays[t.name] for t in wanted if t.file == file and t.name not in weights})
+        read = {t.name: arrays[t.name] for t in wanted if t.file == file and t.name not in weights}
+        mx.eval(list(read.values()))
+        weights.update(read)
+        done += sum(t.nbytes for t in wanted if t.name in read)
+        if progress:
+            progress(done, total)
 
     module = build_slice_module(checkpoint.config, layers)
     quantization = checkpoint.config.get("quantization") or {}
@@ -197,14 +208,17 @@ def load_slice(checkpoint: Checkpoint, layers: LayerRange, progress=None,
         module.load_weights([(module_path(n, layers), w) for n, w in weights.items()], strict=True)
     except ValueError as e:
         raise CheckpointError(f"{checkpoint.path}: weights of layers {layers} do not fit the model: {e}") from e
-    model_slice = ModelSlice(module, model_args(checkpoint.config), layers)
-    total, done = model_slice.nbytes(), 0
-    for part in model_slice.parts():
-        mx.eval(part.parameters())
-        done += sum(v.nbytes for _, v in tree_flatten(part.parameters()))
-        if progress:
-            progress(done, total)
-    return model_slice
+    return ModelSlice(module, model_args(checkpoint.config), layers)
+
+
+def _pipeline_order(checkpoint: Checkpoint, tensors: list) -> list:
+    """The files holding `tensors`, by the first pipeline part each holds (embedding, layers, head)."""
+    first = {}
+    for t in tensors:
+        part = tensor_part(t.name, checkpoint.prefix)
+        position = -1 if part == "embed" else float("inf") if part == "head" else part
+        first[t.file] = min(first.get(t.file, position), position)
+    return sorted(first, key=lambda f: (first[f], f))
 
 
 def layer_nbytes(module: nn.Module, layers: LayerRange) -> dict:

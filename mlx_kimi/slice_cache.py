@@ -4,7 +4,7 @@ A slice is made of parts: one per decoder layer, the embedding and the head. Eac
 safetensors file whose header follows from its tensor list, so a part travels as its data bytes
 alone, cut into chunks with a sha256 each (its `PartManifest`). A node's cache keeps, per model
 identity, the parts it received, each beside its manifest; every part is checked against its
-manifest before it is loaded, and a part cut short resumes after its last verified chunk.
+manifest before it is loaded, and a part cut short resumes with the chunks it lacks.
 
 No networking here: cluster/transfer.py moves the chunks.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import (DTYPE_BYTES, INDEX_FILE, Checkpoint, CheckpointError, TensorInfo, read_safetensors_header,
-                         tensor_data_offsets, tensor_part)
+                         safetensors_header, tensor_data_offsets, tensor_nbytes, tensor_part)
 
 CHUNK_BYTES = 4 * 1024 * 1024
 MODEL_FILE = "model.json"   # in a model's cache directory: its identity and name
@@ -47,7 +47,7 @@ class PartManifest:
 
     @property
     def data_bytes(self) -> int:
-        return sum(_nbytes(dtype, shape) for _, dtype, shape in self.tensors)
+        return sum(tensor_nbytes(dtype, shape) for _, dtype, shape in self.tensors)
 
     @property
     def file(self) -> str:
@@ -59,14 +59,7 @@ class PartManifest:
 
     def header(self) -> bytes:
         """The safetensors header (length prefix included) every copy of this part starts with."""
-        entries, offset = {"__metadata__": {"format": "mlx"}}, 0
-        for name, dtype, shape in self.tensors:
-            n = _nbytes(dtype, shape)
-            entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(entries, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        return len(raw).to_bytes(8, "little") + raw
+        return safetensors_header(self.tensors, {"format": "mlx"})[0]
 
     def to_json(self) -> dict:
         return {"name": self.name, "tensors": [[n, d, list(s)] for n, d, s in self.tensors],
@@ -86,13 +79,6 @@ class PartManifest:
         if self.chunk_bytes <= 0 or len(self.chunks) != -(-self.data_bytes // self.chunk_bytes):
             raise CheckpointError(f"part {self.name}: manifest has {len(self.chunks)} chunk digests for "
                                   f"{self.data_bytes} bytes in chunks of {self.chunk_bytes}")
-
-
-def _nbytes(dtype: str, shape) -> int:
-    n = DTYPE_BYTES[dtype]
-    for d in shape:
-        n *= d
-    return n
 
 
 def digest(data) -> str:
@@ -263,22 +249,27 @@ class SliceCache:
         path = self.model_dir(model_id)
         with open(path / f".{manifest.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield PartWriter(path, manifest)
+            writer = PartWriter(path, manifest)
+            try:
+                yield writer
+            finally:
+                writer.close()
 
-    def checkpoint(self, model_id: str, names: list) -> Checkpoint:
-        """The cached parts `names` as a Checkpoint that load_slice reads (they must be complete)."""
+    def checkpoint(self, model_id: str, names: list, receiving: dict | None = None) -> Checkpoint:
+        """The cached parts `names` as a Checkpoint that load_slice reads: complete ones, and those
+        `receiving` (part name -> manifest) holds the manifests of, still being received."""
         path = self.model_dir(model_id)
         config = json.loads((path / "config.json").read_text())
         prefix = "language_model." if config.get("model_type") == "kimi_k25" else ""
         tensors = {}
         for name in names:
-            manifest = self.manifest(model_id, name)
+            manifest = (receiving or {}).get(name) or self.manifest(model_id, name)
             if manifest is None:
                 raise CheckpointError(f"{path}: part {name} is not in the cache")
             for tname, dtype, shape in manifest.tensors:
                 if not tname.startswith(prefix):
                     raise CheckpointError(f"{path / manifest.file}: tensor {tname!r} outside the text model")
-                tensors[tname] = TensorInfo(tname, manifest.file, dtype, shape, _nbytes(dtype, shape))
+                tensors[tname] = TensorInfo(tname, manifest.file, dtype, shape, tensor_nbytes(dtype, shape))
         return Checkpoint(path, config, tensors, model_id)
 
     def model_bytes(self, model_id: str) -> int:
@@ -305,62 +296,72 @@ class SliceCache:
 
 
 class PartWriter:
-    """Receives one part chunk by chunk into `<part>.safetensors.partial`; complete() verifies the
-    whole file and puts it in place with its manifest."""
+    """Receives one part's chunks, in any order (several sources may send different chunks at once),
+    into `<part>.safetensors.partial`, which has the part's full size from the start: each chunk is
+    checked against its sha256 before it is written at its own offset. complete() puts the file in
+    place with its manifest."""
 
     def __init__(self, path: Path, manifest: PartManifest):
         self.manifest = manifest
         self.final = path / manifest.file
         self.partial = path / (manifest.file + _PARTIAL)
         self.header = manifest.header()
-        self.next_chunk = self._resume()
+        self._lock = threading.Lock()
+        self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        self.missing = self._resume()  # chunk indices not yet written and verified, ascending
 
-    def _resume(self) -> int:
-        """Chunks already verified in a partial file (what is after them is cut off)."""
-        if not self.partial.exists():
-            with open(self.partial, "wb") as f:
-                f.write(self.header)
-            return 0
-        verified = 0
-        with open(self.partial, "r+b") as f:
-            if f.read(len(self.header)) != self.header:
-                f.seek(0)
-                f.truncate()
-                f.write(self.header)
-                return 0
-            for i, want in enumerate(self.manifest.chunks):
-                begin, end = self.manifest.chunk_span(i)
-                data = f.read(end - begin)
-                if len(data) != end - begin or digest(data) != want:
-                    break
-                verified = i + 1
-            f.truncate(len(self.header) + self.verified_bytes(verified))
-        return verified
+    def _resume(self) -> list:
+        """The chunks a partial file still lacks: each chunk it holds is checked again (a file cut
+        short, or written out of order, keeps every chunk that matches its sha256)."""
+        size = len(self.header) + self.manifest.data_bytes
+        if os.pread(self._fd, len(self.header), 0) != self.header:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, self.header, 0)
+            os.ftruncate(self._fd, size)
+            return list(range(len(self.manifest.chunks)))
+        held = os.fstat(self._fd).st_size - len(self.header)
+        os.ftruncate(self._fd, size)
+        missing = []
+        for i, want in enumerate(self.manifest.chunks):
+            begin, end = self.manifest.chunk_span(i)
+            if end > held or digest(os.pread(self._fd, end - begin, len(self.header) + begin)) != want:
+                missing.append(i)
+        return missing
 
-    def verified_bytes(self, chunks: int | None = None) -> int:
-        """Data bytes in the first `chunks` chunks (default: those written so far)."""
-        chunks = self.next_chunk if chunks is None else chunks
-        return self.manifest.chunk_span(chunks - 1)[1] if chunks else 0
+    def verified_bytes(self) -> int:
+        """Data bytes in the chunks written and verified so far."""
+        missing = sum(self.manifest.chunk_span(i)[1] - self.manifest.chunk_span(i)[0] for i in self.missing)
+        return self.manifest.data_bytes - missing
 
     @property
     def done(self) -> bool:
-        return self.next_chunk == len(self.manifest.chunks)
+        return not self.missing
 
-    def write(self, index: int, data: bytes) -> bool:
-        """Append chunk `index` if it is the next one and matches its sha256; False when it does not."""
-        begin, end = self.manifest.chunk_span(index)
-        if index != self.next_chunk or len(data) != end - begin or digest(data) != self.manifest.chunks[index]:
+    def write(self, index: int, data) -> bool:
+        """Write chunk `index` if it is still missing and matches its sha256; False when it does not.
+        Safe to call from several threads at once (for different chunks)."""
+        if not 0 <= index < len(self.manifest.chunks):
             return False
-        with open(self.partial, "ab") as f:  # no fsync per chunk: a resume checks every chunk again
-            f.write(data)
-        self.next_chunk += 1
+        begin, end = self.manifest.chunk_span(index)
+        # hashlib releases the GIL on a large buffer: other chunks are received meanwhile.
+        if len(data) != end - begin or digest(data) != self.manifest.chunks[index]:
+            return False
+        with self._lock:
+            if index not in self.missing:
+                return False
+            self.missing.remove(index)
+        # No fsync per chunk: a resume checks every chunk again.
+        os.pwrite(self._fd, data, len(self.header) + begin)
         return True
+
+    def close(self) -> None:
+        os.close(self._fd)
 
     def complete(self) -> None:
         if not self.done:
-            raise CheckpointError(f"{self.partial}: {self.next_chunk} of {len(self.manifest.chunks)} chunks received")
-        with open(self.partial, "rb") as f:
-            os.fsync(f.fileno())
+            raise CheckpointError(f"{self.partial}: {len(self.manifest.chunks) - len(self.missing)} of "
+                                  f"{len(self.manifest.chunks)} chunks received")
+        os.fsync(self._fd)
         _write_json(self.final.with_suffix(".json"), self.manifest.to_json())
         os.replace(self.partial, self.final)
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from .builtin import KIMI_ROUTING
 from .checkpoint import INDEX_FILE, tensor_part, weight_prefix
 from .slice import LayerRange, build_slice_module, checkpoint_name, quantize_slice
 from .spec import QuantScheme, cast_unquantized, quantization_config
@@ -53,13 +54,7 @@ def tiny_text_config(shape: TinyShape, eos_ids: list, bos_id: int, dtype: str) -
         "qk_rope_head_dim": 32,
         "qk_nope_head_dim": 64,
         "v_head_dim": 64,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "n_group": 1,
-        "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
+        **KIMI_ROUTING,
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-6,
         "rope_theta": 50000.0,
@@ -143,6 +138,22 @@ def _mtp_tensors(shard: dict, prefix: str, last: int) -> dict:
     return out
 
 
+def vision_tensors(rng: np.random.Generator, text_hidden: int) -> dict:
+    """A stand-in vision tower and projector under the official names (convert drops them)."""
+    v = 64
+    shapes = {
+        "vision_tower.patch_embed.proj.weight": (v, 3, 14, 14),
+        "vision_tower.patch_embed.proj.bias": (v,),
+        "vision_tower.encoder.blocks.0.wqkv.weight": (3 * v, v),
+        "vision_tower.encoder.blocks.0.wo.weight": (v, v),
+        "vision_tower.encoder.final_layernorm.weight": (v,),
+        "mm_projector.pre_norm.weight": (4 * v,),
+        "mm_projector.proj.0.weight": (text_hidden, 4 * v),
+        "mm_projector.proj.2.weight": (text_hidden, text_hidden),
+    }
+    return {n: mx.array(rng.standard_normal(s).astype(np.float32) * 0.05).astype(mx.bfloat16) for n, s in shapes.items()}
+
+
 def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type: str = "kimi_k25",
               dtype: str = "float32", scheme: QuantScheme = DEFAULT_SCHEME, recipe: str = "",
               tokenizer: str = "json", vision: bool = False, mtp: bool = False) -> Path:
@@ -218,9 +229,7 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
     if mtp:
         shards[-1].update(_mtp_tensors(shards[-1], prefix, shape.layers - 1))
     if vision:
-        from .official import _vision_tensors
-
-        shards[0].update(_vision_tensors(np.random.default_rng(seed), shape.hidden_size))
+        shards[0].update(vision_tensors(np.random.default_rng(seed), shape.hidden_size))
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -31,9 +31,9 @@ sized so that one decode token costs >= 20 ms of compute on this machine:
         (cluster.wire.check_tensor) and rejects it with INVALID_ARGUMENT: transport +
         (de)serialization + validation + the reply matched by seq, without model compute;
      b. cluster.wire.encode_tensor of the (1, 1, 7168) bf16 array (sender) and
-        cluster.wire.decode_tensor (receiver; like Node._input it leaves the result's bf16 view
+        cluster.wire.decode_tensor (receiver; like Stage._input it leaves the result's bf16 view
         to be evaluated with the stage's graph), in this process;
-     c. the hand-off to and from the node's MLX compute thread (cluster.node.ComputeWorker.run
+     c. the hand-off to and from the node's MLX compute thread (cluster.compute.ComputeWorker.run
         of a no-op), which every stage pays once per token, in this process.
      per-hop estimate = median(a) + median(b encode) + median(b decode) + median(c).
      d. the cost of mutual TLS on that hop: the same message's round trip on a ForwardStream to
@@ -85,7 +85,7 @@ import harness  # noqa: E402  (tests/harness.py)
 from cluster.client import read_reply  # noqa: E402
 from cluster.generated import kimi_cluster_pb2 as pb  # noqa: E402
 from cluster.link import ForwardLink, StageError  # noqa: E402
-from cluster.node import ComputeWorker  # noqa: E402
+from cluster.compute import ComputeWorker  # noqa: E402
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc  # noqa: E402
 from cluster.wire import (CHANNEL_OPTIONS, check_tensor, decode_tensor, encode_tensor, make_server,  # noqa: E402
                           node_stub, open_channel)

@@ -1,41 +1,73 @@
 #!/usr/bin/env python3
-"""Slice transfer throughput on loopback against a plain file copy of the same bytes.
+"""Slice transfer throughput and time-to-ready on loopback against a plain file copy of the same bytes.
 
-    python scripts/bench_transfer.py            # about 200 MB of weights, 3 rounds
-    python scripts/bench_transfer.py --quick    # about 50 MB, 1 round
+    python scripts/bench_transfer.py              # about 300 MB of weights, 3 rounds
+    python scripts/bench_transfer.py --quick      # about 80 MB, 1 round
+    python scripts/bench_transfer.py --plaintext  # also a control run without TLS (bench only)
 
-What it measures, on one generated Kimi-architecture checkpoint (mlx_kimi/tiny.py, widened):
+What it measures, on one generated Kimi-architecture checkpoint (mlx_kimi/tiny.py, widened), with
+every source a Slices service in its own process (another node) on 127.0.0.1:
 
-  1. transfer: a node's SliceFetcher (cluster/transfer.py) receiving every part of the model from a
-     Slices service in this process over the cluster's mutual-TLS gRPC channel on 127.0.0.1: chunks
-     streamed with flow control, each checked against its sha256, written and fsynced into an empty
-     slice cache. The source hashed its parts once before timing (a coordinator does that once per
-     part and keeps the manifests).
-  2. plain copy: shutil.copyfile of the checkpoint's shard files (the same bytes plus their
-     headers) into an empty directory, fsynced, on the same disk.
-Both read sources that are in the page cache (each round reads them first). The rounds alternate
-the order; the ratio is the median over rounds of transfer MB/s / copy MB/s.
+  1. plain copy: shutil.copyfile of the checkpoint's shard files (the same bytes plus their headers)
+     into an empty directory, fsynced, on the same disk.
+  2. transfer: a node's SliceFetcher (cluster/transfer.py) receiving every part of the model over the
+     cluster's mutual-TLS channel into an empty slice cache: each chunk checked against its sha256
+     before it is written, every part fsynced. `1 source`, then `2 sources` holding the model, each
+     sending a different share of every part's chunks at once.
+  3. time-to-ready: receiving the slice from one source while load_slice reads each part as soon as
+     it is in place (what a node's Load does), against receiving then loading one after the other.
+The sources hashed their parts once before timing (a coordinator does that once per part and keeps
+the manifests), and their files are in the page cache, like the copy's (each round reads them first);
+every measurement starts after os.sync(), so none pays for the writeback of the one before. The
+rounds alternate the order; the ratio is the median over rounds of transfer MB/s / copy MB/s.
 """
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc  # noqa: E402
-from cluster.transfer import SliceFetcher, SliceStore, SlicesService  # noqa: E402
-from cluster.wire import make_server  # noqa: E402
+import grpc  # noqa: E402
+
+from cluster import transfer  # noqa: E402
+from cluster.transfer import SliceFetcher, SliceStore, add_slices_service  # noqa: E402
+from cluster.wire import CHANNEL_OPTIONS, SERVER_OPTIONS, make_server  # noqa: E402
 from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
+from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
 from mlx_kimi.slice_cache import SliceCache, slice_parts  # noqa: E402
 from mlx_kimi.tiny import TinyShape, make_tiny  # noqa: E402
 
 SECRET = bytes.fromhex("7e" * 32)
+
+
+def serve(model_dir: str, cache_dir: str, plaintext: bool, ports, conn):
+    """A source node: the Slices service over a whole checkpoint, its parts hashed before it answers;
+    says its CPU seconds so far each time `conn` asks, until it is told to stop."""
+    checkpoint = open_checkpoint(model_dir)
+    store = SliceStore(SliceCache(cache_dir), [checkpoint])
+    for name in slice_parts(0, checkpoint.num_layers, checkpoint.num_layers):
+        store.reader(checkpoint.model_id, name)
+    servers = []
+    for tls in [True] + [False] * plaintext:
+        if tls:
+            server, port = make_server("127.0.0.1", 0, SECRET, "source")
+        else:  # the control: no TLS, never offered by the product
+            server = grpc.server(ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
+            port = server.add_insecure_port("127.0.0.1:0")
+        add_slices_service(server, store)
+        server.start()
+        servers.append(server)
+        ports.put(port)
+    while conn.recv() == "cpu":
+        conn.send(time.process_time())
 
 
 def _read(paths):
@@ -45,18 +77,13 @@ def _read(paths):
                 pass
 
 
-def time_transfer(checkpoint, address: str, work: Path) -> float:
-    cache_dir = work / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    fetcher = SliceFetcher(SliceStore(SliceCache(cache_dir)), SECRET)
-    began = time.perf_counter()
-    fetcher.checkpoint(checkpoint.model_id, 0, checkpoint.num_layers, [address])
-    return time.perf_counter() - began
+def _empty(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()  # the deletion's and the last run's writeback are not charged to the next
 
 
 def time_copy(shards: list, work: Path) -> float:
     out = work / "copy"
-    shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     began = time.perf_counter()
     for shard in shards:
@@ -66,10 +93,29 @@ def time_copy(shards: list, work: Path) -> float:
     return time.perf_counter() - began
 
 
+def time_transfer(model_id: str, n: int, addresses: list, work: Path, load: str = "") -> float:
+    """Seconds to receive the whole model; with `load`, until its slice is also loaded, either while
+    it arrives ("overlapped") or after ("after")."""
+    fetcher = SliceFetcher(SliceStore(SliceCache(work / "cache")), SECRET)
+    began = time.perf_counter()
+    receiving = fetcher.receive(model_id, 0, n, addresses)
+    if load == "overlapped":
+        load_slice(receiving.checkpoint, LayerRange(0, n), ready=receiving.ready)
+    receiving.result()
+    if load == "after":
+        load_slice(receiving.checkpoint, LayerRange(0, n))
+    return time.perf_counter() - began
+
+
+def plaintext_channel(address: str, secret: bytes, name: str = "client"):
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, help="rounds of both measurements (default 3, 1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds of every measurement (default 3, 1 with --quick)")
+    parser.add_argument("--plaintext", action="store_true", help="also receive without TLS (a control)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,27 +125,65 @@ def main():
         checkpoint = open_checkpoint(make_tiny(work / "model", shape, model_type="deepseek_v3"))
         shards = sorted(checkpoint.path.glob("*.safetensors"))
         data = sum(t.nbytes for t in checkpoint.tensors.values())
-        store = SliceStore(SliceCache(work / "source-cache"), [checkpoint])
-        server, port = make_server("127.0.0.1", 0, SECRET, "source")
-        pb_grpc.add_SlicesServicer_to_server(SlicesService(store), server)
-        server.start()
-        for name in slice_parts(0, checkpoint.num_layers, checkpoint.num_layers):
-            store.reader(checkpoint.model_id, name)  # the source's manifests, hashed once
-        print(f"model: {len(shards)} shards, {data / 1e6:.1f} MB of tensors, {checkpoint.num_layers} layers")
-        ratios = []
+        spawn = multiprocessing.get_context("spawn")
+        ports, conns = [spawn.Queue() for _ in range(2)], [spawn.Pipe() for _ in range(2)]
+        sources = [spawn.Process(target=serve, args=(str(checkpoint.path), str(work / f"source{i}"), args.plaintext,
+                                                     ports[i], conns[i][1]), daemon=True) for i in range(2)]
+        for source in sources:
+            source.start()
+        found = [[f"127.0.0.1:{q.get(timeout=600)}" for _ in range(1 + args.plaintext)] for q in ports]
+        tls, plain = [f[0] for f in found], [f[1] for f in found[:1] if args.plaintext]
+        print(f"model: {len(shards)} shards, {data / 1e6:.1f} MB of tensors, {checkpoint.num_layers} layers; "
+              f"{os.cpu_count()} CPUs")
+        n, model_id = checkpoint.num_layers, checkpoint.model_id
+        runs = {"plain copy": lambda: time_copy(shards, work),
+                "transfer, 1 source": lambda: time_transfer(model_id, n, tls[:1], work),
+                "transfer, 2 sources": lambda: time_transfer(model_id, n, tls, work),
+                "ready, load overlapped": lambda: time_transfer(model_id, n, tls[:1], work, "overlapped"),
+                "ready, load after": lambda: time_transfer(model_id, n, tls[:1], work, "after")}
+        if plain:
+            def without_tls():
+                secure, transfer.open_channel = transfer.open_channel, plaintext_channel
+                try:
+                    return time_transfer(model_id, n, plain[:1], work)
+                finally:
+                    transfer.open_channel = secure
+            runs["control: 1 source, no TLS"] = without_tls
+        def cpu_s() -> float:  # this process (the receiver, gRPC's threads included) and both sources
+            for conn, _ in conns:
+                conn.send("cpu")
+            return time.process_time() + sum(conn.recv() for conn, _ in conns)
+
+        took = {what: [] for what in runs}
+        cpu = {what: [] for what in runs}  # CPU seconds per MB, all processes together
         for r in range(rounds):
             _read(shards)
-            order = ("transfer", "copy") if r % 2 == 0 else ("copy", "transfer")
-            took = {}
-            for what in order:
-                took[what] = (time_transfer(checkpoint, f"127.0.0.1:{port}", work) if what == "transfer"
-                              else time_copy(shards, work))
-            t_rate, c_rate = data / took["transfer"] / 1e6, data / took["copy"] / 1e6
-            ratios.append(t_rate / c_rate)
-            print(f"round {r + 1}: transfer {t_rate:8.1f} MB/s   plain copy {c_rate:8.1f} MB/s   "
-                  f"ratio {t_rate / c_rate:.3f}")
-        server.stop(0)
-        print(f"median ratio transfer / plain copy: {statistics.median(ratios):.3f} over {rounds} round(s)")
+            for what in list(runs) if r % 2 == 0 else reversed(list(runs)):
+                _empty(work / "copy")
+                _empty(work / "cache")
+                before = cpu_s()
+                took[what].append(runs[what]())
+                cpu[what].append((cpu_s() - before) / (data / 1e6))
+            print(f"round {r + 1}: " + "   ".join(
+                f"{what} {data / took[what][-1] / 1e6:.0f} MB/s" if "ready" not in what
+                else f"{what} {took[what][-1]:.2f} s" for what in runs))
+        for conn, _ in conns:
+            conn.send("stop")
+        for source in sources:
+            source.join(timeout=10)
+        copy = took["plain copy"]
+        print(f"\nmedian over {rounds} round(s); CPU: ms of CPU time per MB, every process together:")
+        for what in runs:
+            cost = f"CPU {statistics.median(cpu[what]) * 1e3:5.2f} ms/MB"
+            if what.startswith("ready"):
+                print(f"  {what:<28} {statistics.median(took[what]):6.2f} s to a loaded slice   {cost}")
+            elif what != "plain copy":
+                ratio = statistics.median(c / t for c, t in zip(copy, took[what]))
+                print(f"  {what:<28} {data / statistics.median(took[what]) / 1e6:7.1f} MB/s   {cost}   "
+                      f"ratio to the plain copy {ratio:.3f}")
+        print(f"  {'plain copy':<28} {data / statistics.median(copy) / 1e6:7.1f} MB/s   "
+              f"CPU {statistics.median(cpu['plain copy']) * 1e3:5.2f} ms/MB")
+        print(f"  load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

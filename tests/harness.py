@@ -58,7 +58,7 @@ def tight_memory(model_dir: Path, nodes: int, context: int = 32768) -> str:
     return f"{memory}B"
 
 
-def test_env(home: Path, secret: str = TEST_SECRET) -> dict:
+def node_env(home: Path, secret: str = TEST_SECRET) -> dict:
     env = dict(os.environ)
     env.update(KIMI_CLUSTER_HOME=str(home), KIMI_CLUSTER_SECRET=secret, PYTHONUNBUFFERED="1")
     return env
@@ -108,7 +108,7 @@ def start_node(workdir: Path, name: str, memory: str = "1GB", model: Path | None
         args += ["--model", str(model)]
         for p in peers:
             args += ["--peer", p]
-    return launch_node(workdir, name, args, env or test_env(workdir / "home"))
+    return launch_node(workdir, name, args, env or node_env(workdir / "home"))
 
 
 class LocalCluster:
@@ -118,7 +118,7 @@ class LocalCluster:
 
     def __init__(self, workdir: Path, model: Path, stages: int, memory: str = "1GB", extra=(), env=None,
                  coordinator_extra=(), running_peers=()):
-        self.workdir, self.env = workdir, env or test_env(workdir / "home")
+        self.workdir, self.env = workdir, env or node_env(workdir / "home")
         self.peers, self.coordinator = [], None
         try:
             for i in range(1 + len(running_peers), stages):

@@ -272,7 +272,7 @@ def test_wrong_or_missing_key_is_401(api):
 
 
 def test_exposed_api_without_key_is_refused_at_start(tmp_path, tiny_dir):
-    env = harness.test_env(tmp_path / "home")
+    env = harness.node_env(tmp_path / "home")
     base = [KIMI, "up", "--model", str(tiny_dir), "--no-mdns", "--port", "0", "--api-port", "0"]
     started = time.monotonic()
     exposed = subprocess.run([*base, "--api-host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)

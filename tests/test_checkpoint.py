@@ -80,36 +80,32 @@ def test_truncated_file_without_a_header(copy):
     assert "truncated safetensors file (3 bytes, no header)" in msg
 
 
-def test_garbage_at_the_start(copy):
-    shard = copy / SHARD3
-    data = bytearray(shard.read_bytes())
-    data[:16] = b"\xde\xad\xbe\xef" * 4
-    shard.write_bytes(bytes(data))
+def _overwritten(copy, shard: str, at: int, raw: bytes) -> str:
+    """The error opening the checkpoint once `raw` is written over the shard's bytes from `at`;
+    it names the shard."""
+    path = copy / shard
+    data = bytearray(path.read_bytes())
+    data[at:at + len(raw)] = raw
+    path.write_bytes(bytes(data))
     msg = _open_fails(copy)
-    assert SHARD3 in msg
-    assert "corrupt safetensors header" in msg
+    assert shard in msg
+    return msg
+
+
+def test_garbage_at_the_start(copy):
+    assert "corrupt safetensors header" in _overwritten(copy, SHARD3, 0, b"\xde\xad\xbe\xef" * 4)
 
 
 def test_header_length_larger_than_file(copy):
-    shard = copy / SHARD1
-    data = bytearray(shard.read_bytes())
-    data[:8] = struct.pack("<Q", len(data))  # plausible size, but past the end of the file
-    shard.write_bytes(bytes(data))
-    msg = _open_fails(copy)
-    assert SHARD1 in msg
+    size = (copy / SHARD1).stat().st_size
+    msg = _overwritten(copy, SHARD1, 0, struct.pack("<Q", size))  # plausible, but past the end of the file
     assert "corrupt safetensors header" in msg
-    assert f"declares {len(data)} header bytes" in msg
+    assert f"declares {size} header bytes" in msg
 
 
 def test_header_invalid_json(copy):
-    shard = copy / SHARD2
-    data = bytearray(shard.read_bytes())
-    assert data[8:9] == b"{"
-    data[8:12] = b"\x00#!x"
-    shard.write_bytes(bytes(data))
-    msg = _open_fails(copy)
-    assert SHARD2 in msg
-    assert "corrupt safetensors header (invalid JSON" in msg
+    assert (copy / SHARD2).read_bytes()[8:9] == b"{"
+    assert "corrupt safetensors header (invalid JSON" in _overwritten(copy, SHARD2, 8, b"\x00#!x")
 
 
 def test_header_entry_size_mismatch(copy):
@@ -158,44 +154,24 @@ def test_config_says_more_layers_than_the_files_hold(copy):
     assert "9 layers" in msg
 
 
-def test_layer_dropped_from_the_index(copy):
-    """Layers 1 and 4 are absent from the index (their bytes still sit in the shards)."""
-
+@pytest.mark.parametrize("dropped, expected", [
+    # layers 1 and 4 absent from the index (their bytes still sit in the shards)
+    (r"language_model\.model\.layers\.(1|4)\.", ["layers 1, 4 missing from the files"]),
+    (r"language_model\.(lm_head|model\.norm)\.", ["final norm / lm_head missing from the files"]),
+    # the part check sees the final norm as "head"; the missing lm_head is still named
+    (r"language_model\.lm_head\.", ["language_model.lm_head.weight", "missing from the files"]),
+], ids=["layers", "head", "lm_head-but-norm-present"])
+def test_tensors_dropped_from_the_index(copy, dropped, expected):
     def drop(d):
         for name in list(d["weight_map"]):
-            if re.match(r"language_model\.model\.layers\.(1|4)\.", name):
+            if re.match(dropped, name):
                 del d["weight_map"][name]
 
     _edit_json(copy / INDEX_FILE, drop)
     msg = _open_fails(copy)
     assert str(copy) in msg
-    assert "layers 1, 4 missing from the files" in msg
-
-
-def test_head_dropped_from_the_index(copy):
-    def drop(d):
-        for name in list(d["weight_map"]):
-            if name.startswith(("language_model.lm_head.", "language_model.model.norm.")):
-                del d["weight_map"][name]
-
-    _edit_json(copy / INDEX_FILE, drop)
-    msg = _open_fails(copy)
-    assert str(copy) in msg
-    assert "final norm / lm_head missing from the files" in msg
-
-
-def test_lm_head_missing_but_norm_present(copy):
-    """The part check sees the final norm as "head"; the missing lm_head is still named."""
-
-    def drop(d):
-        for name in list(d["weight_map"]):
-            if name.startswith("language_model.lm_head."):
-                del d["weight_map"][name]
-
-    _edit_json(copy / INDEX_FILE, drop)
-    msg = _open_fails(copy)
-    assert str(copy) in msg
-    assert "language_model.lm_head.weight" in msg and "missing from the files" in msg
+    for words in expected:
+        assert words in msg
 
 
 def test_one_tensor_of_a_layer_missing(copy):

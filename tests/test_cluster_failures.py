@@ -265,7 +265,7 @@ def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny
             cluster.client.Join(pb.JoinRequest(address=peer.address), timeout=10)  # nothing listens there now
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and peer.address in info.value.details()
         # another node (another machine's id) under the name of a live one does not take its place
-        other = start_node(tmp_path, peer.name, memory, env=harness.test_env(tmp_path / "other-machine"),
+        other = start_node(tmp_path, peer.name, memory, env=harness.node_env(tmp_path / "other-machine"),
                            extra=["--peer", cluster.coordinator.address])
         cluster.peers.append(other)
         wait_for_log(other, rf"cannot join the coordinator at \S+: a node named {peer.name} .* already serves at "
@@ -274,13 +274,13 @@ def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny
 
 
 def test_peer_with_another_secret_is_never_used(tmp_path, tiny_dir, chat_prompt_ids):
-    other_env = harness.test_env(tmp_path / "other-home", secret=secrets.token_hex(32))
+    other_env = harness.node_env(tmp_path / "other-home", secret=secrets.token_hex(32))
     intruder = start_node(tmp_path, "intruder", env=other_env)
     coordinator = None
     channel = None
     try:
         coordinator = start_node(tmp_path, "coord", model=tiny_dir, peers=[intruder.address],
-                                 env=harness.test_env(tmp_path / "home"))
+                                 env=harness.node_env(tmp_path / "home"))
         channel = open_channel(coordinator.address, bytes.fromhex(TEST_SECRET))
         client = coordinator_stub(channel)
 

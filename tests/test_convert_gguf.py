@@ -13,10 +13,11 @@ from gguf.quants import dequantize, quantize
 from mlx_lm.utils import load_model
 
 from harness import KIMI
-from mlx_kimi.convert import convert, decode_rows, open_source
+from mlx_kimi.convert import convert
 from mlx_kimi.gguf_source import at_least_source_bits, open_gguf
 from mlx_kimi.official import write_official
 from mlx_kimi.quality import compare_checkpoints
+from mlx_kimi.sources import decode_rows, open_source
 from mlx_kimi.spec import QuantScheme
 
 Q = gguf.GGMLQuantizationType

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_kimi.convert import open_source
+from mlx_kimi.sources import open_source
 from mlx_kimi.official import write_official
 from mlx_kimi.tiny import TinyShape
 

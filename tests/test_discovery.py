@@ -48,7 +48,7 @@ class MdnsCluster:
 
     def env(self, name, secret=None):
         """A node's environment: its own KIMI_CLUSTER_HOME (so its own machine id) and the secret."""
-        return harness.test_env(self.workdir / f"home-{name}", secret or self.secret)
+        return harness.node_env(self.workdir / f"home-{name}", secret or self.secret)
 
     def start(self, name, secret=None, **kw):
         node = start_mdns_node(self.workdir, name, self.env(name, secret), **kw)

@@ -58,7 +58,7 @@ def run(*args, env=None, timeout=60):
 
 
 def test_version_and_nodes_without_model(tmp_path):
-    env = harness.test_env(tmp_path / "home")
+    env = harness.node_env(tmp_path / "home")
     assert run("--version", env=env).stdout.startswith("kimi-cluster ")
     refused = run("up", "--host", "127.0.0.1", "--nodes", "2", env=env)
     assert refused.returncode == 2 and "--nodes says how many nodes the coordinator waits for: it needs --model" \
@@ -66,7 +66,7 @@ def test_version_and_nodes_without_model(tmp_path):
 
 
 def test_clients_say_what_to_do_when_no_coordinator_runs(tmp_path):
-    env = harness.test_env(tmp_path / "home", secrets.token_hex(32))
+    env = harness.node_env(tmp_path / "home", secrets.token_hex(32))
     done = run("map", "--host", "127.0.0.1", env=env)
     assert done.returncode == 1
     assert "no coordinator found: none runs on this machine and none of this cluster answered over mDNS" \
@@ -76,7 +76,7 @@ def test_clients_say_what_to_do_when_no_coordinator_runs(tmp_path):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_dir):
     workdir = tmp_path_factory.mktemp("everyday")
-    env = harness.test_env(workdir / "home", secrets.token_hex(32))
+    env = harness.node_env(workdir / "home", secrets.token_hex(32))
     worker = start_mdns_node(workdir, "worker", env)
     coordinator = start_mdns_node(workdir, "coord", env, model=tiny_dir, extra=["--nodes", "2", "--api-port", "0"])
     try:
@@ -148,7 +148,7 @@ def test_stop_stops_this_machines_nodes(cluster):
 ])
 def test_memory_needs_a_unit_and_fits_the_machine(tmp_path, memory, words):
     done = run("up", "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--memory", memory,
-               env=harness.test_env(tmp_path / "home"))
+               env=harness.node_env(tmp_path / "home"))
     assert done.returncode == 2 and words in done.stderr, done.stderr
 
 
@@ -185,7 +185,7 @@ def test_load_bars_show_every_planned_node_once_however_the_loads_interleave():
 
 
 def test_a_node_joining_a_cluster_that_did_not_fit_triggers_a_plan(tmp_path, tiny_dir):
-    env = harness.test_env(tmp_path / "home", secrets.token_hex(32))
+    env = harness.node_env(tmp_path / "home", secrets.token_hex(32))
     small = ["--context", "256"]
     coordinator = start_mdns_node(tmp_path, "coord", env, memory="6MB", model=tiny_dir, extra=small)
     worker = None

@@ -1,7 +1,10 @@
 """Fuzzing (hypothesis) of a live 2-stage cluster with its API, for a bounded time: generated and
 mutated messages to the nodes' and the coordinator's gRPC services, generated JSON to the API.
-Throughout, a generation runs alongside and must keep giving mlx-lm's tokens; afterwards every
-process is alive, answers at once, and has not grown without bound.
+Every call must be answered, or refused with a status that says why: UNKNOWN (a servicer raised),
+INTERNAL (an unexpected error inside a server) and DEADLINE_EXCEEDED (a hang) fail the test.
+Throughout, a generation runs alongside and must keep giving mlx-lm's tokens; each test ends by
+checking that one more generation after its fuzzing gives them too, and that every process is
+alive, answers at once, and has not grown without bound.
 
 Load and Stop are left out: a member of the cluster (it holds the secret) is trusted to load
 and stop nodes; what is fuzzed here is what any member's bug or a stray client could send.
@@ -9,8 +12,8 @@ and stop nodes; what is fuzzed here is what any member's bug or a stray client c
 
 import http.client
 import json
+import subprocess
 import threading
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
@@ -18,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import harness
 from cluster.generated import kimi_cluster_pb2 as pb
 from harness import ApiCluster, oracle_reply
 
@@ -29,11 +31,15 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                 suppress_health_check=list(HealthCheck))
 
 
+# What grpc itself answers to a request body that does not parse (no servicer runs).
+UNPARSED_BODY = "Exception deserializing request!"
+FAILURES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    """Resident bytes of a process, by `ps` (its RSS column is KiB on macOS and Linux alike)."""
+    return int(subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True,
+                              check=True).stdout) * 1024
 
 
 class Alongside:
@@ -41,7 +47,8 @@ class Alongside:
 
     def __init__(self, client, prompt: list, expected: list):
         self.client, self.prompt, self.expected = client, prompt, expected
-        self.done, self.wrong, self.errors = 0, [], []
+        self.finished, self.wrong, self.errors = 0, [], []
+        self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -53,11 +60,25 @@ class Alongside:
                 ids = [e.token.id for e in self.client.Generate(request, timeout=60)
                        if e.HasField("token") and e.token.id >= 0]
             except grpc.RpcError as e:
-                self.errors.append(f"{e.code().name}: {e.details()}")
-                continue
-            self.done += 1
-            if ids != self.expected:
-                self.wrong.append(ids)
+                ids = f"{e.code().name}: {e.details()}"
+            with self._changed:
+                if isinstance(ids, str):
+                    self.errors.append(ids)
+                elif ids != self.expected:
+                    self.wrong.append(ids)
+                self.finished += 1
+                self._changed.notify_all()
+
+    def check_after(self, timeout: float = 120):
+        """Wait for a generation started after this call to finish, then assert that every
+        generation since the last check gave mlx-lm's tokens."""
+        with self._changed:
+            # the one in flight now started before; the one after it is wholly after this call
+            after = self.finished + 2
+            assert self._changed.wait_for(lambda: self.finished >= after, timeout), "the generation alongside hangs"
+            wrong, errors, self.wrong, self.errors = self.wrong, self.errors, [], []
+        assert wrong == [], f"generations alongside gave other tokens than mlx-lm: {wrong[:3]}"
+        assert errors == [], f"generations alongside failed: {errors[:3]}"
 
     def stop(self):
         self._stop.set()
@@ -73,18 +94,23 @@ def fuzzed(tmp_path_factory, tiny_dir, oracle, chat_prompt_ids):
         stubs = {n.name: cluster.node_stub(n) for n in cluster.nodes}
         cluster.owner = stubs["coord"].Health(pb.HealthRequest(), timeout=10).coordinator_id
         cluster.stubs = stubs
-        before = {n.name: _rss(n.proc.pid) for n in cluster.nodes}
-        alongside = Alongside(cluster.client, chat_prompt_ids, oracle_reply(oracle, chat_prompt_ids, ALONGSIDE_TOKENS))
+        cluster.rss_before = {n.name: _rss(n.proc.pid) for n in cluster.nodes}
+        cluster.alongside = Alongside(cluster.client, chat_prompt_ids,
+                                      oracle_reply(oracle, chat_prompt_ids, ALONGSIDE_TOKENS))
         yield cluster
-        alongside.stop()
-        assert alongside.wrong == [], "a generation alongside the fuzzing gave other tokens than mlx-lm"
-        assert alongside.errors == [] and alongside.done >= 1, (alongside.done, alongside.errors[:3])
-        for node in cluster.nodes:
-            assert node.proc.poll() is None, f"{node.name} died:\n{node.log()[-2000:]}"
-            health = stubs[node.name].Health(pb.HealthRequest(), timeout=2)
-            assert health.loaded
-            grown = _rss(node.proc.pid) - before[node.name]
-            assert grown < RSS_GROWTH_LIMIT, f"{node.name} grew by {grown >> 20} MiB"
+        cluster.alongside.stop()
+
+
+def _unharmed(cluster):
+    """How every fuzz test ends: the generations alongside gave mlx-lm's tokens, one after the
+    fuzzing too; every node is alive, answers Health at once, holds its slice, and has not grown
+    by RSS_GROWTH_LIMIT since the cluster started."""
+    cluster.alongside.check_after()
+    for node in cluster.nodes:
+        assert node.proc.poll() is None, f"{node.name} died:\n{node.log()[-2000:]}"
+        assert cluster.stubs[node.name].Health(pb.HealthRequest(), timeout=2).loaded, f"{node.name} lost its slice"
+        grown = _rss(node.proc.pid) - cluster.rss_before[node.name]
+        assert grown < RSS_GROWTH_LIMIT, f"{node.name} grew by {grown >> 20} MiB"
 
 
 # ---- gRPC: generated messages --------------------------------------------------------------------
@@ -121,12 +147,16 @@ def forward_requests(draw, owner: str):
     return request
 
 
-def _answered(call):
-    """Run one call: an answer or a gRPC error are both fine; anything else (a hang) is not."""
+def _answered(call, unparsed_body: bool = False):
+    """Run one call: an answer, or a refusal with a status and a message saying why. With
+    `unparsed_body` (mutated bytes), grpc's own INTERNAL for a body that does not parse is a refusal."""
     try:
         call()
     except grpc.RpcError as e:
-        assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED, e.details()
+        if unparsed_body and e.code() == grpc.StatusCode.INTERNAL and e.details() == UNPARSED_BODY:
+            return
+        assert e.code() not in FAILURES, f"{e.code().name}: {e.details()}"
+        assert e.details(), f"{e.code().name} without a message"
 
 
 def test_fuzz_node_services(fuzzed):
@@ -141,6 +171,7 @@ def test_fuzz_node_services(fuzzed):
         _answered(lambda: stub.Health(pb.HealthRequest(coordinator_id=data.draw(st.text(max_size=40))), timeout=20))
 
     run()
+    _unharmed(fuzzed)
 
 
 def test_fuzz_mutated_bytes(fuzzed):
@@ -158,9 +189,10 @@ def test_fuzz_mutated_bytes(fuzzed):
         body = bytearray(valid)
         for at, value in flips:
             body[at] = value
-        _answered(lambda: channel.unary_unary(method)(bytes(body) + tail, timeout=20))
+        _answered(lambda: channel.unary_unary(method)(bytes(body) + tail, timeout=20), unparsed_body=True)
 
     run()
+    _unharmed(fuzzed)
 
 
 def test_fuzz_generate(fuzzed):
@@ -175,6 +207,7 @@ def test_fuzz_generate(fuzzed):
         _answered(lambda: list(fuzzed.client.Generate(request, timeout=30)))
 
     run()
+    _unharmed(fuzzed)
 
 
 # ---- the API: generated JSON ----------------------------------------------------------------------
@@ -210,3 +243,4 @@ def test_fuzz_api(fuzzed):
             assert json.loads(text)["error"]["message"]
 
     run()
+    _unharmed(fuzzed)

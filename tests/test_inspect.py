@@ -224,10 +224,10 @@ def test_repo_id_not_in_the_cache_says_how_to_download_it(runs):
 
 def test_up_with_a_repo_id_serves_the_cached_snapshot(tiny_dir, oracle, chat_prompt_ids, tmp_path):
     """`up --model ORG/NAME` runs the snapshot the cache's refs/main names, as `--model DIR` would."""
-    from harness import LocalCluster, oracle_reply, test_env
+    from harness import LocalCluster, node_env, oracle_reply
 
     hf_cache(tmp_path / "hf" / "hub", REPO, tiny_dir)
-    env = {**test_env(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env = {**node_env(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     with LocalCluster(tmp_path, REPO, stages=1, env=env) as cluster:
         tokens, _ = cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=4)

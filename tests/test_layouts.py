@@ -10,8 +10,7 @@ import struct
 import pytest
 from mlx_lm.utils import load_model
 
-from harness import LocalCluster, oracle_reply, start_node
-from harness import test_env as node_env  # (a test_ name here would be collected)
+from harness import LocalCluster, node_env, oracle_reply, start_node
 from mlx_kimi.checkpoint import CheckpointError, open_checkpoint
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 from mlx_kimi.layouts import MLX_LAYOUTS, OFFICIAL_NAMES, write_layout

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from cluster.api import KEEPALIVE_S
+from cluster.api_responses import KEEPALIVE_S
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))

@@ -146,7 +146,7 @@ def test_three_namespaces_discover_plan_and_chat(network, tmp_path, tiny_dir, or
     network.check_multicast()
 
     secret = secrets.token_hex(32)
-    env = {i: harness.test_env(tmp_path / f"home-host{i}", secret) for i in range(1, HOSTS + 1)}
+    env = {i: harness.node_env(tmp_path / f"home-host{i}", secret) for i in range(1, HOSTS + 1)}
     coordinator_address = f"{SUBNET}.1:{PORT}"
     nodes = {}
     try:

@@ -1,8 +1,6 @@
 import random
 import re
 from types import SimpleNamespace
-from fractions import Fraction
-from itertools import combinations, permutations
 
 import pytest
 
@@ -19,115 +17,19 @@ from cluster.planner import (
     replan_after_loss,
     usable_from_wired_limit_mb,
 )
-from cluster.units import format_bytes
+from planner_oracle import (
+    GB,
+    GIB,
+    check_against_brute_force,
+    check_valid,
+    expected_stage_bytes,
+    heterogeneous_nodes,
+    kimi_k25_sizes,
+    random_case,
+    toy_sizes,
+)
 
-GB = 10**9
-GIB = 2**30
 MIB = 2**20
-
-
-def kimi_k25_sizes() -> ModelSizes:
-    """Kimi K2.5, routed experts 2-bit / rest 4-bit, from the facts table (approximate)."""
-    return ModelSizes(
-        layer_bytes=[int(0.280e9)] + [int(5.372e9)] * 60,
-        embed_bytes=int(0.66e9),
-        head_bytes=int(0.66e9),
-        kv_bytes_per_token_per_layer=(512 + 64) * 2,
-        hidden_bytes_per_token=7168 * 2,
-        attention_heads=64,
-    )
-
-
-def toy_sizes(layer_bytes, embed=0, head=0, kv=0, hidden=0, heads=0) -> ModelSizes:
-    return ModelSizes(list(layer_bytes), embed, head, kv, hidden, heads)
-
-
-def expected_stage_bytes(sizes, start, end, context):
-    last = len(sizes.layer_bytes)
-    weight = sum(sizes.layer_bytes[start:end])
-    weight += sizes.embed_bytes if start == 0 else 0
-    weight += sizes.head_bytes if end == last else 0
-    return weight, sizes.kv_bytes_per_token_per_layer * (end - start) * context
-
-
-def check_valid(plan, sizes, nodes, context, prefill_chunk):
-    """Contiguous, covering, each node once, exact bytes, and every stage fits."""
-    assert plan.feasible and plan.shortfall_bytes == 0 and plan.wired_limit_mb == {}
-    assert plan.context == context
-    by_name = {node.name: node for node in nodes}
-    names = [stage.node for stage in plan.stages]
-    assert len(names) == len(set(names))
-    assert plan.stages[0].start == 0
-    assert plan.stages[-1].end == len(sizes.layer_bytes)
-    for before, after in zip(plan.stages, plan.stages[1:]):
-        assert before.end == after.start
-    scratch = prefill_scratch_bytes(sizes, context, prefill_chunk)
-    for stage in plan.stages:
-        assert stage.end > stage.start
-        weight, kv = expected_stage_bytes(sizes, stage.start, stage.end, context)
-        assert stage.weight_bytes == weight
-        assert stage.kv_bytes == kv
-        assert stage.scratch_bytes == scratch
-        assert stage.usable_bytes == by_name[stage.node].usable_bytes
-        assert stage.needed_bytes == weight + kv + scratch
-        assert stage.needed_bytes <= stage.usable_bytes
-        assert stage.free_bytes == stage.usable_bytes - stage.needed_bytes
-
-
-def stage_time(sizes, node, start, end, all_know_bandwidth):
-    """Bytes read per token (no embedding: it is a lookup) over bandwidth, exactly."""
-    read = sum(sizes.layer_bytes[start:end]) + (sizes.head_bytes if end == len(sizes.layer_bytes) else 0)
-    return Fraction(read) / (Fraction(node.bandwidth_bytes_per_s) if all_know_bandwidth else 1)
-
-
-def brute_force(sizes, nodes, context, prefill_chunk):
-    """Every subset, order and split: the best (bottleneck, stages, -min free), and for each
-    node the least overflow of its stage over plans where every other stage fits."""
-    count = len(sizes.layer_bytes)
-    scratch = prefill_scratch_bytes(sizes, context, prefill_chunk)
-    know = all(node.bandwidth_bytes_per_s for node in nodes)
-    best = None
-    least_overflow = [None] * len(nodes)
-    for k in range(1, min(len(nodes), count) + 1):
-        for order in permutations(range(len(nodes)), k):
-            for cuts in combinations(range(1, count), k - 1):
-                bounds = [0, *cuts, count]
-                overflows, times, frees = [], [], []
-                for position, index in enumerate(order):
-                    start, end = bounds[position], bounds[position + 1]
-                    weight, kv = expected_stage_bytes(sizes, start, end, context)
-                    free = nodes[index].usable_bytes - (weight + kv + scratch)
-                    overflows.append(max(0, -free))
-                    frees.append(free)
-                    times.append(stage_time(sizes, nodes[index], start, end, know))
-                over = [p for p, o in enumerate(overflows) if o > 0]
-                if not over:
-                    key = (max(times), k, -min(frees))
-                    best = key if best is None or key < best else best
-                if len(over) == 1:
-                    index = order[over[0]]
-                    value = overflows[over[0]]
-                    if least_overflow[index] is None or value < least_overflow[index]:
-                        least_overflow[index] = value
-    return best, least_overflow
-
-
-def random_case(rng):
-    count = rng.randint(2, 6)
-    sizes = toy_sizes(
-        [rng.randint(1, 100) for _ in range(count)],
-        embed=rng.randint(0, 60),
-        head=rng.randint(0, 60),
-        kv=rng.randint(0, 3),
-        hidden=rng.randint(0, 2),
-        heads=rng.randint(0, 2),
-    )
-    with_bandwidth = rng.random() < 0.5
-    nodes = [
-        NodeCapacity(f"n{i}", rng.randint(30, 400), rng.choice([1.0, 2.0, 3.5]) if with_bandwidth else None)
-        for i in range(rng.randint(1, 4))
-    ]
-    return sizes, nodes, rng.randint(1, 8), rng.randint(1, 4)
 
 
 def test_scratch_reproduces_the_measured_kimi_figure_and_scales():
@@ -161,7 +63,7 @@ def test_plan_covers_layers_contiguously_with_embed_first_and_head_last():
     sizes = toy_sizes([100] * 10, embed=40, head=70, kv=2, hidden=1, heads=1)
     nodes = [NodeCapacity("a", 1000), NodeCapacity("b", 900), NodeCapacity("c", 1200)]
     plan = plan_partition(sizes, nodes, context=16, prefill_chunk=8)
-    check_valid(plan, sizes, nodes, 16, 8)
+    check_against_brute_force(plan, sizes, nodes, 16, 8)
     first, last = plan.stages[0], plan.stages[-1]
     assert first.weight_bytes == sum(sizes.layer_bytes[: first.end]) + 40
     assert last.weight_bytes == sum(sizes.layer_bytes[last.start :]) + 70
@@ -169,29 +71,9 @@ def test_plan_covers_layers_contiguously_with_embed_first_and_head_last():
 
 @pytest.mark.parametrize("seed", range(300))
 def test_matches_brute_force_on_small_cases(seed):
-    rng = random.Random(seed)
-    sizes, nodes, context, chunk = random_case(rng)
+    sizes, nodes, context, chunk = random_case(random.Random(seed))
     plan = plan_partition(sizes, nodes, context=context, prefill_chunk=chunk)
-    best, least_overflow = brute_force(sizes, nodes, context, chunk)
-    assert plan.feasible == (best is not None)
-    if plan.feasible:
-        check_valid(plan, sizes, nodes, context, chunk)
-        by_name = {node.name: node for node in nodes}
-        know = all(node.bandwidth_bytes_per_s for node in nodes)
-        bottleneck = max(stage_time(sizes, by_name[s.node], s.start, s.end, know) for s in plan.stages)
-        min_free = min(stage.free_bytes for stage in plan.stages)
-        assert (bottleneck, len(plan.stages), -min_free) == best
-        return
-    scratch = prefill_scratch_bytes(sizes, context, chunk)
-    held = sum(sizes.layer_bytes) + sizes.embed_bytes + sizes.head_bytes
-    held += kv_cache_bytes(sizes, len(sizes.layer_bytes), context)
-    missing = held - sum(max(0, node.usable_bytes - scratch) for node in nodes)
-    if missing > 0:
-        assert plan.shortfall_bytes == missing
-    else:
-        assert plan.shortfall_bytes == min(o for o in least_overflow if o is not None)
-    assert plan.stages == []
-    assert any(format_bytes(plan.shortfall_bytes) in line for line in plan.advice)
+    check_against_brute_force(plan, sizes, nodes, context, chunk)
 
 
 # ---- re-planning after a node is lost: only the lost layers move --------------------------------------
@@ -205,6 +87,7 @@ def test_a_lost_stage_goes_whole_to_the_smallest_spare_that_holds_it():
     sizes = toy_sizes([10] * 6, embed=5, head=5)
     nodes = [NodeCapacity(n, 40) for n in ("a", "b", "c")]
     plan = plan_partition(sizes, nodes, context=0, prefill_chunk=1)
+    check_against_brute_force(plan, sizes, nodes, 0, 1)
     assert ranges(plan) == {"a": (0, 2), "b": (2, 4), "c": (4, 6)}
     spares = [NodeCapacity("big", 100), NodeCapacity("small", 20), NodeCapacity("tiny", 19)]
     replanned = replan_after_loss(sizes, plan, [nodes[0], nodes[2], *spares], context=0, prefill_chunk=1)
@@ -217,6 +100,7 @@ def test_without_a_spare_the_neighbours_share_the_lost_layers():
     sizes = toy_sizes([10] * 6, embed=5, head=5)
     nodes = [NodeCapacity(n, 60) for n in ("a", "b", "c")]
     plan = plan_partition(sizes, nodes, context=0, prefill_chunk=1)
+    check_against_brute_force(plan, sizes, nodes, 0, 1)
     survivors = [nodes[0], nodes[2], NodeCapacity("tiny", 15)]  # the spare cannot hold b's 20 bytes
     replanned = replan_after_loss(sizes, plan, survivors, context=0, prefill_chunk=1)
     check_valid(replanned, sizes, survivors, 0, 1)
@@ -235,10 +119,12 @@ def test_when_nothing_holds_the_lost_layers_in_place_the_plan_is_made_afresh():
     sizes = toy_sizes([10] * 6, embed=5, head=5)
     nodes = [NodeCapacity("a", 25), NodeCapacity("b", 25), NodeCapacity("c", 80)]
     plan = plan_partition(sizes, nodes, context=0, prefill_chunk=1)
+    check_against_brute_force(plan, sizes, nodes, 0, 1)
     lost = next(s.node for s in plan.stages if s.node != "c" and s.end < 6)
     left = [n for n in nodes if n.name != lost] + [NodeCapacity("d", 20)]  # holds no stage of 2 layers
     replanned = replan_after_loss(sizes, plan, left, context=0, prefill_chunk=1)
     assert replanned == plan_partition(sizes, left, context=0, prefill_chunk=1)
+    check_against_brute_force(replanned, sizes, left, 0, 1)
     assert (lost, ranges(plan)["b"], ranges(replanned)["b"]) == ("a", (2, 4), (0, 2))  # a survivor's layers moved
 
 
@@ -292,6 +178,7 @@ def test_infeasible_total_shortfall_is_exact():
     sizes = toy_sizes([1000] * 4, embed=300, head=400, kv=1, hidden=1, heads=1)
     nodes = [NodeCapacity("a", 2000), NodeCapacity("b", 2000)]
     plan = plan_partition(sizes, nodes, context=8, prefill_chunk=4)
+    check_against_brute_force(plan, sizes, nodes, 8, 4)
     # By hand: scratch = 1 B * 4 tokens * 16 + 4 * 8 * 1 head * 2 B = 128 per stage,
     # KV = 1 B * 4 layers * 8 tokens = 32, weights = 4700; 2 * 2000 usable.
     assert prefill_scratch_bytes(sizes, 8, 4) == 128
@@ -309,6 +196,7 @@ def test_fragmentation_shortfall_is_the_least_extra_on_one_node():
     sizes = toy_sizes([100, 100, 100])
     nodes = [NodeCapacity("a", 160), NodeCapacity("b", 170)]
     plan = plan_partition(sizes, nodes, context=4, prefill_chunk=4)
+    check_against_brute_force(plan, sizes, nodes, 4, 4)
     assert not plan.feasible
     assert plan.shortfall_bytes == 30  # b needs 200 to hold two layers
     assert "30 B" in plan.advice[0]
@@ -320,7 +208,7 @@ def test_smaller_node_gets_fewer_layers():
     sizes = toy_sizes([10 * GB] * 10, embed=GB, head=GB, kv=1152, hidden=14336, heads=8)
     nodes = [NodeCapacity("big", 200 * GB), NodeCapacity("small", 40 * GB)]
     plan = plan_partition(sizes, nodes, context=4096, prefill_chunk=512)
-    check_valid(plan, sizes, nodes, 4096, 512)
+    check_against_brute_force(plan, sizes, nodes, 4096, 512)
     layers = {stage.node: stage.num_layers for stage in plan.stages}
     assert layers["small"] < layers["big"]
     assert layers["small"] >= 1
@@ -331,12 +219,13 @@ def test_slower_node_gets_fewer_layers_when_memory_is_not_binding():
     sizes = toy_sizes([GB] * 12)
     nodes = [NodeCapacity("slow", 1000 * GB, 400e9), NodeCapacity("fast", 1000 * GB, 800e9)]
     plan = plan_partition(sizes, nodes, context=1024, prefill_chunk=256)
-    check_valid(plan, sizes, nodes, 1024, 256)
+    check_against_brute_force(plan, sizes, nodes, 1024, 256)
     layers = {stage.node: stage.num_layers for stage in plan.stages}
     assert layers == {"fast": 8, "slow": 4}  # 8 GB / 800 GB/s == 4 GB / 400 GB/s
     # Unless every node knows its bandwidth, bytes are balanced instead.
     nodes[1] = NodeCapacity("fast", 1000 * GB, None)
     plan = plan_partition(sizes, nodes, context=1024, prefill_chunk=256)
+    check_against_brute_force(plan, sizes, nodes, 1024, 256)
     assert [stage.num_layers for stage in plan.stages] == [6, 6]
 
 
@@ -352,10 +241,13 @@ def test_known_macs_feed_their_memory_bandwidth_to_the_coordinators_plan():
 
     sizes = toy_sizes([GB] * 12)
     plan = plan_for(sizes, [member("max", 410 * GB), member("ultra", 819 * GB)], context=1024, chunk=256)
+    known = [NodeCapacity("max", 1000 * GB, 410 * GB), NodeCapacity("ultra", 1000 * GB, 819 * GB)]
+    check_against_brute_force(plan, sizes, known, plan.context, 256)
     layers = {stage.node: stage.num_layers for stage in plan.stages}
     assert layers == {"ultra": 8, "max": 4}  # 8 GB / 819 GB/s > 4 GB / 410 GB/s, the least bottleneck
     # A node of an unknown chip (0 on the wire) leaves every node's bandwidth out: bytes balance.
     plan = plan_for(sizes, [member("max", 410 * GB), member("other", 0)], context=1024, chunk=256)
+    check_against_brute_force(plan, sizes, [known[0], NodeCapacity("other", 1000 * GB)], plan.context, 256)
     assert [stage.num_layers for stage in plan.stages] == [6, 6]
 
 
@@ -363,7 +255,7 @@ def test_node_that_cannot_hold_embedding_or_head_goes_in_the_middle():
     sizes = toy_sizes([1000] * 10, embed=6000, head=6000, kv=1, hidden=1, heads=1)
     nodes = [NodeCapacity("small", 7000), NodeCapacity("b1", 100_000), NodeCapacity("b2", 100_000)]
     plan = plan_partition(sizes, nodes, context=4, prefill_chunk=4)
-    check_valid(plan, sizes, nodes, 4, 4)
+    check_against_brute_force(plan, sizes, nodes, 4, 4)
     order = [stage.node for stage in plan.stages]
     assert order[1] == "small"  # used, since it lowers the bottleneck, but not first or last
     # By hand: the last stage reads the 6000-byte head plus at least one layer, so 7000 is
@@ -376,7 +268,7 @@ def test_node_that_cannot_hold_the_head_is_not_last():
     sizes = toy_sizes([1000] * 10, embed=500, head=6000, kv=1, hidden=1, heads=1)
     nodes = [NodeCapacity("big", 100_000), NodeCapacity("small", 5000)]  # listed first: big
     plan = plan_partition(sizes, nodes, context=4, prefill_chunk=4)
-    check_valid(plan, sizes, nodes, 4, 4)
+    check_against_brute_force(plan, sizes, nodes, 4, 4)
     assert [stage.node for stage in plan.stages] == ["small", "big"]
 
 
@@ -384,7 +276,7 @@ def test_fewer_stages_when_more_do_not_lower_the_bottleneck():
     sizes = toy_sizes([100, 1, 1])
     nodes = [NodeCapacity(name, 1000) for name in "abc"]
     plan = plan_partition(sizes, nodes, context=1, prefill_chunk=1)
-    check_valid(plan, sizes, nodes, 1, 1)
+    check_against_brute_force(plan, sizes, nodes, 1, 1)
     assert [(s.start, s.end) for s in plan.stages] == [(0, 1), (1, 3)]
     assert [s.node for s in plan.stages] == ["a", "b"]  # ties keep the listed order
     assert any(line.startswith("c is left out") for line in plan.advice)
@@ -395,7 +287,7 @@ def test_slack_below_the_bottleneck_is_spread_evenly():
     sizes = toy_sizes([GB] * 10)
     nodes = [NodeCapacity(name, 100 * GB) for name in "abcd"]
     plan = plan_partition(sizes, nodes, context=1, prefill_chunk=1)
-    check_valid(plan, sizes, nodes, 1, 1)
+    check_against_brute_force(plan, sizes, nodes, 1, 1)
     assert sorted(stage.num_layers for stage in plan.stages) == [2, 2, 3, 3]
 
 
@@ -403,7 +295,7 @@ def test_too_small_node_is_left_out_when_the_rest_suffices():
     sizes = toy_sizes([10 * GB] * 6, embed=GB, head=GB)
     nodes = [NodeCapacity("tiny", 5 * GB), NodeCapacity("a", 50 * GB), NodeCapacity("b", 50 * GB)]
     plan = plan_partition(sizes, nodes, context=1, prefill_chunk=1)
-    check_valid(plan, sizes, nodes, 1, 1)
+    check_against_brute_force(plan, sizes, nodes, 1, 1)
     assert "tiny" not in [stage.node for stage in plan.stages]
     assert any("tiny" in line and "cannot hold" in line for line in plan.advice)
 
@@ -412,7 +304,7 @@ def test_tight_stage_is_reported():
     sizes = toy_sizes([100] * 4)
     nodes = [NodeCapacity("a", 200), NodeCapacity("b", 250)]
     plan = plan_partition(sizes, nodes, context=1, prefill_chunk=1)
-    check_valid(plan, sizes, nodes, 1, 1)
+    check_against_brute_force(plan, sizes, nodes, 1, 1)
     assert any(line.startswith("a is tight") for line in plan.advice)
     assert not any(line.startswith("b is tight") for line in plan.advice)
 
@@ -421,11 +313,14 @@ def test_context_advice_fits_when_followed_and_names_only_flags_that_exist():
     sizes = kimi_k25_sizes()
     nodes = [NodeCapacity(f"m{i}", 172 * GB) for i in range(2)]
     plan = plan_partition(sizes, nodes, context=131072, prefill_chunk=2048)
+    check_against_brute_force(plan, sizes, nodes, 131072, 2048)
     assert not plan.feasible
     line = next(line for line in plan.advice if "--context to" in line)
     context = int(re.search(r"--context to ([\d,]+)", line).group(1).replace(",", ""))
     assert 0 < context < 131072
-    assert plan_partition(sizes, nodes, context=context, prefill_chunk=2048).feasible
+    followed = plan_partition(sizes, nodes, context=context, prefill_chunk=2048)
+    assert followed.feasible
+    check_against_brute_force(followed, sizes, nodes, context, 2048)
     flags = {flag for line in plan.advice for flag in re.findall(r"--[a-z-]+", line)}
     assert flags == {"--context"}, plan.advice  # kimi-cluster up/plan have no --prefill-chunk
 
@@ -434,7 +329,9 @@ def test_advice_when_kv_cache_and_scratch_alone_do_not_fit():
     """A tiny model on nodes smaller than the prefill scratch: the figures count the one node that
     must take part, and smaller weights are not offered as a fix."""
     sizes = toy_sizes([10, 20], embed=5, head=5, kv=1, hidden=1, heads=1)
-    plan = plan_partition(sizes, [NodeCapacity("a", 8), NodeCapacity("b", 9)], context=2, prefill_chunk=4)
+    nodes = [NodeCapacity("a", 8), NodeCapacity("b", 9)]
+    plan = plan_partition(sizes, nodes, context=2, prefill_chunk=4)
+    check_against_brute_force(plan, sizes, nodes, 2, 4)
     assert not plan.feasible
     text = "\n".join(plan.advice)
     # the figures add up: missing = weights + KV cache - what the nodes have beyond the scratch (nothing)
@@ -448,6 +345,7 @@ def test_kimi_k25_on_two_192gb_macs_needs_a_higher_wired_limit():
     total = 192 * GIB
     nodes = [NodeCapacity(f"mac{i}", mac_default_usable_bytes(total), 800e9, total) for i in range(2)]
     plan = plan_partition(sizes, nodes, context=32768)
+    check_against_brute_force(plan, sizes, nodes, 32768, 2048)
     assert not plan.feasible
     scratch = prefill_scratch_bytes(sizes, 32768, 2048)
     needed = sizes.total_bytes + kv_cache_bytes(sizes, 61, 32768) + 2 * scratch
@@ -460,11 +358,11 @@ def test_kimi_k25_on_two_192gb_macs_needs_a_higher_wired_limit():
     raised = [
         NodeCapacity(n.name, usable_from_wired_limit_mb(plan.wired_limit_mb[n.name]), 800e9, total) for n in nodes
     ]
-    check_valid(plan_partition(sizes, raised, context=32768), sizes, raised, 32768, 2048)
+    check_against_brute_force(plan_partition(sizes, raised, context=32768), sizes, raised, 32768, 2048)
     # And so does 180000 MiB each (about 377 GB together).
     raised = [NodeCapacity(n.name, usable_from_wired_limit_mb(180000), 800e9, total) for n in nodes]
     plan = plan_partition(sizes, raised, context=32768)
-    check_valid(plan, sizes, raised, 32768, 2048)
+    check_against_brute_force(plan, sizes, raised, 32768, 2048)
     assert [stage.node for stage in plan.stages] == ["mac0", "mac1"]
     assert abs(plan.stages[0].num_layers - plan.stages[1].num_layers) <= 1
 
@@ -474,24 +372,24 @@ def test_wired_limit_advice_says_when_even_the_safe_maximum_is_not_enough():
     total = 128 * GIB
     nodes = [NodeCapacity(f"mac{i}", mac_default_usable_bytes(total), 800e9, total) for i in range(2)]
     plan = plan_partition(sizes, nodes)
+    check_against_brute_force(plan, sizes, nodes, 32768, 2048)
     assert not plan.feasible and plan.wired_limit_mb == {}
     assert any("not enough" in line and "8 GiB" in line for line in plan.advice)
 
 
-def heterogeneous_nodes(count, usable_range, seed=7):
-    rng = random.Random(seed)
-    return [
-        NodeCapacity(
-            f"node{i}",
-            rng.randint(*usable_range) * GB,
-            rng.choice([400e9, 546e9, 800e9, 819e9]),
-            rng.choice([64, 96, 128, 192, 256]) * GIB,
-        )
-        for i in range(count)
-    ]
+def test_heterogeneous_nodes_plan_is_the_best():
+    """Four Macs of different memory and bandwidth over Kimi K2.5's layers grouped five by five
+    (brute force cannot enumerate 61 layers on more than three nodes)."""
+    kimi = kimi_k25_sizes()
+    grouped = [sum(kimi.layer_bytes[i:i + 5]) for i in range(0, 61, 5)]
+    sizes = ModelSizes(grouped, kimi.embed_bytes, kimi.head_bytes, 5 * kimi.kv_bytes_per_token_per_layer,
+                       kimi.hidden_bytes_per_token, kimi.attention_heads)
+    nodes = heterogeneous_nodes(4, (80, 200))  # together they hold it: the best plan uses all four
+    check_against_brute_force(plan_partition(sizes, nodes), sizes, nodes, 32768, 2048)
 
 
 def test_eight_heterogeneous_nodes_plan():
+    """At full size (too large for brute force): a valid plan."""
     sizes = kimi_k25_sizes()
     nodes = heterogeneous_nodes(8, (40, 200))
     check_valid(plan_partition(sizes, nodes), sizes, nodes, 32768, 2048)

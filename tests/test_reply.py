@@ -1,5 +1,5 @@
 """Unit tests (no cluster) for how a reply's tokens become OpenAI's fields: ReplyParser
-(reasoning / content / tool calls, with the tiny checkpoint's real tokenizer) and the API's
+(reasoning / content / tool calls, with the tiny checkpoint's real tokenizer) and
 StopMatcher (stop strings over text that arrives in pieces)."""
 
 import json
@@ -7,8 +7,7 @@ import json
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from cluster.api import StopMatcher
-from cluster.reply import ReplyParser, ToolCall, prompt_ends_thinking
+from cluster.reply import ReplyParser, StopMatcher, ToolCall, prompt_ends_thinking
 
 
 @pytest.fixture(scope="module")

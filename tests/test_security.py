@@ -248,7 +248,7 @@ def test_stream_flood_is_refused_and_health_still_answers_and_sigterm_exits(tmp_
 
 
 def _up_fails(tmp_path, *args) -> str:
-    env = harness.test_env(tmp_path / "home")
+    env = harness.node_env(tmp_path / "home")
     done = subprocess.run([KIMI, "up", "--no-mdns", "--name", "second", *args], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)

@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 import pytest
 
 import harness
-from cluster.api import MAX_BODY_BYTES, MAX_WHOLE_REPLIES
+from cluster.api import MAX_WHOLE_REPLIES
+from cluster.api_guards import MAX_BODY_BYTES
 from harness import ApiCluster, poll, wait_for_log
 
 API_KEY = "sk-security-test-0123456789"
@@ -22,7 +23,7 @@ API_KEY = "sk-security-test-0123456789"
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, tiny_dir):
     workdir = tmp_path_factory.mktemp("api-sec")
-    env = harness.test_env(workdir / "home")
+    env = harness.node_env(workdir / "home")
     env["KIMI_CLUSTER_API_KEY"] = API_KEY  # the key never appears on the command line
     with ApiCluster(workdir, tiny_dir, stages=1, env=env, coordinator_extra=["--api-port", "0"]) as cluster:
         url = urlsplit(cluster.api_url)

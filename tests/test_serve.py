@@ -38,4 +38,4 @@ def test_serve_in_process_answers_then_stops(tmp_path, tiny_dir):
     with pytest.raises(grpc.RpcError) as stopped:
         node_stub(open_channel(serving.node.address, secret)).Health(pb.HealthRequest(), timeout=5)
     assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert serving.node.stage is None and not serving.node.sessions
+    assert serving.node.stage.loaded is None and serving.node.stage.usage() == (0, 0)

@@ -1,5 +1,5 @@
 """Slice parts over real gRPC between in-process servers: only the slice's bytes travel, every chunk
-is checked, a cut transfer resumes after its last verified chunk, a corrupt chunk is fetched again,
+is checked, a cut transfer resumes with the chunks it lacks, a corrupt chunk is fetched again,
 and a corrupt cached part is found before it is loaded."""
 
 import shutil
@@ -7,8 +7,8 @@ import mlx.core as mx
 import pytest
 
 from cluster.generated import kimi_cluster_pb2 as pb
-from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
-from cluster.transfer import SliceFetcher, SliceStore, SlicesService, Source, TransferError
+from cluster.transfer import (SliceFetcher, SliceStore, Source, TransferError, add_slices_service, decode_chunk,
+                              encode_chunk)
 from cluster.wire import make_server, open_channel
 from mlx_kimi.checkpoint import open_checkpoint, tensor_part
 from mlx_kimi.slice import LayerRange, load_slice
@@ -24,12 +24,12 @@ class Server:
     def __init__(self, cache_dir, checkpoints=()):
         self.store = SliceStore(SliceCache(cache_dir), checkpoints, chunk_bytes=CHUNK)
         self.server, port = make_server("127.0.0.1", 0, SECRET, "node")
-        pb_grpc.add_SlicesServicer_to_server(SlicesService(self.store), self.server)
+        add_slices_service(self.server, self.store)
         self.address = f"127.0.0.1:{port}"
         self.server.start()
 
     def source(self) -> Source:
-        return Source(self.address, pb_grpc.SlicesStub(open_channel(self.address, SECRET)))
+        return Source(self.address, open_channel(self.address, SECRET))
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_a_node_receives_exactly_its_slice_and_loads_it(tiny_dir, tmp_path, coor
     assert moved.received == _data_bytes(source, ["embed", "layer-0000"])
 
 
-def test_a_cut_transfer_resumes_after_its_last_verified_chunk(tiny_dir, tmp_path, coordinator):
+def test_a_cut_transfer_resumes_with_the_chunks_it_lacks(tiny_dir, tmp_path, coordinator):
     source = open_checkpoint(tiny_dir)
     part = "layer-0001"
     src = coordinator.source()
@@ -86,7 +86,7 @@ def test_a_cut_transfer_resumes_after_its_last_verified_chunk(tiny_dir, tmp_path
     with cache.receiving(source.model_id, manifest) as writer:
         for chunk in call:
             assert writer.write(chunk.index, chunk.data)
-            if writer.next_chunk == 3:
+            if len(writer.missing) == len(manifest.chunks) - 3:
                 call.cancel()
                 break
     kept = manifest.chunk_span(2)[1]
@@ -165,6 +165,54 @@ def test_a_peer_serves_the_parts_of_its_cache(tiny_dir, tmp_path, coordinator):
         assert received.received_bytes == source.sizes().layer_bytes[2]
     finally:
         peer.server.stop(0)
+
+
+def test_a_part_two_nodes_hold_comes_in_different_chunks_from_each(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    peer = Server(tmp_path / "peer-cache")
+    try:
+        SliceFetcher(peer.store, SECRET).checkpoint(source.model_id, 1, 2, [coordinator.address])
+        fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET)
+        _, received = fetcher.checkpoint(source.model_id, 1, 2, [coordinator.address, peer.address])
+        part = source.sizes().layer_bytes[1]
+        assert len(fetcher.received_from) == 2 and all(n > 0 for n in fetcher.received_from.values())
+        assert received.received_bytes == sum(fetcher.received_from.values()) == part  # no chunk twice
+        assert received.source == f"received from {', '.join(sorted([coordinator.address, peer.address]))}"
+        assert fetcher.store.cache.verify(source.model_id, "layer-0001") is None
+    finally:
+        peer.server.stop(0)
+
+
+def test_parts_load_while_the_rest_of_the_slice_arrives(tiny_dir, tmp_path, coordinator):
+    source = open_checkpoint(tiny_dir)
+    n = source.num_layers
+    layers = LayerRange(0, n)
+    # Received at a held rate, so the slice takes two seconds to arrive.
+    fetcher = SliceFetcher(SliceStore(SliceCache(tmp_path / "worker")), SECRET,
+                           max_rate=_data_bytes(source, slice_parts(0, n, n)) / 2)
+    receiving = fetcher.receive(source.model_id, 0, n, [coordinator.address])
+    arrived_when_loaded = []
+    fetched = load_slice(receiving.checkpoint, layers, lambda done, total: arrived_when_loaded.append(receiving.finished()),
+                         ready=receiving.ready)
+    assert receiving.result().received_bytes == fetcher.received == _data_bytes(source, slice_parts(0, n, n))
+    assert arrived_when_loaded[0] is False and arrived_when_loaded[-1] is True  # the first part loaded early
+    original = load_slice(source, layers)
+    tokens = mx.array([[1, 2, 3]])
+    assert mx.array_equal(fetched.forward(tokens, fetched.make_caches()), original.forward(tokens, original.make_caches()))
+
+
+@pytest.mark.parametrize("index", [0, 1, 300, 2**32 - 1])
+def test_a_chunk_travels_as_the_part_chunk_protobuf_would_write(index):
+    data = bytes(range(256)) * 3
+    raw = pb.PartChunk(index=index, data=data).SerializeToString()
+    assert encode_chunk(index, data) == raw
+    decoded = decode_chunk(raw)
+    assert decoded[0] == index and bytes(decoded[1]) == data
+    # Fields in another order (any protobuf writer may) still decode; what is no PartChunk does not.
+    data_field = encode_chunk(0, data)
+    swapped = data_field + raw[:len(raw) - len(data_field)]
+    assert (decode_chunk(swapped)[0], bytes(decode_chunk(swapped)[1])) == (index, data)
+    assert decode_chunk(b"\x12\xff") == (-1, b"")
 
 
 def test_a_model_no_source_holds_is_named(tmp_path, coordinator):

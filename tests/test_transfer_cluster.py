@@ -12,7 +12,7 @@ import pytest
 
 from cluster.generated import kimi_cluster_pb2 as pb
 from mlx_kimi.checkpoint import open_checkpoint, tensor_part
-from mlx_kimi.slice_cache import SliceCache, part_name, slice_parts
+from mlx_kimi.slice_cache import SliceCache, checkpoint_part, part_name, slice_parts
 
 from cluster.client import read_reply
 from cluster.wire import coordinator_stub, node_stub, open_channel
@@ -56,13 +56,16 @@ def held_bytes(cache_dir) -> int:
 
 
 def partial_bytes(cache_dir, checkpoint) -> int:
-    """Data bytes of parts received whole but not yet put in place when the node was killed (a
-    tiny model's part is one chunk, so a partial part holds all its chunk or none verified)."""
+    """Data bytes of the chunks verified in parts not yet put in place when the node was killed (a
+    partial file has the part's full size from the start; a chunk counts when its bytes are the part's)."""
     total = 0
     for partial in cache_dir.rglob("*.safetensors.partial"):
+        reader = checkpoint_part(checkpoint, partial.name.split(".")[0])
         raw = partial.read_bytes()
-        data = len(raw) - 8 - int.from_bytes(raw[:8], "little")
-        total += data if data == slice_bytes_of(checkpoint, [partial.name.split(".")[0]]) else 0
+        data = raw[8 + int.from_bytes(raw[:8], "little"):]
+        for i in range(len(reader.manifest.chunks)):
+            begin, end = reader.manifest.chunk_span(i)
+            total += end - begin if data[begin:end] == reader.chunk(i) else 0
     return total
 
 
@@ -73,7 +76,7 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
                             f'mount -t tmpfs none "{hide}" && ls "{tiny_dir}"'], capture_output=True, text=True)
     assert probe.returncode != 0, "the checkpoint is still readable inside the workers' namespace"
 
-    env = harness.test_env(tmp_path / "home")
+    env = harness.node_env(tmp_path / "home")
     peer1 = hidden_node(tmp_path, "peer1", hide, env, memory=MEMORY)
     # peer2 receives slowly, so it can be killed halfway through its transfer.
     peer2 = hidden_node(tmp_path, "peer2", hide, env, extra=["--max-transfer-rate", "1MB"], memory=MEMORY)
@@ -142,7 +145,7 @@ def info(node, secret) -> pb.NodeInfo:
 
 
 def test_a_node_that_cannot_receive_is_named_and_the_cluster_waits(tiny_dir, tmp_path):
-    env = harness.test_env(tmp_path / "home")
+    env = harness.node_env(tmp_path / "home")
     cache = tmp_path / "small-cache"
     cache.mkdir()
     up = [KIMI, "up", "--host", "127.0.0.1", "--port", "0", "--name", "small", "--memory", "1GB", "--no-mdns",
@@ -169,7 +172,7 @@ def test_a_worker_with_download_takes_its_shards_from_the_hub_not_the_coordinato
     offline, from a directory in the Hugging Face cache layout) and receives nothing it got there."""
     files = [p.name for p in tiny_dir.iterdir()]
     snapshot = harness.hub_cache(tmp_path / "hub", "kimi-test/tiny", tiny_dir, files)
-    env = harness.test_env(tmp_path / "home") | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env = harness.node_env(tmp_path / "home") | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     worker = hidden_node(tmp_path, "worker", tiny_dir.parent, env, extra=["--download", "kimi-test/tiny"])
     coord = start_node(tmp_path, "coord", model=tiny_dir, peers=[worker.address], env=env,
                        extra=["--cache-dir", str(tmp_path / "coord-cache")])

@@ -30,7 +30,7 @@ def test_download_fetches_only_the_shards_of_its_layers(tiny_dir, tmp_path):
     needed = shards_for_slice(weight_map, checkpoint.config, 2, 4)
     metadata = [p.name for p in tiny_dir.iterdir() if not p.name.endswith(".safetensors")]
     snapshot = harness.hub_cache(tmp_path / "hub", REPO, tiny_dir, metadata + needed)
-    env = harness.test_env(tmp_path / "home") | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env = harness.node_env(tmp_path / "home") | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
 
     run = subprocess.run([harness.KIMI, "download", REPO, "--layers", "2-3"], capture_output=True, text=True,
                          env=env, timeout=120)
@@ -49,7 +49,7 @@ def test_download_fetches_only_the_shards_of_its_layers(tiny_dir, tmp_path):
 @pytest.mark.parametrize("bad", ["3", "4-2", "x-y"])
 def test_download_refuses_a_bad_layer_range(bad, tmp_path):
     run = subprocess.run([harness.KIMI, "download", REPO, "--layers", bad], capture_output=True, text=True,
-                         env=harness.test_env(tmp_path / "home"), timeout=60)
+                         env=harness.node_env(tmp_path / "home"), timeout=60)
     assert run.returncode != 0 and "--layers" in run.stderr, run.stderr
 
 
@@ -64,7 +64,7 @@ def test_cache_list_and_prune(tiny_dir, tmp_path):
         for i in range(len(reader.manifest.chunks)):
             assert writer.write(i, reader.chunk(i))
         writer.complete()
-    env = harness.test_env(tmp_path / "home")
+    env = harness.node_env(tmp_path / "home")
     listed = subprocess.run([harness.KIMI, "cache", "list", "--cache-dir", str(tmp_path / "cache"), "--json"],
                             capture_output=True, text=True, env=env, timeout=60)
     (entry,) = json.loads(listed.stdout)

@@ -169,14 +169,16 @@ class ManifestReply(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., config_json: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[PartManifest, _Mapping]]] = ...) -> None: ...
 
 class FetchPartRequest(_message.Message):
-    __slots__ = ("model_id", "part", "first_chunk")
+    __slots__ = ("model_id", "part", "first_chunk", "end_chunk")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_CHUNK_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     part: str
     first_chunk: int
-    def __init__(self, model_id: _Optional[str] = ..., part: _Optional[str] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+    end_chunk: int
+    def __init__(self, model_id: _Optional[str] = ..., part: _Optional[str] = ..., first_chunk: _Optional[int] = ..., end_chunk: _Optional[int] = ...) -> None: ...
 
 class PartChunk(_message.Message):
     __slots__ = ("index", "data")

@@ -445,7 +445,7 @@ class SlicesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchPart(self, request, context):
-        """A part's data from chunk `first_chunk` on, one chunk per message; gRPC's flow control keeps
+        """A part's chunks [first_chunk, end_chunk), one chunk per message; gRPC's flow control keeps
         only a few chunks in memory on either side.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,213 @@
+"""What the HTTP API sends back: errors, OpenAI's chat.completion and text_completion shapes
+(whole and as SSE chunks), and the two ways a generation is delivered: a whole reply on a
+thread of its own, or a stream of server-sent events with keepalive comments."""
+
+import asyncio
+import json
+import time
+import uuid
+
+import anyio
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from .generation import Generation, GenerationResult, Piece
+from .scheduler import GenerateError
+
+KEEPALIVE_S = 1.0  # a stream waiting this long for its next token sends an SSE comment
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.json(), status_code=self.status)
+
+
+def cluster_error(e: GenerateError) -> ApiError:
+    if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ApiError(504, e.message, "timeout", "deadline_exceeded", kind="server_error")
+    return ApiError(503, e.message, kind="server_error", code="cluster_unavailable")
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage(result: GenerationResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
+
+
+class Completion:
+    """One reply in an OpenAI shape: `whole` for a complete one, `opening`, `events` per piece
+    and `closing` for a stream. Subclasses give the choice and the chunks."""
+
+    id_prefix = whole_object = chunk_object = ""
+
+    def __init__(self, model: str, tokenizer, logprobs: bool = False):
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self.id, self.created, self.model = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model
+
+    def envelope(self, kind: str, choices: list) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, pieces: list, result: GenerationResult) -> dict:
+        return {**self.envelope(self.whole_object, [self.choice(pieces, result)]), "usage": usage(result)}
+
+    def chunk(self, choice: dict) -> str:
+        return sse(self.envelope(self.chunk_object, [{"index": 0, **choice}]))
+
+    def opening(self) -> list:
+        return []
+
+    def closing(self, result: GenerationResult, include_usage: bool) -> list:
+        lines = [self.chunk(self.last_choice(result))]
+        if include_usage:
+            lines.append(sse({**self.envelope(self.chunk_object, []), "usage": usage(result)}))
+        return lines + ["data: [DONE]\n\n"]
+
+    def error_event(self, error: ApiError) -> str:
+        return sse({"error": {"message": error.message, "type": error.kind, "code": error.code}})
+
+
+class ChatCompletion(Completion):
+    id_prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model: str, tokenizer, logprobs: bool = False):
+        super().__init__(model, tokenizer, logprobs)
+        self.calls_sent = 0  # a streamed tool call's index counts the calls before it
+
+    def choice(self, pieces: list, result: GenerationResult) -> dict:
+        deltas = [p.delta for p in pieces]
+        message = {"role": "assistant", "content": "".join(d.content for d in deltas)}
+        if reasoning := "".join(d.reasoning for d in deltas):
+            message["reasoning_content"] = reasoning
+        if calls := [c for d in deltas for c in d.tool_calls]:
+            message["tool_calls"] = [tool_call_json(c) for c in calls]
+        logprobs = {"content": [self.logprob_json(p) for p in pieces if p.token is not None]} if self.logprobs else None
+        return {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": logprobs}
+
+    def opening(self) -> list:
+        return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
+
+    def events(self, piece: Piece) -> list:
+        delta, out = piece.delta, {}
+        if delta.reasoning:
+            out["reasoning_content"] = delta.reasoning
+        if delta.content:
+            out["content"] = delta.content
+        if delta.tool_calls:
+            out["tool_calls"] = [tool_call_json(c, self.calls_sent + i) for i, c in enumerate(delta.tool_calls)]
+            self.calls_sent += len(delta.tool_calls)
+        extra = {}
+        if self.logprobs and piece.token is not None:
+            extra["logprobs"] = {"content": [self.logprob_json(piece)]}
+        return [self.chunk({"delta": out, "finish_reason": None, **extra})] if out or extra else []
+
+    def last_choice(self, result: GenerationResult) -> dict:
+        return {"delta": {}, "finish_reason": result.finish_reason}
+
+    def logprob_json(self, piece: Piece) -> dict:
+        text = self.tokenizer.decode([piece.token])
+        # A token may hold part of a character: its own bytes let clients join them (Kimi's tokenizer).
+        raw = self.tokenizer.token_bytes(piece.token) if hasattr(self.tokenizer, "token_bytes") else text.encode()
+        return {"token": text, "logprob": piece.logprob, "bytes": list(raw), "top_logprobs": []}
+
+
+class TextCompletion(Completion):
+    id_prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def choice(self, pieces: list, result: GenerationResult) -> dict:
+        text = "".join(p.delta.content for p in pieces)
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
+
+    def events(self, piece: Piece) -> list:
+        return [self.chunk({"text": piece.delta.content, "logprobs": None, "finish_reason": None})] \
+            if piece.delta.content else []
+
+    def last_choice(self, result: GenerationResult) -> dict:
+        return {"text": "", "logprobs": None, "finish_reason": result.finish_reason}
+
+
+def tool_call_json(call, index=None) -> dict:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index, **out}
+
+
+def whole(generation: Generation, reply: Completion) -> dict:
+    """Run `generation` to its end (on a thread) and shape it as one reply."""
+    try:
+        pieces = list(generation)
+    except GenerateError as e:
+        raise cluster_error(e) from e
+    return reply.whole(pieces, generation.result)
+
+
+async def whole_reply(generation: Generation, reply: Completion, request: Request, limiter) -> dict:
+    """Run a non-streaming generation on one of `limiter`'s threads (waiting for one if all are
+    busy); if the client leaves first, the generation stops and frees its caches."""
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        generation.cancel()  # a generation running stops at its next token; one still waiting never starts
+        tasks.cancel_scope.cancel()
+
+    body = refusal = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        try:
+            body = await anyio.to_thread.run_sync(whole, generation, reply, limiter=limiter)
+        except ApiError as e:  # raised out of the task group it would arrive wrapped in an ExceptionGroup
+            refusal = e
+        finally:
+            tasks.cancel_scope.cancel()
+    if refusal is not None:
+        raise refusal
+    return body
+
+
+async def stream_reply(generation: Generation, reply: Completion, include_usage: bool, limiter):
+    """A streamed reply: its opening, the events of each piece, its closing (the usage when
+    asked, [DONE]); a cluster error as an error event. A client that goes away stops the
+    generation and frees its session on every node."""
+    done, step = False, None  # step: the thread computing the next piece, while one runs
+    try:
+        for line in reply.opening():
+            yield line
+        while True:
+            step = step or asyncio.ensure_future(anyio.to_thread.run_sync(next, generation, None, limiter=limiter))
+            if not (await asyncio.wait({step}, timeout=KEEPALIVE_S))[0]:
+                # a busy cluster is not a dead connection: clients skip an SSE comment, but their
+                # read timeout (and a proxy's) starts again
+                yield ": waiting for the cluster\n\n"
+                continue
+            piece, step = step.result(), None
+            if piece is None:
+                break
+            for line in reply.events(piece):
+                yield line
+        for line in reply.closing(generation.result, include_usage):
+            yield line
+        done = True
+    except GenerateError as e:
+        yield reply.error_event(cluster_error(e))
+        done = True
+    finally:
+        if not done:
+            generation.cancel()
+        with anyio.CancelScope(shield=True):
+            if step is not None:  # the client left while a step ran: let it end, then close
+                await asyncio.wait({step})
+                if not step.cancelled():
+                    step.exception()  # retrieved: a failure after the client left is nobody's to report
+            await anyio.to_thread.run_sync(generation.close)

@@ -1,0 +1,183 @@
+"""The one generation loop: where a reply ends (EOS, a stop string, max_tokens, the client
+leaving), the context check, sampling defaults and validation, timing and the request log line.
+
+The gRPC Generate (coordinator.py) and the HTTP API's endpoints are thin adapters over it: they
+build a GenerationRequest, iterate the Generation's Pieces and read its GenerationResult.
+Tokens come from the scheduler (Scheduler.generate), which runs them through the chain.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from .generated import kimi_cluster_pb2 as pb
+from .reply import RawText, ReplyDelta, ReplyParser, StopMatcher, prompt_ends_thinking
+from .sampling import with_defaults
+from .scheduler import GenerateError, sampling_error
+
+log = logging.getLogger("kimi_cluster.generation")
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list                      # token ids
+    max_tokens: int | None            # None: what the context leaves, up to default_max_tokens
+    sampling: pb.SamplingParams       # fields left unset take the checkpoint's defaults
+    default_max_tokens: int = 256
+    stops: list = field(default_factory=list)  # the reply ends before the first of these strings
+    raw: bool = True                  # every token is text; False: reasoning, content and tool calls (reply.py)
+    deadline: float | None = None     # time.monotonic() by which the client wants it done
+    cancelled: Callable[[], bool] = _never  # polled before each token: the client left
+    arrived: float = field(default_factory=time.monotonic)  # TTFT counts from here
+
+
+@dataclass
+class Piece:
+    """What one generated token adds to the reply; the last piece (token None) carries what the
+    parser and the stop matcher still held."""
+
+    token: int | None
+    logprob: float | None
+    delta: ReplyDelta
+
+
+@dataclass
+class GenerationResult:
+    finish_reason: str  # stop, length, tool_calls; cancelled or error (the log's only)
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    decode_s: float  # from the first token to the last
+
+
+class ContextTooLong(GenerateError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, self.explain("the prompt", "max_tokens") +
+                         ", or start the coordinator with a larger --context")
+
+    def explain(self, prompt: str, max_tokens: str) -> str:
+        """The refusal, naming the request's fields as its client knows them."""
+        return (f"the prompt has {self.prompt_tokens} tokens; with max_tokens {self.max_tokens} it exceeds the "
+                f"planned context of {self.context} tokens: shorten {prompt} or lower {max_tokens}")
+
+
+class GenerationLoop:
+    """Starts generations on the coordinator's cluster and keeps what they add up to: requests
+    generating now and done, and the last decode speed (for /v1/cluster)."""
+
+    def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
+                 chain_names: Callable[[], list]):
+        # tokens(prompt, max_tokens, sampling, stats, deadline) yields (token id, logprob): Coordinator.generate
+        self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
+        self.tokens, self.chain_names = tokens, chain_names
+        self.in_flight = self.served = 0
+        self.last_decode_tok_s = 0.0
+        self._lock = threading.Lock()
+
+    def start(self, request: GenerationRequest) -> "Generation":
+        """A Generation for `request`, checked now (a bad request raises GenerateError here, before
+        any response is started); it runs as it is iterated."""
+        sampling = with_defaults(request.sampling, self.sampling_defaults)
+        if error := sampling_error(sampling):
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, error)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(request.default_max_tokens, self.context - len(request.prompt)))
+        if len(request.prompt) + max_tokens > self.context:
+            raise ContextTooLong(len(request.prompt), max_tokens, self.context)
+        return Generation(self, request, sampling, max_tokens)
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self, result: GenerationResult, stats: dict) -> None:
+        """The request's log line; its decode speed becomes the last one."""
+        tokens = result.completion_tokens
+        tok_s = (tokens - 1) / result.decode_s if tokens > 1 and result.decode_s > 0 else 0.0
+        with self._lock:
+            self.in_flight -= 1
+            self.served += 1
+            if tok_s:
+                self.last_decode_tok_s = tok_s
+        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
+                 stats.get("session_id", "-"), result.prompt_tokens, result.cached_tokens, tokens,
+                 result.finish_reason, result.ttft_s * 1000, tok_s, ", ".join(self.chain_names()) or "-")
+
+
+class Generation:
+    """One reply: iterate it for its Pieces; once it ends, `result` says why and what it cost.
+    `cancel()` before closing it frees the conversation's caches instead of keeping them."""
+
+    def __init__(self, loop: GenerationLoop, request: GenerationRequest, sampling: pb.SamplingParams,
+                 max_tokens: int):
+        self.loop, self.request, self.sampling, self.max_tokens = loop, request, sampling, max_tokens
+        self.stats: dict = {}  # Scheduler.generate's: session id, cached tokens, cancelled
+        self.result: GenerationResult | None = None
+        self._pieces = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Piece:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def cancel(self) -> None:
+        self.stats["cancelled"] = True
+
+    def _parser(self):
+        tokenizer = self.loop.tokenizer
+        if self.request.raw:
+            return RawText(tokenizer)
+        return ReplyParser(tokenizer, prompt_ends_thinking(tokenizer, self.request.prompt))
+
+    def _run(self):
+        request, loop = self.request, self.loop
+        loop.started()
+        parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
+        tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline)
+        count, first, last, ended, finish = 0, None, None, None, "error"
+        try:
+            for token, logprob in tokens:
+                if self.stats.get("cancelled") or request.cancelled():
+                    self.cancel()
+                    return
+                last = time.monotonic()
+                first = first or last
+                if token in eos:
+                    ended = "stop"
+                    break
+                count += 1
+                delta = parser.feed(token)
+                delta.content = stop.push(delta.content)
+                yield Piece(token, logprob, delta)
+                if stop.stopped:
+                    ended = "stop"
+                    break
+            tail = parser.finish()
+            tail.content = stop.push(tail.content) + stop.flush()
+            finish = "tool_calls" if parser.tool_calls else ended or "length"
+            if tail:
+                yield Piece(None, None, tail)
+        finally:
+            tokens.close()  # the scheduler keeps the session for the next turn, or frees it if cancelled
+            now = time.monotonic()
+            self.result = GenerationResult(
+                finish_reason="cancelled" if self.stats.get("cancelled") else finish,
+                prompt_tokens=len(request.prompt), completion_tokens=count,
+                cached_tokens=self.stats.get("cached_tokens", 0),
+                ttft_s=(first or now) - request.arrived, decode_s=(last - first) if first else 0.0)
+            loop.finished(self.result, self.stats)

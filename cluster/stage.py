@@ -1,0 +1,398 @@
+"""A stage: the sessions a node runs its slice for, the data path, and the token ring.
+
+A step arrives (accept), is checked and queued for the compute thread (compute.py), runs in one
+round with other sessions' steps (_compute), and what it produces goes on: the hidden state to
+the next stage, or the last stage's sampled token to the coordinator. Every collaborator comes
+in the constructor (the compute worker, how to reach another node, where the ring's replies to
+this node go), so a test drives a stage in-process; node.py puts the gRPC face on it.
+"""
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import grpc
+import mlx.core as mx
+
+from mlx_kimi.batch import forward_rows
+from mlx_kimi.slice import ModelSlice
+
+from .generated import kimi_cluster_pb2 as pb
+from .link import ForwardLink, StageError, failure_of, reply_of
+from .stage_queue import Step
+from .stage_session import Session
+from .wire import WireError, check_tensor, decode_tensor, encode_tensor
+
+log = logging.getLogger("kimi_cluster.stage")
+
+# Each hop gives the next one a little less time, so the stage nearest a stalled node reports it.
+HOP_MARGIN_S = 0.5
+DEFAULT_TIMEOUT_S = 30.0
+DELIVER_TIMEOUT_S = 10.0
+DELIVER_TRIES = 3
+MAX_CHUNK_TOKENS = 8192
+
+
+@dataclass
+class LocalStage:
+    """What this node runs: its slice and the node after it."""
+
+    slice: ModelSlice
+    model_id: str
+    model_name: str
+    num_layers: int
+    kv_budget_bytes: int
+    next_link: ForwardLink | None = None  # the stage after this one; None on the last
+    source: str = ""         # where the slice came from (a local directory, the cache, or peers)
+    received_bytes: int = 0  # of the slice, over the network
+
+    @property
+    def next_name(self) -> str:
+        return self.next_link.name if self.next_link else ""
+
+    @property
+    def next_address(self) -> str:
+        return self.next_link.address if self.next_link else ""
+
+
+def _hop_timeout(time_left: float | None) -> float:
+    return max((time_left if time_left is not None else DEFAULT_TIMEOUT_S) - HOP_MARGIN_S, 0.1)
+
+
+def _onward(request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
+    """`request` as the next stage gets it: this stage's output in place of its input."""
+    onward = pb.ForwardRequest(
+        session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
+        sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
+        coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket,
+    )
+    if request.HasField("rng_state"):
+        onward.rng_state = request.rng_state
+    return onward
+
+
+def _streamed(reply: Future, seq: int) -> pb.ForwardReply:
+    """A ForwardStream reply: the request's reply, or the failure in it."""
+    error = reply.exception()
+    if error is None:
+        out = reply.result()
+    elif isinstance(error, StageError):
+        out = pb.ForwardReply(failure=error.failure())
+    else:  # a bug: still answer, or the sender waits out its deadline
+        log.error("forward failed", exc_info=error)
+        out = pb.ForwardReply(failure=StageError(grpc.StatusCode.INTERNAL, f"{error}").failure())
+    out.seq = seq
+    return out
+
+
+class Stage:
+    """This node's slice (`loaded`, None until a coordinator loads one) and its sessions.
+
+    `worker` runs the math (compute.py); `connect(address)` gives a Node stub for another node
+    (the next stage's link, a coordinator's Deliver); `deliver(reply)` takes the ring's replies
+    addressed to this node (None: no coordinator runs here); `admit(coordinator_id)` raises
+    StageError for a request whose coordinator does not own this node."""
+
+    def __init__(self, name: str, address: str, worker, connect, deliver=None, admit=None):
+        self.name, self.address = name, address
+        self.worker, self.connect, self.deliver, self.admit = worker, connect, deliver, admit
+        worker.compute = self._compute
+        self.loaded: LocalStage | None = None
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()  # guards loaded and sessions
+        self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
+
+    # ---- the slice and the sessions -----------------------------------------------------------
+
+    def link(self, name: str, address: str) -> ForwardLink | None:
+        """A link to the stage at `address` ('' on the last stage: None)."""
+        return ForwardLink(self.connect(address), name, address) if address else None
+
+    def retarget(self, kv_budget_bytes: int, next_name: str, next_address: str):
+        """The slice stays; its KV budget and the stage after it change."""
+        with self._lock:
+            loaded = self.loaded
+            loaded.kv_budget_bytes = kv_budget_bytes
+            if loaded.next_address != next_address:
+                if loaded.next_link:
+                    loaded.next_link.close()
+                loaded.next_link = self.link(next_name, next_address)
+
+    def usage(self) -> tuple[int, int]:
+        """(sessions, KV bytes they hold)."""
+        with self._lock:
+            return len(self.sessions), sum(s.held_bytes() for s in self.sessions.values())
+
+    def drop_sessions(self) -> int:
+        """Free every session; how many there were."""
+        with self._lock:
+            n = len(self.sessions)
+            self.sessions.clear()
+        return n
+
+    def unload(self) -> int:
+        """Drop the slice and every session; the bytes released."""
+        with self._lock:
+            loaded, self.loaded = self.loaded, None
+            sessions, self.sessions = self.sessions, {}
+        if loaded and loaded.next_link:
+            loaded.next_link.close()
+        return (loaded.slice.nbytes() if loaded else 0) + sum(s.reserved_bytes for s in sessions.values())
+
+    def release(self, session_id: str) -> pb.ReleaseReply:
+        with self._lock:
+            session = self.sessions.pop(session_id, None)
+        if session is None:
+            return pb.ReleaseReply(found=False)
+        self.worker.queue.drop_session(session, StageError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: session {session_id} was released"))
+        return pb.ReleaseReply(found=True, freed_bytes=session.reserved_bytes)
+
+    def free_idle(self, ttl_s: float) -> list:
+        """Free the sessions unused for `ttl_s` seconds; their ids."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [k for k, s in self.sessions.items() if now - s.last_used > ttl_s]
+            for k in idle:
+                del self.sessions[k]
+        return idle
+
+    def _open_session(self, loaded: LocalStage, request: pb.ForwardRequest) -> Session:
+        with self._lock:
+            session = self.sessions.get(request.session_id)
+            if session is not None:
+                session.last_used = time.monotonic()
+                if request.max_positions > session.positions:  # a reused session grows
+                    self._reserve(loaded, session, request.max_positions)
+                return session
+            if request.offset != 0:
+                raise StageError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {self.name}: session {request.session_id} is not here (expired or released); "
+                    "start it again from the beginning",
+                )
+            session = Session(loaded.slice.make_caches(), reserved_bytes=0)
+            self._reserve(loaded, session, request.max_positions)
+            self.sessions[request.session_id] = session
+            return session
+
+    def _reserve(self, loaded: LocalStage, session: Session, positions: int):
+        """Reserve KV bytes for `positions` from this node's budget (caller holds the lock)."""
+        need = loaded.slice.kv_bytes(positions) - session.reserved_bytes
+        held = sum(s.held_bytes() for s in self.sessions.values())
+        if held + need > loaded.kv_budget_bytes:
+            raise StageError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"node {self.name}: KV cache budget full: {len(self.sessions)} sessions hold {held:,} of "
+                f"{loaded.kv_budget_bytes:,} bytes and this one needs {need:,} more for "
+                f"{positions} positions; retry when a session ends, or ask for fewer tokens",
+                self.name,
+            )
+        session.reserved_bytes += need
+        session.positions = positions
+
+    # ---- the data path -----------------------------------------------------------------------
+
+    def _check_input(self, loaded: LocalStage, request: pb.ForwardRequest) -> int:
+        """Validate a request before it touches memory; returns its number of positions."""
+        if loaded.slice.is_first:
+            n = len(request.tokens)
+            vocab = loaded.slice.args.vocab_size
+            if any(not 0 <= t < vocab for t in request.tokens):
+                raise WireError(f"token ids must be in [0, {vocab})")
+        elif not request.HasField("hidden"):
+            raise WireError("a stage after the first needs the hidden state")
+        else:
+            n = check_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))[1]
+        if not 0 < n <= MAX_CHUNK_TOKENS:
+            raise WireError(f"a chunk carries 1 to {MAX_CHUNK_TOKENS} positions, not {n}")
+        if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
+            raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
+                            "(the positions its session reserves; every request must cover its own)")
+        return n
+
+    def accept(self, request: pb.ForwardRequest, time_left: float | None) -> Future:
+        """Validate `request` and queue its step; the Future of its reply (a StageError when it
+        fails). With `reply_to` (the token ring) the reply is an empty acceptance once the step is
+        computed and passed on; otherwise it is the last stage's reply, through the stages after
+        this one."""
+        try:
+            loaded = self.loaded
+            if loaded is None:
+                raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: no model loaded", self.name)
+            try:
+                positions = self._check_input(loaded, request)
+            except WireError as e:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
+            if self.admit:
+                self.admit(request.coordinator_id)
+            session = self._open_session(loaded, request)
+        except StageError as e:
+            refused = Future()
+            refused.set_exception(e)
+            return refused
+        wait = time_left if time_left is not None else DEFAULT_TIMEOUT_S
+        computed = self.worker.queue.submit(Step(loaded, session, request, positions, time.monotonic() + wait))
+        if request.reply_to or loaded.slice.is_last:
+            return computed
+        reply = Future()
+
+        def pass_on(f: Future):
+            if f.exception() is not None:
+                reply.set_exception(f.exception())
+                return
+            sent = loaded.next_link.send(_onward(request, f.result()), _hop_timeout(time_left))
+            sent.add_done_callback(lambda r: reply.set_exception(r.exception()) if r.exception() is not None
+                                   else reply.set_result(r.result()))
+
+        computed.add_done_callback(pass_on)
+        return reply
+
+    def forward(self, request: pb.ForwardRequest, time_left: float | None) -> pb.ForwardReply:
+        """accept(), waiting for the reply; StageError when it failed or did not come in time."""
+        wait = time_left if time_left is not None else DEFAULT_TIMEOUT_S
+        try:
+            return reply_of(self.accept(request, time_left).result(wait))
+        except FutureTimeout:
+            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"node {self.name}: no reply within {wait:.1f} s", self.name) from None
+
+    def stream(self, requests):
+        """ForwardStream: each request's reply as it is done. Requests are queued in the order
+        they arrive (a session's steps then reach the compute thread in order) and answered out
+        of order across sessions."""
+        replies = queue.Queue()
+
+        def read():
+            try:
+                for request in requests:
+                    self.accept(request, request.time_left_s or None).add_done_callback(
+                        lambda f, seq=request.seq: replies.put(_streamed(f, seq)))
+            except grpc.RpcError:  # the sender went away; what is in flight still finishes
+                pass
+            finally:
+                replies.put(None)
+
+        threading.Thread(target=read, name="forward-stream", daemon=True).start()
+        while (reply := replies.get()) is not None:
+            yield reply
+
+    def _compute(self, steps: list):
+        """Runs on the compute thread (MLX arrays are made and evaluated only there): one batch of
+        single-position steps of distinct sessions, or one prefill step; settles every step."""
+        for loaded in {id(step.stage): step.stage for step in steps}.values():  # one, unless a reload came between
+            self._compute_on(loaded, [step for step in steps if step.stage is loaded])
+
+    def _compute_on(self, loaded: LocalStage, steps: list):
+        """One forward for `steps`; what fails for one row alone (its input, its sampling) fails
+        that step only, never the others of its batch."""
+        rows = []  # (step, its input)
+        for step in steps:
+            try:
+                rows.append((step, self._input(loaded, step.request)))
+            except Exception as e:
+                self._fail(step, self._internal(e))
+        if not rows:
+            return
+        try:
+            outs = self._forward(loaded, rows)
+        except Exception as e:  # MLX failed on this node (e.g. out of memory)
+            error = self._internal(e)
+            for step, _ in rows:
+                self._fail(step, error)
+            return
+        for (step, _), out in zip(rows, outs):
+            self._finish(loaded, step, out)
+
+    def _input(self, loaded: LocalStage, request: pb.ForwardRequest) -> mx.array:
+        if loaded.slice.is_first:
+            return mx.array(list(request.tokens), dtype=mx.int32)[None]
+        return decode_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))
+
+    def _forward(self, loaded: LocalStage, rows: list) -> list:
+        """Every row's output, each session's caches first trimmed back to its step's offset."""
+        caches = [step.session.caches for step, _ in rows]
+        for step, _ in rows:
+            step.session.trim_to(step.offset)
+        outs = forward_rows(loaded.slice, [x for _, x in rows], caches)
+        mx.eval([] if loaded.slice.is_last else outs, [[c.state for c in layers] for layers in caches])
+        return outs
+
+    def _finish(self, loaded: LocalStage, step: Step, out: mx.array):
+        """Settle `step` with what it produced (passed on round the ring when it rides it)."""
+        try:
+            result = self._output(loaded, step, out)
+            if step.request.reply_to:
+                result = self._pass_on_ring(loaded, step.request, result, step.deadline - time.monotonic())
+        except Exception as e:
+            self._fail(step, self._internal(e))
+            return
+        if step.future.set_running_or_notify_cancel():
+            step.future.set_result(result)
+
+    def _output(self, loaded: LocalStage, step: Step, out: mx.array):
+        """What a step passes on: the hidden state (encoded), or the last stage's reply."""
+        request, session = step.request, step.session
+        if not loaded.slice.is_last:
+            return encode_tensor(out)
+        if not request.sample:
+            return pb.ForwardReply(sampled=False)
+        logits = out[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        if request.new_generation:
+            session.sampler = None
+        token = session.sample(logprobs, request.sampling,
+                               request.rng_state if request.HasField("rng_state") else None)
+        tok = token.item()
+        return pb.ForwardReply(sampled=True, token=tok, logprob=logprobs[0, tok].item(), rng_state=session.rng_seed)
+
+    def _internal(self, e: Exception) -> StageError:
+        log.error("forward failed", exc_info=e)
+        return StageError(grpc.StatusCode.INTERNAL, f"node {self.name}: {e}", self.name)
+
+    def _fail(self, step: Step, error: StageError):
+        """A step failed: so do the session's later steps queued here (they would wait for it)."""
+        if step.future.set_running_or_notify_cancel():
+            step.future.set_exception(error)
+        self.worker.queue.drop_session(step.session, error)
+
+    # ---- the token ring ------------------------------------------------------------------------
+
+    def _pass_on_ring(self, loaded: LocalStage, request: pb.ForwardRequest, out, time_left) -> pb.ForwardReply:
+        """Send the last stage's reply to the coordinator, or this stage's output to the next
+        stage without waiting for it; the sender gets an empty reply (accepted) at once."""
+        if loaded.slice.is_last:
+            out.ticket = request.ticket
+            self._deliver(request.reply_to, out)
+        else:
+            sent = loaded.next_link.send(_onward(request, out), _hop_timeout(time_left))
+            sent.add_done_callback(lambda f: self._relay_failure(request, f))
+        return pb.ForwardReply()
+
+    def _relay_failure(self, request: pb.ForwardRequest, sent: Future):
+        """The next stage refused or lost `request`: tell the coordinator (it waits on the ring)."""
+        if failure := failure_of(sent, self.name):
+            self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
+
+    def _deliver(self, address: str, reply: pb.ForwardReply, tries: int = DELIVER_TRIES):
+        if address == self.address:
+            if self.deliver:
+                self.deliver(reply)
+            return
+        stub = self._deliver_stubs.get(address)
+        if stub is None:
+            stub = self._deliver_stubs[address] = self.connect(address)
+        call = stub.Deliver.future(reply, timeout=DELIVER_TIMEOUT_S)
+
+        def done(f):
+            if f.exception() is not None:
+                if tries > 1:
+                    self._deliver(address, reply, tries - 1)
+                else:
+                    log.warning("could not deliver ticket %d to %s: %s", reply.ticket, address, f.exception())
+
+        call.add_done_callback(done)

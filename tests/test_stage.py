@@ -1,0 +1,231 @@
+"""A stage driven in-process: the tiny checkpoint's whole model as one slice, a real compute thread.
+
+Sessions' decode steps queued together run as one batched forward and still give mlx-lm's tokens;
+a step before a session's end trims its caches back; a released session is gone; a row that fails
+fails alone; requests a stage must refuse are refused; ring replies go to the delivery hook.
+"""
+
+import threading
+
+import grpc
+import pytest
+
+from cluster.compute import ComputeWorker
+from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.link import StageError
+from cluster.stage import LocalStage, Stage
+from mlx_kimi.checkpoint import open_checkpoint
+from mlx_kimi.slice import LayerRange, load_slice
+
+TIMEOUT_S = 120.0
+TOKENS = 6
+GREEDY = pb.SamplingParams(temperature=0.0)
+ADDRESS = "127.0.0.1:1"  # this stage's own address: the ring's replies to it go to its hook
+BIG_BUDGET = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_dir):
+    """(compute worker, the whole tiny model as one slice, its checkpoint)."""
+    checkpoint = open_checkpoint(tiny_dir)
+    worker = ComputeWorker()
+    model_slice = worker.run(lambda: load_slice(checkpoint, LayerRange(0, checkpoint.num_layers)))
+    return worker, model_slice, checkpoint
+
+
+def _no_other_node(address: str):
+    raise AssertionError(f"a one-stage test reaches no other node, not {address}")
+
+
+def make_stage(whole, deliver=None, admit=None, budget=BIG_BUDGET) -> Stage:
+    worker, model_slice, checkpoint = whole
+    stage = Stage("solo", ADDRESS, worker, _no_other_node, deliver=deliver, admit=admit)
+    stage.loaded = LocalStage(model_slice, checkpoint.model_id, checkpoint.name, checkpoint.num_layers, budget)
+    return stage
+
+
+def request(session_id: str, tokens: list, offset: int, max_positions: int, sample: bool = True,
+            new_generation: bool = False, sampling: pb.SamplingParams = GREEDY) -> pb.ForwardRequest:
+    r = pb.ForwardRequest(session_id=session_id, offset=offset, max_positions=max_positions, sample=sample,
+                          new_generation=new_generation, sampling=sampling)
+    r.tokens.extend(tokens)
+    return r
+
+
+def prefill(stage: Stage, session_id: str, prompt: list, max_positions: int,
+            sampling: pb.SamplingParams = GREEDY) -> pb.ForwardReply:
+    """The prompt but its last token as one chunk, then the last token, sampled (as the scheduler does)."""
+    stage.forward(request(session_id, prompt[:-1], 0, max_positions, sample=False), TIMEOUT_S)
+    return stage.forward(request(session_id, prompt[-1:], len(prompt) - 1, max_positions, new_generation=True,
+                                 sampling=sampling), TIMEOUT_S)
+
+
+def hold(worker: ComputeWorker) -> threading.Event:
+    """Hold the compute thread (in a job of its own) until the returned event is set."""
+    gate, running = threading.Event(), threading.Event()
+    worker.submit(lambda: running.set() or gate.wait())
+    running.wait(TIMEOUT_S)
+    return gate
+
+
+def one_round(stage: Stage, requests: list) -> list:
+    """Queue `requests` while the compute thread is held, so they run in the same round; their futures."""
+    gate = hold(stage.worker)
+    futures = [stage.accept(r, TIMEOUT_S) for r in requests]
+    gate.set()
+    return futures
+
+
+def stage_error(future) -> StageError:
+    error = future.exception(TIMEOUT_S)
+    assert isinstance(error, StageError), error
+    return error
+
+
+@pytest.fixture(scope="module")
+def prompts(oracle, make_chat_prompt):
+    return [make_chat_prompt(oracle[1], t) for t in ["Hi!", "Name a cat.", "What is two plus two?"]]
+
+
+def test_decode_steps_of_several_sessions_run_as_one_batch_and_equal_mlx_lm(whole, oracle, oracle_tokens,
+                                                                           prompts, monkeypatch):
+    expected = [oracle_tokens(oracle[0], p, TOKENS) for p in prompts]
+    assert len({tuple(e) for e in expected}) > 1  # the prompts lead to different replies
+    stage, (worker, model_slice, _) = make_stage(whole), whole
+    names = [f"s{i}" for i in range(len(prompts))]
+    got = [[prefill(stage, name, p, len(p) + TOKENS).token] for name, p in zip(names, prompts)]
+    rows = []  # the rows of each forward the slice runs
+    forward = model_slice.forward
+    monkeypatch.setattr(model_slice, "forward", lambda x, caches: rows.append(x.shape[0]) or forward(x, caches))
+    rows_before = worker.batched_rows
+    for n in range(1, TOKENS):
+        futures = one_round(stage, [request(name, [tokens[-1]], len(p) + n - 1, len(p) + TOKENS)
+                                    for name, p, tokens in zip(names, prompts, got)])
+        for tokens, future in zip(got, futures):
+            tokens.append(future.result(TIMEOUT_S).token)
+    assert got == expected
+    assert rows == [len(prompts)] * (TOKENS - 1)  # one forward per round, every session's row in it
+    assert worker.batched_rows - rows_before == len(prompts) * (TOKENS - 1)  # every decode step ran batched
+    assert worker.max_batch >= len(prompts)
+    assert [stage.sessions[name].position for name in names] == [len(p) + TOKENS - 1 for p in prompts]
+
+
+def test_a_step_before_the_session_end_trims_its_caches_back(whole, oracle, oracle_tokens, prompts):
+    stage = make_stage(whole)
+    prompt = prompts[0]
+    limit = len(prompt) + TOKENS
+    expected = oracle_tokens(oracle[0], prompt, TOKENS)
+    got = [prefill(stage, "s", prompt, limit).token]
+    for n in range(1, 4):
+        got.append(stage.forward(request("s", got[-1:], len(prompt) + n - 1, limit), TIMEOUT_S).token)
+    assert stage.sessions["s"].position == len(prompt) + 3
+    # A retry of the second decode step: the caches drop what came after it, and it gives the same token.
+    again = stage.forward(request("s", got[1:2], len(prompt) + 1, limit), TIMEOUT_S)
+    assert again.token == expected[2]
+    assert stage.sessions["s"].position == len(prompt) + 2
+
+    # A prompt that shares only a prefix with the session: only what follows the prefix is computed.
+    other = prompts[1]
+    shared = next(i for i, (a, b) in enumerate(zip(prompt, other)) if a != b)
+    assert 0 < shared < len(prompt) - 1
+    stage.forward(request("s", other[shared:-1], shared, len(other) + TOKENS, sample=False), TIMEOUT_S)
+    first = stage.forward(request("s", other[-1:], len(other) - 1, len(other) + TOKENS, new_generation=True),
+                          TIMEOUT_S)
+    assert first.token == oracle_tokens(oracle[0], other, 1)[0]
+
+
+def test_a_released_session_frees_its_bytes_and_fails_its_queued_steps(whole, prompts):
+    stage = make_stage(whole)
+    prompt = prompts[0]
+    token = prefill(stage, "s", prompt, len(prompt) + TOKENS).token
+    sessions, held = stage.usage()
+    assert sessions == 1 and held >= stage.loaded.slice.kv_bytes(len(prompt) + TOKENS)
+
+    gate = hold(stage.worker)
+    queued = stage.accept(request("s", [token], len(prompt), len(prompt) + TOKENS), TIMEOUT_S)
+    released = stage.release("s")
+    gate.set()
+    assert released.found and released.freed_bytes == stage.loaded.slice.kv_bytes(len(prompt) + TOKENS)
+    error = stage_error(queued)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "was released" in error.message
+    assert stage.usage() == (0, 0)
+    assert not stage.release("s").found
+
+    later = stage_error(stage.accept(request("s", [token], len(prompt), len(prompt) + TOKENS), TIMEOUT_S))
+    assert later.code == grpc.StatusCode.FAILED_PRECONDITION and "is not here" in later.message
+
+
+def test_a_row_that_fails_fails_only_itself_and_its_later_steps(whole, oracle, oracle_tokens, prompts):
+    """A top_k beyond the vocabulary passes the coordinator's checks but fails the stage's sampler:
+    that row fails, its session's queued next step with it, and the other rows of its batch go on."""
+    stage = make_stage(whole)
+    good, bad = prompts[0], prompts[1]
+    bad_sampling = pb.SamplingParams(temperature=1.0, top_k=10**6)
+    first = prefill(stage, "good", good, len(good) + TOKENS).token
+    stage.forward(request("bad", bad[:-1], 0, len(bad) + TOKENS, sample=False), TIMEOUT_S)
+    futures = one_round(stage, [
+        request("good", [first], len(good), len(good) + TOKENS),
+        request("bad", bad[-1:], len(bad) - 1, len(bad) + TOKENS, new_generation=True, sampling=bad_sampling),
+        request("bad", [0], len(bad), len(bad) + TOKENS, sampling=bad_sampling),  # waits for the step before
+    ])
+    assert futures[0].result(TIMEOUT_S).token == oracle_tokens(oracle[0], good, 2)[1]
+    failed = stage_error(futures[1])
+    assert failed.code == grpc.StatusCode.INTERNAL and "top_k" in failed.message and failed.node == "solo"
+    assert stage_error(futures[2]).message == failed.message
+
+
+def test_requests_a_stage_cannot_serve_are_refused(whole, prompts):
+    prompt = prompts[0]
+    stage = make_stage(whole, budget=whole[1].kv_bytes(len(prompt) + TOKENS))
+
+    past = stage_error(stage.accept(request("s", prompt, 0, len(prompt) - 1), TIMEOUT_S))
+    assert past.code == grpc.StatusCode.INVALID_ARGUMENT and "past max_positions" in past.message
+    vocab = whole[1].args.vocab_size
+    unknown = stage_error(stage.accept(request("s", [vocab], 0, 4), TIMEOUT_S))
+    assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT and f"[0, {vocab})" in unknown.message
+    assert stage.usage() == (0, 0)  # nothing refused took memory
+
+    prefill(stage, "s", prompt, len(prompt) + TOKENS)
+    full = stage_error(stage.accept(request("t", prompt, 0, len(prompt) + TOKENS), TIMEOUT_S))
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget full" in full.message
+    # A step past what the session reserved is refused; one within it still runs.
+    beyond = stage_error(stage.accept(request("s", [1, 2], len(prompt) + TOKENS - 1, len(prompt) + TOKENS),
+                                      TIMEOUT_S))
+    assert beyond.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert stage.forward(request("s", [1], len(prompt), len(prompt) + TOKENS), TIMEOUT_S).sampled
+
+    stage.loaded = None
+    unloaded = stage_error(stage.accept(request("s", [1], 0, 4), TIMEOUT_S))
+    assert unloaded.code == grpc.StatusCode.FAILED_PRECONDITION and "no model loaded" in unloaded.message
+
+
+def test_a_request_of_a_coordinator_that_does_not_own_the_node_is_refused(whole):
+    def admit(coordinator_id: str):
+        if coordinator_id != "owner":
+            raise StageError(grpc.StatusCode.ABORTED, f"{coordinator_id} does not own node solo", "solo")
+
+    stage = make_stage(whole, admit=admit)
+    refused = stage_error(stage.accept(pb.ForwardRequest(session_id="s", tokens=[1], max_positions=4,
+                                                         coordinator_id="stranger"), TIMEOUT_S))
+    assert refused.code == grpc.StatusCode.ABORTED and stage.usage() == (0, 0)
+    ok = pb.ForwardRequest(session_id="s", tokens=[1], max_positions=4, coordinator_id="owner", sample=True)
+    assert stage.forward(ok, TIMEOUT_S).sampled
+
+
+def test_ring_replies_to_this_node_go_to_its_delivery_hook(whole, oracle, oracle_tokens, prompts):
+    delivered, arrived = [], threading.Event()
+
+    def deliver(reply: pb.ForwardReply):
+        delivered.append(reply)
+        arrived.set()
+
+    stage = make_stage(whole, deliver=deliver)
+    prompt = prompts[2]
+    stage.forward(request("s", prompt[:-1], 0, len(prompt) + 1, sample=False), TIMEOUT_S)
+    last = request("s", prompt[-1:], len(prompt) - 1, len(prompt) + 1, new_generation=True)
+    last.reply_to, last.ticket = ADDRESS, 7
+    accepted = stage.accept(last, TIMEOUT_S).result(TIMEOUT_S)
+    assert accepted == pb.ForwardReply()  # the sender hears only that it went on
+    assert arrived.wait(TIMEOUT_S)
+    [reply] = delivered
+    assert reply.ticket == 7 and reply.sampled and reply.token == oracle_tokens(oracle[0], prompt, 1)[0]
