@@ -15,7 +15,7 @@ import uuid
 
 import grpc
 
-from mlx_kimi.checkpoint import open_checkpoint
+from mlx_kimi.checkpoint import open_checkpoint, text_config
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 from .generated import kimi_cluster_pb2 as pb
@@ -58,7 +58,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._lost = threading.Event()  # wakes the health watch (set on stop too)
         self.on_status = lambda message: log.info("%s", message)
         self.generation = GenerationLoop(self.tokenizer, context, generation_defaults(self.checkpoint.path),
-                                         self.generate, lambda: [m.name for m in self.chain])
+                                         self.generate, lambda: [m.name for m in self.chain],
+                                         text_config(self.checkpoint.config)["vocab_size"])
 
     @property
     def chain(self) -> list:
@@ -216,11 +217,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, shaper=None):
         """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper)
 
     def prompt_tokens(self, request: pb.GenerateRequest) -> list:
         if request.prompt_tokens:
