@@ -11,26 +11,12 @@ guards, sampling, the context check and the reply's end are the OpenAI endpoints
 import json
 import uuid
 
-from fastapi.responses import JSONResponse
-
-from .api_requests import Prompt, _number, _stop, _thinking, _typed
+from .api_requests import Prompt, _number, _stop, _thinking, _typed, shaping_fields
 from .api_responses import ApiError, Completion, sse
 from .generation import GenerationResult, Piece
+from .structured import constraint_spec
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 415: "invalid_request_error",
-               429: "rate_limit_error", 503: "overloaded_error", 504: "api_error"}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    """An ApiError in Anthropic's shape."""
-    return JSONResponse(error_json(error), status_code=error.status)
-
-
-def error_json(error: ApiError) -> dict:
-    kind = ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
 def _text(content, field: str) -> str:
@@ -138,13 +124,13 @@ def messages_prompt(body: dict, tokenizer) -> Prompt:
     if isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") == "none":
         tools = None
     extra = {} if thinking is None else {"thinking": thinking}
+    constraint = shaping_fields(constraint_spec, body, False, True)
+    messages = template_messages(body)
     try:
-        ids = tokenizer.apply_chat_template(template_messages(body), tools=tools, add_generation_prompt=True, **extra)
-    except ApiError:
-        raise
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra)
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
-    return Prompt(list(ids), max_tokens, max_tokens, "messages", raw=False)
+    return Prompt(list(ids), max_tokens, max_tokens, "messages", raw=False, constraint=constraint)
 
 
 def openai_fields(body: dict) -> dict:
@@ -157,6 +143,11 @@ def openai_fields(body: dict) -> dict:
     return out
 
 
+def count_tokens(body: dict, tokenizer) -> dict:
+    """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would send them."""
+    return {"input_tokens": len(messages_prompt({**body, "max_tokens": 1}, tokenizer).ids)}
+
+
 class AnthropicMessage(Completion):
     """A reply as an Anthropic message: content blocks, stop_reason, usage with cache reads;
     streamed as message_start, content_block_start / _delta / _stop per block, message_delta,
@@ -165,7 +156,6 @@ class AnthropicMessage(Completion):
     def __init__(self, model: str, tokenizer, logprobs: bool = False):
         super().__init__(model, tokenizer, logprobs)
         self.id = f"msg_{uuid.uuid4().hex}"
-        self.prompt_tokens = 0
         self.block = None  # the open block's type while streaming
         self.index = -1
 
@@ -242,7 +232,7 @@ class AnthropicMessage(Completion):
                                 _event("message_stop", {})]
 
     def error_event(self, error: ApiError) -> str:
-        return f"event: error\n{sse(error_json(error))}"
+        return f"event: error\n{sse(error.anthropic_json())}"
 
 
 _TEXT_FIELD = {"thinking": "thinking", "text": "text"}

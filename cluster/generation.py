@@ -108,6 +108,10 @@ class GenerationLoop:
     def shaper(self, request: GenerationRequest, sampling: pb.SamplingParams) -> Shaper | None:
         """The reply's grammar and penalties, kept here where its tokens are (None: neither)."""
         penalties, spec = penalties_of(sampling), request.constraint
+        try:
+            penalties.check_vocab(self.vocab_size)
+        except ValueError as e:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         if spec is not None and spec.constrains:
             spec = dataclasses.replace(spec, thinking=prompt_ends_thinking(self.tokenizer, request.prompt))
             try:

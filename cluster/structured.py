@@ -135,9 +135,10 @@ def _number(body: dict, name: str, default):
     return value
 
 
-def penalties(body: dict, vocab_size: int) -> Penalties:
+def penalties(body: dict, vocab_size: int | None = None) -> Penalties:
     """Penalties and logit bias from a request body (OpenAI's names, with mlx-lm's repetition
-    penalty and context sizes)."""
+    penalty and context sizes); the bias's token ids are checked against `vocab_size` when given
+    (the generation loop checks them anyway)."""
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict):
         raise FieldError("`logit_bias` must map token ids (as strings) to numbers from -100 to 100", "logit_bias")
@@ -159,7 +160,8 @@ def penalties(body: dict, vocab_size: int) -> Penalties:
               for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")}
     try:
         out = Penalties(logit_bias=logit_bias, **values, **sizes)
-        out.check_vocab(vocab_size)
+        if vocab_size is not None:
+            out.check_vocab(vocab_size)
     except ValueError as e:
         field = str(e).split(" ")[0]
         raise FieldError(str(e), field if field.isidentifier() else "logit_bias") from None
