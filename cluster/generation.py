@@ -21,7 +21,7 @@ from .generated import kimi_cluster_pb2 as pb
 from .reply import RawText, ReplyDelta, ReplyParser, StopMatcher, prompt_ends_thinking
 from .sampling import with_defaults
 from .scheduler import GenerateError, sampling_error
-from .shaping import Shaper, penalties_of
+from .shaping import Shaper, check_step, penalties_of
 
 log = logging.getLogger("kimi_cluster.generation")
 
@@ -109,7 +109,7 @@ class GenerationLoop:
         """The reply's grammar and penalties, kept here where its tokens are (None: neither)."""
         penalties, spec = penalties_of(sampling), request.constraint
         try:
-            penalties.check_vocab(self.vocab_size)
+            check_step(pb.ForwardRequest(sampling=sampling), self.vocab_size)
         except ValueError as e:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         if spec is not None and spec.constrains:

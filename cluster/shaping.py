@@ -42,7 +42,10 @@ def put_penalties(params: pb.SamplingParams, penalties: Penalties) -> None:
 
 
 def check_step(request: pb.ForwardRequest, vocab_size: int) -> None:
-    """ValueError unless the step's shaping fields are within their bounds."""
+    """ValueError unless the step's sampling and shaping fields are within this vocabulary's bounds."""
+    if request.sampling.top_k >= vocab_size:  # mlx-lm's top-k sampler raises on it
+        raise ValueError(f"top_k must be below the vocabulary size {vocab_size} (0 turns it off), "
+                         f"got {request.sampling.top_k}")
     if request.allowed_tokens and len(request.allowed_tokens) != 4 * words_for(vocab_size):
         raise ValueError(f"allowed_tokens must be {4 * words_for(vocab_size)} bytes (a bit per token of "
                          f"{vocab_size}), not {len(request.allowed_tokens)}")
