@@ -28,6 +28,7 @@ from .planner import Plan
 from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler
 from .sampling import generation_defaults
 from .sessions import Sessions
+from .structured import FieldError, constraint_spec
 from .units import format_bytes
 
 log = logging.getLogger("kimi_cluster.coordinator")
@@ -236,6 +237,21 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         extra = {"thinking": request.thinking} if request.HasField("thinking") else {}
         return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra)
 
+    @staticmethod
+    def constraint(request: pb.GenerateRequest):
+        """The reply's grammar from response_format_json, tools_json and tool_choice_json (None: none)."""
+        fields = {}
+        for name, text in (("response_format", request.response_format_json), ("tools", request.tools_json),
+                           ("tool_choice", request.tool_choice_json)):
+            try:
+                fields[name] = json.loads(text) if text else None
+            except json.JSONDecodeError as e:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}_json is not JSON: {e}") from e
+        try:
+            return constraint_spec(fields, thinking=False)  # the loop reads the thinking from the prompt
+        except FieldError as e:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from e
+
     # ---- gRPC handlers ---------------------------------------------------------------------
 
     def Generate(self, request, context):
@@ -245,7 +261,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             generation = self.generation.start(GenerationRequest(
                 self.prompt_tokens(request), request.max_tokens or 256, request.sampling, arrived=arrived,
                 deadline=arrived + left if left is not None and left < 1e6 else None,
-                cancelled=lambda: not context.is_active()))
+                cancelled=lambda: not context.is_active(), constraint=self.constraint(request)))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
                                       logprob=piece.logprob or 0.0)

@@ -271,3 +271,26 @@ def test_anthropic_errors_have_anthropics_shape(api, claude):
     body = json.loads(missing.value.read())
     assert missing.value.code == 400 and body["error"] == {"type": "invalid_request_error",
                                                            "message": "`max_tokens` is required"}
+
+
+# ---- kimi-cluster chat ------------------------------------------------------------------------------------
+
+
+def test_cli_chat_holds_replies_to_a_schema_and_tools(api, oracle, tmp_path):
+    schema, tools = tmp_path / "answer.json", tmp_path / "tools.json"
+    schema.write_text(json.dumps(ANSWER))
+    tools.write_text(json.dumps([weather_tool(ROME)]))
+    done = api.cli("chat", "--coordinator", api.coordinator.address, "--prompt", "Weather?", "--system", "Be brief.",
+                   "--no-thinking", "--json-schema", str(schema), "--json")
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    jsonschema.validate(json.loads(reply["text"]), ANSWER)
+    assert reply["text"] == oracle_text(oracle, ConstraintSpec(json_schema=ANSWER), thinking=False)[0]
+    done = api.cli("chat", "--coordinator", api.coordinator.address, "--prompt", "Weather?", "--system", "Be brief.",
+                   "--tools", str(tools))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith('functions.get_weather:0<|tool_call_argument_begin|>{"city": "Rome"}'
+                                        '<|tool_call_end|><|tool_calls_section_end|>')
+    schema.write_text(json.dumps({"type": "object", "not": {}}))
+    refused = api.cli("chat", "--coordinator", api.coordinator.address, "--prompt", "Hi", "--json-schema", str(schema))
+    assert refused.returncode != 0 and 'Unimplemented keys: ["not"]' in refused.stderr
