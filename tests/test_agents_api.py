@@ -17,7 +17,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from harness import KIMI, ApiCluster
+from harness import KIMI, ApiCluster, run_at_once
 from mlx_kimi.constrain import Constraint, ConstraintSpec, Tool
 from mlx_kimi.penalties import Penalties
 
@@ -176,6 +176,23 @@ def test_n_replies_share_one_prefill_and_each_draws_its_own(api, client, oracle)
         want, _ = oracle_text(oracle, ConstraintSpec(json_schema=ANSWER), thinking=False, seed=11 + i)
         assert choice.message.content == want
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens < reply.usage.total_tokens
+
+
+def test_rows_of_one_batch_are_shaped_each_by_its_own(api, client, oracle):
+    """Requests at once decode in the same batched rounds: each row gets its own mask and
+    penalties, and each reply equals its own single-process run."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+    jobs = [lambda: chat(client, api, response_format=fmt, temperature=1.0, seed=21, extra_body={"thinking": False}),
+            lambda: chat(client, api, presence_penalty=2.0, max_tokens=24, extra_body={"thinking": False}),
+            lambda: chat(client, api, tools=[weather_tool(ROME)]),
+            lambda: chat(client, api, max_tokens=24, extra_body={"thinking": False})]
+    schema_reply, penalised, tool_reply, plain = (r.choices[0].message for r in run_at_once(jobs))
+    assert schema_reply.content == oracle_text(oracle, ConstraintSpec(json_schema=ANSWER), thinking=False, seed=21)[0]
+    content = lambda text: text.split("<|tool_calls_section_begin|>")[0]  # noqa: E731 (the rest is a tool call)
+    assert penalised.content == content(oracle_text(oracle, None, thinking=False, max_tokens=24,
+                                                    penalties=Penalties(presence_penalty=2.0))[0])
+    assert [json.loads(c.function.arguments) for c in tool_reply.tool_calls] == [{"city": "Rome"}]
+    assert plain.content == content(oracle_text(oracle, None, thinking=False, max_tokens=24)[0]) == CONTENT
 
 
 @pytest.mark.parametrize("extra, field, message", [
