@@ -17,6 +17,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
+import browser as browser_module
 from harness import KIMI, ApiCluster, run_at_once
 from mlx_kimi.constrain import Constraint, ConstraintSpec, Tool
 from mlx_kimi.penalties import Penalties
@@ -311,3 +312,31 @@ def test_cli_chat_holds_replies_to_a_schema_and_tools(api, oracle, tmp_path):
     schema.write_text(json.dumps({"type": "object", "not": {}}))
     refused = api.cli("chat", "--coordinator", api.coordinator.address, "--prompt", "Hi", "--json-schema", str(schema))
     assert refused.returncode != 0 and 'Unimplemented keys: ["not"]' in refused.stderr
+
+
+
+def test_web_chat_sends_a_schema_and_shows_tool_calls(api, browser, oracle):
+    browser_module.open_page(browser, api.api_url, KEY, "chat.html")
+    browser.evaluate(f"""(() => {{
+        document.getElementById('thinking').checked = false;
+        document.getElementById('schema').value = {json.dumps(json.dumps(ANSWER))};
+        document.getElementById('prompt').value = 'Weather?';
+        document.getElementById('send').click();
+    }})()""")
+    browser.wait_for("!!document.querySelector('.msg.assistant.done')", 60)
+    content = browser.evaluate("document.querySelector('.msg.assistant .content').textContent")
+    jsonschema.validate(json.loads(content), ANSWER)
+    browser.evaluate(f"""(() => {{
+        document.getElementById('schema').value = '';
+        document.getElementById('tools').value = {json.dumps(json.dumps([weather_tool(ROME)]))};
+        document.getElementById('prompt').value = 'And now?';
+        document.getElementById('send').click();
+    }})()""")
+    browser.wait_for("document.querySelectorAll('.msg.assistant.done').length === 2", 60)
+    calls = browser.evaluate("[...document.querySelectorAll('.msg.assistant .tool-call')].map(c => c.textContent)")
+    assert calls == ['calls get_weather({"city": "Rome"})']
+    assert browser.evaluate("messages[3].tool_calls[0].function.name") == "get_weather"
+    browser.evaluate("document.getElementById('schema').value = '{not json'; document.getElementById('tools').value = '';"
+                     "document.getElementById('prompt').value = 'x'; document.getElementById('send').click();")
+    assert "the schema field is not valid JSON" in browser.wait_for(
+        "document.getElementById('error').textContent", 30)
