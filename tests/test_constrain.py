@@ -99,7 +99,7 @@ def test_llguidance_tokenizer_holds_every_tokens_bytes(model):
     assert llg.decode_str(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_a_random_model_writes_json_that_validates(model, seed):
     _, tokenizer, _ = model
     prompt = prompt_for(tokenizer, thinking=False)
@@ -222,7 +222,7 @@ schema_keys = st.sampled_from(["type", "properties", "items", "enum", "const", "
                                "minimum", "maxLength", "pattern", "format", "$ref", "additionalProperties", "not"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(schema_keys, json_values, max_size=4))
 def test_fuzzed_schemas_compile_or_are_refused(model, schema):
     """Any schema either gives a working constraint or a ConstraintError: nothing else escapes."""
