@@ -74,9 +74,9 @@ def allowed_hosts(api_host: str, extra=()) -> set | None:
 
 
 class RequireKey:
-    """401 on /v1/ unless `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`). A plain ASGI middleware: one made with
-    @app.middleware("http") (BaseHTTPMiddleware) hides a client's disconnect from a streaming
-    response, which then never stops and never frees its session."""
+    """401 on /v1/ unless `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`). A plain
+    ASGI middleware: one made with @app.middleware("http") (BaseHTTPMiddleware) hides a client's
+    disconnect from a streaming response, which then never stops and never frees its session."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key

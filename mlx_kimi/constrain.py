@@ -122,11 +122,15 @@ def _schema_text(schema, where: str) -> str:
         raise ConstraintError(f"{where}: not a JSON schema ({e})") from e
     if len(text) > MAX_SCHEMA_CHARS:
         raise ConstraintError(f"{where}: the schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
-    error = _guarded(lambda: llguidance.LLMatcher.validate_grammar(grammar, None, limits=llguidance.LLParserLimits(**LIMITS)))
+    error = _guarded(lambda: llguidance.LLMatcher.validate_grammar(grammar, None, limits=_limits()))
     if error:
         raise ConstraintError(f"{where}: this server cannot enforce this schema: {error.splitlines()[0]}"
                               " (llguidance's JSON schema support; remove or rewrite that part)")
     return text
+
+
+def _limits() -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(**LIMITS)
 
 
 def _guarded(call):
@@ -184,7 +188,8 @@ def grammar_for(spec: ConstraintSpec, tokenizer, eos_ids) -> str:
         for i, tool in enumerate(chosen):
             head = json.dumps(f"functions.{tool.name}:")
             rules.append(f"call_{i}: {call_start} {head} {CALL_INDEX} {arguments_start} args_{i} {call_end}")
-            rules.append(f"args_{i}: %json {_schema_text(tool.parameters, f'tools[{names.index(tool.name)}] ({tool.name}).parameters')}")
+            where = f"tools[{names.index(tool.name)}] ({tool.name}).parameters"
+            rules.append(f"args_{i}: %json {_schema_text(tool.parameters, where)}")
         calls = "(" + " | ".join(f"call_{i}" for i in range(len(chosen))) + ")"
         one_or_more = calls + "+" if spec.parallel_tool_calls and spec.tool_choice in ("auto", "required") else calls
         rules.append(f"calls: {section_start} {one_or_more} {section_end}")
@@ -198,7 +203,8 @@ def grammar_for(spec: ConstraintSpec, tokenizer, eos_ids) -> str:
         answer = content
     rules.insert(0, f"answer: {answer}")
     if think_end is not None:
-        rules.insert(0, f"start: reasoning answer\nreasoning: {any_token_but(stops + tools + [think_end])} <[{think_end}]>")
+        reasoning = f"{any_token_but(stops + tools + [think_end])} <[{think_end}]>"
+        rules.insert(0, f"start: reasoning answer\nreasoning: {reasoning}")
     else:
         rules.insert(0, "start: answer")
     # no_forcing: where the grammar fixes the next bytes, every tokenization of them stays allowed,
@@ -213,7 +219,7 @@ class Constraint:
     `sync(reply tokens so far)` and send or apply `mask()`."""
 
     def __init__(self, llg_tok: llguidance.LLTokenizer, grammar: str, vocab_size: int):
-        self.matcher = _guarded(lambda: llguidance.LLMatcher(llg_tok, grammar, limits=llguidance.LLParserLimits(**LIMITS)))
+        self.matcher = _guarded(lambda: llguidance.LLMatcher(llg_tok, grammar, limits=_limits()))
         if isinstance(self.matcher, str):
             raise ConstraintError(f"the grammar cannot be built: {self.matcher}")
         if self.matcher.is_error():

@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 import llguidance  # noqa: E402
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.utils import load_model  # noqa: E402
 

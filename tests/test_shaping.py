@@ -6,7 +6,6 @@ refused by name."""
 import numpy as np
 import mlx.core as mx
 import pytest
-from mlx_lm.sample_utils import make_logits_processors
 
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.shaping import Shaper, check_step, penalties_of, put_penalties, shape_logits
