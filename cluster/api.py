@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP API in front of the coordinator: /v1/models, /v1/chat/completions,
-/v1/completions (a raw prompt), and /health for load balancers.
+/v1/completions (a raw prompt), and /health for load balancers; and Anthropic's /v1/messages and
+/v1/messages/count_tokens (api_anthropic.py) over the same loop.
 
 Sampling runs on the cluster's last stage and a reply ends in the generation loop
 (generation.py); this file holds the app and its routes. A request is read by api_requests.py,

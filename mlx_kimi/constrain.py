@@ -109,12 +109,36 @@ class ConstraintSpec:
         return self.json_object or self.json_schema is not None or bool(self.tools)
 
 
+# Keywords with values that constrain nothing, which llguidance refuses as unimplemented; schema
+# generators (zod, pydantic) write them, and agents send every tool's schema with every request.
+NO_OPS = {"uniqueItems": (False,), "propertyNames": ({}, {"type": "string"})}
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
+
+
+def without_no_ops(schema):
+    """`schema` with the NO_OPS keywords dropped wherever a schema may hold them."""
+    if isinstance(schema, list):
+        return [without_no_ops(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in NO_OPS and value in NO_OPS[key]:
+            continue
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: without_no_ops(s) for name, s in value.items()}
+        else:
+            out[key] = value if key in VALUES else without_no_ops(value)
+    return out
+
+
 def _schema_text(schema, where: str) -> str:
     """The schema as inline JSON in canonical form, refused with what is wrong when it is not one
     llguidance can enforce (an unimplemented keyword, an unknown format or type)."""
     if not isinstance(schema, dict):
         raise ConstraintError(f"{where}: a JSON schema is an object, got {type(schema).__name__}")
-    schema = {k: v for k, v in schema.items() if k != "x-guidance"}
+    schema = {k: v for k, v in without_no_ops(schema).items() if k != "x-guidance"}
     try:
         text = json.dumps({**schema, "x-guidance": JSON_FORM})
         grammar = llguidance.LLMatcher.grammar_from_json_schema(text)

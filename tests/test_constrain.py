@@ -215,6 +215,22 @@ def test_unsupported_schemas_and_choices_are_refused_by_name(model):
             Constraint.for_spec(spec, tokenizer, vocab, eos)
 
 
+def test_keywords_that_constrain_nothing_are_not_refused(model):
+    """What schema generators write for agents' tools: no-op keywords pass, real ones still hold."""
+    _, tokenizer, vocab = model
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
+              "required": ["tags", "meta"], "properties": {
+                  "tags": {"type": "array", "uniqueItems": False, "maxItems": 1, "items": {"enum": ["a"]}},
+                  "meta": {"type": "object", "propertyNames": {"type": "string"}, "maxProperties": 0,
+                           "default": {"uniqueItems": False}}}}
+    constraint = Constraint.for_spec(ConstraintSpec(json_schema=schema), tokenizer, vocab, tokenizer.eos_token_ids)
+    constraint.sync(tokenizer.encode('{"tags": ["a"], "meta": {}}', add_special_tokens=False))
+    assert constraint.accepting
+    with pytest.raises(ConstraintError, match="uniqueItems"):
+        Constraint.for_spec(ConstraintSpec(json_schema={"type": "array", "uniqueItems": True}), tokenizer, vocab,
+                            tokenizer.eos_token_ids)
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                            max_leaves=12)
