@@ -63,6 +63,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.generation = GenerationLoop(self.tokenizer, context, generation_defaults(self.checkpoint.path),
                                          self.generate, lambda: [m.name for m in self.chain],
                                          text_config(self.checkpoint.config)["vocab_size"])
+        threading.Thread(target=self.generation.warm, name="grammar-tokenizer", daemon=True).start()
 
     @property
     def chain(self) -> list:
