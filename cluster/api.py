@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP API in front of the coordinator: /v1/models, /v1/chat/completions,
-/v1/completions (a raw prompt), and /health for load balancers.
+/v1/completions (a raw prompt), and /health for load balancers; and Anthropic's /v1/messages and
+/v1/messages/count_tokens (api_anthropic.py) over the same loop.
 
 Sampling runs on the cluster's last stage and a reply ends in the generation loop
 (generation.py); this file holds the app and its routes. A request is read by api_requests.py,
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from .api_anthropic import AnthropicMessage, count_tokens, messages_prompt, openai_fields
 from .api_guards import Guard, RequireKey
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
 from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_reply, whole_reply
@@ -48,7 +50,7 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
-        return error.response()
+        return error.response(request.url.path)
 
     @app.exception_handler(HTTPException)  # no such path or method (routes, the web view's files): our shape
     async def http_error(request, error: HTTPException):
@@ -90,17 +92,18 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         request = read_request(body, arrived, model_name, loop, prompt)
         return request, start(loop, request)
 
-    async def reply(request: Request, prompt, shape):
+    async def reply(request: Request, prompt, shape, body: dict | None = None):
         """One endpoint: `prompt` reads its own fields, `shape` (a Completion) writes its reply."""
         arrived = time.monotonic()
-        body = await read_body(request, coordinator)
+        body = body if body is not None else await read_body(request, coordinator)
         # tokenizing and rendering the template may take a while on a big prompt: off the event loop
-        job, generation = await anyio.to_thread.run_sync(prepare, prompt, body, arrived, limiter=preparing)
+        job, generations = await anyio.to_thread.run_sync(prepare, prompt, body, arrived, limiter=preparing)
         out = shape(model_name, tokenizer, job.logprobs)
+        out.prompt_tokens = len(job.generation.prompt)
         if job.stream:
-            return StreamingResponse(stream_reply(generation, out, job.include_usage, stream_steps),
+            return StreamingResponse(stream_reply(generations[0], out, job.include_usage, stream_steps),
                                      media_type="text/event-stream")
-        return await whole_reply(generation, out, request, whole_replies)
+        return await whole_reply(generations, out, request, whole_replies)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -109,6 +112,17 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await reply(request, text_prompt, TextCompletion)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        """Anthropic's Messages API (api_anthropic.py) over the same loop, limits and guards."""
+        body = await read_body(request, coordinator)
+        return await reply(request, lambda _, tok: messages_prompt(body, tok), AnthropicMessage, openai_fields(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request):
+        body = await read_body(request, coordinator)
+        return await anyio.to_thread.run_sync(count_tokens, body, tokenizer)
 
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")  # last: /v1 and /health first
 

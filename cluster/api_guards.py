@@ -29,7 +29,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if error := self._refusal(scope):
-            return await error.response()(scope, receive, send)
+            return await error.response(scope["path"])(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         received = 0
@@ -98,9 +98,9 @@ def allowed_hosts(api_host: str, extra=()) -> set | None:
 
 
 class RequireKey:
-    """401 on /v1/ unless `Authorization: Bearer KEY`. A plain ASGI middleware: one made with
-    @app.middleware("http") (BaseHTTPMiddleware) hides a client's disconnect from a streaming
-    response, which then never stops and never frees its session."""
+    """401 on /v1/ unless `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`). A plain
+    ASGI middleware: one made with @app.middleware("http") (BaseHTTPMiddleware) hides a client's
+    disconnect from a streaming response, which then never stops and never frees its session."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key
@@ -108,10 +108,12 @@ class RequireKey:
     async def __call__(self, scope, receive, send):
         # /v1 needs the key; /health (for load balancers) and the web view's static files do not
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = Headers(scope=scope).get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
-                response = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                                    code="invalid_api_key").response()
+            headers = Headers(scope=scope)
+            bearer = hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {self.key}".encode())
+            x_api_key = hmac.compare_digest(headers.get("x-api-key", "").encode(), self.key.encode())
+            if not (bearer or x_api_key):
+                response = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` or "
+                                         "`x-api-key: <key>`", code="invalid_api_key").response(scope["path"])
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 

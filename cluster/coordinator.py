@@ -29,6 +29,7 @@ from .planner import Plan
 from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler
 from .sampling import generation_defaults
 from .sessions import Sessions
+from .structured import FieldError, constraint_spec
 from .units import format_bytes
 from .wire import canonical_address, handshake_failure
 
@@ -62,6 +63,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.generation = GenerationLoop(self.tokenizer, context, generation_defaults(self.checkpoint.path),
                                          self.generate, lambda: [m.name for m in self.chain],
                                          text_config(self.checkpoint.config)["vocab_size"])
+        threading.Thread(target=self.generation.warm, name="grammar-tokenizer", daemon=True).start()
 
     @property
     def chain(self) -> list:
@@ -219,11 +221,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, shaper=None):
         """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper)
 
     def prompt_tokens(self, request: pb.GenerateRequest, max_tokens: int) -> list:
         if request.prompt_tokens:
@@ -245,6 +247,21 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"messages_json cannot be rendered with the "
                                 f"model's chat template: {type(e).__name__}: {e}") from e
 
+    @staticmethod
+    def constraint(request: pb.GenerateRequest):
+        """The reply's grammar from response_format_json, tools_json and tool_choice_json (None: none)."""
+        fields = {}
+        for name, text in (("response_format", request.response_format_json), ("tools", request.tools_json),
+                           ("tool_choice", request.tool_choice_json)):
+            try:
+                fields[name] = json.loads(text) if text else None
+            except json.JSONDecodeError as e:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}_json is not JSON: {e}") from e
+        try:
+            return constraint_spec(fields, thinking=False)  # the loop reads the thinking from the prompt
+        except FieldError as e:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from e
+
     # ---- gRPC handlers ---------------------------------------------------------------------
 
     def Generate(self, request, context):
@@ -255,7 +272,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             generation = self.generation.start(GenerationRequest(
                 self.prompt_tokens(request, max_tokens), max_tokens, request.sampling, arrived=arrived,
                 deadline=arrived + left if left is not None and left < 1e6 else None,
-                cancelled=lambda: not context.is_active()))
+                cancelled=lambda: not context.is_active(), constraint=self.constraint(request)))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
                                       logprob=piece.logprob or 0.0)

@@ -17,6 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 
 from .generated import kimi_cluster_pb2 as pb
+from .shaping import Shaper, penalties_of
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .prompt_cache import CachedSession
 
@@ -71,6 +72,10 @@ def sampling_error(s: pb.SamplingParams, vocab_size: int) -> str | None:
         return f"top_k must be below the model's vocabulary of {vocab_size} tokens (0 turns it off), got {s.top_k}"
     if not 0 <= s.min_p <= 1:
         return f"min_p must be in [0, 1], got {s.min_p}"
+    try:
+        penalties_of(s)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -194,7 +199,7 @@ class Scheduler:
         return replies
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, shaper: Shaper | None = None):
         """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
         then the last prompt token, then one token at a time.
 
@@ -204,7 +209,8 @@ class Scheduler:
         went away). `stats` receives the session id and the number of cached prompt tokens.
         `deadline` (time.monotonic(): the client's) bounds the whole request, its wait behind
         other requests included; without one it runs as long as the chain is alive (a busy
-        cluster only makes it slower)."""
+        cluster only makes it slower). `shaper` (shaping.py) gives every sampling step the
+        grammar's mask and the penalties' history for the reply so far, replays included."""
         stats = {} if stats is None else stats
         began = time.monotonic()
         if deadline and began >= deadline:
@@ -224,6 +230,8 @@ class Scheduler:
             r.tokens.extend(tokens)
             if rng is not None:
                 r.rng_state = rng
+            if sample and shaper is not None:  # the mask and history tail for the reply so far
+                shaper.fill(r, generated)
             return r
 
         def run_steps(requests: list) -> pb.ForwardReply:

@@ -23,6 +23,7 @@ from mlx_kimi.slice import ModelSlice
 
 from .generated import kimi_cluster_pb2 as pb
 from .link import ForwardLink, StageError, failure_of, reply_of
+from .shaping import check_step, shape_logits
 from .stage_queue import Step
 from .stage_session import Session
 from .wire import WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
@@ -78,6 +79,8 @@ def _onward(request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
     )
     if request.HasField("rng_state"):
         onward.rng_state = request.rng_state
+    if request.sample:
+        onward.allowed_tokens, onward.penalty_history[:] = request.allowed_tokens, request.penalty_history
     return onward
 
 
@@ -220,6 +223,10 @@ class Stage:
         if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
             raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
                             "(the positions its session reserves; every request must cover its own)")
+        try:
+            check_step(request, loaded.slice.args.vocab_size)
+        except ValueError as e:
+            raise WireError(str(e)) from e
         return n
 
     def accept(self, request: pb.ForwardRequest, time_left: float | None) -> Future:
@@ -374,7 +381,7 @@ class Stage:
             return encode_tensor(out)
         if not request.sample:
             return pb.ForwardReply(sampled=False)
-        logits = out[:, -1, :]
+        logits = shape_logits(out[:, -1, :], request)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if request.new_generation:
             session.sampler = None

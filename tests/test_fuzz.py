@@ -229,16 +229,29 @@ json_values = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["messages", "prompt", "model", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-          "tools", "tool_choice", "thinking", "chat_template_kwargs", "logprobs", "n", "response_format"]
+          "tools", "tool_choice", "thinking", "chat_template_kwargs", "logprobs", "n", "response_format",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "parallel_tool_calls",
+          "system", "stop_sequences"]
+SCHEMA_KEYS = st.sampled_from(["type", "properties", "items", "enum", "const", "anyOf", "required", "pattern",
+                               "format", "$ref", "additionalProperties", "not", "minimum", "maxLength"])
+schemas = st.dictionaries(SCHEMA_KEYS, json_values, max_size=4)
+# Shapes that reach the grammar compiler, besides the arbitrary values of FIELDS.
+SHAPED = {
+    "response_format": st.builds(lambda s: {"type": "json_schema", "json_schema": {"name": "f", "schema": s}}, schemas),
+    "tools": st.lists(st.builds(lambda s: {"type": "function", "function": {"name": "f", "parameters": s}}, schemas),
+                      max_size=2),
+}
 
 
 def test_fuzz_api(fuzzed):
     @FUZZ
-    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                 "/v1/messages/count_tokens"]),
            fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+           shaped=st.fixed_dictionaries({}, optional=SHAPED),
            valid_messages=st.booleans(), max_tokens=st.integers(1, 3) | json_values)
-    def run(path, fields, valid_messages, max_tokens):
-        body = {**fields, "max_tokens": max_tokens}
+    def run(path, fields, shaped, valid_messages, max_tokens):
+        body = {**fields, **shaped, "max_tokens": max_tokens}
         if valid_messages:
             body.setdefault("messages", [{"role": "user", "content": "Hi"}])
             body.setdefault("prompt", "Hi")

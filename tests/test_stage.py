@@ -170,11 +170,12 @@ def test_a_released_session_frees_its_bytes_and_fails_its_queued_steps(whole, pr
 
 
 def test_a_row_that_fails_fails_only_itself_and_its_later_steps(whole, oracle, oracle_tokens, prompts):
-    """A top_k beyond the vocabulary (the coordinator refuses it; a member's bug may send it) fails
-    the stage's sampler: that row fails, its session's queued next step with it, and the other rows of its batch go on."""
+    """A min_p outside [0, 1] (the coordinator refuses it; a stage checks only what guards its
+    memory and the vocabulary) fails the stage's sampler: that row fails, its session's queued
+    next step with it, and the other rows of its batch go on."""
     stage = make_stage(whole)
     good, bad = prompts[0], prompts[1]
-    bad_sampling = pb.SamplingParams(temperature=1.0, top_k=10**6)
+    bad_sampling = pb.SamplingParams(temperature=1.0, min_p=1.5)
     first = prefill(stage, "good", good, len(good) + TOKENS).token
     stage.forward(request("bad", bad[:-1], 0, len(bad) + TOKENS, sample=False), TIMEOUT_S)
     futures = one_round(stage, [
@@ -184,7 +185,7 @@ def test_a_row_that_fails_fails_only_itself_and_its_later_steps(whole, oracle, o
     ])
     assert futures[0].result(TIMEOUT_S).token == oracle_tokens(oracle[0], good, 2)[1]
     failed = stage_error(futures[1])
-    assert failed.code == grpc.StatusCode.INTERNAL and "top_k" in failed.message and failed.node == "solo"
+    assert failed.code == grpc.StatusCode.INTERNAL and "min_p" in failed.message and failed.node == "solo"
     assert stage_error(futures[2]).message == failed.message
 
 
@@ -197,6 +198,12 @@ def test_requests_a_stage_cannot_serve_are_refused(whole, prompts):
     vocab = whole[1].args.vocab_size
     unknown = stage_error(stage.accept(request("s", [vocab], 0, 4), TIMEOUT_S))
     assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT and f"[0, {vocab})" in unknown.message
+    top_k = stage_error(stage.accept(request("s", [1], 0, 4, sampling=pb.SamplingParams(top_k=vocab)), TIMEOUT_S))
+    assert top_k.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k must be below" in top_k.message
+    masked = request("s", [1], 0, 4)
+    masked.allowed_tokens = b"\xff" * 8  # a mask's length must be the vocabulary's (cluster/shaping.py)
+    mask = stage_error(stage.accept(masked, TIMEOUT_S))
+    assert mask.code == grpc.StatusCode.INVALID_ARGUMENT and "allowed_tokens must be" in mask.message
     assert stage.usage() == (0, 0)  # nothing refused took memory
 
     prefill(stage, "s", prompt, len(prompt) + TOKENS)
