@@ -7,7 +7,8 @@ against the master on held-out text, and bytes, in one run.
 
 The model is mlx_kimi/trained/ (its bf16 master written in the official bf16 layout, converted
 unquantized to float32 as the reference); the text is the first --held-out-tokens of its held-out
-split (mlx_kimi/trained_text.py), in windows of the context it was trained with. The budget is the
+split (mlx_kimi/trained_text.py), in windows of the context it was trained with, every checkpoint run
+in float32 as stored (scales and biases upcast exactly). The budget is the
 bits per weight of the 2x192 GB K2.5 recipe: 353.4 GB for 1,026,408,232,448 parameters, 2.75 bits with
 scales and biases (README, `convert --fit`; ../shared/kimi-facts.md), over every parameter of the model.
 Every calibrated row uses the same calibration set: the built-in one (code, prose, Chinese, a chat)
@@ -25,6 +26,9 @@ Rows:
   --fit, in-memory calib.    recipe.calibrate (the float model loaded whole), as tests/test_convert_quality.py
   --fit, streamed            `--budget` with the streamed calibration's measured sensitivities
   --fit --calibrate          the same bits, quantized with streamed GPTQ
+  in-memory bits + GPTQ      the in-memory --fit's bits quantized with streamed GPTQ (what the bit
+                             allocation alone costs the streamed rows)
+  --fit --calibrate at mixed_2_6's bytes
   GGUF rows                  a Q4_0-expert / Q8_0 GGUF of the master (tests/test_convert_gguf.py's
                              writer) requantized at no fewer bits than it had (4/8), with and without
                              --calibrate, and the master quantized once the same way. gguf-py cannot
@@ -35,6 +39,7 @@ GPTQ no worse than mlx-lm's in-memory GPTQ at equal bits; streamed --fit within 
 """
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -44,10 +49,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")  # mlx-lm's GPTQ and DWQ progress bars
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optimizers  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx.utils import tree_map_with_path  # noqa: E402
 from mlx_lm.quant.dwq import dwq_quantize  # noqa: E402
 from mlx_lm.quant.gptq import gptq_quantize  # noqa: E402
 from mlx_lm.utils import load_model, save_config, save_model  # noqa: E402
@@ -57,7 +64,8 @@ from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
 from mlx_kimi.convert import CALIBRATION_DIR, TOKENIZER_FILES, convert, plan_targets  # noqa: E402
 from mlx_kimi.gguf_source import at_least_source_bits, open_gguf  # noqa: E402
 from mlx_kimi.official import write_official  # noqa: E402
-from mlx_kimi.quality import CALIBRATION_TEXT, compare_checkpoints  # noqa: E402
+from mlx_kimi.kimi_tokenizer import load_tokenizer  # noqa: E402
+from mlx_kimi.quality import CALIBRATION_TEXT, _log_probs, compare_logprobs  # noqa: E402
 from mlx_kimi.recipe import calibrate, fit, fixed_recipe, measured_errors, mlx_lm_recipe, weighted_errors  # noqa: E402
 from mlx_kimi.sources import open_source  # noqa: E402
 from mlx_kimi.trained import load_trained, trained_record  # noqa: E402
@@ -68,8 +76,15 @@ RECIPE_BITS_PER_WEIGHT = 353.4e9 * 8 / 1_026_408_232_448  # the 2x192 GB K2.5 --
 NO_QUANT = lambda name, module: False  # noqa: E731
 
 
+def to_dtype(model, dtype) -> None:
+    """Cast floating parameters as mlx_lm.convert does: the router's correction bias stays float32."""
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    model.update(tree_map_with_path(
+        lambda k, v: v.astype(dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v, model.parameters()))
+
+
 def quantized_model_dir(model, config: dict, quantization: dict, reference: Path, out: Path) -> Path:
-    """An in-memory mlx-lm model saved as a checkpoint compare_checkpoints loads."""
+    """An in-memory mlx-lm model saved as a checkpoint mlx-lm loads."""
     out.mkdir(parents=True)
     save_model(out, model)
     save_config({**config, "quantization": quantization, "quantization_config": quantization}, out / "config.json")
@@ -83,27 +98,35 @@ def mlx_lm_gptq(reference: Path, ids: mx.array, out: Path):
     model, config = load_model(reference)
     model, quantization = gptq_quantize(model, ids, bits=2, group_size=64, fallback_bits=6, fallback_group_size=64,
                                         batch_size=4)
-    model.set_dtype(mx.bfloat16)  # scales and biases in bf16, as every other row's
+    to_dtype(model, mx.bfloat16)  # scales and biases in bf16, as every other row's
     return quantized_model_dir(model, config, quantization, reference, out), quantization
 
 
 def mlx_lm_dwq(reference: Path, student: Path, ids: mx.array, out: Path, lr: float, epochs: int):
     teacher, _ = load_model(reference)
     model, config = load_model(student)
-    model.set_dtype(mx.float32)  # trained in float32 (MLX's CPU backend is many times slower in bf16), saved in bf16
+    to_dtype(model, mx.float32)  # trained in float32 (MLX's CPU backend is many times slower in bf16), saved in bf16
     rows = [(row, 0) for row in np.array(ids).tolist()]
     dwq_quantize(model, lambda batch, i, split: teacher(batch), optimizers.Adam(learning_rate=lr, bias_correction=True),
                  rows * epochs, rows, batch_size=4, max_seq_length=ids.shape[1], seed=0, dtype=mx.float32)
     model.eval()
-    model.set_dtype(mx.bfloat16)
+    to_dtype(model, mx.bfloat16)
     return quantized_model_dir(model, config, config["quantization"], reference, out)
+
+
+def float32_log_probs(path: Path, ids: list, window: int) -> mx.array:
+    """Next-token log probabilities of the checkpoint at `path`, its weights as stored and computed in
+    float32 (scales and biases upcast exactly; MLX's CPU backend is slow and noisy in bf16)."""
+    model, _ = load_model(path)
+    to_dtype(model, mx.float32)
+    return _log_probs(model, ids, window)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, help="where the checkpoints go (default: a temporary folder, removed)")
     p.add_argument("--calibration-tokens", type=int, default=512)
-    p.add_argument("--held-out-tokens", type=int, default=4096)
+    p.add_argument("--held-out-tokens", type=int, default=2048)
     p.add_argument("--dwq-lr", type=float, default=1e-4)
     p.add_argument("--dwq-epochs", type=int, default=8)
     args = p.parse_args()
@@ -127,12 +150,13 @@ def run(args, work: Path) -> None:
     params = record["parameters"]
     budget = int(RECIPE_BITS_PER_WEIGHT * params / 8)
     ids = calibration_ids(reference, args.calibration_tokens)
-    text = held_out_text(12 * args.held_out_tokens)
+    held_out = load_tokenizer(reference).encode(held_out_text(12 * args.held_out_tokens))[: args.held_out_tokens]
+    master_log_probs, targets = float32_log_probs(reference, held_out, window), mx.array(held_out[1:])
     parts = plan_targets(source.config, NO_QUANT)
     rows = []
 
     def row(name, path, seconds):
-        c = compare_checkpoints(reference, path, text=text, max_tokens=args.held_out_tokens, window=window)
+        c = compare_logprobs(master_log_probs, float32_log_probs(path, held_out, window), targets)
         size = open_checkpoint(path).sizes().total_bytes
         rows.append((name, size, c))
         print(f"{name}: {size:,} bytes, KL mean {c.kl_mean:.4f} p95 {c.kl_p95:.4f}, ppl {c.perplexity_b:.2f} "
@@ -180,6 +204,13 @@ def run(args, work: Path) -> None:
     out, s = timed(converted, "fit-calibrate", streamed.recipe, gptq=True)
     corrected = row("--fit --calibrate (streamed GPTQ)", out, measure_s + s)
     corrected_bytes = rows[-1][1]
+    out, s = timed(converted, "in-memory-bits-gptq", in_memory.recipe, gptq=True)
+    row("in-memory --fit's bits, streamed GPTQ", out, s)
+    mixed_bytes = rows[1][1]
+    at_mixed = fit(parts, mixed_bytes, mx.bfloat16, lambda t: table[t.module])
+    out, s = timed(converted, "fit-calibrate-mixed-bytes", at_mixed.recipe, gptq=True)
+    equal_bytes = row("--fit --calibrate at mixed_2_6's bytes", out, measure_s + s)
+    equal_bytes_size = rows[-1][1]
 
     gguf = write_gguf(src, work / "tiny-Q4_0-Q8_0.gguf")
     gguf_source = open_gguf(gguf, tokenizer_dir=src)
@@ -197,11 +228,11 @@ def run(args, work: Path) -> None:
     print("| recipe | bytes | bits/weight | KL mean | KL p95 | perplexity | vs master |")
     print("|---|---|---|---|---|---|---|")
     for name, size, c in rows:
-        print(f"| {name} | {size:,} | {8 * size / params:.2f} | {c.kl_mean:.4f} | {c.kl_p95:.4f} | "
+        print(f"| {name} | {size:,} | {8 * size / params:.2f} | {c.kl_mean:.5f} | {c.kl_p95:.5f} | "
               f"{c.perplexity_b:.1f} | {c.perplexity_b / c.perplexity_a - 1:+.1%} |")
-    mixed_bytes = next(size for name, size, _ in rows if name == "mlx-lm mixed_2_6")
-    print(f"\n--fit --calibrate / mixed_2_6 mean KL: {corrected.kl_mean / mixed_kl.kl_mean:.3f} (target <= 0.5) at "
-          f"{corrected_bytes / mixed_bytes:.3f} of its bytes (target <= 1)")
+    print(f"\n--fit --calibrate / mixed_2_6 mean KL (target <= 0.5 at <= its bytes): {corrected.kl_mean / mixed_kl.kl_mean:.3f} "
+          f"at {corrected_bytes / mixed_bytes:.3f} of its bytes; {equal_bytes.kl_mean / mixed_kl.kl_mean:.3f} at "
+          f"{equal_bytes_size / mixed_bytes:.3f}")
     print(f"streamed GPTQ / mlx-lm GPTQ mean KL at the same bits: {streamed_gptq.kl_mean / mlx_gptq.kl_mean:.3f} "
           "(target <= 1)")
     print(f"streamed --fit / in-memory --fit mean KL: {streamed_fit.kl_mean / memory.kl_mean:.3f}; "
