@@ -65,7 +65,7 @@ from mlx_kimi.convert import CALIBRATION_DIR, TOKENIZER_FILES, convert, plan_tar
 from mlx_kimi.gguf_source import at_least_source_bits, open_gguf  # noqa: E402
 from mlx_kimi.official import write_official  # noqa: E402
 from mlx_kimi.kimi_tokenizer import load_tokenizer  # noqa: E402
-from mlx_kimi.quality import CALIBRATION_TEXT, _log_probs, compare_logprobs  # noqa: E402
+from mlx_kimi.quality import CALIBRATION_TEXT, compare_logprobs, windowed_log_probs  # noqa: E402
 from mlx_kimi.recipe import calibrate, fit, fixed_recipe, measured_errors, mlx_lm_recipe, weighted_errors  # noqa: E402
 from mlx_kimi.sources import open_source  # noqa: E402
 from mlx_kimi.trained import load_trained, trained_record  # noqa: E402
@@ -119,7 +119,7 @@ def float32_log_probs(path: Path, ids: list, window: int) -> mx.array:
     float32 (scales and biases upcast exactly; MLX's CPU backend is slow and noisy in bf16)."""
     model, _ = load_model(path)
     to_dtype(model, mx.float32)
-    return _log_probs(model, ids, window)
+    return windowed_log_probs(model, ids, window)
 
 
 def main() -> None:
