@@ -89,7 +89,8 @@ def read_request(body: dict, arrived: float, model_name: str, tokenizer, prompt:
     check_model(body, model_name)
     p = prompt(body, tokenizer)
     generation = GenerationRequest(p.ids, p.max_tokens, sampling(body), default_max_tokens=p.default_max_tokens,
-                                   stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived)
+                                   stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
+                                   speculate=_speculate(body))
     return ApiRequest(generation, p.field, logprobs=p.logprobs, **_stream_flags(body))
 
 
@@ -206,6 +207,14 @@ def _deadline(body: dict, arrived: float) -> float | None:
     disconnects, which stops the generation too."""
     timeout = _number(body, "timeout", None, low=0, low_open=True)
     return None if timeout is None else arrived + timeout
+
+
+def _speculate(body: dict) -> bool | None:
+    """`speculate`: true forces speculative decoding, false disables it; absent: the cluster's --speculate."""
+    value = body.get("speculate")
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"`speculate` must be true or false, got {value!r}", "speculate")
+    return value
 
 
 def _stop(body: dict) -> list:

@@ -37,6 +37,7 @@ class GenerationRequest:
     deadline: float | None = None     # time.monotonic() by which the client wants it done
     cancelled: Callable[[], bool] = _never  # polled before each token: the client left
     arrived: float = field(default_factory=time.monotonic)  # TTFT counts from here
+    speculate: bool | None = None     # force (True) or disable (False) speculative decoding; None: --speculate
 
 
 @dataclass
@@ -77,7 +78,8 @@ class GenerationLoop:
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
                  chain_names: Callable[[], list]):
-        # tokens(prompt, max_tokens, sampling, stats, deadline) yields (token id, logprob): Coordinator.generate
+        # tokens(prompt, max_tokens, sampling, stats, deadline, speculate) yields (token id, logprob):
+        # Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
         self.tokens, self.chain_names = tokens, chain_names
         self.in_flight = self.served = 0
@@ -110,9 +112,12 @@ class GenerationLoop:
             self.served += 1
             if tok_s:
                 self.last_decode_tok_s = tok_s
-        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
+        spec = stats.get("speculation")
+        steps = (f"{spec.steps} steps ({spec.steps / max(spec.tokens, 1):.2f} per token), {spec.drafted} drafted, "
+                 f"{spec.accepted} accepted" if spec else "no steps")
+        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; %s; nodes %s",
                  stats.get("session_id", "-"), result.prompt_tokens, result.cached_tokens, tokens,
-                 result.finish_reason, result.ttft_s * 1000, tok_s, ", ".join(self.chain_names()) or "-")
+                 result.finish_reason, result.ttft_s * 1000, tok_s, steps, ", ".join(self.chain_names()) or "-")
 
 
 class Generation:
@@ -148,7 +153,8 @@ class Generation:
         request, loop = self.request, self.loop
         loop.started()
         parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
-        tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline)
+        tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline,
+                             request.speculate)
         count, first, last, ended, finish = 0, None, None, None, "error"
         try:
             for token, logprob in tokens:

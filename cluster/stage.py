@@ -68,11 +68,24 @@ def _onward(request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
     onward = pb.ForwardRequest(
         session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
         sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
-        coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket,
+        coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket, draft=request.draft,
     )
     if request.HasField("rng_state"):
         onward.rng_state = request.rng_state
     return onward
+
+
+def _check_draft(request: pb.ForwardRequest, positions: int, vocab: int, first: bool):
+    """A draft is the step's last positions, verified where it samples."""
+    k = len(request.draft)
+    if not request.sample:
+        raise WireError("a draft is verified by sampling: set `sample`")
+    if k >= positions:
+        raise WireError(f"a draft of {k} tokens needs a step of at least {k + 1} positions, not {positions}")
+    if any(not 0 <= t < vocab for t in request.draft):
+        raise WireError(f"draft token ids must be in [0, {vocab})")
+    if first and list(request.tokens[positions - k:]) != list(request.draft):
+        raise WireError("`tokens` must end with the draft")
 
 
 def _streamed(reply: Future, seq: int) -> pb.ForwardReply:
@@ -105,6 +118,7 @@ class Stage:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards loaded and sessions
         self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
+        self.speculation = pb.Speculation()  # what the sampling steps run here added up to (compute thread)
 
     # ---- the slice and the sessions -----------------------------------------------------------
 
@@ -210,6 +224,8 @@ class Stage:
             n = check_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))[1]
         if not 0 < n <= MAX_CHUNK_TOKENS:
             raise WireError(f"a chunk carries 1 to {MAX_CHUNK_TOKENS} positions, not {n}")
+        if request.draft:
+            _check_draft(request, n, loaded.slice.args.vocab_size, loaded.slice.is_first)
         if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
             raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
                             "(the positions its session reserves; every request must cover its own)")
@@ -341,14 +357,25 @@ class Stage:
             return encode_tensor(out)
         if not request.sample:
             return pb.ForwardReply(sampled=False)
-        logits = out[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if request.new_generation:
             session.sampler = None
-        token = session.sample(logprobs, request.sampling,
-                               request.rng_state if request.HasField("rng_state") else None)
-        tok = token.item()
-        return pb.ForwardReply(sampled=True, token=tok, logprob=logprobs[0, tok].item(), rng_state=session.rng_seed)
+        rng_state = request.rng_state if request.HasField("rng_state") else None
+        draft = list(request.draft)
+        logits = out[0, out.shape[1] - len(draft) - 1:, :]  # the positions that sample: the last, and each drafted one's
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if draft:
+            tokens = session.verify(logprobs, draft, request.sampling, rng_state)
+        else:
+            tokens = [session.sample(logprobs, request.sampling, rng_state).item()]
+        chosen = logprobs[mx.arange(len(tokens)), mx.array(tokens, dtype=mx.int32)].tolist()
+        spec = self.speculation
+        spec.steps, spec.tokens = spec.steps + 1, spec.tokens + len(tokens)
+        spec.drafted, spec.accepted = spec.drafted + len(draft), spec.accepted + len(tokens) - 1
+        reply = pb.ForwardReply(sampled=True, token=tokens[-1], logprob=chosen[-1], rng_state=session.rng_seed)
+        if draft:
+            reply.tokens.extend(tokens)
+            reply.logprobs.extend(chosen)
+        return reply
 
     def _internal(self, e: Exception) -> StageError:
         log.error("forward failed", exc_info=e)
