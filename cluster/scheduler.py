@@ -2,7 +2,8 @@
 
 The prompt goes to the first stage in chunks (prefill), then one token at a time (decode), or
 the token with a draft of the next ones to verify (speculation.py); the stages pass hidden
-states along the chain and the last one's sampled tokens come back as the reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn skip its prefix.
+states along the chain and the last one's sampled tokens come back as the reply. Sessions cached
+on the nodes (sessions.py) let a conversation's next turn skip its prefix.
 """
 
 import itertools

@@ -26,6 +26,7 @@ PRIOR_ACCEPTANCE = 0.5       # a new session's acceptance until it has drafted
 ACCEPTANCE_WINDOW = 16       # the estimate follows about the last this many drafted tokens
 PRIOR_POSITION_COST = 0.1    # b until measured (and always for a forced `on`, so seeded draws repeat)
 COST_WEIGHT = 0.1            # of each new step in the running means of step times
+COST_RELAX = 0.01            # of the prior, per one-position step, in the running mean of a position's cost
 MIN_GAIN = 1.05              # tokens per step's cost below which speculating is not worth it
 MODES = ("auto", "on", "off")
 
@@ -86,7 +87,8 @@ def best_draft(acceptance: float, position_cost: float, limit: int) -> tuple:
 class StepCost:
     """What the cluster's sampling steps take, by width: running means of a one-position step
     and of what each further position adds (measured at the coordinator, every stage and hop
-    included)."""
+    included). The latter starts at the prior and, while no step drafts, drifts back to it, so
+    a few slow steps (a busy machine) do not turn speculation off for good."""
 
     def __init__(self):
         self.single_s: float | None = None
@@ -96,12 +98,14 @@ class StepCost:
     def record(self, width: int, seconds: float):
         with self._lock:
             if width == 1:
-                self.single_s = seconds if self.single_s is None else \
-                    self.single_s + COST_WEIGHT * (seconds - self.single_s)
+                self.single_s = seconds if self.single_s is None else _toward(self.single_s, seconds, COST_WEIGHT)
+                if self.per_position_s is not None:
+                    self.per_position_s = _toward(self.per_position_s, PRIOR_POSITION_COST * self.single_s,
+                                                  COST_RELAX)
             elif self.single_s is not None:
                 extra = max(0.0, seconds - self.single_s) / (width - 1)
-                self.per_position_s = extra if self.per_position_s is None else \
-                    self.per_position_s + COST_WEIGHT * (extra - self.per_position_s)
+                start = PRIOR_POSITION_COST * self.single_s if self.per_position_s is None else self.per_position_s
+                self.per_position_s = _toward(start, extra, COST_WEIGHT)
 
     @property
     def position_cost(self) -> float:
@@ -110,6 +114,10 @@ class StepCost:
             if self.single_s is None or self.per_position_s is None or self.single_s <= 0:
                 return PRIOR_POSITION_COST
             return self.per_position_s / self.single_s
+
+
+def _toward(mean: float, value: float, weight: float) -> float:
+    return mean + weight * (value - mean)
 
 
 class Speculator:

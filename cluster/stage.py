@@ -361,7 +361,7 @@ class Stage:
             session.sampler = None
         rng_state = request.rng_state if request.HasField("rng_state") else None
         draft = list(request.draft)
-        logits = out[0, out.shape[1] - len(draft) - 1:, :]  # the positions that sample: the last, and each drafted one's
+        logits = out[0, out.shape[1] - len(draft) - 1:, :]  # the last position's, and each drafted one's
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if draft:
             tokens = session.verify(logprobs, draft, request.sampling, rng_state)

@@ -3,11 +3,12 @@
 speculation (the cluster's default, --speculate auto) and without (each request's `speculate`
 false), on a 2-stage cluster of separate node processes on loopback.
 
-    python scripts/bench_speculate.py            # 160 tokens per reply, 3 rounds
+    python scripts/bench_speculate.py            # 160 tokens per reply, 6 rounds
     python scripts/bench_speculate.py --quick    # 64 tokens, 1 round
 
 Two tasks, greedy: a copy-heavy agent task (return a given file with a few edits) and a free one
-(a short question). Each round runs every task without and then with speculation; tok/s is the
+(a short question). Each round runs every task without and with speculation (in turns first and
+second, so a drift of the machine's load evens out); tok/s is the
 median over rounds of the reply's tokens after its first over its decode time (the DoneEvent's),
 steps per token comes from the coordinator's memory map (sampling steps over tokens produced).
 The replies with and without speculation must be the same tokens (greedy), or the bench fails.
@@ -18,6 +19,7 @@ task no slower than 0.97x.
 """
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
@@ -67,7 +69,7 @@ def checkpoint(work: Path) -> tuple:
 
 
 def run(cluster, prompt: list, tokens: int, speculate: bool | None) -> tuple:
-    """(token ids, decode tok/s, steps per token) of one greedy reply."""
+    """(token ids, decode tok/s, (sampling steps, tokens), drafted, accepted) of one greedy reply."""
     before = cluster.memory_map().speculation
     request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=tokens, sampling=pb.SamplingParams(temperature=0))
     if speculate is not None:
@@ -76,16 +78,19 @@ def run(cluster, prompt: list, tokens: int, speculate: bool | None) -> tuple:
     after = cluster.memory_map().speculation
     done = reply.done
     tok_s = (done.completion_tokens - 1) / done.decode_s if done.decode_s > 0 else float("nan")
-    steps = (after.steps - before.steps) / max(after.tokens - before.tokens, 1)
     drafted, accepted = after.drafted - before.drafted, after.accepted - before.accepted
-    return list(reply.token_ids), tok_s, steps, drafted, accepted
+    return list(reply.token_ids), tok_s, (after.steps - before.steps, after.tokens - before.tokens), drafted, accepted
+
+
+def steps_per_token(runs: list) -> float:
+    return sum(r[2][0] for r in runs) / max(sum(r[2][1] for r in runs), 1)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="64 tokens, one round")
     p.add_argument("--tokens", type=int, default=160)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     args = p.parse_args()
     tokens, rounds = (64, 1) if args.quick else (args.tokens, args.rounds)
     with ExitStack() as stack:
@@ -93,24 +98,29 @@ def main():
         stack.callback(shutil.rmtree, work, True)
         model_dir, what = checkpoint(work)
         _, tokenizer = mlx_lm.load(str(model_dir))
+        (work / "run").mkdir()
         cluster = stack.enter_context(LocalCluster(work / "run", model_dir, stages=2))
         stack.callback(cluster.channel.close)
         print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.system()}, "
-              f"{len(__import__('os').sched_getaffinity(0))} cores; {what}; 2 stages, greedy, "
-              f"{tokens} tokens per reply, {rounds} round(s)")
+              f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}; {what}; 2 stages, "
+              f"greedy, {tokens} tokens per reply, {rounds} round(s)")
         results = {}
         for name, text in (("copy", COPY_TASK), ("free", FREE_TASK)):
             prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                         add_generation_prompt=True))
             runs = {False: [], None: []}
-            for _ in range(rounds):
-                for speculate in (False, None):
+            for i in range(rounds):  # each round in the other order, so a drift of the machine's load evens out
+                for speculate in ((False, None) if i % 2 == 0 else (None, False)):
                     runs[speculate].append(run(cluster, prompt, tokens, speculate))
             plain, spec = runs[False], runs[None]
             if any(r[0] != plain[0][0] for r in plain + spec):
                 raise SystemExit(f"{name}: the replies with and without speculation differ (greedy): a bug")
+            print(f"{name}: tok/s of each run without: {' '.join(f'{r[1]:.1f}' for r in plain)}; "
+                  f"with: {' '.join(f'{r[1]:.1f}' for r in spec)}")
             results[name] = (statistics.median(r[1] for r in plain), statistics.median(r[1] for r in spec),
-                             plain[-1][2], spec[-1][2], sum(r[3] for r in spec), sum(r[4] for r in spec), len(prompt))
+                             steps_per_token(plain), steps_per_token(spec), sum(r[3] for r in spec),
+                             sum(r[4] for r in spec), len(prompt))
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
         print(f"{'task':6} {'prompt':>6} {'steps/token off':>15} {'steps/token on':>14} {'drafted':>8} "
               f"{'accepted':>8} {'tok/s off':>9} {'tok/s on':>9} {'ratio':>6}")
         for name, (off, on, steps_off, steps_on, drafted, accepted, n) in results.items():

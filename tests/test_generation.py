@@ -22,7 +22,7 @@ class MlxLmTokens:
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, prompt, max_tokens, sampling, stats, deadline):
+    def __call__(self, prompt, max_tokens, sampling, stats, deadline, speculate):
         self.calls.append((max_tokens, sampling))
         stats.update(session_id="in-process", cached_tokens=0)
         for token, logprobs in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens):
