@@ -115,9 +115,9 @@ class GenerationLoop:
         spec = stats.get("speculation")
         steps = (f"{spec.steps} steps ({spec.steps / max(spec.tokens, 1):.2f} per token), {spec.drafted} drafted, "
                  f"{spec.accepted} accepted" if spec else "no steps")
-        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; %s; nodes %s",
+        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s; %s",
                  stats.get("session_id", "-"), result.prompt_tokens, result.cached_tokens, tokens,
-                 result.finish_reason, result.ttft_s * 1000, tok_s, steps, ", ".join(self.chain_names()) or "-")
+                 result.finish_reason, result.ttft_s * 1000, tok_s, ", ".join(self.chain_names()) or "-", steps)
 
 
 class Generation:
