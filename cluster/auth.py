@@ -25,6 +25,19 @@ class AuthError(Exception):
     pass
 
 
+_origins: dict = {}  # secret -> where this process read it (a path or $KIMI_CLUSTER_SECRET), for messages
+
+
+def secret_origin(secret: bytes) -> str:
+    """Where this process read `secret` from, in words a user can act on."""
+    return _origins.get(secret, "a secret given in code")
+
+
+def _remember(secret: bytes, origin: str) -> bytes:
+    _origins[secret] = origin
+    return secret
+
+
 # ---------------------------------------------------------------------------
 # Secret management
 
@@ -73,7 +86,7 @@ def _read_secret_file(path: Path) -> bytes:
             path,
             path,
         )
-    return _parse_secret(path.read_text(), str(path))
+    return _remember(_parse_secret(path.read_text(), str(path)), f"the file {path}")
 
 
 def _copy_instructions(path: Path) -> str:
@@ -102,7 +115,7 @@ def _write_aside(path: Path, secret: bytes) -> Path:
 
 
 def _create_secret(path: Path) -> tuple[bytes, str]:
-    secret = os.urandom(SECRET_BYTES)
+    secret = _remember(os.urandom(SECRET_BYTES), f"the file {path} (created now)")
     # Write aside, then link into place: another process starting at the same moment either
     # wins the link (and we read its complete file) or loses it; nobody reads a half-written file.
     tmp = _write_aside(path, secret)
@@ -137,7 +150,7 @@ def load_secret(
 
     env = os.environ.get(SECRET_ENV)
     if env is not None:
-        return _parse_secret(env, f"${SECRET_ENV}"), ""
+        return _remember(_parse_secret(env, f"${SECRET_ENV}"), f"${SECRET_ENV}"), ""
 
     path = _secret_path()
     if path.is_file():

@@ -122,11 +122,13 @@ def connect(address: str, cluster_secret: bytes):
     import grpc
 
     from .generated import kimi_cluster_pb2 as pb
-    from .wire import coordinator_stub, node_stub, open_channel
+    from .wire import coordinator_stub, handshake_failure, node_stub, open_channel
 
     try:
         info = node_stub(open_channel(address, cluster_secret)).Info(pb.InfoRequest(), timeout=10)
     except grpc.RpcError as e:
+        if why := handshake_failure(e, address, cluster_secret):
+            raise ClientError(why) from e
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise ClientError(f"no kimi-cluster node answers at {address}: is `kimi-cluster up` running there, "
                               "and is that its --host and --port?") from e

@@ -1,4 +1,4 @@
-"""The commands that talk to a running cluster: `kimi-cluster chat`, `map`, `status` and `stop`."""
+"""The commands that talk to a running cluster: `kimi-cluster chat`, `map`, `status`, `stop` and `node remove`."""
 
 import json
 import os
@@ -59,6 +59,13 @@ def cmd_chat(args) -> None:
     else:
         print()
         Console(stderr=True).print(f"[dim]{reply.stats_line()}[/]", highlight=False)
+
+
+def cmd_node(args) -> None:
+    from .generated import kimi_cluster_pb2 as pb
+
+    reply = _connect(args).RemoveNode(pb.RemoveNodeRequest(name=args.name), timeout=30)
+    print(f"removed {args.name} ({reply.node_id}): the coordinator refuses it from now on and plans without it")
 
 
 def cmd_map(args) -> None:
@@ -135,7 +142,8 @@ def cmd_stop(args) -> None:
 def add_client_parsers(sub) -> None:
     for command, func, what in (("chat", cmd_chat, "chat with the cluster"), ("map", cmd_map, "memory map"),
                                 ("status", cmd_status, "this machine's nodes and the cluster at a glance"),
-                                ("stop", cmd_stop, "stop this machine's nodes (releasing their slices), or all")):
+                                ("stop", cmd_stop, "stop this machine's nodes (releasing their slices), or all"),
+                                ("node", cmd_node, "remove a node: the cluster refuses it from now on")):
         p = sub.add_parser(command, help=what)
         p.add_argument("--coordinator", metavar="HOST[:PORT]",
                        help=f"the coordinator (default: the one on this machine, else found over mDNS; "
@@ -144,6 +152,10 @@ def add_client_parsers(sub) -> None:
                                       "(default: the one `up` would choose)")
         p.add_argument("--secret-file", type=Path, help=SECRET_HELP)
         p.set_defaults(func=func)
+        if command == "node":
+            p.add_argument("action", choices=["remove"], help="remove: the cluster refuses node NAME from now on")
+            p.add_argument("name", help="the node's name, as `kimi-cluster map` shows it")
+            continue
         if command == "stop":
             p.add_argument("--cluster", action="store_true", help="stop every node of the cluster")
             p.add_argument("--name", help="stop only this machine's node of this name")

@@ -1,6 +1,7 @@
 """`kimi-cluster convert`: official Kimi weights -> an MLX checkpoint sized for the cluster."""
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +34,12 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--budget", type=size, help="choose bits per module so the weights take at most this, e.g. 350GB")
     p.add_argument("--context", type=int, default=32768, help="with --fit: tokens of KV cache to leave room for")
     p.add_argument("--calibrate", action="store_true",
-                   help="with --fit/--budget: measure each module's effect on the output (KL on a calibration text) "
-                        "with the float model in memory; for models whose float copy fits this machine")
-    p.add_argument("--calibration-text", type=Path, metavar="FILE", help="text for --calibrate (default: built in)")
+                   help="correct rounding errors while quantizing (GPTQ), each module's Hessian from the calibration "
+                        "tokens that reach it, streamed one layer at a time (any size of model)")
+    p.add_argument("--calibration-text", type=Path, metavar="FILE",
+                   help="text to calibrate on (default: built in: code, prose, Chinese, a chat with tools and thinking)")
+    p.add_argument("--calibration-tokens", type=int, default=1024,
+                   help="tokens of the calibration set streamed through the layers (default 1024)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="with a GGUF source: the directory holding Kimi's tokenizer files (the official checkpoint's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -132,21 +136,43 @@ def fit_to_cluster(parts: dict, config: dict, nodes: list, context: int, dtype, 
     raise ValueError("no recipe fits these Macs; add a Mac, raise the wired limit, or lower --context")
 
 
-def calibrated(source, parts: dict, args):
-    import tempfile
+def streamed_calibration(source, args, scratch: Path):
+    """The calibration set and the streamed pass over `source` (None, with a note, when the source has no
+    tokenizer to encode it with and --calibrate was not asked)."""
+    from mlx_kimi.calibrate import Calibration
+    from mlx_kimi.calibration_set import calibration_ids, has_tokenizer
+    from mlx_kimi.convert import CALIBRATION_DIR
 
-    from mlx_kimi.quality import CALIBRATION_TEXT
-    from mlx_kimi.recipe import calibrate
+    if not has_tokenizer(source.path):
+        if args.calibrate:
+            raise ValueError(f"{source.path}: no tokenizer files (tiktoken.model, tokenizer_config.json) to encode the "
+                             "calibration set with; copy them from the official checkpoint")
+        console.print(f"[bold yellow]note:[/] {source.path} holds no tokenizer: no quality card, and --fit falls back "
+                      "to each module's weight error")
+        return None
+    ids = calibration_ids(source.path, args.calibration_tokens, args.calibration_text)
+    return Calibration(source, ids, (args.out or scratch) / CALIBRATION_DIR, gptq=args.calibrate)
 
-    if source is None or args.out is None:
-        raise ValueError("--calibrate needs the weights and OUT: give the official checkpoint directory and the "
-                         "output directory (the float reference is written beside it, then removed)")
-    text = args.calibration_text.read_text() if args.calibration_text else CALIBRATION_TEXT
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=".float-reference-") as work:
-        console.print(f"calibrating: float reference in {work}, {len(parts)} parts")
-        table = calibrate(source, parts, text, Path(work) / "model")
-    return lambda target: table[target.module]
+
+def print_card(card: dict) -> None:
+    """The quality card as a table, one row per part and module kind; unrouted experts and those rounded to
+    nearest for want of tokens below it."""
+    from mlx_kimi.quality_card import CARD_FILE, card_rows
+
+    calibration = card["calibration"]
+    table = Table(title=f"quality card ({CARD_FILE}): relative output error against the master on the same "
+                        f"{calibration['tokens']} calibration tokens{', GPTQ' if calibration['gptq'] else ''}",
+                  title_justify="left")
+    for column in ("part", "module kind", "bits", "relative error"):
+        table.add_column(column)
+    notes = []
+    for part, kind, bits, error, note in card_rows(card):
+        table.add_row(part, kind, bits, f"{error:.4f}")
+        if note:
+            notes.append(f"{part} experts: {note}")
+    console.print(table)
+    for note in notes:
+        console.print(note)
 
 
 def add_compare_parser(sub) -> None:
@@ -189,20 +215,16 @@ def no_fewer_bits(errors, source):
 
 def cmd_convert(args) -> None:
     from mlx_kimi.builtin import BUILTIN_MODELS
-    from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, open_source, plan_targets
-    from mlx_kimi.gguf_source import at_least_source_bits, open_gguf
-    from mlx_kimi.recipe import apply_choice, fit, measured_errors, synthetic_errors, weighted_errors
+    from mlx_kimi.convert import open_source
+    from mlx_kimi.gguf_source import open_gguf
 
-    dtype = OUTPUT_DTYPES[args.dtype]
     if args.out is None and not args.dry_run:
         raise ValueError("convert needs an output directory (or --dry-run)")
     if args.src in BUILTIN_MODELS:
         if not args.dry_run:
             raise ValueError(f"{args.src} is a built-in description without weights: add --dry-run, or give "
                              "the directory of the official checkpoint")
-        source, config = None, BUILTIN_MODELS[args.src]
-        table = synthetic_errors()
-        errors, title = (lambda target: table), args.src
+        source, config, title = None, BUILTIN_MODELS[args.src], args.src
     elif args.src.endswith(".gguf"):
         if args.tokenizer is None:
             raise ValueError("a GGUF holds no Kimi tokenizer files: add --tokenizer DIR (the official checkpoint's "
@@ -214,10 +236,31 @@ def cmd_convert(args) -> None:
     else:
         source = open_source(resolve_source(args.src))
         config, title = source.config, source.path.name
-        errors = lambda target: measured_errors(source, target)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="kimi-calibration-") as scratch:
+        calibration = streamed_calibration(source, args, Path(scratch)) if source is not None else None
+        _convert(args, source, config, title, calibration)
+
+
+def _convert(args, source, config, title, calibration) -> None:
+    from mlx_kimi.convert import OUTPUT_DTYPES, check_source, convert, plan_targets
+    from mlx_kimi.gguf_source import at_least_source_bits
+    from mlx_kimi.recipe import apply_choice, fit, measured_errors, synthetic_errors, weighted_errors
+
+    dtype = OUTPUT_DTYPES[args.dtype]
+    if source is not None:
+        check_source(source, plan_targets(config, lambda name, module: False))
     if args.fit or args.budget:
         parts = plan_targets(config, lambda name, module: False)
-        errors = calibrated(source, parts, args) if args.calibrate else weighted_errors(errors, parts)
+        if source is None:
+            table = synthetic_errors()
+            errors = weighted_errors(lambda target: table, parts)
+        elif calibration is None:
+            errors = weighted_errors(lambda target: measured_errors(source, target), parts)
+        else:
+            console.print(f"measuring each module's effect on its layer's output: {calibration.ids.size} calibration "
+                          f"tokens streamed through {len(parts) - 2} layers")
+            table = calibration.measure(parts, dtype)
+            errors = lambda target: table[target.module]  # noqa: E731
         if args.src.endswith(".gguf"):
             errors = no_fewer_bits(errors, source)
         if args.fit:
@@ -232,8 +275,6 @@ def cmd_convert(args) -> None:
         if args.src.endswith(".gguf"):
             recipe = at_least_source_bits(recipe, source)
         parts, plan = plan_targets(config, recipe), None
-    if source is not None:
-        check_source(source, parts)
     total = print_recipe(f"{title} -> {args.out} ({name}, {args.dtype})", parts, dtype)
     console.print(f"predicted size: {total:,} bytes ({format_bytes(total)})")
     if plan is not None:
@@ -260,11 +301,13 @@ def cmd_convert(args) -> None:
                 bar.advance(task, nbytes)
             bar.update(task, shards=f"{count['done']}/{len(parts)} shards ({file}{' kept' if event == 'skip' else ''})")
 
-        report = convert(source, args.out, recipe, dtype=args.dtype, progress=progress)
+        report = convert(source, args.out, recipe, dtype=args.dtype, progress=progress, calibration=calibration)
     console.print(f"wrote {report.out}: {len(report.written)} shards written, {len(report.reused)} kept from an "
                   f"earlier run, {report.total_bytes:,} bytes in {time.monotonic() - start:.1f} s, "
                   f"model id {report.model_id[:16]}")
     print_summary(parts, dtype)
+    if report.card:
+        print_card(report.card)
 
 
 def print_summary(parts: dict, dtype) -> None:

@@ -22,13 +22,15 @@ from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .generation import GenerationLoop, GenerationRequest
 from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk, replan_for
-from .membership import HEALTH_INTERVAL_S, Membership, NameTaken
+from .identity import peer_name
+from .membership import HEALTH_INTERVAL_S, Membership, NameTaken, Refused
 from .node import NodeService
 from .planner import Plan
 from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler
 from .sampling import generation_defaults
 from .sessions import Sessions
 from .units import format_bytes
+from .wire import canonical_address, handshake_failure
 
 log = logging.getLogger("kimi_cluster.coordinator")
 
@@ -289,16 +291,25 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         return self.memory_map()
 
     def Join(self, request, context):
-        host, _, port = request.address.rpartition(":")
-        if not host or not port.isdigit():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address {request.address!r}: give the HOST:PORT "
-                          "the joining node serves on")
-        if request.address == self.local.address:
+        try:
+            address = canonical_address(request.address)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if address == canonical_address(self.local.address):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.address} is this coordinator's own node")
         try:
-            return pb.JoinReply(status=self.membership.join(request.address))
+            return pb.JoinReply(status=self.membership.join(address, peer_name(context)))
         except NameTaken as e:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except Refused as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except grpc.RpcError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"the coordinator cannot reach {request.address} to ask who it is: {e.details()}")
+            why = handshake_failure(e, address, self.membership.secret) or e.details()
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the coordinator cannot reach {address} to ask who it is: {why}")
+
+    def RemoveNode(self, request, context):
+        try:
+            return pb.RemoveNodeReply(node_id=self.membership.remove(request.name))
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r} in this cluster; "
+                          "`kimi-cluster map` lists them")

@@ -5,11 +5,18 @@ user copies to each Mac. Each process makes its own key pair and a certificate n
 signed by that CA key; every gRPC channel is mutual TLS against the CA certificate, so a peer
 without the secret is refused in the handshake, before any message is read. Only the SHA-256 of
 the CA public key (the fingerprint) is ever announced.
+
+Every member derives the same CA key, so any member can mint a certificate for any name: a node's
+certificate names its node id, and a removed node id is refused (Revocations), but that holds
+against the removed node's own processes, not against a member that mints itself a new identity
+(README, "Removing a node").
 """
 
 import datetime
 import functools
 import hashlib
+import json
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -115,3 +122,39 @@ def peer_name(context: grpc.ServicerContext) -> str:
     """The certificate name (node id) of the peer of a server-side call."""
     names = context.auth_context().get("x509_common_name") or [b""]
     return names[0].decode(errors="replace")
+
+
+class Revocations:
+    """The node ids this cluster refuses (`kimi-cluster node remove`), kept in a JSON file
+    ({node id: name}) so that they survive a restart. Every server of this machine checks the
+    caller's certificate against it on every call; the file is read again when it changes."""
+
+    def __init__(self, path):
+        self.path = path
+        self._stamp, self._revoked = None, {}
+        self._lock = threading.Lock()
+
+    def _current(self) -> dict:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        if stamp != self._stamp:
+            try:
+                revoked = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                return self._revoked  # being replaced: the last one read stands
+            self._stamp, self._revoked = stamp, revoked if isinstance(revoked, dict) else {}
+        return self._revoked
+
+    def name_of(self, node_id: str) -> str | None:
+        """The name `node_id` had when it was removed, or None when it is not removed."""
+        return self._current().get(node_id)
+
+    def add(self, node_id: str, name: str):
+        with self._lock:
+            revoked = {**self._current(), node_id: name}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(revoked, indent=1))
+            temporary.replace(self.path)

@@ -16,7 +16,7 @@ from .auth import fingerprint
 from .discovery import Browser
 from .generated import kimi_cluster_pb2 as pb
 from .link import ForwardLink
-from .wire import node_stub, open_channel
+from .wire import canonical_address, handshake_failure, node_stub, open_channel, revocations
 
 log = logging.getLogger("kimi_cluster.membership")
 
@@ -32,7 +32,12 @@ STALL_S = 120.0
 
 
 class NameTaken(Exception):
-    """A node joined under the name of another node (another node id) that is not lost."""
+    """A node joined under the name of another node (another node id) that is not lost, or under
+    the name of a live member that still answers at its own address."""
+
+
+class Refused(Exception):
+    """A Join this cluster refuses: a removed node, or a caller that is not the node it names."""
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Member:
     link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
     heard: float = field(default_factory=time.monotonic)  # its last health answer
     refused: int = 0  # health checks refused in a row (connection failed)
+    error: grpc.RpcError | None = None  # why its last Info failed (None: it answered)
 
     @property
     def name(self) -> str:
@@ -60,10 +66,17 @@ class Member:
         """Ask the node for its NodeInfo; whether it answered."""
         try:
             self.info = self.stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
-            self.heard = time.monotonic()
+            self.heard, self.error = time.monotonic(), None
             return True
-        except grpc.RpcError:
+        except grpc.RpcError as e:
+            self.error = e
             return False
+
+    def failed(self, error: grpc.RpcError) -> bool:
+        """Count a failed health check; whether the node is now lost, by the one rule for every node
+        (chain or spare): its connection refused twice in a row, or nothing heard for LOST_AFTER_S."""
+        self.refused = self.refused + 1 if error.code() == grpc.StatusCode.UNAVAILABLE else 0
+        return self.refused >= REFUSED_TWICE or time.monotonic() - self.heard > LOST_AFTER_S
 
 
 class Membership:
@@ -82,6 +95,7 @@ class Membership:
         self.lock = threading.Lock()  # members and chain change from zeroconf's threads
         self.changed = threading.Event()
         self.on_lost = lambda name: None  # set by the coordinator
+        self.removed = revocations()  # node ids `kimi-cluster node remove` refused
         self._waiting_since = time.monotonic()  # started waiting for nodes (see discovery_hint)
         self.browser = Browser(zeroconf, fingerprint(secret), self.on_discovery) if zeroconf else None
 
@@ -101,7 +115,7 @@ class Membership:
         if kind != "leave":
             try:
                 self.attach(found.address, found.name, found.node_id)
-            except NameTaken as e:
+            except (NameTaken, Refused) as e:
                 log.warning("%s", e)
             return
         lost_name = None
@@ -115,14 +129,57 @@ class Membership:
             self.on_lost(lost_name)
         self.changed.set()
 
-    def join(self, address: str) -> str:
-        """A node says it serves at `address` (Join): ask it who it is, attach it, return its status."""
+    def join(self, address: str, caller: str) -> str:
+        """The node `caller` (its certificate's node id) says it serves at `address` (Join): ask
+        the node there who it is, attach it, return its status. Any spelling of a member's address
+        is that member (ValueError: not an address); a caller that is not the node there, or a
+        removed node, is Refused."""
+        address = canonical_address(address)
         with self.lock:
-            if member := self.members.get(address):
-                return member.status
-        stub = node_stub(open_channel(address, self.secret))
-        info = stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
-        return self.attach(address, info.name, info.node_id, stub)
+            member = self._at(address)
+        info = member.info if member and member.info else None
+        if info is None:
+            stub = node_stub(open_channel(address, self.secret))
+            info = stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
+        if info.node_id != caller:
+            raise Refused(f"{address} serves node {info.name} ({info.node_id}), not the caller ({caller}): "
+                          "a node joins only with its own address")
+        return member.status if member else self.attach(address, info.name, info.node_id, stub)
+
+    def _at(self, address: str) -> Member | None:
+        """The member serving at `address` (canonical), under whatever spelling it was named."""
+        for known, member in self.members.items():
+            try:
+                if known == address or canonical_address(known) == address:
+                    return member
+            except ValueError:
+                continue
+        return None
+
+    def _still_serves(self, member: Member, node_id: str) -> bool:
+        """Whether `member` still answers as `node_id` at its own address (then it has not moved)."""
+        try:
+            return member.stub.Info(pb.InfoRequest(), timeout=HEALTH_TIMEOUT_S).node_id == node_id
+        except grpc.RpcError:
+            return False
+
+    def remove(self, name: str) -> str:
+        """`kimi-cluster node remove NAME`: refuse that node's identity from now on (on every call
+        this machine's servers take) and drop it; a planned node is lost, so its layers move.
+        Returns its node id; KeyError when no member has that name."""
+        with self.lock:
+            member = next((m for m in self.members.values() if m.info and m.info.name == name), None)
+            if member is None:
+                raise KeyError(name)
+            self.removed.add(member.info.node_id, name)
+            del self.members[member.address]
+            self.static.discard(member.address)
+            planned = member in self.chain
+        log.warning("removed node %s (%s at %s): refused from now on", name, member.info.node_id, member.address)
+        if planned:
+            self.on_lost(name)
+        self.changed.set()
+        return member.info.node_id
 
     def attach(self, address: str, name: str, node_id: str, stub=None) -> str:
         """The node `name` serves at `address` (found over mDNS, or it said so with Join): a new
@@ -130,6 +187,15 @@ class Membership:
         new port or host) replaces its old entry, and a planned one is then loaded there. Names are
         unique: another node (another node id) taking the name of one that is not lost is refused
         (NameTaken). Returns its status."""
+        if (removed := self.removed.name_of(node_id)) is not None:
+            raise Refused(f"node {removed} ({node_id}) at {address} was removed from this cluster "
+                          f"(`kimi-cluster node remove`); delete its line from {self.removed.path} to admit it again")
+        with self.lock:
+            known = next((m for m in self.members.values() if m.name == name and m.address != address), None)
+        if known and known.info and known.info.node_id == node_id and known.status != "lost" \
+                and self._still_serves(known, node_id):
+            raise NameTaken(f"node {name} ({node_id}) still answers at {known.address}; a node moves to "
+                            f"{address} only once its old address stops answering")
         lost_name = None
         with self.lock:
             member = self.members.get(address)
@@ -178,7 +244,10 @@ class Membership:
                 return present
             serving = "".join(f"; node {m.name} serves the coordinator at {o} (until it stops, or start this "
                               "one with --take-over)" for m, o in taken)
-            on_status(f"waiting for {', '.join(missing)} to answer{serving}" if missing
+            failures = [why for m in members if m.address in missing and m.error
+                        and (why := handshake_failure(m.error, m.address, self.secret))]
+            on_status(f"waiting for {', '.join(missing)} to answer{''.join(f' ({w})' for w in failures)}{serving}"
+                      if missing
                       else why + serving + self.discovery_hint(len(present)))
             self.changed.wait(HEALTH_INTERVAL_S)
         return []
@@ -223,14 +292,18 @@ class Membership:
         slice) to `on_back(index, member)`. A lost node outside the chain (its layers moved) that
         answers again becomes a spare, and a spare that does not answer is lost."""
         for i, member in enumerate(list(self.chain)):
+            if member.info and self.removed.name_of(member.info.node_id) is not None:
+                if member.status != "lost":
+                    self.on_lost(member.name)
+                continue  # removed: never loaded again
             try:
                 health = member.stub.Health(pb.HealthRequest(coordinator_id=self.coordinator_id),
                                             timeout=HEALTH_TIMEOUT_S)
             except grpc.RpcError as e:
                 silent = time.monotonic() - member.heard
-                member.refused = member.refused + 1 if e.code() == grpc.StatusCode.UNAVAILABLE else 0
-                if member.status != "lost" and (member.refused >= REFUSED_TWICE or silent > LOST_AFTER_S):
-                    log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, e.details(), silent)
+                if member.failed(e) and member.status != "lost":
+                    why = handshake_failure(e, member.address, self.secret) or e.details()
+                    log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, why, silent)
                     self.on_lost(member.name)
                 continue
             member.heard, member.refused = time.monotonic(), 0
@@ -253,10 +326,12 @@ class Membership:
         with self.lock:
             others = [m for m in self.members.values() if m.status in ("lost", "spare") and m not in self.chain]
         for member in others:
-            answers = member.refresh()
-            if member.status == "lost" and answers:
-                log.info("%s is back at %s; a spare now", member.name, member.address)
-                member.status = "spare"
-            elif member.status == "spare" and not answers:
-                log.warning("spare %s (%s) does not answer; lost", member.name, member.address)
+            if member.refresh():
+                member.refused = 0
+                if member.status == "lost":
+                    log.info("%s is back at %s; a spare now", member.name, member.address)
+                    member.status = "spare"
+            elif member.status == "spare" and member.failed(member.error):
+                log.warning("spare %s (%s) does not answer (%s); lost", member.name, member.address,
+                            handshake_failure(member.error, member.address, self.secret) or member.error.details())
                 member.status = "lost"

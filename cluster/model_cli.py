@@ -132,13 +132,22 @@ def cmd_plan(args) -> None:
 def cmd_make_tiny(args) -> None:
     from mlx_kimi.tiny import TinyShape, make_tiny
 
+    master = None
+    if args.trained:
+        from mlx_kimi.trained import load_trained
+
+        if args.script is not None:
+            raise ValueError("--script writes its own weights: give it without --trained")
+        if args.layers is not None:
+            raise ValueError("the trained model has its own shape: give --trained without --layers")
+        master = load_trained()
+    shape = TinyShape(layers=args.layers or TinyShape.layers)
     if args.layout:
         from mlx_kimi.layouts import MLX_LAYOUTS, write_layout
 
         if args.script is not None:
             raise ValueError("--script writes its own weights: give it without --layout")
-        out = write_layout(args.dir, args.layout, TinyShape(layers=args.layers), seed=args.seed,
-                           dtype=args.dtype or "bfloat16")
+        out = write_layout(args.dir, args.layout, shape, seed=args.seed, dtype=args.dtype or "bfloat16", master=master)
         if args.layout not in MLX_LAYOUTS:
             console.print(f"wrote {out}: Moonshot's official {args.layout} layout, which kimi-cluster runs after "
                           f"`kimi-cluster convert {out} OUT`")
@@ -146,11 +155,12 @@ def cmd_make_tiny(args) -> None:
     elif args.script is not None:
         from mlx_kimi.scripted import make_scripted
 
-        out = make_scripted(args.dir, args.script, TinyShape(layers=args.layers), model_type=args.model_type,
-                            dtype=args.dtype or "float32")
+        out = make_scripted(args.dir, args.script, shape, model_type=args.model_type, dtype=args.dtype or "float32")
+    elif master is not None:  # the trained model unquantized, as trained
+        out = make_tiny(args.dir, seed=args.seed, model_type=args.model_type, dtype=args.dtype or "float32",
+                        scheme=None, tokenizer="tiktoken", master=master)
     else:
-        out = make_tiny(args.dir, TinyShape(layers=args.layers), seed=args.seed, model_type=args.model_type,
-                        dtype=args.dtype or "float32")
+        out = make_tiny(args.dir, shape, seed=args.seed, model_type=args.model_type, dtype=args.dtype or "float32")
     checkpoint = open_checkpoint(out)
     console.print(
         f"wrote {out}: {checkpoint.num_layers} layers, {len(checkpoint.tensors)} tensors, "
@@ -205,7 +215,10 @@ def add_model_parsers(sub) -> None:
 
     p = sub.add_parser("make-tiny", help="write a tiny Kimi-architecture checkpoint for tests and demos")
     p.add_argument("dir", type=Path)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, help="decoder layers of the random model (default 6)")
+    p.add_argument("--trained", action="store_true",
+                   help="the trained tiny Kimi shipped with kimi-cluster (mlx_kimi/trained/) instead of random "
+                        "weights: unquantized, or in any --layout (an official one to start `convert` from)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-type", default="kimi_k25", choices=["kimi_k25", "deepseek_v3", "kimi_k2"])
     p.add_argument("--layout", metavar="NAME",

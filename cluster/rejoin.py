@@ -18,7 +18,7 @@ import grpc
 from .auth import config_dir
 from .generated import kimi_cluster_pb2 as pb
 from .node import OWNER_LEASE_S
-from .wire import coordinator_stub, open_channel
+from .wire import coordinator_stub, handshake_failure, open_channel
 
 log = logging.getLogger("kimi_cluster.rejoin")
 
@@ -83,7 +83,7 @@ class Rejoiner:
             reply = self._stubs[address].Join(pb.JoinRequest(address=self.node.address), timeout=JOIN_TIMEOUT_S)
             said = f"joined the coordinator at {address} (this node's status there: {reply.status})"
         except grpc.RpcError as e:
-            said = f"cannot join the coordinator at {address}: {e.details()}"
+            said = f"cannot join the coordinator at {address}: {handshake_failure(e, address, self.secret) or e.details()}"
         if self._said.get(address) != said:
             self._said[address] = said
             log.info("%s", said)

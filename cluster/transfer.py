@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from mlx_kimi.checkpoint import Checkpoint, CheckpointError
 from mlx_kimi.slice_cache import CHUNK_BYTES, PartManifest, SliceCache, checkpoint_part, local_part, slice_parts
 
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
-from .wire import open_channel
+from .wire import decode_chunk, encode_chunk, open_channel
 
 log = logging.getLogger("kimi_cluster.transfer")
 
@@ -135,46 +134,6 @@ def add_slices_service(server: grpc.Server, store: SliceStore) -> None:
                                                         pb.ManifestReply.SerializeToString),
         "FetchPart": grpc.unary_stream_rpc_method_handler(service.FetchPart, pb.FetchPartRequest.FromString),
     }),))
-
-
-def encode_chunk(index: int, data: bytes) -> bytes:
-    """The PartChunk message (index, data) as it travels, built around `data` with one copy."""
-    return b"".join((b"\x08" + _varint(index) if index else b"", b"\x12", _varint(len(data)), data))
-
-
-def decode_chunk(raw: bytes) -> tuple:
-    """(index, data) of a PartChunk as it travelled; data is a view into `raw` when encode_chunk made
-    it (no copy), else what protobuf reads; (-1, b"") when `raw` is not a PartChunk."""
-    index, at = _read_varint(raw, 1) if raw[:1] == b"\x08" else (0, 0)
-    if raw[at:at + 1] == b"\x12":
-        size, start = _read_varint(raw, at + 1)
-        if size >= 0 and start + size == len(raw):
-            return index, memoryview(raw)[start:]
-    try:
-        chunk = pb.PartChunk.FromString(raw)
-    except DecodeError:
-        return -1, b""
-    return chunk.index, chunk.data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _read_varint(raw: bytes, at: int) -> tuple:
-    """(value, position after it) of the varint at `at`; (-1, len(raw) + 1) when it runs off the end."""
-    value = shift = 0
-    for i in range(at, min(at + 10, len(raw))):
-        value |= (raw[i] & 0x7F) << shift
-        if raw[i] < 0x80:
-            return value, i + 1
-        shift += 7
-    return -1, len(raw) + 1
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """Helpers around the wire contract: tensors as bytes, channels and servers, limits and error naming."""
 
 import errno
+import ipaddress
 import math
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 import mlx.core as mx
 import numpy as np
 
-from .identity import CLUSTER_HOST, channel_credentials, identity, server_credentials
+from .auth import SECRET_ENV, config_dir, secret_origin
+from .identity import CLUSTER_HOST, Revocations, channel_credentials, fingerprint, identity, peer_name, server_credentials
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
 
@@ -40,13 +43,14 @@ SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_
 # streams is answered RESOURCE_EXHAUSTED instead of starving health checks.
 MAX_WORK_CALLS = 32
 CONTROL_THREADS = 16
-CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver", "Join"}
+CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver", "Join", "RemoveNode"}
 
-# mlx dtype <-> wire name, and the same-width integer view numpy can hold (numpy has no bf16).
+# wire name -> mlx dtype, the same-width unsigned integer (numpy has no bf16; memoryview no
+# float16) and that integer's buffer format.
 _DTYPES = {
-    "bfloat16": (mx.bfloat16, mx.uint16, np.uint16),
-    "float16": (mx.float16, mx.float16, np.float16),
-    "float32": (mx.float32, mx.float32, np.float32),
+    "bfloat16": (mx.bfloat16, mx.uint16, "H"),
+    "float16": (mx.float16, mx.uint16, "H"),
+    "float32": (mx.float32, mx.uint32, "I"),
 }
 _NAMES = {v[0]: k for k, v in _DTYPES.items()}
 
@@ -64,8 +68,7 @@ def encode_tensor(x: mx.array) -> pb.Tensor:
     except (TypeError, ValueError, BufferError):
         data = b""
     if len(data) != x.nbytes:
-        view = _DTYPES[name][1]
-        data = np.array(x.view(view) if view != x.dtype else x, copy=False).tobytes()
+        data = np.array(x.view(_DTYPES[name][1]), copy=False).tobytes()
     return pb.Tensor(data=data, shape=list(x.shape), dtype=name)
 
 
@@ -78,7 +81,7 @@ def check_tensor(t: pb.Tensor, expect_shape: tuple) -> tuple:
     if len(shape) != len(expect_shape) or any(e is not None and e != s for e, s in zip(expect_shape, shape)):
         want = tuple("*" if e is None else e for e in expect_shape)
         raise WireError(f"hidden state shape {list(shape)} does not match the expected {list(want)}")
-    expected = math.prod(shape) * np.dtype(_DTYPES[t.dtype][2]).itemsize
+    expected = math.prod(shape) * _DTYPES[t.dtype][0].size
     if len(t.data) != expected:
         raise WireError(f"hidden state carries {len(t.data)} bytes; {t.dtype}{list(shape)} needs {expected}")
     return shape
@@ -86,9 +89,9 @@ def check_tensor(t: pb.Tensor, expect_shape: tuple) -> tuple:
 
 def decode_tensor(t: pb.Tensor, expect_shape: tuple) -> mx.array:
     shape = check_tensor(t, expect_shape)
-    dtype, view, np_view = _DTYPES[t.dtype]
-    x = mx.array(np.frombuffer(t.data, dtype=np_view).reshape(shape))
-    return x.view(dtype) if view != dtype else x
+    dtype, _, fmt = _DTYPES[t.dtype]
+    # one copy, from the message's bytes into MLX; the view is evaluated with the stage's graph
+    return mx.array(memoryview(t.data).cast(fmt)).reshape(shape).view(dtype)
 
 
 def open_channel(address: str, secret: bytes, name: str = "client") -> grpc.Channel:
@@ -97,8 +100,64 @@ def open_channel(address: str, secret: bytes, name: str = "client") -> grpc.Chan
     return grpc.secure_channel(address, channel_credentials(identity(secret, name)), options=options)
 
 
+def canonical_address(address: str) -> str:
+    """One spelling per listening socket: `ipv4:127.0.0.1:07470`, `localhost:7470` and
+    `127.0.0.1:7470` are all `127.0.0.1:7470` (IPv6 as `[::1]:7470`); a host name is resolved.
+    ValueError names what is wrong."""
+    for scheme in ("ipv4:", "ipv6:", "dns:"):
+        address = address.removeprefix(scheme)
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r}: give the HOST:PORT the node serves on (a port from 1 to 65535)")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.ip_address(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"address {address!r}: {host!r} does not resolve ({e})") from None
+    return f"[{ip.compressed}]:{int(port)}" if ip.version == 6 else f"{ip.compressed}:{int(port)}"
+
+
 class ListenError(Exception):
     """This process cannot listen where it was asked to."""
+
+
+def revocations() -> Revocations:
+    """This machine's list of removed nodes (the coordinator writes it; every server reads it)."""
+    return Revocations(config_dir() / "revoked.json")
+
+
+def _wrap(handler, wrapper):
+    """`handler` with its behaviour passed through `wrapper(behaviour) -> behaviour`."""
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+        "stream" if handler.response_streaming else "unary")
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(wrapper(getattr(handler, kind)), handler.request_deserializer, handler.response_serializer)
+
+
+class RefuseRemoved(grpc.ServerInterceptor):
+    """Every call from a removed node (its certificate's node id is in `revoked`) is refused
+    with PERMISSION_DENIED before its handler runs."""
+
+    def __init__(self, revoked: Revocations):
+        self.revoked = revoked
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        return handler and _wrap(handler, self._checked)
+
+    def _checked(self, behavior):
+        def run(request, context):
+            caller = peer_name(context)
+            if (name := self.revoked.name_of(caller)) is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"node {name} ({caller}) was removed from this cluster (`kimi-cluster node remove`); "
+                              f"to admit it again, delete its line from {self.revoked.path} on the coordinator's machine")
+            return behavior(request, context)
+
+        return run
 
 
 class CallLimiter(grpc.ServerInterceptor):
@@ -112,11 +171,7 @@ class CallLimiter(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or details.method.rsplit("/", 1)[-1] in CONTROL_METHODS:
             return handler
-        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
-            "stream" if handler.response_streaming else "unary")
-        behavior = getattr(handler, kind)
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(self._limited(behavior), handler.request_deserializer, handler.response_serializer)
+        return _wrap(handler, self._limited)
 
     def _limited(self, behavior):
         def run(request, context):
@@ -154,7 +209,7 @@ def make_server(host: str, port: int, secret: bytes, name: str) -> tuple[grpc.Se
     _check_bindable(host, port)
     threads = MAX_WORK_CALLS + CONTROL_THREADS
     server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                         interceptors=[CallLimiter()], options=SERVER_OPTIONS, maximum_concurrent_rpcs=threads)
+                         interceptors=[RefuseRemoved(revocations()), CallLimiter()], options=SERVER_OPTIONS, maximum_concurrent_rpcs=threads)
     try:
         bound = server.add_secure_port(f"{host}:{port}", server_credentials(identity(secret, name)))
     except RuntimeError:
@@ -182,3 +237,62 @@ def failed_node(error: grpc.RpcError) -> str | None:
         if key == FAILED_NODE_KEY:
             return value
     return None
+
+
+def handshake_failure(error: grpc.RpcError, address: str, secret: bytes) -> str | None:
+    """What a failed TLS handshake with `address` means and what to do, or None when `error` is
+    not one: the peer's certificate was not signed by this cluster's CA, so the two sides hold
+    different cluster secrets. Says where this side read its secret from."""
+    details = error.details() or ""
+    if "handshake failed" not in details.lower():
+        return None
+    here = f"this side read its secret from {secret_origin(secret)} (cluster fingerprint {fingerprint(secret)[:16]})"
+    if "CERTIFICATE_VERIFY_FAILED" not in details:
+        return (f"the TLS handshake with {address} failed: it is not a kimi-cluster node of this version, or "
+                f"not a TLS server ({here}; gRPC said: {details})")
+    return (f"the TLS handshake with {address} failed because the cluster secrets differ: {here}; the "
+            f"process at {address} reads its own from its --secret-file, else ${SECRET_ENV}, else its "
+            f"{config_dir() / 'secret'}. Copy the cluster's secret to whichever side is wrong (`kimi-cluster up` "
+            "prints the ssh line that copies it) and restart that node")
+
+
+# A slice part's chunks travel as PartChunk messages built around the data (transfer.py's FetchPart),
+# so 4 MiB of weights are neither copied into a message nor out of one.
+def encode_chunk(index: int, data: bytes) -> bytes:
+    """The PartChunk message (index, data) as it travels, built around `data` with one copy."""
+    return b"".join((b"\x08" + _varint(index) if index else b"", b"\x12", _varint(len(data)), data))
+
+
+def decode_chunk(raw: bytes) -> tuple:
+    """(index, data) of a PartChunk as it travelled; data is a view into `raw` when encode_chunk made
+    it (no copy), else what protobuf reads; (-1, b"") when `raw` is not a PartChunk."""
+    index, at = _read_varint(raw, 1) if raw[:1] == b"\x08" else (0, 0)
+    if raw[at:at + 1] == b"\x12":
+        size, start = _read_varint(raw, at + 1)
+        if size >= 0 and start + size == len(raw):
+            return index, memoryview(raw)[start:]
+    try:
+        chunk = pb.PartChunk.FromString(raw)
+    except DecodeError:
+        return -1, b""
+    return chunk.index, chunk.data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, at: int) -> tuple:
+    """(value, position after it) of the varint at `at`; (-1, len(raw) + 1) when it runs off the end."""
+    value = shift = 0
+    for i in range(at, min(at + 10, len(raw))):
+        value |= (raw[i] & 0x7F) << shift
+        if raw[i] < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, len(raw) + 1

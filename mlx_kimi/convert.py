@@ -14,8 +14,10 @@ interrupted conversion resumes where it stopped.
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +30,7 @@ from .slice import LayerRange, build_slice_module
 from .sources import FP8_BLOCK, ConvertError, Source, decode_rows, int4_rows, native_int4, open_source, source_rows
 
 STATE_FILE = "convert-state.json"
+CALIBRATION_DIR = ".calibration"  # a calibrated conversion's hidden states between parts, kept until it ends
 # Rows of a weight are read, dequantized and quantized this many f32 bytes at a time.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
@@ -101,12 +104,35 @@ def _part_of(name: str):
     return "embed" if name.startswith("model.embed_tokens.") else "head"
 
 
+_LAYER_OR_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp\.experts\.(\d+)\.)?")
+
+
+def check_layers_match_config(source: Source) -> None:
+    """No decoder layer (beyond the MTP layers) or routed expert in the shards that config.json does not
+    count: the converter would drop them without a word."""
+    text = source.text
+    layers = text["num_hidden_layers"] + text.get("num_nextn_predict_layers", 0)
+    experts = text.get("n_routed_experts") or 0
+    found_layer, found_expert = -1, -1
+    for name in source.tensors:
+        if m := _LAYER_OR_EXPERT.search(name):
+            found_layer = max(found_layer, int(m.group(1)))
+            found_expert = max(found_expert, int(m.group(2) or -1))
+    if found_layer >= layers or found_expert >= experts:
+        counted = f"layers 0-{found_layer}" if found_layer >= layers else f"routed experts 0-{found_expert}"
+        said = (f"num_hidden_layers {text['num_hidden_layers']} (+{text.get('num_nextn_predict_layers', 0)} MTP)"
+                if found_layer >= layers else f"n_routed_experts {experts}")
+        raise ConvertError(f"{source.path}: the shards hold {counted}, but config.json says {said}; the shards and "
+                           "config come from different models")
+
+
 def check_source(source: Source, parts: dict) -> None:
     """Every tensor the output needs is in the files, in a dtype the converter decodes and the shape
     the config implies."""
     if any(".switch_mlp." in name for name in source.tensors):
         raise ConvertError(f"{source.path}: already in MLX layout (stacked switch_mlp experts); it needs no "
                            "conversion: point kimi-cluster at it")
+    check_layers_match_config(source)
     for targets in parts.values():
         for t in targets:
             for name in t.sources:
@@ -137,7 +163,7 @@ def check_source(source: Source, parts: dict) -> None:
 
 # --- producing each target (the decoded source rows, cast and quantized a row block at a time) ---
 
-def _row_step(rows: int, cols: int, chunk_bytes: int) -> int:
+def row_step(rows: int, cols: int, chunk_bytes: int) -> int:
     """Rows per block: a multiple of the FP8 block, holding about chunk_bytes in f32."""
     step = max(FP8_BLOCK, chunk_bytes // max(1, 4 * cols) // FP8_BLOCK * FP8_BLOCK)
     return min(rows, step)
@@ -151,7 +177,7 @@ def produce(source: Source, target: Target, dtype, chunk_bytes: int):
         heads, nope = text["num_attention_heads"], text["qk_nope_head_dim"]
         w = w.reshape(heads, nope + text["v_head_dim"], -1)
         w = mx.contiguous(w[:, :nope, :].swapaxes(-1, -2) if target.split == "k" else w[:, nope:, :])
-        yield 0, _finish(w, target, dtype)
+        yield 0, quantized_arrays(w, target, dtype)
         return
     if target.name.endswith("e_score_correction_bias"):
         yield 0, [source.tensors[target.sources[0]].read().astype(mx.float32)]
@@ -160,18 +186,18 @@ def produce(source: Source, target: Target, dtype, chunk_bytes: int):
     for e, name in enumerate(target.sources):
         base = e * rows_per
         if len(target.shape) < 2:
-            yield base, _finish(decode_rows(source, name, 0, rows_per).astype(dtype), target, dtype)
+            yield base, quantized_arrays(decode_rows(source, name, 0, rows_per).astype(dtype), target, dtype)
             continue
-        step = _row_step(rows_per, target.shape[-1], chunk_bytes)
+        step = row_step(rows_per, target.shape[-1], chunk_bytes)
         for r in range(0, rows_per, step):
             end = min(rows_per, r + step)
             if native_int4(source, name, target.quant):
                 yield base + r, list(int4_rows(source, name, r, end, dtype))
             else:
-                yield base + r, _finish(decode_rows(source, name, r, end).astype(dtype), target, dtype)
+                yield base + r, quantized_arrays(decode_rows(source, name, r, end).astype(dtype), target, dtype)
 
 
-def _finish(w: mx.array, target: Target, dtype) -> list:
+def quantized_arrays(w: mx.array, target: Target, dtype) -> list:
     if not target.quant:
         return [w]
     return list(mx.quantize(w, group_size=target.quant["group_size"], bits=target.quant["bits"]))
@@ -187,29 +213,32 @@ def shard_bytes(targets: list, dtype) -> int:
     return len(safetensors_header(entries, _SHARD_METADATA)[0]) + sum(tensor_nbytes(d, s) for _, d, s in entries)
 
 
-def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: int, on_bytes=None) -> str:
-    """Write the part's tensors to `path` (via path.tmp, renamed when complete); returns its sha256."""
+def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: int, on_bytes=None,
+                blocks=None) -> str:
+    """Write the part's tensors to `path` (via path.tmp, renamed when complete); returns its sha256.
+    `blocks` yields (target index, row, arrays) in any order (default: each target's `produce`)."""
     entries = [o for t in targets for o in t.outputs(dtype)]
     header, offsets = safetensors_header(entries, _SHARD_METADATA)
+    firsts = list(accumulate((len(t.outputs(dtype)) for t in targets), initial=0))
+    if blocks is None:
+        blocks = ((k, row, arrays) for k, t in enumerate(targets)
+                  for row, arrays in produce(source, t, dtype, chunk_bytes))
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, header)
-        i = 0
-        for t in targets:
-            outs = t.outputs(dtype)
-            starts = offsets[i: i + len(outs)]
-            i += len(outs)
-            for row, arrays in produce(source, t, dtype, chunk_bytes):
-                for (_, _, shape), start, a in zip(outs, starts, arrays):
-                    a = mx.contiguous(a)
-                    mx.eval(a)
-                    row_bytes = a.nbytes // a.shape[0] if a.ndim and len(shape) >= 2 else 0
-                    os.pwrite(fd, bytes(memoryview(a)), len(header) + start + row * row_bytes)
-                    if on_bytes:
-                        on_bytes(a.nbytes)
-                del arrays
-                mx.clear_cache()  # keep freed blocks from piling up in MLX's allocator cache
+        for k, row, arrays in blocks:
+            outs = targets[k].outputs(dtype)
+            starts = offsets[firsts[k]: firsts[k] + len(outs)]
+            for (_, _, shape), start, a in zip(outs, starts, arrays):
+                a = mx.contiguous(a)
+                mx.eval(a)
+                row_bytes = a.nbytes // a.shape[0] if a.ndim and len(shape) >= 2 else 0
+                os.pwrite(fd, bytes(memoryview(a)), len(header) + start + row * row_bytes)
+                if on_bytes:
+                    on_bytes(a.nbytes)
+            del arrays
+            mx.clear_cache()  # keep freed blocks from piling up in MLX's allocator cache
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -264,6 +293,7 @@ class ConvertReport:
     total_bytes: int
     written: list = field(default_factory=list)  # shard files written by this run
     reused: list = field(default_factory=list)  # shard files a previous run had completed
+    card: Optional[dict] = None  # the quality card (quality.json) of a calibrated conversion
 
 
 def _state(out: Path) -> Optional[dict]:
@@ -283,10 +313,13 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            progress: Callable = None) -> ConvertReport:
+            progress: Callable = None, calibration=None) -> ConvertReport:
     """Convert the checkpoint at `src` into `out`, resuming a conversion a previous run left there.
     `recipe(module_name, module)` gives {"bits", "group_size"} or False per quantizable module;
-    `progress(event, part, shard_file, nbytes)` reports ("skip" | "bytes" | "done")."""
+    `progress(event, part, shard_file, nbytes)` reports ("skip" | "bytes" | "done"). With a
+    `calibration` (mlx_kimi.calibrate.Calibration) the calibration set streams through the parts
+    as they are written: each module quantized by it (GPTQ when it says so), and its quality card
+    written to OUT/quality.json."""
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     mx_dtype = OUTPUT_DTYPES[dtype]
@@ -296,15 +329,16 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
     names = shard_names(parts)
     config = output_config(source, parts, dtype)
     job = {"source": source.identity(), "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-           "shards": {}}
+           "calibration": calibration.key if calibration else None, "shards": {}}
 
     out = Path(out)
     state = _state(out)
-    if state is None and out.exists() and any(out.iterdir()):
+    if state is None and out.exists() and any(p.name != CALIBRATION_DIR for p in out.iterdir()):
         raise ConvertError(f"{out}: exists and holds no conversion to resume; choose an empty or new directory")
-    if state is not None and (state.get("source"), state.get("config")) != (job["source"], job["config"]):
-        raise ConvertError(f"{out}: holds a conversion of another source or recipe; choose another directory "
-                           "or delete it to start over")
+    if state is not None and [state.get(k) for k in ("source", "config", "calibration")] != \
+            [job[k] for k in ("source", "config", "calibration")]:
+        raise ConvertError(f"{out}: holds a conversion of another source or recipe, or with another calibration; "
+                           "choose another directory or delete it to start over")
     out.mkdir(parents=True, exist_ok=True)
     done = {}
     for file, digest in (state or {}).get("shards", {}).items():
@@ -320,6 +354,8 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
     report = ConvertReport(out, "", sum(sizes.values()))
     job["shards"] = dict(done)
     _write_json(out / STATE_FILE, job)
+    if calibration:
+        calibration.start(parts)
     for part, file in names.items():
         if file in done:
             report.reused.append(file)
@@ -327,7 +363,8 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
                 progress("skip", part, file, sizes[part])
             continue
         on_bytes = (lambda n, p=part, f=file: progress("bytes", p, f, n)) if progress else None
-        job["shards"][file] = write_shard(out / file, source, parts[part], mx_dtype, chunk_bytes, on_bytes)
+        blocks = calibration.blocks(part, parts[part], mx_dtype) if calibration else None
+        job["shards"][file] = write_shard(out / file, source, parts[part], mx_dtype, chunk_bytes, on_bytes, blocks)
         _write_json(out / STATE_FILE, job)
         report.written.append(file)
         if progress:
@@ -342,4 +379,6 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
             shutil.copyfile(source.path / file, out / file)
     _write_json(out / "config.json", config)
     report.model_id = open_checkpoint(out).model_id
+    if calibration:
+        report.card = calibration.finish(out)
     return report

@@ -103,7 +103,7 @@ def sort_keys_deep(value):
     return value
 
 
-def _byte_level_alphabet() -> list[str]:
+def byte_level_alphabet() -> list[str]:
     """GPT-2's printable stand-in for each byte, the form Kimi's get_vocab gives tokens in."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
@@ -193,7 +193,7 @@ class KimiTokenizer:
 
     @cached_property
     def _vocab(self) -> dict[str, int]:
-        alphabet = _byte_level_alphabet()
+        alphabet = byte_level_alphabet()
         base = self._token_bytes[:self.base_vocab_size]
         return {**{"".join(alphabet[b] for b in t): i for i, t in enumerate(base)}, **self.special_tokens}
 

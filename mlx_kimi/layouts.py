@@ -39,7 +39,7 @@ from pathlib import Path
 from .checkpoint import text_config
 from .official import OFFICIAL_LAYOUTS, OFFICIAL_TINY_SHAPE, write_official
 from .spec import FLOAT_BITS, QuantScheme
-from .tiny import TinyShape, make_tiny
+from .tiny import Master, TinyShape, make_tiny
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,19 @@ LAYOUTS = [*MLX_LAYOUTS, *OFFICIAL_NAMES]
 
 
 def write_layout(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE, seed: int = 0,
-                 dtype: str = "bfloat16") -> Path:
-    """Write a tiny checkpoint in `layout` (one of LAYOUTS; see the module docstring)."""
+                 dtype: str = "bfloat16", master: Master = None) -> Path:
+    """Write a tiny checkpoint in `layout` (one of LAYOUTS; see the module docstring), with random
+    weights or a trained model's (`master`, whose shape replaces `shape`)."""
     # Kimi's tokenizer files need room for 256 specials after the base ranks.
     shape = replace(shape, vocab_size=max(shape.vocab_size, OFFICIAL_TINY_SHAPE.vocab_size))
     if layout in OFFICIAL_NAMES:
-        return write_official(out_dir, OFFICIAL_NAMES[layout], shape, seed)
+        return write_official(out_dir, OFFICIAL_NAMES[layout], shape, seed, master=master)
     if layout not in MLX_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     spec = MLX_LAYOUTS[layout]
     out = make_tiny(out_dir, shape, seed=seed, model_type=spec.model_type, dtype=dtype, scheme=spec.scheme,
-                    recipe=spec.recipe, tokenizer="tiktoken", vision=spec.model_type == "kimi_k25", mtp=spec.mtp)
+                    recipe=spec.recipe, tokenizer="tiktoken", vision=spec.model_type == "kimi_k25", mtp=spec.mtp,
+                    master=master)
     # mlx-lm saves the tokenizer again through transformers, whose auto_map then names the source repo.
     _edit_json(out / "tokenizer_config.json", lambda config: config.update(
         auto_map={"AutoTokenizer": [f"{spec.source}--tokenization_kimi.TikTokenTokenizer", None]}))

@@ -26,7 +26,7 @@ import numpy as np
 from .checkpoint import safetensors_header
 from .recipe import draw_weight
 from .sources import FP8_BLOCK
-from .tiny import TinyShape, tiny_text_config, vision_tensors
+from .tiny import Master, TinyShape, tiny_text_config, vision_tensors
 from .tokenizer import write_tiktoken_tokenizer
 
 INT4_GROUP = 32
@@ -182,6 +182,25 @@ def hf_tensor_shapes(text: dict, mtp: bool = True) -> dict:
     return shapes
 
 
+def official_names(weights: dict, text: dict) -> dict:
+    """mlx-lm's tensors of a text model under the official names: routed experts unstacked
+    (`mlp.experts.N.*`), MLA's `embed_q` / `unembed_out` joined back into `kv_b_proj` (the inverse of
+    mlx-lm's deepseek_v3 sanitize)."""
+    out = {}
+    nope, heads = text["qk_nope_head_dim"], text["num_attention_heads"]
+    for name, value in weights.items():
+        if ".mlp.switch_mlp." in name:
+            for e in range(value.shape[0]):
+                out[name.replace(".switch_mlp.", f".experts.{e}.")] = value[e]
+        elif name.endswith(".self_attn.embed_q.weight"):
+            unembed = weights[name.replace("embed_q", "unembed_out")]
+            kv_b = mx.concatenate([value.swapaxes(-1, -2), unembed], axis=1)
+            out[name.replace("embed_q", "kv_b_proj")] = kv_b.reshape(heads * (nope + text["v_head_dim"]), -1)
+        elif not name.endswith(".self_attn.unembed_out.weight"):
+            out[name] = value
+    return out
+
+
 def is_fp8_target(name: str) -> bool:
     """Linear weights Moonshot ships in FP8: every projection of the decoder layers."""
     return name.startswith("model.layers.") and name.endswith(("proj.weight", "proj_with_mqa.weight"))
@@ -238,20 +257,24 @@ def official_config(layout: OfficialLayout, text: dict) -> dict:
 
 
 def write_official(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE, seed: int = 0,
-                   mtp: bool = True) -> Path:
+                   mtp: bool = True, master: Master = None) -> Path:
     """Write a tiny checkpoint in the official `layout` (a key of OFFICIAL_LAYOUTS): one shard
     per decoder layer (the MTP layer included; the embedding in the first, norm and head in the
     last), the index, config.json and Kimi's tokenizer files. The same seed gives the same
     bf16 master weights in every layout; `mtp=False` leaves out the MTP layer (mlx-lm drops
-    only a layer numbered 61, so its own conversion of a tiny source needs this)."""
+    only a layer numbered 61, so its own conversion of a tiny source needs this). `master`: a trained
+    model's weights and tokenizer (its shape replaces `shape`); what it lacks (the MTP layer, the
+    vision tower) is drawn as without it."""
     if layout not in OFFICIAL_LAYOUTS:
         raise ValueError(f"unknown official layout {layout!r}; choose one of {', '.join(OFFICIAL_LAYOUTS)}")
     spec = OFFICIAL_LAYOUTS[layout]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eos_ids = write_tiktoken_tokenizer(out, vocab_size=shape.vocab_size)
+    shape = master.shape if master else shape
+    eos_ids = write_tiktoken_tokenizer(out, shape.vocab_size, master.ranks if master else None)
     text = tiny_text_config(shape, eos_ids, eos_ids[0] - 1, "bfloat16")  # [BOS] sits just before [EOS]
     config = official_config(spec, text)
+    given = official_names(master.weights, text) if master else {}
     prefix = "language_model." if spec.wrapped else ""
 
     rng = np.random.default_rng(seed)
@@ -261,6 +284,7 @@ def write_official(out_dir, layout: str, shape: TinyShape = OFFICIAL_TINY_SHAPE,
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         # Draw every tensor (the MTP layer's too) so that the weights do not depend on `mtp`.
         value = mx.array(draw_weight(name, shapes[name], rng, text["rope_theta"]))
+        value = given.get(name, value)
         if layer is not None and layer >= len(groups):
             continue
         if not name.endswith(("inv_freq", "e_score_correction_bias")):

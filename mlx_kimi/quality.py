@@ -21,8 +21,8 @@ DEFAULT_TEXT = (
 ) * 4
 
 
-# What `convert --calibrate` measures sensitivities on (other words than DEFAULT_TEXT, so that a
-# recipe is not judged on its own calibration text).
+# What the in-memory calibration (recipe.calibrate, the yardstick of the streamed one) measures
+# sensitivities on (other words than DEFAULT_TEXT, so that a recipe is not judged on its own calibration text).
 CALIBRATION_TEXT = (
     "A tree grows from a seed to a trunk with 42 rings and 7 branches; its roots drink water, its "
     "leaves turn light into sugar. for i in range(10): total += i * i\n"
@@ -84,3 +84,10 @@ def compare_checkpoints(path_a, path_b, text: str = DEFAULT_TEXT, max_tokens: in
         raise ValueError(f"{path_a} and {path_b} have different vocabularies ({log_a.shape[-1]} vs "
                          f"{log_b.shape[-1]}); compare two checkpoints of the same model")
     return compare_logprobs(log_a, log_b, mx.array(ids[1:]))
+
+
+def perplexity(model, ids: list, window: int = 256) -> float:
+    """exp of the mean next-token negative log likelihood of `ids`, the text run in windows."""
+    log_probs = _log_probs(model, ids, window)
+    nll = -mx.take_along_axis(log_probs, mx.array(ids[1:])[:, None], axis=-1)
+    return float(np.exp(np.array(nll).mean()))

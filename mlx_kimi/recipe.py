@@ -240,7 +240,8 @@ def calibrated_errors(reference, source, parts: dict, ids: list, reference_candi
 
 def calibrate(source, parts: dict, text: str, work_dir, tokens: int = 32) -> dict:
     """calibrated_errors on the float model: the source converted unquantized (float32) into
-    `work_dir`, loaded whole, run on the first `tokens` tokens of `text`."""
+    `work_dir`, loaded whole, run on the first `tokens` tokens of `text`. Only for models whose float
+    copy fits one machine: the yardstick the streamed calibration (mlx_kimi/calibrate.py) is measured by."""
     from mlx_lm.utils import load_model
 
     from .convert import convert

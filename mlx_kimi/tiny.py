@@ -35,6 +35,16 @@ class TinyShape:
     shard_files: int = 3
 
 
+@dataclass(frozen=True)
+class Master:
+    """Given weights for a tiny checkpoint (a trained model) instead of random ones: mlx-lm tensor
+    names without a layout's prefix (`model.layers.N...`, `lm_head.weight`), and the tiktoken ranks
+    of the tokenizer they were trained with."""
+    shape: TinyShape
+    weights: dict
+    ranks: dict
+
+
 def tiny_text_config(shape: TinyShape, eos_ids: list, bos_id: int, dtype: str) -> dict:
     return {
         "model_type": "deepseek_v3",
@@ -156,7 +166,7 @@ def vision_tensors(rng: np.random.Generator, text_hidden: int) -> dict:
 
 def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type: str = "kimi_k25",
               dtype: str = "float32", scheme: QuantScheme = DEFAULT_SCHEME, recipe: str = "",
-              tokenizer: str = "json", vision: bool = False, mtp: bool = False) -> Path:
+              tokenizer: str = "json", vision: bool = False, mtp: bool = False, master: Master = None) -> Path:
     """Write a tiny Kimi checkpoint (weights over `shape.shard_files` files, index, tokenizer).
 
     The real models run in bfloat16; the tiny one defaults to float32 because MLX's CPU backend
@@ -170,7 +180,13 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
     (a tokenizer.json) or "tiktoken" (Kimi's real tokenizer files). `vision` adds stand-ins of
     K2.5's vision tower and projector (kimi_k25 only), `mtp` the multi-token-prediction layer after
     the last decoder layer; kimi-cluster ignores both. mlx_kimi.layouts names the published layouts.
+    `master`: the weights and tokenizer of a trained model (its shape replaces `shape`); `scheme=None`
+    leaves every module unquantized.
     """
+    if master is not None:
+        if tokenizer != "tiktoken":
+            raise ValueError("a trained model's tokenizer is Kimi's tiktoken one: pass tokenizer='tiktoken'")
+        shape = master.shape
     if shape.layers < 2:
         raise ValueError("a Kimi-architecture model needs at least 2 layers (one dense, one MoE)")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -182,7 +198,7 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer == "tiktoken":
-        eos_ids = write_tiktoken_tokenizer(out, vocab_size=shape.vocab_size)
+        eos_ids = write_tiktoken_tokenizer(out, shape.vocab_size, master.ranks if master else None)
         # [BOS] sits just before [EOS]; <|im_end|> is in generation_config.json, as in the real files
         bos_id, config_eos = eos_ids[0] - 1, eos_ids[0]
     else:
@@ -205,7 +221,10 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
     layers = LayerRange(0, shape.layers)
     prefix = weight_prefix(config)
     module = build_slice_module(config, layers)
-    _randomize_routers(module)
+    if master is None:
+        _randomize_routers(module)
+    else:
+        module.load_weights([(prefix + name, value.astype(mx.float32)) for name, value in master.weights.items()])
     if recipe == "overrides":
         predicate = _override_recipe(prefix, shape.layers - 1)
     elif recipe:
@@ -214,13 +233,14 @@ def make_tiny(out_dir, shape: TinyShape = TinyShape(), seed: int = 0, model_type
         mixed = mlx_lm_recipe(recipe, config, scheme.group_size)
         predicate = lambda name, m: hasattr(m, "to_quantized") and mixed(name, m)  # noqa: E731
     else:
-        predicate = scheme.params
+        predicate = scheme.params if scheme else lambda name, m: False
     quantize_slice(module, layers, predicate)
     cast_unquantized(module, getattr(mx, dtype))
-    config["quantization"] = quantization_config(module, layers, scheme)
-    if recipe == "overrides":
-        config["quantization"] = _hand_written_overrides(config["quantization"], layers, prefix)
-    config["quantization_config"] = config["quantization"]
+    if scheme or recipe:
+        config["quantization"] = quantization_config(module, layers, scheme or DEFAULT_SCHEME)
+        if recipe == "overrides":
+            config["quantization"] = _hand_written_overrides(config["quantization"], layers, prefix)
+        config["quantization_config"] = config["quantization"]
 
     shards = [dict() for _ in range(shape.shard_files)]
     for path, value in tree_flatten(module.parameters()):

@@ -15,7 +15,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 KIMI_SPECIAL_TOKENS = [
     "[BOS]",
@@ -257,16 +257,43 @@ def _merge(word: tuple, pair: tuple, merged: bytes) -> tuple:
     return tuple(out)
 
 
-def write_tiktoken_tokenizer(out_dir: Path, vocab_size: int = 1024) -> list[int]:
+def train_kimi_bpe(texts, num_ranks: int) -> dict[bytes, int]:
+    """Byte-level BPE ranks learned from `texts` (an iterable of strings) with Hugging Face
+    `tokenizers`, the text split by Kimi's own pattern first: the 256 bytes (rank = byte value),
+    then each merge's token in the order it was learned, as tiktoken ranks them."""
+    from .kimi_tokenizer import KIMI_PAT_STR, byte_level_alphabet
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(KIMI_PAT_STR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=num_ranks, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    byte_of = {char: bytes([b]) for b, char in enumerate(byte_level_alphabet())}
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(tokenizer.to_str())["model"]["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        ranks.setdefault(b"".join(byte_of[c] for c in left + right), len(ranks))
+    if len(ranks) != num_ranks:
+        raise ValueError(f"the text gives {len(ranks)} ranks, not {num_ranks}: give more text or ask for fewer")
+    return ranks
+
+
+def write_tiktoken_tokenizer(out_dir: Path, vocab_size: int = 1024, ranks: dict = None) -> list[int]:
     """Kimi's tokenizer files for a model of `vocab_size` embedding rows (vocab_size - 256 base
-    ranks, then the specials); returns the stop ids ([EOS], <|im_end|>)."""
+    ranks, then the specials); returns the stop ids ([EOS], <|im_end|>). `ranks` (token bytes ->
+    rank) gives a vocabulary learned elsewhere, else one is learned from a built-in text."""
     num_ranks = vocab_size - EMBEDDED_SPECIALS
     if num_ranks < 256 + 64:
         raise ValueError(f"vocab_size {vocab_size} is too small for a tiktoken vocabulary: it needs the 256 "
                          f"byte ranks, some merges and {EMBEDDED_SPECIALS} specials (at least {256 + 64 + 256})")
+    if ranks is not None and len(ranks) != num_ranks:
+        raise ValueError(f"{len(ranks)} ranks given for vocab_size {vocab_size}, which holds {num_ranks}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = train_byte_bpe(_CORPUS + _MULTILINGUAL_CORPUS, num_ranks)
+    ranks = ranks or train_byte_bpe(_CORPUS + _MULTILINGUAL_CORPUS, num_ranks)
     lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
     (out_dir / "tiktoken.model").write_text("".join(lines))
 

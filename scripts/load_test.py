@@ -50,6 +50,7 @@ class Job:
     max_tokens: int
     disconnect_after: int | None  # chunks read before the client closes its stream (None: reads all)
     seed: int | None = None  # sampled at SAMPLED_TEMPERATURE with this seed; None: greedy
+    stream: bool = True  # False: one JSON reply (then the client never leaves early)
 
     @property
     def key(self) -> tuple:
@@ -126,6 +127,12 @@ def run_one(client, model: str, job: Job, start: threading.Event) -> Outcome:
     began = time.monotonic()
     try:
         sampling = {"temperature": 0} if job.seed is None else {"temperature": SAMPLED_TEMPERATURE, "seed": job.seed}
+        if not job.stream:
+            reply = client.completions.create(model=model, prompt=job.text, max_tokens=job.max_tokens, **sampling)
+            outcome.text, outcome.finish = reply.choices[0].text, reply.choices[0].finish_reason
+            outcome.completion_tokens = reply.usage.completion_tokens
+            outcome.seconds = time.monotonic() - began
+            return outcome
         stream = client.completions.create(model=model, prompt=job.text, max_tokens=job.max_tokens, stream=True,
                                            stream_options={"include_usage": True}, **sampling)
         with stream:
@@ -196,19 +203,21 @@ def node_sessions(cluster) -> tuple:
     return cached, {name: sessions for name, (sessions, _) in cluster.kv_state().items()}
 
 
-def settled_sessions(cluster, timeout: float = 15.0) -> tuple:
-    """node_sessions once every node holds just the cached conversations, or the last reading
-    after `timeout` s (a cancelled request frees its sessions just after its client left)."""
+def settled_sessions(cluster, timeout: float = 15.0, nodes=None) -> tuple:
+    """node_sessions (of the nodes named in `nodes`, default all) once each holds just the cached
+    conversations, or the last reading after `timeout` s (a cancelled request frees its sessions
+    just after its client left)."""
     deadline = time.monotonic() + timeout
     while True:
         cached, held = node_sessions(cluster)
+        held = {name: n for name, n in held.items() if nodes is None or name in nodes}
         if all(n == cached for n in held.values()) or time.monotonic() > deadline:
             return cached, held
         time.sleep(0.1)  # pacing between readings; the state is what we wait on
 
 
-def problems(outcomes: list, expected: dict, seen: list, sessions: tuple, coordinator_log: str) -> list:
-    """Everything that is not as it must be, in words (empty: all good)."""
+def reply_problems(outcomes: list, expected: dict) -> list:
+    """Every reply that is not mlx-lm's (or not its start, for a client that left), or failed, in words."""
     out = []
     for o in outcomes:
         want_text, want_finish, want_tokens = expected[o.job.key]
@@ -222,6 +231,12 @@ def problems(outcomes: list, expected: dict, seen: list, sessions: tuple, coordi
         elif (o.text, o.finish, o.completion_tokens) != (want_text, want_finish, want_tokens):
             out.append(f"{where}: got {o.text!r} ({o.finish}, {o.completion_tokens} tokens), mlx-lm gives "
                        f"{want_text!r} ({want_finish}, {want_tokens} tokens)")
+    return out
+
+
+def problems(outcomes: list, expected: dict, seen: list, sessions: tuple, coordinator_log: str) -> list:
+    """Everything that is not as it must be, in words (empty: all good)."""
+    out = reply_problems(outcomes, expected)
     out += [f"the memory map showed {s}" for s in sorted(set(seen))]
     cached, held = sessions
     out += [f"node {name} holds {n} sessions after the run, the coordinator caches {cached} conversations"

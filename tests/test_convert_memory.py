@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlx_kimi.sources import open_source
@@ -57,3 +58,54 @@ def test_peak_rss_bounded_below_the_model(tmp_path):
     print(f"peak RSS above idle: {grown / 2**20:.1f} MiB; bound {BOUND / 2**20:.0f} MiB; "
           f"model in bf16 {whole_bf16 / 2**20:.0f} MiB")
     assert grown < BOUND
+
+
+CALIBRATED_PROBE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from mlx_kimi.calibrate import Calibration
+    from mlx_kimi.calibration_set import calibration_ids
+    from mlx_kimi.convert import CALIBRATION_DIR, convert
+    from mlx_kimi.sources import open_source
+    from mlx_kimi.spec import QuantScheme
+
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+    def run(src, out):
+        calibration = Calibration(open_source(src), calibration_ids(src, int(tokens)), Path(out) / CALIBRATION_DIR)
+        convert(src, out, QuantScheme(2, 4, 64).params, chunk_bytes=int(chunk), calibration=calibration)
+
+    big, small, out, chunk, tokens = sys.argv[1:6]
+    run(small, out + "-warm-up")
+    open("/proc/self/clear_refs", "w").write("5")
+    idle = status("VmRSS")
+    run(big, out)
+    print(json.dumps({"idle": idle, "peak": status("VmHWM")}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
+def test_calibrated_peak_rss_bounded_below_the_model(tmp_path):
+    """The streamed calibration with GPTQ holds one layer's unit (one expert, the attention block) and the
+    calibration set's hidden states, never the model: peak_bytes_bound, independent of layers and experts."""
+    from mlx_kimi.calibrate import peak_bytes_bound
+
+    shape = TinyShape(layers=3, hidden_size=512, intermediate_size=512, moe_intermediate_size=256,
+                      routed_experts=128, experts_per_token=8, vocab_size=1024)
+    big = write_official(tmp_path / "big", "k2.5-bf16", shape)
+    small = write_official(tmp_path / "small", "k2.5-bf16")
+    tokens = 128
+    bound = peak_bytes_bound(open_source(big).config, tokens, CHUNK)
+    whole_bf16 = 2 * sum(int(np.prod(t.shape)) for t in open_source(big).tensors.values()
+                         if not t.name.startswith(f"model.layers.{shape.layers}."))
+    assert whole_bf16 > 3 * bound
+
+    result = subprocess.run([sys.executable, "-c", CALIBRATED_PROBE, str(big), str(small), str(tmp_path / "out"),
+                             str(CHUNK), str(tokens)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    grown = rss["peak"] - rss["idle"]
+    print(f"calibrated: peak RSS above idle {grown / 2**20:.1f} MiB; bound {bound / 2**20:.0f} MiB; "
+          f"model in bf16 {whole_bf16 / 2**20:.0f} MiB")
+    assert grown < bound

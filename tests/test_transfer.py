@@ -7,9 +7,8 @@ import mlx.core as mx
 import pytest
 
 from cluster.generated import kimi_cluster_pb2 as pb
-from cluster.transfer import (SliceFetcher, SliceStore, Source, TransferError, add_slices_service, decode_chunk,
-                              encode_chunk)
-from cluster.wire import make_server, open_channel
+from cluster.transfer import SliceFetcher, SliceStore, Source, TransferError, add_slices_service
+from cluster.wire import decode_chunk, encode_chunk, make_server, open_channel
 from mlx_kimi.checkpoint import open_checkpoint, tensor_part
 from mlx_kimi.slice import LayerRange, load_slice
 from mlx_kimi.slice_cache import SliceCache, part_name, slice_parts

@@ -410,6 +410,18 @@ class JoinReply(_message.Message):
     status: str
     def __init__(self, status: _Optional[str] = ...) -> None: ...
 
+class RemoveNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveNodeReply(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
 class NodeEntry(_message.Message):
     __slots__ = ("name", "address", "backend", "total_bytes", "usable_bytes", "has_layers", "start", "end", "weight_bytes", "resident_bytes", "kv_bytes", "free_bytes", "status", "node_id", "chip", "source", "cache_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -557,6 +557,11 @@ class CoordinatorStub:
                 request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinRequest.SerializeToString,
                 response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinReply.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/kimi_cluster.v1.Coordinator/RemoveNode',
+                request_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.RemoveNodeReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -584,6 +589,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveNode(self, request, context):
+        """`kimi-cluster node remove NAME`: refuse that node from now on (its node id joins the
+        revocation list, checked on every call this process serves) and plan without it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -601,6 +614,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinRequest.FromString,
                     response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.JoinReply.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=cluster_dot_generated_dot_kimi__cluster__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=cluster_dot_generated_dot_kimi__cluster__pb2.RemoveNodeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -684,6 +702,33 @@ class Coordinator:
             '/kimi_cluster.v1.Coordinator/Join',
             cluster_dot_generated_dot_kimi__cluster__pb2.JoinRequest.SerializeToString,
             cluster_dot_generated_dot_kimi__cluster__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimi_cluster.v1.Coordinator/RemoveNode',
+            cluster_dot_generated_dot_kimi__cluster__pb2.RemoveNodeRequest.SerializeToString,
+            cluster_dot_generated_dot_kimi__cluster__pb2.RemoveNodeReply.FromString,
             options,
             channel_credentials,
             insecure,
