@@ -49,7 +49,8 @@ def speculation_mode(default: str, requested: bool | None, sampling: pb.Sampling
 
 class PromptLookup:
     """A session's tokens, indexed by n-gram as they grow; drafts the continuation of the latest
-    earlier occurrence of the longest suffix found."""
+    earlier occurrence of the longest suffix found (a continuation that reaches the end goes on
+    repeating what it copied, so a reply in a loop is drafted k tokens ahead)."""
 
     def __init__(self, tokens: list):
         self.tokens: list = []
@@ -69,7 +70,10 @@ class PromptLookup:
         self._indexed = end
         for n in range(min(MAX_NGRAM, end), MIN_NGRAM - 1, -1):
             if (after := self._after.get(tuple(t[end - n:]))) is not None:
-                return t[after:after + k]
+                draft = t[after:after + k]
+                while len(draft) < k:  # copying runs into the suffix itself: a loop goes on (as LZ77 copies)
+                    draft.append(draft[len(draft) - (end - after)])
+                return draft
         return []
 
 

@@ -34,7 +34,8 @@ def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
     assert lookup.draft(2) == [5, 9]        # "2 3 4" occurred once, before 5 9
     assert PromptLookup([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]).draft(3) == [7, 8, 6]  # the latest "2 3"
     assert PromptLookup([1, 2, 3]).draft(4) == []  # nothing occurred before
-    assert PromptLookup([5, 5]).draft(4) == [5]    # a continuation shorter than asked
+    assert PromptLookup([5, 5]).draft(4) == [5, 5, 5, 5]  # a loop is drafted on, as far as asked
+    assert PromptLookup([1, 7, 8, 7, 8]).draft(5) == [7, 8, 7, 8, 7]
 
 
 def test_draft_length_follows_acceptance_and_cost():
