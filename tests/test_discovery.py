@@ -18,7 +18,6 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 
 from cluster.client import read_reply

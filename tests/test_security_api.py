@@ -7,7 +7,6 @@ import http.client
 import json
 import re
 import socket
-import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
