@@ -5,12 +5,13 @@ stages pass hidden states along the chain and the last one's sampled token comes
 reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn skip its prefix.
 """
 
-import itertools
 import logging
+import secrets
 import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
@@ -61,6 +62,15 @@ def deadline_message(when: str, running: int) -> str:
             "or a longer gRPC deadline), ask for fewer tokens, or retry when fewer requests run")
 
 
+@dataclass
+class Ticket:
+    """A request riding the token ring: the reply it waits for and who may deliver it."""
+
+    reply: Future
+    last: str          # the node id of the chain's last stage: only it delivers a token
+    stages: frozenset  # every stage's node id: any of them may report a failure (link.failure_of)
+
+
 class Scheduler:
     """Runs requests through `membership.chain`; `local` is this process's own node."""
 
@@ -69,17 +79,24 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.on_lost = on_lost  # (node name) a node's link broke
         self.ready = ready  # set while every stage of the chain is loaded
-        self._tickets = itertools.count(1)
-        self._ring: dict[int, Future] = {}  # ticket -> the reply the last stage will deliver
+        # Tickets are random 64-bit numbers, never one outstanding: a member cannot guess a live one,
+        # and a Deliver for one is accepted only from the stages it was sent to.
+        self._ring: dict[int, Ticket] = {}
+        self._refused_senders: set = set()  # node ids whose forged Delivers were logged already
         self._ring_lock = threading.Lock()
         self.running = 0  # requests generating now (named when a deadline passes)
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
         """Send `request` round the token ring (see ForwardRequest.reply_to): the Future of the
         reply the last stage delivers, or of the failure a stage reports."""
-        ticket, reply = next(self._tickets), Future()
+        reply = Future()
+        ids = [self._node_id(m) for m in chain]
         with self._ring_lock:
-            self._ring[ticket] = reply
+            while (ticket := secrets.randbits(64)) in self._ring or not ticket:
+                pass
+            self._ring[ticket] = Ticket(reply, ids[-1], frozenset(ids))
+        log.debug("session %s offset %d rides ticket %d, delivered by %s", request.session_id, request.offset,
+                  ticket, ids[-1])
         reply.add_done_callback(lambda _: self._forget(ticket))
         request.reply_to, request.ticket = self.local.address, ticket
         first = chain[0]
@@ -99,12 +116,36 @@ class Scheduler:
         if failure := failure_of(accepted):
             self.deliver(pb.ForwardReply(ticket=ticket, failure=failure))
 
-    def deliver(self, reply: pb.ForwardReply):
-        """A reply (or failure) for a ticket arrived (Deliver); unknown tickets are ignored."""
+    def _node_id(self, member) -> str:
+        return member.info.node_id if member.info else ""
+
+    def deliver(self, reply: pb.ForwardReply, sender: str | None = None):
+        """A reply (or failure) for a ticket arrived: from this process (`sender` None) or over
+        Deliver from the node id `sender` (its certificate's). A token is taken only from the
+        chain's last stage as the request was sent, a failure from any of its stages; any other
+        sender is refused (StageError PERMISSION_DENIED). Unknown tickets (late, or given up) are
+        ignored."""
         with self._ring_lock:
-            future = self._ring.pop(reply.ticket, None)
-        if future is not None and future.set_running_or_notify_cancel():
-            future.set_result(reply)
+            ticket = self._ring.get(reply.ticket)
+            if ticket is None:
+                return
+            allowed = ticket.stages if reply.HasField("failure") else (ticket.last,)
+            if sender is not None and sender not in allowed:
+                first = sender not in self._refused_senders
+                self._refused_senders.add(sender)
+                refused = True
+            else:
+                del self._ring[reply.ticket]
+                refused = False
+        if refused:
+            if first:
+                log.warning("refused a Deliver from node %s: ticket %d was sent to the chain ending at %s",
+                            sender, reply.ticket, ticket.last)
+            raise StageError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"node {sender} may not deliver this ticket: only the stage its request was sent "
+                             "through delivers its reply")
+        if ticket.reply.set_running_or_notify_cancel():
+            ticket.reply.set_result(reply)
 
     def _forget(self, ticket: int):
         with self._ring_lock:
