@@ -32,6 +32,7 @@ RECOVERY_WAIT_S = 600.0      # how long a request waits for a lost node's stages
 # waits at most one chunk's compute per stage for another's prompt.
 DEFAULT_PREFILL_CHUNK = 256
 MAX_RECOVERIES = 3           # replays of one request before its error is the client's
+STOPPING = "coordinator stopping: it was asked to shut down; retry once it is up again"
 
 
 class GenerateError(Exception):
@@ -85,6 +86,12 @@ class Scheduler:
         self._refused_senders: set = set()  # node ids whose forged Delivers were logged already
         self._ring_lock = threading.Lock()
         self.running = 0  # requests generating now (named when a deadline passes)
+        self.stopping = threading.Event()  # set by stop(): every request ends with STOPPING
+
+    def stop(self):
+        """The coordinator is stopping: every running request fails (UNAVAILABLE, STOPPING) within
+        WAIT_SLICE_S, so its client hears why instead of a cut connection; none starts."""
+        self.stopping.set()
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
         """Send `request` round the token ring (see ForwardRequest.reply_to): the Future of the
@@ -153,7 +160,12 @@ class Scheduler:
 
     def _wait_ready(self, deadline: float | None):
         wait = min(RECOVERY_WAIT_S, deadline - time.monotonic()) if deadline else RECOVERY_WAIT_S
-        if not self.ready.wait(max(wait, 0)):
+        until = time.monotonic() + wait
+        while not self.ready.wait(max(min(WAIT_SLICE_S, until - time.monotonic()), 0)):
+            if self.stopping.is_set():
+                raise GenerateError(grpc.StatusCode.UNAVAILABLE, STOPPING)
+            if time.monotonic() < until:
+                continue
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"a node was lost and its layers did not run again "
                                 f"within {wait:.0f} s; restart it (same --name) or add a node")
 
@@ -166,6 +178,9 @@ class Scheduler:
                 return reply_of(future.result(max(wait, 0)))
             except FutureTimeout:
                 pass
+            if self.stopping.is_set():
+                future.cancel()
+                raise StageError(grpc.StatusCode.UNAVAILABLE, STOPPING)
             if lost := next((m for m in chain if m.down), None):
                 future.cancel()
                 raise StageError(grpc.StatusCode.UNAVAILABLE, f"node {lost.name} ({lost.address}) was lost",
@@ -178,6 +193,8 @@ class Scheduler:
         """Send `requests` (steps of one session, in offset order) down the chain at once, without
         waiting for each other's replies, and wait for every reply; the first StageError in
         order (the steps after it are given up: each fails, or is wasted work a retry redoes)."""
+        if self.stopping.is_set():
+            raise StageError(grpc.StatusCode.UNAVAILABLE, STOPPING)
         chain = list(self.membership.chain)
         timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
         if timeout <= 0:
