@@ -65,7 +65,7 @@ class ForwardLink:
     def __init__(self, stub, name: str, address: str):
         self.stub, self.name, self.address = stub, name, address
         self._lock = threading.Lock()
-        self._outbox: queue.Queue | None = None  # feeds the open stream; None when there is none
+        self._outbox: queue.SimpleQueue | None = None  # feeds the open stream; None when there is none
         self._call = None
         self._pending: dict[int, Future] = {}  # the open stream's requests awaiting replies
         self._seq = itertools.count(1)
@@ -109,7 +109,7 @@ class ForwardLink:
 
     def _open(self):
         """Start a stream and its reader (caller holds the lock)."""
-        outbox = queue.Queue()
+        outbox = queue.SimpleQueue()
 
         def requests():
             while (request := outbox.get()) is not None:
@@ -120,7 +120,7 @@ class ForwardLink:
         threading.Thread(target=self._read, args=(self._call, outbox, self._pending), name=f"link-{self.name}",
                          daemon=True).start()
 
-    def _read(self, call, outbox: queue.Queue, pending: dict):
+    def _read(self, call, outbox: queue.SimpleQueue, pending: dict):
         try:
             for reply in call:
                 with self._lock:

@@ -217,8 +217,9 @@ class Stage:
 
     def accept(self, request: pb.ForwardRequest, time_left: float | None) -> Future:
         """Validate `request` and queue its step; the Future of its reply (a StageError when it
-        fails). With `reply_to` (the token ring) the reply is an empty acceptance once the step is
-        computed and passed on; otherwise it is the last stage's reply, through the stages after
+        fails). With `reply_to` (the token ring) the reply is an empty acceptance, given as soon as
+        the step is queued (its sender waits on nothing more), and a failure after that goes to
+        `reply_to` from here; otherwise it is the last stage's reply, through the stages after
         this one."""
         try:
             loaded = self.loaded
@@ -237,7 +238,12 @@ class Stage:
             return refused
         wait = time_left if time_left is not None else DEFAULT_TIMEOUT_S
         computed = self.worker.queue.submit(Step(loaded, session, request, positions, time.monotonic() + wait))
-        if request.reply_to or loaded.slice.is_last:
+        if request.reply_to:
+            computed.add_done_callback(lambda f: self._relay_failure(request, f))
+            accepted = Future()
+            accepted.set_result(pb.ForwardReply())
+            return accepted
+        if loaded.slice.is_last:
             return computed
         reply = Future()
 
@@ -264,19 +270,38 @@ class Stage:
     def stream(self, requests):
         """ForwardStream: each request's reply as it is done. Requests are queued in the order
         they arrive (a session's steps then reach the compute thread in order) and answered out
-        of order across sessions."""
-        replies = queue.Queue()
+        of order across sessions. The token ring's requests are answered once queued, so the
+        gRPC thread that reads them answers them too; from the first reply that is not ready at
+        once on (a request outside the ring), a thread of its own reads the rest."""
+        requests = iter(requests)
+        try:
+            for request in requests:
+                accepted = self.accept(request, request.time_left_s or None)
+                if not accepted.done():
+                    yield from self._stream_later(requests, accepted, request.seq)
+                    return
+                yield _streamed(accepted, request.seq)
+        except grpc.RpcError:  # the sender went away; what is in flight still finishes
+            pass
+
+    def _stream_later(self, requests, first: Future, seq: int):
+        """stream(), once a reply comes later than its request: a thread reads the requests left
+        and queues each reply when it is done; this generator yields them."""
+        replies = queue.SimpleQueue()
+
+        def answer(reply: Future, seq: int):
+            reply.add_done_callback(lambda f: replies.put(_streamed(f, seq)))
 
         def read():
             try:
                 for request in requests:
-                    self.accept(request, request.time_left_s or None).add_done_callback(
-                        lambda f, seq=request.seq: replies.put(_streamed(f, seq)))
-            except grpc.RpcError:  # the sender went away; what is in flight still finishes
+                    answer(self.accept(request, request.time_left_s or None), request.seq)
+            except grpc.RpcError:
                 pass
             finally:
                 replies.put(None)
 
+        answer(first, seq)
         threading.Thread(target=read, name="forward-stream", daemon=True).start()
         while (reply := replies.get()) is not None:
             yield reply
@@ -364,7 +389,7 @@ class Stage:
 
     def _pass_on_ring(self, loaded: LocalStage, request: pb.ForwardRequest, out, time_left) -> pb.ForwardReply:
         """Send the last stage's reply to the coordinator, or this stage's output to the next
-        stage without waiting for it; the sender gets an empty reply (accepted) at once."""
+        stage without waiting for it (the sender had its empty reply when the step was queued)."""
         if loaded.slice.is_last:
             out.ticket = request.ticket
             self._deliver(request.reply_to, out)
@@ -374,7 +399,8 @@ class Stage:
         return pb.ForwardReply()
 
     def _relay_failure(self, request: pb.ForwardRequest, sent: Future):
-        """The next stage refused or lost `request`: tell the coordinator (it waits on the ring)."""
+        """`request` failed here, or the next stage refused or lost it: tell the coordinator (it
+        waits on the ring)."""
         if failure := failure_of(sent, self.name):
             self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
 

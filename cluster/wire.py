@@ -45,11 +45,12 @@ MAX_WORK_CALLS = 32
 CONTROL_THREADS = 16
 CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver", "Join", "RemoveNode"}
 
-# mlx dtype <-> wire name, and the same-width integer view numpy can hold (numpy has no bf16).
+# wire name -> mlx dtype, the same-width unsigned integer (numpy has no bf16; memoryview no
+# float16) and that integer's buffer format.
 _DTYPES = {
-    "bfloat16": (mx.bfloat16, mx.uint16, np.uint16),
-    "float16": (mx.float16, mx.float16, np.float16),
-    "float32": (mx.float32, mx.float32, np.float32),
+    "bfloat16": (mx.bfloat16, mx.uint16, "H"),
+    "float16": (mx.float16, mx.uint16, "H"),
+    "float32": (mx.float32, mx.uint32, "I"),
 }
 _NAMES = {v[0]: k for k, v in _DTYPES.items()}
 
@@ -67,8 +68,7 @@ def encode_tensor(x: mx.array) -> pb.Tensor:
     except (TypeError, ValueError, BufferError):
         data = b""
     if len(data) != x.nbytes:
-        view = _DTYPES[name][1]
-        data = np.array(x.view(view) if view != x.dtype else x, copy=False).tobytes()
+        data = np.array(x.view(_DTYPES[name][1]), copy=False).tobytes()
     return pb.Tensor(data=data, shape=list(x.shape), dtype=name)
 
 
@@ -81,7 +81,7 @@ def check_tensor(t: pb.Tensor, expect_shape: tuple) -> tuple:
     if len(shape) != len(expect_shape) or any(e is not None and e != s for e, s in zip(expect_shape, shape)):
         want = tuple("*" if e is None else e for e in expect_shape)
         raise WireError(f"hidden state shape {list(shape)} does not match the expected {list(want)}")
-    expected = math.prod(shape) * np.dtype(_DTYPES[t.dtype][2]).itemsize
+    expected = math.prod(shape) * _DTYPES[t.dtype][0].size
     if len(t.data) != expected:
         raise WireError(f"hidden state carries {len(t.data)} bytes; {t.dtype}{list(shape)} needs {expected}")
     return shape
@@ -89,9 +89,9 @@ def check_tensor(t: pb.Tensor, expect_shape: tuple) -> tuple:
 
 def decode_tensor(t: pb.Tensor, expect_shape: tuple) -> mx.array:
     shape = check_tensor(t, expect_shape)
-    dtype, view, np_view = _DTYPES[t.dtype]
-    x = mx.array(np.frombuffer(t.data, dtype=np_view).reshape(shape))
-    return x.view(dtype) if view != dtype else x
+    dtype, _, fmt = _DTYPES[t.dtype]
+    # one copy, from the message's bytes into MLX; the view is evaluated with the stage's graph
+    return mx.array(memoryview(t.data).cast(fmt)).reshape(shape).view(dtype)
 
 
 def open_channel(address: str, secret: bytes, name: str = "client") -> grpc.Channel:

@@ -2,7 +2,8 @@
 
 Sessions' decode steps queued together run as one batched forward and still give mlx-lm's tokens;
 a step before a session's end trims its caches back; a released session is gone; a row that fails
-fails alone; requests a stage must refuse are refused; ring replies go to the delivery hook.
+fails alone; requests a stage must refuse are refused; ring replies, and a ring step's failure
+after its acceptance, go to the delivery hook.
 """
 
 import threading
@@ -229,3 +230,23 @@ def test_ring_replies_to_this_node_go_to_its_delivery_hook(whole, oracle, oracle
     assert arrived.wait(TIMEOUT_S)
     [reply] = delivered
     assert reply.ticket == 7 and reply.sampled and reply.token == oracle_tokens(oracle[0], prompt, 1)[0]
+
+
+def test_a_ring_step_is_accepted_once_queued_and_its_later_failure_goes_to_the_coordinator(whole, prompts):
+    delivered, arrived = [], threading.Event()
+
+    def deliver(reply: pb.ForwardReply):
+        delivered.append(reply)
+        arrived.set()
+
+    stage = make_stage(whole, deliver=deliver)
+    prompt = prompts[0]
+    stage.forward(request("s", prompt[:-1], 0, len(prompt) + 1, sample=False), TIMEOUT_S)
+    gap = request("s", prompt[-1:], len(prompt), len(prompt) + 1)  # one position past the session's end
+    gap.reply_to, gap.ticket = ADDRESS, 9
+    accepted = stage.accept(gap, 0.2)
+    assert accepted.done() and accepted.result() == pb.ForwardReply()  # the sender waits on nothing
+    assert arrived.wait(TIMEOUT_S)  # the step between never comes: its deadline passes on the queue
+    [reply] = delivered
+    assert reply.ticket == 9 and reply.failure.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "steps between never came" in reply.failure.message
