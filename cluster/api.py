@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP API in front of the coordinator: /v1/models, /v1/chat/completions,
-/v1/completions (a raw prompt), and /health for load balancers.
+/v1/completions (a raw prompt), and /health for load balancers; and Anthropic's /v1/messages and
+/v1/messages/count_tokens (api_anthropic.py) over the same loop.
 
 Sampling runs on the cluster's last stage and a reply ends in the generation loop
 (generation.py); this file holds the app and its routes. A request is read by api_requests.py,
@@ -18,7 +19,9 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
+from .api_anthropic import AnthropicMessage, count_tokens, messages_prompt, openai_fields
 from .api_guards import Guard, RequireKey
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
 from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_reply, whole_reply
@@ -26,6 +29,7 @@ from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_repl
 WEB_DIR = Path(__file__).parent / "web"
 MAX_WHOLE_REPLIES = 8            # non-streaming generations at once; more wait their turn
 MAX_STREAM_THREADS = 64          # threads stepping streaming generations (apart from the above)
+MAX_PREPARING = 4                # requests tokenized at once (CPU-bound anyway): bounds their memory together
 
 
 def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: set | None = None,
@@ -39,13 +43,20 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     # few, and queue for them, so they never take the threads that streams and requests need.
     whole_replies = anyio.CapacityLimiter(MAX_WHOLE_REPLIES)
     stream_steps = anyio.CapacityLimiter(MAX_STREAM_THREADS)
+    preparing = anyio.CapacityLimiter(MAX_PREPARING)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
     app.add_middleware(Guard, hosts=hosts, origins=set(origins))  # outermost: runs first
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
-        return error.response()
+        return error.response(request.url.path)
+
+    @app.exception_handler(HTTPException)  # no such path or method (routes, the web view's files): our shape
+    async def http_error(request, error: HTTPException):
+        where = f"{request.scope['method']} {request.scope['path'][:200]}"
+        return ApiError(error.status_code, f"{where}: {error.detail}", code="not_found" if error.status_code == 404
+                        else None).response()
 
     @app.get("/health")
     async def health():
@@ -78,20 +89,21 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
                 "last_decode_tok_s": loop.last_decode_tok_s}
 
     def prepare(prompt, body: dict, arrived: float):
-        request = read_request(body, arrived, model_name, tokenizer, prompt)
+        request = read_request(body, arrived, model_name, loop, prompt)
         return request, start(loop, request)
 
-    async def reply(request: Request, prompt, shape):
+    async def reply(request: Request, prompt, shape, body: dict | None = None):
         """One endpoint: `prompt` reads its own fields, `shape` (a Completion) writes its reply."""
         arrived = time.monotonic()
-        body = await read_body(request, coordinator)
+        body = body if body is not None else await read_body(request, coordinator)
         # tokenizing and rendering the template may take a while on a big prompt: off the event loop
-        job, generation = await anyio.to_thread.run_sync(prepare, prompt, body, arrived)
+        job, generations = await anyio.to_thread.run_sync(prepare, prompt, body, arrived, limiter=preparing)
         out = shape(model_name, tokenizer, job.logprobs)
+        out.prompt_tokens = len(job.generation.prompt)
         if job.stream:
-            return StreamingResponse(stream_reply(generation, out, job.include_usage, stream_steps),
+            return StreamingResponse(stream_reply(generations[0], out, job.include_usage, stream_steps),
                                      media_type="text/event-stream")
-        return await whole_reply(generation, out, request, whole_replies)
+        return await whole_reply(generations, out, request, whole_replies)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -100,6 +112,17 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await reply(request, text_prompt, TextCompletion)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        """Anthropic's Messages API (api_anthropic.py) over the same loop, limits and guards."""
+        body = await read_body(request, coordinator)
+        return await reply(request, lambda _, tok: messages_prompt(body, tok), AnthropicMessage, openai_fields(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request):
+        body = await read_body(request, coordinator)
+        return await anyio.to_thread.run_sync(count_tokens, body, tokenizer)
 
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")  # last: /v1 and /health first
 

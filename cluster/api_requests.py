@@ -3,6 +3,7 @@ and a refusal (400) that names the field and what to send instead. Chat completi
 `messages` with the model's chat template; text completions take a raw `prompt`. What they share
 (model, sampling, stop strings, deadline, streaming) is read once, in `read_request`."""
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -13,28 +14,26 @@ from starlette.requests import ClientDisconnect
 
 from .api_guards import MAX_BODY_BYTES
 from .api_responses import ApiError
+from mlx_kimi.constrain import ConstraintSpec
+
 from .generated import kimi_cluster_pb2 as pb
-from .generation import ContextTooLong, Generation, GenerationLoop, GenerationRequest
+from .generation import ContextTooLong, Generation, GenerationLoop, GenerationRequest, PromptTokenizer
 from .scheduler import GenerateError
+from .shaping import put_penalties
+from .structured import FieldError, constraint_spec, penalties
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8                  # `n`: replies to one prompt, generated one after another on its one prefill
 DEFAULT_MAX_TOKENS = 1024        # a chat reply that names no max_tokens: up to this, as the context allows
 DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default for /v1/completions
-
-
-def _nonzero(value) -> bool:
-    return value not in (None, 0, 0.0)
+MAX_TIMEOUT_S = 7 * 86400        # a `timeout` longer than a week is a mistake, not a deadline
+IMAGE_PARTS = ("image_url", "image", "input_image")
 
 
 # Accepted by OpenAI, not done here: a request that asks for them is refused rather than ignored.
 UNSUPPORTED = {
-    "n": lambda v: v not in (None, 1),
     "best_of": lambda v: v not in (None, 1),
-    "response_format": lambda v: v not in (None, {"type": "text"}),
-    "presence_penalty": _nonzero,
-    "frequency_penalty": _nonzero,
-    "logit_bias": bool,
     "echo": bool,
     "suffix": bool,
 }
@@ -49,6 +48,7 @@ class ApiRequest:
     stream: bool
     include_usage: bool
     logprobs: bool = False
+    n: int = 1  # replies wanted; each draws with seed + its index when a seed is given
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Prompt:
     field: str
     raw: bool
     logprobs: bool = False
+    constraint: ConstraintSpec | None = None
 
 
 async def read_body(request: Request, coordinator) -> dict:
@@ -84,23 +85,49 @@ async def read_body(request: Request, coordinator) -> dict:
     return body
 
 
-def read_request(body: dict, arrived: float, model_name: str, tokenizer, prompt: Callable) -> ApiRequest:
-    """`prompt(body, tokenizer)` reads the endpoint's own fields (chat_prompt, text_prompt)."""
+def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLoop, prompt: Callable) -> ApiRequest:
+    """`prompt(body, tokenizer)` reads the endpoint's own fields (chat_prompt, text_prompt); its
+    tokenizer refuses a prompt that cannot fit the context before encoding it whole."""
     check_model(body, model_name)
-    p = prompt(body, tokenizer)
+    p = prompt(body, PromptTokenizer(loop.tokenizer, loop.context))
     generation = GenerationRequest(p.ids, p.max_tokens, sampling(body), default_max_tokens=p.default_max_tokens,
-                                   stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived)
-    return ApiRequest(generation, p.field, logprobs=p.logprobs, **_stream_flags(body))
+                                   stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
+                                   constraint=p.constraint)
+    flags = _stream_flags(body)
+    n = _number(body, "n", 1, low=1, high=MAX_CHOICES, integer=True)
+    if n > 1 and flags["stream"]:
+        raise ApiError(400, "`n` > 1 is not streamed here: ask for the replies whole, or send one request per reply",
+                       "n", "unsupported_parameter")
+    return ApiRequest(generation, p.field, logprobs=p.logprobs, n=n, **flags)
 
 
-def start(loop: GenerationLoop, request: ApiRequest) -> Generation:
+def start(loop: GenerationLoop, request: ApiRequest) -> list:
+    """The request's generations (n of them), each checked before any token."""
+    generations = []
+    for i in range(request.n):
+        generation = request.generation
+        if i and generation.sampling.HasField("seed"):  # another draw per reply, each reproducible
+            sampling = pb.SamplingParams()
+            sampling.CopyFrom(generation.sampling)
+            sampling.seed = (sampling.seed + i) % 2**64
+            generation = dataclasses.replace(generation, sampling=sampling)
+        generations.append(_start(loop, request, generation))
+    return generations
+
+
+def _start(loop: GenerationLoop, request: ApiRequest, generation: GenerationRequest) -> Generation:
     try:
-        return loop.start(request.generation)
+        return loop.start(generation)
     except ContextTooLong as e:
-        message = e.explain(f"`{request.prompt_field}`", "`max_tokens`")
-        raise ApiError(400, message, request.prompt_field, "context_length_exceeded") from e
+        raise too_long(e, request.prompt_field) from e
     except GenerateError as e:  # sampling the checkpoint's generation_config.json makes invalid
         raise ApiError(400, e.message) from e
+
+
+def too_long(e: ContextTooLong, field: str) -> ApiError:
+    """The refusal naming the prompt's `field`, or max_tokens where that alone cannot fit."""
+    param = "max_tokens" if e.counted_all and e.max_tokens > e.context else field
+    return ApiError(400, e.explain(f"`{field}`", "`max_tokens`"), param, "context_length_exceeded")
 
 
 def chat_prompt(body: dict, tokenizer) -> Prompt:
@@ -115,11 +142,23 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     if body.get("tool_choice") == "none":
         tools = None
     extra = {} if thinking is None else {"thinking": thinking}
+    constraint = shaping_fields(constraint_spec, body, False)  # its thinking is read from the prompt
     try:
         ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **extra)
+    except ContextTooLong as e:
+        raise too_long(e, "messages") from e
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
-    return Prompt(ids, max_tokens, DEFAULT_MAX_TOKENS, "messages", raw=False, logprobs=bool(logprobs))
+    return Prompt(ids, max_tokens, DEFAULT_MAX_TOKENS, "messages", raw=False, logprobs=bool(logprobs),
+                  constraint=constraint)
+
+
+def shaping_fields(read: Callable, *args):
+    """read(*args) (structured.py), with a malformed field answered by a 400 naming it."""
+    try:
+        return read(*args)
+    except FieldError as e:
+        raise ApiError(400, e.message, e.field) from e
 
 
 def text_prompt(body: dict, tokenizer) -> Prompt:
@@ -128,11 +167,18 @@ def text_prompt(body: dict, tokenizer) -> Prompt:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "`prompt` must be a non-empty string (one prompt per request)", "prompt")
-    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    try:
+        ids = tokenizer.encode(prompt)
+    except ContextTooLong as e:
+        raise too_long(e, "prompt") from e
     max_tokens = _number(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, low=1, integer=True)
     if body.get("logprobs") not in (None, 0, False):
         raise ApiError(400, "not supported by kimi-cluster: `logprobs` on /v1/completions (use "
                             "/v1/chat/completions)", "logprobs", "unsupported_parameter")
+    for name in ("response_format", "tools"):
+        if body.get(name) is not None:
+            raise ApiError(400, f"`{name}` is a chat completions field: send it to /v1/chat/completions", name,
+                           "unsupported_parameter")
     return Prompt(ids, max_tokens, max_tokens, "prompt", raw=True)
 
 
@@ -148,7 +194,7 @@ def sampling(body: dict) -> pb.SamplingParams:
     _refuse_unsupported(body)
     temperature = _number(body, "temperature", None, low=0, high=2)
     top_p = _number(body, "top_p", None, low=0, high=1, low_open=True)
-    seed = _number(body, "seed", None, integer=True)
+    seed = _number(body, "seed", None, low=-2**63, high=2**64 - 1, integer=True)
     params = pb.SamplingParams()
     if temperature is not None:
         params.temperature = temperature
@@ -156,6 +202,7 @@ def sampling(body: dict) -> pb.SamplingParams:
         params.top_p = top_p
     if seed is not None:
         params.seed = seed % 2**64
+    put_penalties(params, shaping_fields(penalties, body))
     return params
 
 
@@ -163,8 +210,8 @@ def _refuse_unsupported(body: dict) -> None:
     bad = [name for name, asked in UNSUPPORTED.items() if asked(body.get(name))]
     if bad:
         names = ", ".join(f"`{name}`" for name in bad)
-        raise ApiError(400, f"not supported by kimi-cluster: {names} (one choice per request, plain text, no "
-                            "penalties or logit bias); drop them from the request", bad[0], "unsupported_parameter")
+        raise ApiError(400, f"not supported by kimi-cluster: {names}; drop them from the request", bad[0],
+                       "unsupported_parameter")
 
 
 def _number(body: dict, name: str, default, low=None, high=None, low_open=False, integer=False):
@@ -173,7 +220,7 @@ def _number(body: dict, name: str, default, low=None, high=None, low_open=False,
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ApiError(400, f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}", name)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # math.isfinite(10**400) overflows: ints are finite
         raise ApiError(400, f"`{name}` must be a finite number, got {value}", name)
     if low is not None and (value <= low if low_open else value < low):
         raise ApiError(400, f"`{name}` must be {'>' if low_open else '>='} {low}, got {value}", name)
@@ -194,17 +241,32 @@ def _messages(body: dict) -> list:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise ApiError(400, f"`messages[{i}].content` must be a string or a list of parts", f"messages[{i}].content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            _check_part(part, f"messages[{i}].content[{j}]")
         if m["role"] == "tool" and not m.get("tool_call_id"):
             raise ApiError(400, f"`messages[{i}].tool_call_id` is required for tool messages",
                            f"messages[{i}].tool_call_id")
     return messages
 
 
+def _check_part(part, where: str) -> None:
+    """A content part must be {"type": "text", "text": "..."}: the chat template renders text parts
+    in order, and would drop anything else without a word."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in IMAGE_PARTS:
+        raise ApiError(400, f"`{where}` is an image ({kind!r}): this cluster serves the language model only (no "
+                            "node loads the vision tower); send text parts", where, "unsupported_content")
+    if kind != "text" or not isinstance(part.get("text"), str):
+        got = json.dumps(part)[:80]
+        raise ApiError(400, f"`{where}` must be a text part such as {{\"type\": \"text\", \"text\": \"...\"}}, got {got}",
+                       where)
+
+
 def _deadline(body: dict, arrived: float) -> float | None:
     """The client's deadline (time.monotonic()) from `timeout`, seconds from the request's arrival.
     The official client's own timeout is an HTTP setting it never sends: when it gives up it
     disconnects, which stops the generation too."""
-    timeout = _number(body, "timeout", None, low=0, low_open=True)
+    timeout = _number(body, "timeout", None, low=0, high=MAX_TIMEOUT_S, low_open=True)
     return None if timeout is None else arrived + timeout
 
 

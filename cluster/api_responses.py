@@ -16,6 +16,9 @@ from .generation import Generation, GenerationResult, Piece
 from .scheduler import GenerateError
 
 KEEPALIVE_S = 1.0  # a stream waiting this long for its next token sends an SSE comment
+ANTHROPIC_PATH = "/v1/messages"  # Anthropic's Messages API (api_anthropic.py): its own error shape
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 class ApiError(Exception):
@@ -27,8 +30,14 @@ class ApiError(Exception):
     def json(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.json(), status_code=self.status)
+    def anthropic_json(self) -> dict:
+        kind = ANTHROPIC_ERRORS.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error in the shape of the API `path` belongs to (OpenAI's, or Anthropic's)."""
+        body = self.anthropic_json() if path.startswith(ANTHROPIC_PATH) else self.json()
+        return JSONResponse(body, status_code=self.status)
 
 
 def cluster_error(e: GenerateError) -> ApiError:
@@ -56,6 +65,7 @@ class Completion:
     def __init__(self, model: str, tokenizer, logprobs: bool = False):
         self.tokenizer, self.logprobs = tokenizer, logprobs
         self.id, self.created, self.model = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model
+        self.prompt_tokens = 0  # set once the prompt is read (Anthropic's stream opens with it)
 
     def envelope(self, kind: str, choices: list) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
@@ -143,30 +153,43 @@ def tool_call_json(call, index=None) -> dict:
     return out if index is None else {"index": index, **out}
 
 
-def whole(generation: Generation, reply: Completion) -> dict:
-    """Run `generation` to its end (on a thread) and shape it as one reply."""
-    try:
-        pieces = list(generation)
-    except GenerateError as e:
-        raise cluster_error(e) from e
-    return reply.whole(pieces, generation.result)
+def whole(generations: list, reply: Completion) -> dict:
+    """Run the generations to their ends, one after another (on a thread): the later ones reuse
+    the first one's prefill of the prompt (its cached session), and shape them as one reply with
+    a choice each."""
+    bodies = []
+    for generation in generations:
+        try:
+            pieces = list(generation)
+        except GenerateError as e:
+            raise cluster_error(e) from e
+        bodies.append(reply.whole(pieces, generation.result))
+    if len(bodies) == 1:
+        return bodies[0]
+    out = bodies[0]
+    out["choices"] = [{**body["choices"][0], "index": i} for i, body in enumerate(bodies)]
+    completion = sum(body["usage"]["completion_tokens"] for body in bodies)
+    out["usage"] = {**out["usage"], "completion_tokens": completion,
+                    "total_tokens": out["usage"]["prompt_tokens"] + completion}
+    return out
 
 
-async def whole_reply(generation: Generation, reply: Completion, request: Request, limiter) -> dict:
-    """Run a non-streaming generation on one of `limiter`'s threads (waiting for one if all are
-    busy); if the client leaves first, the generation stops and frees its caches."""
+async def whole_reply(generations: list, reply: Completion, request: Request, limiter) -> dict:
+    """Run non-streaming generations on one of `limiter`'s threads (waiting for one if all are
+    busy); if the client leaves first, they stop and free their caches."""
 
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        generation.cancel()  # a generation running stops at its next token; one still waiting never starts
+        for generation in generations:  # a generation running stops at its next token; one waiting never starts
+            generation.cancel()
         tasks.cancel_scope.cancel()
 
     body = refusal = None
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(watch)
         try:
-            body = await anyio.to_thread.run_sync(whole, generation, reply, limiter=limiter)
+            body = await anyio.to_thread.run_sync(whole, generations, reply, limiter=limiter)
         except ApiError as e:  # raised out of the task group it would arrive wrapped in an ExceptionGroup
             refusal = e
         finally:

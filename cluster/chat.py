@@ -14,6 +14,7 @@ common prefix, so a turn only prefills what is new.
 import argparse
 import json
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 import grpc
@@ -90,9 +91,11 @@ def split_thinking(text: str) -> tuple:
 class ChatSession:
     """The conversation and the chat settings; no I/O, so every method is unit-testable."""
 
-    def __init__(self, system: str | None = None, thinking: bool | None = None):
+    def __init__(self, system: str | None = None, thinking: bool | None = None, response_format: str = "",
+                 tools: str = ""):
         self.system = system
         self.thinking: bool | None = thinking  # None: the chat template's default
+        self.response_format, self.tools = response_format, tools  # JSON text (--json-schema, --tools)
         self.messages: list = []
         self.last_stats: ReplyStats | None = None
         self.reset()
@@ -152,7 +155,8 @@ class ChatSession:
     def request(self, sampling, max_tokens: int):
         from .generated import kimi_cluster_pb2 as pb
 
-        request = pb.GenerateRequest(messages_json=json.dumps(self.messages), max_tokens=max_tokens)
+        request = pb.GenerateRequest(messages_json=json.dumps(self.messages), max_tokens=max_tokens,
+                                     response_format_json=self.response_format, tools_json=self.tools)
         if sampling is not None:
             request.sampling.CopyFrom(sampling)
         if self.thinking is not None:
@@ -281,6 +285,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="start with thinking on (toggle with /think)")
     think.add_argument("--no-thinking", dest="thinking", action="store_const", const=False,
                        help="start with thinking off")
+    p.add_argument("--json-schema", metavar="FILE", type=json_file,
+                   help="a JSON schema every reply must match (after the thinking); the cluster refuses one it "
+                        "cannot enforce, naming the keyword")
+    p.add_argument("--tools", metavar="FILE", type=json_file,
+                   help="tools the model may call (OpenAI's list of {\"type\": \"function\", ...}); each call's "
+                        "arguments are held to its schema and shown as they arrive")
+
+
+def json_file(path: str) -> str:
+    """The JSON text of `path`, checked to parse (argparse reports the error)."""
+    try:
+        text = Path(path).read_text()
+        json.loads(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from e
+    return text
+
+
+def response_format(args) -> str:
+    """GenerateRequest.response_format_json for --json-schema (empty: free text)."""
+    if not args.json_schema:
+        return ""
+    return json.dumps({"type": "json_schema", "json_schema": {"name": "cli", "schema": json.loads(args.json_schema)}})
 
 
 def run_from_args(args, stub, sampling) -> None:
@@ -297,5 +324,6 @@ def run_from_args(args, stub, sampling) -> None:
     def show_map():
         print_map(map_json(stub.MemoryMap(pb.MemoryMapRequest(), timeout=30)), console)
 
-    session = ChatSession(system=args.system, thinking=args.thinking)
+    session = ChatSession(system=args.system, thinking=args.thinking, response_format=response_format(args),
+                          tools=args.tools or "")
     run_repl(stub, sampling, args.max_tokens, show_map=show_map, session=session, timeout=args.timeout)

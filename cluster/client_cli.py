@@ -11,7 +11,7 @@ from rich.console import Console
 
 from . import client
 from .auth import AuthError
-from .chat import add_arguments as add_chat_arguments, run_from_args
+from .chat import add_arguments as add_chat_arguments, response_format, run_from_args
 from .cli_args import SECRET_HELP, console, fail
 from .client import DEFAULT_PORT
 from .units import format_bytes
@@ -38,7 +38,8 @@ def cmd_chat(args) -> None:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     request = pb.GenerateRequest(messages_json=json.dumps(messages), max_tokens=args.max_tokens,
-                                 sampling=_sampling(args))
+                                 sampling=_sampling(args), response_format_json=response_format(args),
+                                 tools_json=args.tools or "")
     if args.thinking is not None:
         request.thinking = args.thinking
     show = None if args.json else (lambda token: print(token.text, end="", flush=True))

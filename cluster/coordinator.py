@@ -15,12 +15,12 @@ import uuid
 
 import grpc
 
-from mlx_kimi.checkpoint import open_checkpoint
+from mlx_kimi.checkpoint import open_checkpoint, text_config
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
-from .generation import GenerationLoop, GenerationRequest
+from .generation import GenerationLoop, GenerationRequest, PromptTokenizer
 from .loading import checkpoint_sizes, load_member, load_request, plan_for, prefill_chunk, replan_for
 from .identity import peer_name
 from .membership import HEALTH_INTERVAL_S, Membership, NameTaken, Refused
@@ -29,6 +29,7 @@ from .planner import Plan
 from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler
 from .sampling import generation_defaults
 from .sessions import Sessions
+from .structured import FieldError, constraint_spec
 from .units import format_bytes
 from .wire import canonical_address, handshake_failure
 
@@ -60,7 +61,9 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self._lost = threading.Event()  # wakes the health watch (set on stop too)
         self.on_status = lambda message: log.info("%s", message)
         self.generation = GenerationLoop(self.tokenizer, context, generation_defaults(self.checkpoint.path),
-                                         self.generate, lambda: [m.name for m in self.chain])
+                                         self.generate, lambda: [m.name for m in self.chain],
+                                         text_config(self.checkpoint.config)["vocab_size"])
+        threading.Thread(target=self.generation.warm, name="grammar-tokenizer", daemon=True).start()
 
     @property
     def chain(self) -> list:
@@ -163,7 +166,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def _load(self, index: int, drop_sessions: bool = False) -> bool:
         request = load_request(self.checkpoint, self.plan, self.chain, index, self.local.address, self.id,
-                               self.local.node_id, self.take_over, drop_sessions)
+                               self.local.node_id, self.prefill_chunk, self.take_over, drop_sessions)
         if error := load_member(self.chain[index], request, self.on_load_progress):
             self._status(error)
             return False
@@ -219,13 +222,13 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, shaper=None):
         """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper)
 
-    def prompt_tokens(self, request: pb.GenerateRequest) -> list:
+    def prompt_tokens(self, request: pb.GenerateRequest, max_tokens: int) -> list:
         if request.prompt_tokens:
             return list(request.prompt_tokens)
         try:
@@ -236,7 +239,29 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         if not messages:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "messages: give at least one message")
         extra = {"thinking": request.thinking} if request.HasField("thinking") else {}
-        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra)
+        tokenizer = PromptTokenizer(self.tokenizer, self.context, max_tokens)
+        try:
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra)
+        except GenerateError:
+            raise
+        except Exception as e:  # the template refused these messages
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"messages_json cannot be rendered with the "
+                                f"model's chat template: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def constraint(request: pb.GenerateRequest):
+        """The reply's grammar from response_format_json, tools_json and tool_choice_json (None: none)."""
+        fields = {}
+        for name, text in (("response_format", request.response_format_json), ("tools", request.tools_json),
+                           ("tool_choice", request.tool_choice_json)):
+            try:
+                fields[name] = json.loads(text) if text else None
+            except json.JSONDecodeError as e:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}_json is not JSON: {e}") from e
+        try:
+            return constraint_spec(fields, thinking=False)  # the loop reads the thinking from the prompt
+        except FieldError as e:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from e
 
     # ---- gRPC handlers ---------------------------------------------------------------------
 
@@ -244,10 +269,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         arrived = time.monotonic()
         try:
             left = context.time_remaining()  # the client's deadline, if it set one
+            max_tokens = request.max_tokens or 256
             generation = self.generation.start(GenerationRequest(
-                self.prompt_tokens(request), request.max_tokens or 256, request.sampling, arrived=arrived,
+                self.prompt_tokens(request, max_tokens), max_tokens, request.sampling, arrived=arrived,
                 deadline=arrived + left if left is not None and left < 1e6 else None,
-                cancelled=lambda: not context.is_active()))
+                cancelled=lambda: not context.is_active(), constraint=self.constraint(request)))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
                                       logprob=piece.logprob or 0.0)

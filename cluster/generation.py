@@ -6,6 +6,7 @@ build a GenerationRequest, iterate the Generation's Pieces and read its Generati
 Tokens come from the scheduler (Scheduler.generate), which runs them through the chain.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -14,10 +15,14 @@ from typing import Callable
 
 import grpc
 
+from mlx_kimi.constrain import Constraint, ConstraintError, ConstraintSpec, cached_llg_tokenizer
+from mlx_kimi.kimi_tokenizer import count_past
+
 from .generated import kimi_cluster_pb2 as pb
 from .reply import RawText, ReplyDelta, ReplyParser, StopMatcher, prompt_ends_thinking
 from .sampling import with_defaults
 from .scheduler import GenerateError, sampling_error
+from .shaping import Shaper, check_step, penalties_of
 
 log = logging.getLogger("kimi_cluster.generation")
 
@@ -37,6 +42,7 @@ class GenerationRequest:
     deadline: float | None = None     # time.monotonic() by which the client wants it done
     cancelled: Callable[[], bool] = _never  # polled before each token: the client left
     arrived: float = field(default_factory=time.monotonic)  # TTFT counts from here
+    constraint: ConstraintSpec | None = None  # the grammar the reply is held to (its `thinking` is set here)
 
 
 @dataclass
@@ -57,18 +63,43 @@ class GenerationResult:
     cached_tokens: int
     ttft_s: float
     decode_s: float  # from the first token to the last
+    stop_sequence: str | None = None  # the stop string that ended the reply
 
 
 class ContextTooLong(GenerateError):
-    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int, counted_all: bool = True):
+        # counted_all False: the prompt was refused once it passed `prompt_tokens`, before it was encoded whole
         self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        self.counted_all = counted_all
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, self.explain("the prompt", "max_tokens") +
                          ", or start the coordinator with a larger --context")
 
     def explain(self, prompt: str, max_tokens: str) -> str:
         """The refusal, naming the request's fields as its client knows them."""
+        if self.counted_all and self.max_tokens > self.context:
+            return f"max_tokens {self.max_tokens} alone exceeds the planned context of {self.context} tokens: lower {max_tokens}"
+        if not self.counted_all:
+            return (f"the prompt has more than {self.prompt_tokens} tokens (counting stopped there), past the "
+                    f"planned context of {self.context} tokens: shorten {prompt}")
         return (f"the prompt has {self.prompt_tokens} tokens; with max_tokens {self.max_tokens} it exceeds the "
                 f"planned context of {self.context} tokens: shorten {prompt} or lower {max_tokens}")
+
+
+class PromptTokenizer:
+    """The coordinator's tokenizer for prompts (encode, apply_chat_template): a prompt that cannot
+    leave `max_tokens` of the context is refused (ContextTooLong) before it is encoded whole."""
+
+    def __init__(self, tokenizer, context: int, max_tokens: int = 1):
+        self.tokenizer, self.context, self.max_tokens = tokenizer, context, max_tokens
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list:
+        limit = self.context - self.max_tokens
+        if (past := count_past(self.tokenizer, text, limit)) is not None:
+            raise ContextTooLong(past, self.max_tokens, self.context, counted_all=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def apply_chat_template(self, messages: list, **options) -> list:
+        return self.encode(self.tokenizer.apply_chat_template(messages, tokenize=False, **options))
 
 
 class GenerationLoop:
@@ -76,9 +107,11 @@ class GenerationLoop:
     generating now and done, and the last decode speed (for /v1/cluster)."""
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
-                 chain_names: Callable[[], list]):
-        # tokens(prompt, max_tokens, sampling, stats, deadline) yields (token id, logprob): Coordinator.generate
+                 chain_names: Callable[[], list], vocab_size: int):
+        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper) yields (token id, logprob):
+        # Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
+        self.vocab_size = vocab_size  # the head's outputs: top_k must stay below it
         self.tokens, self.chain_names = tokens, chain_names
         self.in_flight = self.served = 0
         self.last_decode_tok_s = 0.0
@@ -88,14 +121,40 @@ class GenerationLoop:
         """A Generation for `request`, checked now (a bad request raises GenerateError here, before
         any response is started); it runs as it is iterated."""
         sampling = with_defaults(request.sampling, self.sampling_defaults)
-        if error := sampling_error(sampling):
+        if error := sampling_error(sampling, self.vocab_size):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, error)
+        if any(not 0 <= t < self.vocab_size for t in request.prompt):
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt token ids must be in [0, {self.vocab_size})")
         max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(request.default_max_tokens, self.context - len(request.prompt)))
         if len(request.prompt) + max_tokens > self.context:
             raise ContextTooLong(len(request.prompt), max_tokens, self.context)
-        return Generation(self, request, sampling, max_tokens)
+        return Generation(self, request, sampling, max_tokens, self.shaper(request, sampling))
+
+    def shaper(self, request: GenerationRequest, sampling: pb.SamplingParams) -> Shaper | None:
+        """The reply's grammar and penalties, kept here where its tokens are (None: neither)."""
+        penalties, spec = penalties_of(sampling), request.constraint
+        try:
+            check_step(pb.ForwardRequest(sampling=sampling), self.vocab_size)
+        except ValueError as e:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        if spec is not None and spec.constrains:
+            spec = dataclasses.replace(spec, thinking=prompt_ends_thinking(self.tokenizer, request.prompt))
+            try:
+                constraint = Constraint.for_spec(spec, self.tokenizer, self.vocab_size, self.tokenizer.eos_token_ids)
+            except ConstraintError as e:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            return Shaper(request.prompt, penalties, constraint)
+        return Shaper(request.prompt, penalties) if penalties.active else None
+
+    def warm(self) -> None:
+        """Build the grammar engine's tokenizer now (about 2 s for Kimi's 163,840 tokens on a slow
+        CPU), so the first constrained request does not wait for it."""
+        try:
+            cached_llg_tokenizer(self.tokenizer, self.vocab_size, tuple(sorted(self.tokenizer.eos_token_ids)))
+        except ConstraintError as e:
+            log.warning("structured outputs and tool schemas are unavailable: %s", e)
 
     def started(self) -> None:
         with self._lock:
@@ -120,8 +179,9 @@ class Generation:
     `cancel()` before closing it frees the conversation's caches instead of keeping them."""
 
     def __init__(self, loop: GenerationLoop, request: GenerationRequest, sampling: pb.SamplingParams,
-                 max_tokens: int):
+                 max_tokens: int, shaper: Shaper | None = None):
         self.loop, self.request, self.sampling, self.max_tokens = loop, request, sampling, max_tokens
+        self.shaper = shaper
         self.stats: dict = {}  # Scheduler.generate's: session id, cached tokens, cancelled
         self.result: GenerationResult | None = None
         self._pieces = self._run()
@@ -148,7 +208,8 @@ class Generation:
         request, loop = self.request, self.loop
         loop.started()
         parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
-        tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline)
+        tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline,
+                             self.shaper)
         count, first, last, ended, finish = 0, None, None, None, "error"
         try:
             for token, logprob in tokens:
@@ -169,7 +230,8 @@ class Generation:
                     break
             tail = parser.finish()
             tail.content = stop.push(tail.content) + stop.flush()
-            finish = "tool_calls" if parser.tool_calls else ended or "length"
+            # a reply cut by max_tokens is `length` even with whole tool calls in it
+            finish = "tool_calls" if ended == "stop" and parser.tool_calls and not stop.stopped else ended or "length"
             if tail:
                 yield Piece(None, None, tail)
         finally:
@@ -179,5 +241,6 @@ class Generation:
                 finish_reason="cancelled" if self.stats.get("cancelled") else finish,
                 prompt_tokens=len(request.prompt), completion_tokens=count,
                 cached_tokens=self.stats.get("cached_tokens", 0),
-                ttft_s=(first or now) - request.arrived, decode_s=(last - first) if first else 0.0)
+                ttft_s=(first or now) - request.arrived, decode_s=(last - first) if first else 0.0,
+                stop_sequence=stop.matched)
             loop.finished(self.result, self.stats)

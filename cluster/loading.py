@@ -58,7 +58,7 @@ def replan_for(sizes: ModelSizes, plan: Plan, present: list, context: int, chunk
 
 
 def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: str, coordinator_id: str,
-                 owner: str, take_over: bool = False, drop_sessions: bool = False) -> pb.LoadRequest:
+                 owner: str, prefill_chunk: int, take_over: bool = False, drop_sessions: bool = False) -> pb.LoadRequest:
     stage = plan.stages[index]
     after = chain[index + 1] if index + 1 < len(chain) else None
     # Any other node of the chain may hold parts of the slice (in its cache, from an earlier plan).
@@ -69,7 +69,7 @@ def load_request(checkpoint, plan: Plan, chain: list, index: int, coordinator: s
         kv_budget_bytes=max(0, stage.usable_bytes - stage.weight_bytes - stage.scratch_bytes),
         next_address=after.address if after else "", next_name=after.name if after else "",
         coordinator=coordinator, coordinator_id=coordinator_id, drop_sessions=drop_sessions, owner=owner,
-        take_over=take_over,
+        take_over=take_over, prefill_chunk=prefill_chunk,
     )
 
 

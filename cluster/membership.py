@@ -51,6 +51,7 @@ class Member:
     link: ForwardLink | None = None  # the data path, when this node is the first stage and not this process
     heard: float = field(default_factory=time.monotonic)  # its last health answer
     refused: int = 0  # health checks refused in a row (connection failed)
+    idle_since: float | None = None  # since when its health says it computes nothing and queues nothing
     error: grpc.RpcError | None = None  # why its last Info failed (None: it answered)
 
     @property
@@ -61,6 +62,12 @@ class Member:
     def down(self) -> bool:
         """Lost (stopped answering) or failed (its load failed): it serves nothing until loaded again."""
         return self.status in ("lost", "failed")
+
+    def answered(self, health: pb.HealthReply):
+        """It answered a health check: heard now, and idle since when if it computes and queues nothing."""
+        self.heard, self.refused = time.monotonic(), 0
+        idle = health.queued == 0 and health.busy_s == 0
+        self.idle_since = (self.idle_since or self.heard) if idle else None
 
     def refresh(self) -> bool:
         """Ask the node for its NodeInfo; whether it answered."""
@@ -306,7 +313,7 @@ class Membership:
                     log.warning("%s (%s): %s (silent %.1f s)", member.name, member.address, why, silent)
                     self.on_lost(member.name)
                 continue
-            member.heard, member.refused = time.monotonic(), 0
+            member.answered(health)
             if health.coordinator_id not in ("", self.coordinator_id):
                 if member.status != "lost":
                     log.warning("%s (%s) now serves the coordinator at %s: not using it", member.name,

@@ -25,7 +25,7 @@ from .generated import kimi_cluster_pb2_grpc as pb_grpc
 from .identity import peer_name
 from .link import StageError
 from .machine import Machine
-from .stage import LocalStage, Stage
+from .stage import MAX_CHUNK_TOKENS, LocalStage, Stage
 from .transfer import CANNOT_RECEIVE, SliceFetcher, SliceStore, TransferError
 from .wire import FAILED_NODE_KEY, node_stub, open_channel
 
@@ -155,6 +155,9 @@ class NodeService(pb_grpc.NodeServicer):
         else from its cache, after fetching what the cache lacks from the request's sources.
         `progress(done, total, phase)`."""
         layers = LayerRange(request.start, request.end)
+        if not 0 < request.prefill_chunk <= MAX_CHUNK_TOKENS:
+            raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: prefill_chunk must be 1 to "
+                             f"{MAX_CHUNK_TOKENS} positions, not {request.prefill_chunk}", self.name)
         with self._lock:
             self._take_ownership(request)
             loaded = self.stage.loaded
@@ -162,7 +165,8 @@ class NodeService(pb_grpc.NodeServicer):
                 # Already holds this slice: only the next stage or the budget changed.
                 if request.drop_sessions and (dropped := self.stage.drop_sessions()):
                     log.info("dropping %d sessions of a broken chain", dropped)
-                self.stage.retarget(request.kv_budget_bytes, request.next_name, request.next_address)
+                self.stage.retarget(request.kv_budget_bytes, request.next_name, request.next_address,
+                                    request.prefill_chunk)
                 n = loaded.slice.nbytes()
                 progress(n, n, "load")
                 return loaded
@@ -192,7 +196,7 @@ class NodeService(pb_grpc.NodeServicer):
         loaded = LocalStage(
             slice=model_slice, model_id=request.model_id, model_name=checkpoint.name,
             num_layers=text_config(checkpoint.config)["num_hidden_layers"], kv_budget_bytes=request.kv_budget_bytes,
-            next_link=self.stage.link(request.next_name, request.next_address),
+            next_link=self.stage.link(request.next_name, request.next_address), prefill_chunk=request.prefill_chunk,
             source=received.source, received_bytes=received.received_bytes,
         )
         with self._lock:

@@ -121,14 +121,16 @@ class StopMatcher:
 
     def __init__(self, stops: list):
         self.stops, self.held, self.stopped = stops, "", False
+        self.matched = None  # the stop string found
         self.keep = max((len(s) for s in stops), default=1) - 1
 
     def push(self, text: str) -> str:
         if not self.stops or self.stopped:
             return "" if self.stopped else text
         self.held += text
-        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := self.held.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             out, self.held = self.held[:cut], ""
             return out

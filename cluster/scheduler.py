@@ -5,18 +5,20 @@ stages pass hidden states along the chain and the last one's sampled token comes
 reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn skip its prefix.
 """
 
+import collections
 import logging
 import secrets
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import grpc
 
 from .generated import kimi_cluster_pb2 as pb
+from .shaping import Shaper, penalties_of
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .prompt_cache import CachedSession
 
@@ -27,6 +29,17 @@ log = logging.getLogger("kimi_cluster.scheduler")
 WAIT_SLICE_S = 0.25          # how often a waiting step looks at the chain's health
 HOP_WAIT_S = 600.0           # what a stage waits on the next one when the client set no deadline
 RECOVERY_WAIT_S = 600.0      # how long a request waits for a lost node's stages to run again
+# A step whose reply never comes (the last stage could not deliver it, after its own retries: see
+# stage.py) is silent: it is replayed like a lost node's (up to MAX_RECOVERIES, then the request
+# fails saying so). Silent means waiting longer than SILENT_STEPS times the slowest of the last
+# STEP_HISTORY steps (at least SILENT_FLOOR_S) while every stage of the chain has been idle for
+# SILENT_IDLE_S (longer than a delivery is retried), or, however busy the chain, longer than
+# SILENT_BUSY_S and SILENT_STEPS times the slowest step.
+SILENT_STEPS = 10
+SILENT_FLOOR_S = 15.0
+SILENT_IDLE_S = 12.0
+SILENT_BUSY_S = 180.0
+STEP_HISTORY = 64
 # Prompt tokens per prefill step (at most; fewer when a message cannot hold them): chunks pipeline
 # through the stages, and each stage runs its decode batch between two chunks, so a running reply
 # waits at most one chunk's compute per stage for another's prompt.
@@ -45,15 +58,26 @@ class SessionLost(GenerateError):
     """The session's caches are gone from a node (it was lost, or freed them): replay it."""
 
 
-def sampling_error(s: pb.SamplingParams) -> str | None:
+class SilentStep(StageError):
+    """No reply came for a step, and none is coming (see SILENT_STEPS): replay it."""
+
+
+def sampling_error(s: pb.SamplingParams, vocab_size: int) -> str | None:
+    """What is wrong with `s`, or None; `vocab_size` (the model's head) bounds top_k."""
     if not s.temperature >= 0:
         return f"temperature must be >= 0, got {s.temperature}"
     if not 0 <= s.top_p <= 1:
         return f"top_p must be in (0, 1] (0 turns it off), got {s.top_p}"
     if s.top_k < 0:
         return f"top_k must be >= 0, got {s.top_k}"
+    if s.top_k >= vocab_size:
+        return f"top_k must be below the model's vocabulary of {vocab_size} tokens (0 turns it off), got {s.top_k}"
     if not 0 <= s.min_p <= 1:
         return f"min_p must be in [0, 1], got {s.min_p}"
+    try:
+        penalties_of(s)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -86,6 +110,7 @@ class Scheduler:
         self._refused_senders: set = set()  # node ids whose forged Delivers were logged already
         self._ring_lock = threading.Lock()
         self.running = 0  # requests generating now (named when a deadline passes)
+        self._step_s = collections.deque([0.0], maxlen=STEP_HISTORY)  # how long the last steps took
         self.stopping = threading.Event()  # set by stop(): every request ends with STOPPING
 
     def stop(self):
@@ -169,13 +194,16 @@ class Scheduler:
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"a node was lost and its layers did not run again "
                                 f"within {wait:.0f} s; restart it (same --name) or add a node")
 
-    def _await(self, chain: list, future: Future, deadline: float | None) -> pb.ForwardReply:
-        """The reply of a request sent to `chain`; StageError when a node of it is lost or fails, or
-        when the client's `deadline` (time.monotonic()) passes first."""
+    def _await(self, chain: list, future: Future, sent: float, deadline: float | None) -> pb.ForwardReply:
+        """The reply of a request sent to `chain` at `sent`; StageError when a node of it is lost or
+        fails, when the step is silent (SilentStep), or when the client's `deadline`
+        (time.monotonic()) passes first."""
         while True:
             wait = min(WAIT_SLICE_S, deadline - time.monotonic()) if deadline else WAIT_SLICE_S
             try:
-                return reply_of(future.result(max(wait, 0)))
+                reply = reply_of(future.result(max(wait, 0)))
+                self._step_s.append(time.monotonic() - sent)
+                return reply
             except FutureTimeout:
                 pass
             if self.stopping.is_set():
@@ -188,6 +216,23 @@ class Scheduler:
             if deadline and time.monotonic() > deadline:
                 future.cancel()
                 raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+            if silence := self._silence(chain, sent):
+                future.cancel()
+                raise SilentStep(grpc.StatusCode.UNAVAILABLE, silence)
+
+    def _silence(self, chain: list, sent: float) -> str | None:
+        """Why a step sent at `sent` and still unanswered is silent (see SILENT_STEPS), or None."""
+        now = time.monotonic()
+        waited, slowest = now - sent, max(self._step_s)
+        if waited < max(SILENT_FLOOR_S, SILENT_STEPS * slowest):
+            return None
+        idle = [m.idle_since for m in chain]
+        idle_for = now - max(sent, *idle) if None not in idle else 0.0
+        if idle_for < SILENT_IDLE_S and waited < SILENT_BUSY_S:
+            return None
+        return (f"no reply for {waited:.0f} s (the slowest of the last steps took {slowest:.1f} s) while "
+                + (f"every node of the chain was idle for {idle_for:.0f} s" if idle_for >= SILENT_IDLE_S
+                   else "the chain stayed busy") + ": the step's reply was lost on its way back")
 
     def _forward(self, requests: list, deadline: float | None) -> list:
         """Send `requests` (steps of one session, in offset order) down the chain at once, without
@@ -199,11 +244,12 @@ class Scheduler:
         timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
         if timeout <= 0:
             raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        sent = time.monotonic()
         futures = [self._send(chain, request, timeout) for request in requests]
         replies = []
         for i, future in enumerate(futures):
             try:
-                replies.append(self._await(chain, future, deadline))
+                replies.append(self._await(chain, future, sent, deadline))
             except StageError:
                 for later in futures[i + 1:]:
                     later.cancel()
@@ -211,7 +257,7 @@ class Scheduler:
         return replies
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, shaper: Shaper | None = None):
         """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
         then the last prompt token, then one token at a time.
 
@@ -221,7 +267,8 @@ class Scheduler:
         went away). `stats` receives the session id and the number of cached prompt tokens.
         `deadline` (time.monotonic(): the client's) bounds the whole request, its wait behind
         other requests included; without one it runs as long as the chain is alive (a busy
-        cluster only makes it slower)."""
+        cluster only makes it slower). `shaper` (shaping.py) gives every sampling step the
+        grammar's mask and the penalties' history for the reply so far, replays included."""
         stats = {} if stats is None else stats
         began = time.monotonic()
         if deadline and began >= deadline:
@@ -241,6 +288,8 @@ class Scheduler:
             r.tokens.extend(tokens)
             if rng is not None:
                 r.rng_state = rng
+            if sample and shaper is not None:  # the mask and history tail for the reply so far
+                shaper.fill(r, generated)
             return r
 
         def run_steps(requests: list) -> pb.ForwardReply:
@@ -248,6 +297,8 @@ class Scheduler:
             while True:
                 try:
                     return self._forward(requests, deadline)[-1]
+                except SilentStep as e:
+                    raise SessionLost(e.code, e.message) from e
                 except StageError as e:
                     if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.sessions.evict_one():
                         continue  # retrying is safe: every stage trims back to each step's offset

@@ -23,18 +23,24 @@ from mlx_kimi.slice import ModelSlice
 
 from .generated import kimi_cluster_pb2 as pb
 from .link import ForwardLink, StageError, failure_of, reply_of
+from .shaping import check_step, shape_logits
 from .stage_queue import Step
 from .stage_session import Session
-from .wire import WireError, check_tensor, decode_tensor, encode_tensor
+from .wire import WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
 
 log = logging.getLogger("kimi_cluster.stage")
 
 # Each hop gives the next one a little less time, so the stage nearest a stalled node reports it.
 HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
-DELIVER_TIMEOUT_S = 10.0
-DELIVER_TRIES = 3
-MAX_CHUNK_TOKENS = 8192
+# The last stage's token goes to the coordinator (Deliver); a try that fails for want of room or
+# reach is tried again after a pause that doubles up to the longest, for DELIVER_GIVE_UP_S in all.
+# A token still not delivered then is dropped: the coordinator sees the step silent and replays it.
+DELIVER_TIMEOUT_S = 2.0
+DELIVER_PAUSES_S = (0.05, 1.0)  # the first pause and the longest
+DELIVER_GIVE_UP_S = 8.0
+RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+MAX_CHUNK_TOKENS = 8192  # the widest prefill chunk a coordinator may plan
 
 
 @dataclass
@@ -47,6 +53,7 @@ class LocalStage:
     num_layers: int
     kv_budget_bytes: int
     next_link: ForwardLink | None = None  # the stage after this one; None on the last
+    prefill_chunk: int = MAX_CHUNK_TOKENS  # the coordinator's widest chunk (its Load says): a wider Forward is refused
     source: str = ""         # where the slice came from (a local directory, the cache, or peers)
     received_bytes: int = 0  # of the slice, over the network
 
@@ -72,6 +79,8 @@ def _onward(request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
     )
     if request.HasField("rng_state"):
         onward.rng_state = request.rng_state
+    if request.sample:
+        onward.allowed_tokens, onward.penalty_history[:] = request.allowed_tokens, request.penalty_history
     return onward
 
 
@@ -112,11 +121,11 @@ class Stage:
         """A link to the stage at `address` ('' on the last stage: None)."""
         return ForwardLink(self.connect(address), name, address) if address else None
 
-    def retarget(self, kv_budget_bytes: int, next_name: str, next_address: str):
-        """The slice stays; its KV budget and the stage after it change."""
+    def retarget(self, kv_budget_bytes: int, next_name: str, next_address: str, prefill_chunk: int):
+        """The slice stays; its KV budget, the stage after it and the widest chunk change."""
         with self._lock:
             loaded = self.loaded
-            loaded.kv_budget_bytes = kv_budget_bytes
+            loaded.kv_budget_bytes, loaded.prefill_chunk = kv_budget_bytes, prefill_chunk
             if loaded.next_address != next_address:
                 if loaded.next_link:
                     loaded.next_link.close()
@@ -208,11 +217,16 @@ class Stage:
             raise WireError("a stage after the first needs the hidden state")
         else:
             n = check_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))[1]
-        if not 0 < n <= MAX_CHUNK_TOKENS:
-            raise WireError(f"a chunk carries 1 to {MAX_CHUNK_TOKENS} positions, not {n}")
+        if not 0 < n <= loaded.prefill_chunk:  # checked before the tensor's bytes are read
+            raise WireError(f"a chunk carries 1 to {loaded.prefill_chunk} positions (the coordinator's prefill "
+                            f"chunk), not {n}")
         if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
             raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
                             "(the positions its session reserves; every request must cover its own)")
+        try:
+            check_step(request, loaded.slice.args.vocab_size)
+        except ValueError as e:
+            raise WireError(str(e)) from e
         return n
 
     def accept(self, request: pb.ForwardRequest, time_left: float | None) -> Future:
@@ -228,6 +242,7 @@ class Stage:
             try:
                 positions = self._check_input(loaded, request)
             except WireError as e:
+                return_freed_memory(len(request.hidden.data))
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
             if self.admit:
                 self.admit(request.coordinator_id)
@@ -366,7 +381,7 @@ class Stage:
             return encode_tensor(out)
         if not request.sample:
             return pb.ForwardReply(sampled=False)
-        logits = out[:, -1, :]
+        logits = shape_logits(out[:, -1, :], request)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if request.new_generation:
             session.sampler = None
@@ -404,21 +419,31 @@ class Stage:
         if failure := failure_of(sent, self.name):
             self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
 
-    def _deliver(self, address: str, reply: pb.ForwardReply, tries: int = DELIVER_TRIES):
+    def _deliver(self, address: str, reply: pb.ForwardReply, since: float | None = None,
+                 pause: float = DELIVER_PAUSES_S[0]):
+        """Send `reply` to the coordinator at `address`, trying again after `pause` (doubling) while
+        it is busy or out of reach, until DELIVER_GIVE_UP_S after the first try (`since`)."""
         if address == self.address:
             if self.deliver:
                 self.deliver(reply)
             return
+        since = since or time.monotonic()
         stub = self._deliver_stubs.get(address)
         if stub is None:
             stub = self._deliver_stubs[address] = self.connect(address)
         call = stub.Deliver.future(reply, timeout=DELIVER_TIMEOUT_S)
 
         def done(f):
-            if f.exception() is not None:
-                if tries > 1:
-                    self._deliver(address, reply, tries - 1)
-                else:
-                    log.warning("could not deliver ticket %d to %s: %s", reply.ticket, address, f.exception())
+            error = f.exception()
+            if error is None:
+                return
+            if error.code() in RETRIED and time.monotonic() + pause - since < DELIVER_GIVE_UP_S:
+                retry = threading.Timer(pause, self._deliver,
+                                        (address, reply, since, min(2 * pause, DELIVER_PAUSES_S[1])))
+                retry.daemon = True
+                retry.start()
+                return
+            log.warning("could not deliver ticket %d to %s in %.1f s (%s: %s); the coordinator replays the step",
+                        reply.ticket, address, time.monotonic() - since, error.code().name, error.details())
 
         call.add_done_callback(done)

@@ -337,11 +337,12 @@ def _start_api(args, coordinator) -> RunningApi:
     import uvicorn
 
     from .api import build_app
-    from .api_guards import allowed_hosts
+    from .api_guards import HttpProtocol, allowed_hosts
 
     app = build_app(coordinator, coordinator.checkpoint.name, args.api_key,
                     hosts=allowed_hosts(args.api_host, args.api_allow_host), origins=args.api_allow_origin)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.api_host, port=args.api_port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.api_host, port=args.api_port, log_level="warning",
+                                           http=HttpProtocol))
     thread = threading.Thread(target=server.run, name="openai-api", daemon=True)
     thread.start()
     while not server.started:

@@ -1,10 +1,14 @@
 """Helpers around the wire contract: tensors as bytes, channels and servers, limits and error naming."""
 
+import ctypes
 import errno
+import gc
 import ipaddress
 import math
 import socket
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -37,13 +41,24 @@ CHANNEL_OPTIONS = [
 # No SO_REUSEPORT: a second process on a taken port must fail, not share the requests.
 SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.so_reuseport", 0)]
 
-# Calls that carry work (streams, loads, generations) share MAX_WORK_CALLS slots; the rest of the
-# server's threads always remain for the calls that say whether a node is alive (and for the token
-# ring's short Deliver calls, which a reply must not be refused), so a flood of
-# streams is answered RESOURCE_EXHAUSTED instead of starving health checks.
-MAX_WORK_CALLS = 32
-CONTROL_THREADS = 16
-CONTROL_METHODS = {"Info", "Health", "Release", "MemoryMap", "Stop", "Deliver", "Join", "RemoveNode"}
+# Each kind of call has slots of its own, and the server a thread for every slot (and a few more to
+# answer refusals): a call whose kind has no slot free is refused at once (RESOURCE_EXHAUSTED),
+# so a flood of one kind (Joins naming an address that never answers, streams that never end)
+# never takes the capacity of another. The token ring's Deliver and the data path never wait
+# behind control calls, and health checks are answered whatever else arrives.
+MAX_WORK_CALLS = 32              # Forward and ForwardStream (and Release) at once
+CALL_KINDS = {
+    "ring": ({"Deliver"}, 32),
+    "data": ({"Forward", "ForwardStream", "Release"}, MAX_WORK_CALLS),
+    "generate": ({"Generate"}, 32),
+    "health": ({"Health"}, 8),
+    "control": ({"Info", "Load", "Stop", "MemoryMap", "RemoveNode"}, 16),
+    "join": ({"Join"}, 4),
+    "transfer": ({"Manifest", "FetchPart"}, 8),
+}
+REFUSAL_THREADS = 8
+SERVER_THREADS = sum(limit for _, limit in CALL_KINDS.values()) + REFUSAL_THREADS
+CALL_KIND = {method: kind for kind, (methods, _) in CALL_KINDS.items() for method in methods}
 
 # wire name -> mlx dtype, the same-width unsigned integer (numpy has no bf16; memoryview no
 # float16) and that integer's buffer format.
@@ -57,6 +72,42 @@ _NAMES = {v[0]: k for k, v in _DTYPES.items()}
 
 class WireError(ValueError):
     """A message whose contents cannot be what it claims to be."""
+
+
+# A large refused message outlives its call (its refusal's traceback holds it in a reference
+# cycle until Python's collector runs), and glibc keeps what it freed (gRPC's receive buffers, the
+# parsed message) for reuse in every thread's arena: eighteen refused 60 MiB tensors left a node
+# 665 MiB larger. A second after the last of them, the cycles are collected and the freed memory
+# goes back to the system (Linux; macOS's allocator returns large blocks itself).
+RETURN_AFTER_BYTES = 8 << 20
+RETURN_DELAY_S = 1.0
+_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+_trim_lock = threading.Lock()
+_trim_due: float | None = None  # when the pending trim runs (None: none pending)
+
+
+def return_freed_memory(refused_bytes: int):
+    """A message of `refused_bytes` was refused: once it is freed, give its memory back."""
+    global _trim_due
+    if _trim is None or refused_bytes < RETURN_AFTER_BYTES:
+        return
+    with _trim_lock:
+        pending, _trim_due = _trim_due is not None, time.monotonic() + RETURN_DELAY_S
+    if not pending:
+        threading.Thread(target=_trim_when_due, name="return-memory", daemon=True).start()
+
+
+def _trim_when_due():
+    global _trim_due
+    while True:
+        with _trim_lock:
+            wait = _trim_due - time.monotonic()
+            if wait <= 0:
+                _trim_due = None
+                break
+        time.sleep(wait)  # until a second after the last refusal
+    gc.collect()
+    _trim(0)
 
 
 def encode_tensor(x: mx.array) -> pb.Tensor:
@@ -161,25 +212,28 @@ class RefuseRemoved(grpc.ServerInterceptor):
 
 
 class CallLimiter(grpc.ServerInterceptor):
-    """At most `limit` work calls at once; the next is refused at once with RESOURCE_EXHAUSTED."""
+    """At most CALL_KINDS' limit of calls of each kind at once; the next of that kind is refused at
+    once with RESOURCE_EXHAUSTED. A method in no kind counts as control."""
 
-    def __init__(self, limit: int = MAX_WORK_CALLS):
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
+    def __init__(self):
+        self._slots = {kind: threading.BoundedSemaphore(limit) for kind, (_, limit) in CALL_KINDS.items()}
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or details.method.rsplit("/", 1)[-1] in CONTROL_METHODS:
+        if handler is None:
             return handler
-        return _wrap(handler, self._limited)
+        call_kind = CALL_KIND.get(details.method.rsplit("/", 1)[-1], "control")
+        return _wrap(handler, lambda behavior: self._limited(behavior, call_kind))
 
-    def _limited(self, behavior):
+    def _limited(self, behavior, kind: str):
+        slots, limit = self._slots[kind], CALL_KINDS[kind][1]
+
         def run(request, context):
-            if not self._slots.acquire(blocking=False):
+            if not slots.acquire(blocking=False):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"busy: {self.limit} calls already in progress here; retry later")
-            if not context.add_callback(self._slots.release):  # the call already ended
-                self._slots.release()
+                              f"busy: {limit} {kind} calls already in progress here; retry later")
+            if not context.add_callback(slots.release):  # the call already ended
+                slots.release()
             return behavior(request, context)
 
         return run
@@ -207,9 +261,11 @@ def make_server(host: str, port: int, secret: bytes, name: str) -> tuple[grpc.Se
     """A mutual-TLS gRPC server for the cluster `secret` names, presenting a certificate for `name`,
     bound to host:port (0 picks one). Returns (server, port)."""
     _check_bindable(host, port)
-    threads = MAX_WORK_CALLS + CONTROL_THREADS
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                         interceptors=[RefuseRemoved(revocations()), CallLimiter()], options=SERVER_OPTIONS, maximum_concurrent_rpcs=threads)
+    # Calls past the threads wait for one (refusals take a moment each); past four times as many, gRPC
+    # itself refuses them, which bounds what a flood can queue.
+    server = grpc.server(ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="grpc"),
+                         interceptors=[RefuseRemoved(revocations()), CallLimiter()], options=SERVER_OPTIONS,
+                         maximum_concurrent_rpcs=4 * SERVER_THREADS)
     try:
         bound = server.add_secure_port(f"{host}:{port}", server_credentials(identity(secret, name)))
     except RuntimeError:

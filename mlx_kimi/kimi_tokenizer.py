@@ -94,6 +94,30 @@ def split_long_text(text: str):
         yield chunk[piece_start:]
 
 
+COUNT_PIECE_CHARS = 4096  # text counted a piece at a time by count_past
+CUT_SLACK_TOKENS = 16  # tokens a cut between two pieces may add at most (a special token's text cut in two)
+
+
+def count_past(tokenizer, text: str, limit: int) -> int | None:
+    """A number of tokens, more than `limit`, that `text` surely has, found by encoding it a piece at
+    a time and stopping there; None when it may have `limit` or fewer. The work is that of about
+    `limit` tokens however long `text` is: a prompt far past the context is refused without being
+    encoded whole (which for megabytes takes seconds and gigabytes)."""
+    # A token holds at least one byte, and a character at most four: a text of `limit` bytes or fewer fits.
+    if len(text) * 4 <= limit or (len(text) <= limit and len(text.encode()) <= limit):
+        return None
+    counted, start = 0, 0
+    while start < len(text):
+        end = start + COUNT_PIECE_CHARS
+        if end < len(text):  # cut before a space where there is one: words stay whole
+            end = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end), 0) or end
+        counted += len(tokenizer.encode(text[start:end], add_special_tokens=False)) - CUT_SLACK_TOKENS
+        if counted > limit:
+            return counted
+        start = end
+    return None
+
+
 def sort_keys_deep(value):
     """Dicts with their keys sorted at every depth, as Kimi's apply_chat_template sorts tools."""
     if isinstance(value, dict):

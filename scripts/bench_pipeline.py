@@ -58,142 +58,34 @@ sized so that one decode token costs >= 20 ms of compute on this machine:
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+# bench_common first: it puts the repository and tests/ on sys.path
+from bench_common import (PROMPTS, console, decode_rate, load_average, make_checkpoint, plan_text, raise_on_sigterm,
+                          start_cluster, stop_started_processes, verdict)
+from bench_hops import measure_hop, report_hop
 
-import grpc  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import mlx_lm  # noqa: E402
-from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from rich.table import Table
 
-import harness  # noqa: E402  (tests/harness.py)
-from cluster.client import read_reply  # noqa: E402
-from cluster.generated import kimi_cluster_pb2 as pb  # noqa: E402
-from cluster.link import ForwardLink, StageError  # noqa: E402
-from cluster.compute import ComputeWorker  # noqa: E402
-from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc  # noqa: E402
-from cluster.wire import (CHANNEL_OPTIONS, check_tensor, decode_tensor, encode_tensor, make_server,  # noqa: E402
-                          node_stub, open_channel)
-from mlx_kimi.checkpoint import INDEX_FILE, open_checkpoint  # noqa: E402
-from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
-from mlx_kimi.tiny import TinyShape, make_tiny  # noqa: E402
+from cluster.client import read_reply
+from cluster.generated import kimi_cluster_pb2 as pb
+from mlx_kimi.checkpoint import INDEX_FILE, open_checkpoint
+from mlx_kimi.slice import LayerRange, load_slice
 
 TARGET_RATIO = 0.95
-TARGET_HOP_US = 500.0
-TARGET_IDLE_HOP_US = 400.0  # issue 13: a hop after the stage sat idle for one token's compute
-TARGET_BARE_RATIO = 1.25  # issue 19: the per-hop estimates against the bare ForwardStream round trip (echo_tls)
 MIN_COMPUTE_MS = 20.0
-KIMI_HIDDEN = 7168
-
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog while the cluster passes hidden states along.",
-    "Pipeline parallel decoding sends one token's hidden state from each stage to the next.",
-    "Once upon a time a small model ran on three processes that shared two cores.",
-    "Mixture of experts layers route every token to a few experts and a shared expert.",
-    "Latency per hop matters more than bandwidth when a single token crosses the wire.",
-]
-
-console = Console(width=max(Console().width, 140))
-
-
-# ---- processes: every node process this script starts is killed when it exits ---------------
-
-STARTED: list = []
-PINNED_CORES: list = []  # free cores handed to node processes in turn (see pin_to_own_cores)
-
-
-def pin_to_own_cores(processes: int) -> str:
-    """Pin this process to one core and each node process started after it to another, where
-    the machine has a core for each; returns what was done, for the report."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) < processes + 1:
-        return (f"{len(cores) or os.cpu_count()} cores for this process and {processes} stage processes: "
-                "not pinned, they share the cores (figures measure the machinery, not separate Macs)")
-    os.sched_setaffinity(0, {cores[0]})
-    PINNED_CORES[:] = cores[1:]
-    return f"pinned: this process (mlx-lm) to core {cores[0]}, each stage process to its own core of {cores[1:]}"
-
-
-class _TrackingSubprocess:
-    """Stands in for the subprocess module inside tests/harness.py so every node it starts is
-    recorded here, including one that dies before LocalCluster returns, and pinned to a core of
-    its own when pin_to_own_cores handed some out."""
-
-    def __getattr__(self, name):
-        return getattr(subprocess, name)
-
-    @staticmethod
-    def Popen(*args, **kwargs):
-        if PINNED_CORES:  # set in the child before it runs anything, so all its threads inherit it
-            core = PINNED_CORES[sum(p.poll() is None for p in STARTED) % len(PINNED_CORES)]
-            kwargs["preexec_fn"] = lambda: os.sched_setaffinity(0, {core})
-        proc = subprocess.Popen(*args, **kwargs)
-        STARTED.append(proc)
-        return proc
-
-
-harness.subprocess = _TrackingSubprocess()
-
-
-def stop_started_processes():
-    live = [p for p in STARTED if p.poll() is None]
-    for p in live:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for p in live:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _raise_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-# ---- statistics ------------------------------------------------------------------------------
-
-def on_vm() -> bool:
-    """Whether this machine says it runs under a hypervisor (Linux: the cpuinfo flag)."""
-    try:
-        return " hypervisor" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def load_average() -> str:
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
-    except OSError:
-        return "load average unknown"
-
-
-def pct(values, q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def decode_rate(stamps: list) -> float:
-    """tok/s over the N - 1 intervals between the first and the Nth token."""
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 # ---- single process ------------------------------------------------------------------------
@@ -274,193 +166,6 @@ def run_cluster(cluster, prompt: list, n: int) -> dict:
     }
 
 
-def plan_text(cluster) -> str:
-    m = cluster.memory_map()
-    stages = sorted((e.start, e.end, e.name) for e in m.nodes if e.has_layers)
-    return " > ".join(f"{name}[{start},{end})" for start, end, name in stages)
-
-
-def start_cluster(stack: ExitStack, workdir: Path, model_dir: Path, stages: int):
-    workdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    cluster = stack.enter_context(harness.LocalCluster(workdir, model_dir, stages=stages))
-    stack.callback(cluster.channel.close)
-    m = cluster.memory_map()
-    used = [e for e in m.nodes if e.has_layers]
-    if len(used) != stages:
-        raise RuntimeError(f"the planner used {len(used)} of {stages} nodes: {plan_text(cluster)}")
-    return cluster, time.perf_counter() - started
-
-
-# ---- one hop ---------------------------------------------------------------------------------
-
-def busy_wait(seconds: float):
-    """Wait actively: spin, yielding the core to any other runnable thread, instead of sleeping."""
-    until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        os.sched_yield()
-
-
-def time_calls(fn, calls: int, warmup: int, idle_s: float = 0.0, spin: bool = False) -> list:
-    """µs per call; with idle_s, this process sleeps that long before each call (untimed), or
-    with `spin` waits actively that long (busy_wait)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(calls):
-        if idle_s:
-            busy_wait(idle_s) if spin else time.sleep(idle_s)
-        t = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t) / 1e3)
-    return out
-
-
-def measure_hop(cluster, model_hidden: int, calls: int, idle_s: float) -> dict:
-    """Rows of (what, samples in µs). See the module docstring, item 4."""
-    # A later stage validates the hidden state against its width and rejects ours; if this
-    # model happened to be 7168 wide it would run it, so go to the first stage then (which
-    # rejects a request without token ids, after parsing it).
-    later = [e for e in cluster.memory_map().nodes if e.has_layers and e.start > 0]
-    target = later[0] if later and model_hidden != KIMI_HIDDEN else \
-        next(e for e in cluster.memory_map().nodes if e.has_layers and e.start == 0)
-    channel = open_channel(target.address, cluster.secret)
-    try:
-        stub = node_stub(channel)
-        x = mx.random.normal((1, 1, KIMI_HIDDEN)).astype(mx.bfloat16)
-        mx.eval(x)
-        hidden = encode_tensor(x)
-        if len(hidden.data) != KIMI_HIDDEN * 2:
-            raise RuntimeError(f"encoded hidden is {len(hidden.data)} bytes, expected {KIMI_HIDDEN * 2}")
-        sampling = pb.SamplingParams(temperature=0.0)
-
-        def request():
-            return pb.ForwardRequest(session_id="bench-hop", offset=0, hidden=hidden, sample=True,
-                                     sampling=sampling, max_positions=64)
-
-        def accepted():
-            return RuntimeError(f"node {target.name} accepted a {KIMI_HIDDEN}-wide hidden state; "
-                                "the hop measurement would include model compute")
-
-        def stream():  # the chain's data path: a message on the long-lived ForwardStream
-            try:
-                link.call(request(), 10.0)
-            except StageError as e:
-                if e.code != grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
-                return
-            raise accepted()
-
-        def unary():
-            try:
-                stub.Forward(request(), timeout=10)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
-                return
-            raise accepted()
-
-        def health():
-            stub.Health(pb.HealthRequest(), timeout=10)
-
-        link = ForwardLink(stub, target.name, target.address)
-        try:  # what the node answers, once, for the record
-            link.call(request(), 10.0)
-            answer = "accepted (!)"
-        except StageError as e:
-            answer = f"{e.code.name}: {e.message}"
-
-        warm, idle_calls = max(50, calls // 10), max(50, calls // 5)
-        rows = {"health": time_calls(health, calls, warm), "unary": time_calls(unary, calls, warm),
-                "forward": time_calls(stream, calls, warm), "forward_idle": [], "forward_spin": []}
-        for _ in range(idle_calls // 10):  # sleeping and spinning alternate, so drift hits both alike
-            rows["forward_idle"] += time_calls(stream, 10, 2, idle_s)
-            rows["forward_spin"] += time_calls(stream, 10, 2, idle_s, spin=True)
-        link.close()
-    finally:
-        channel.close()
-
-    def encode():
-        encode_tensor(x)
-
-    def decode():  # as Node._input: the result feeds the stage's graph, evaluated with it
-        decode_tensor(hidden, (1, None, KIMI_HIDDEN))
-
-    worker = ComputeWorker()
-
-    def handoff():
-        worker.run(lambda: None)
-
-    def check():  # what the receiving node runs on each request: pure Python, no thread, no I/O
-        check_tensor(hidden, (1, None, KIMI_HIDDEN))
-
-    tls = measure_tls(hidden, cluster.secret, calls)
-    rows["echo_plain"], rows["echo_tls"], rows["echo_process"] = tls["plain"], tls["tls"], tls["tls_process"]
-    rows["encode"] = time_calls(encode, calls, warm)
-    rows["decode"] = time_calls(decode, calls, warm)
-    rows["handoff"] = time_calls(handoff, calls, warm)
-    rows["handoff_idle"] = time_calls(handoff, idle_calls, 10, idle_s)
-    rows["check"] = time_calls(check, calls, warm)
-    rows["check_idle"] = time_calls(check, idle_calls, 10, idle_s)
-    return {"rows": rows, "target": f"{target.name} ({target.address}, layers [{target.start}, {target.end}))",
-            "answer": answer}
-
-
-class _Answerer(pb_grpc.NodeServicer):
-    """Answers every ForwardStream request at once: the transport alone."""
-
-    def ForwardStream(self, requests, context):
-        for r in requests:
-            yield pb.ForwardReply(seq=r.seq, sampled=True)
-
-
-def serve_answerer(secret_hex: str):
-    """`--answer SECRET`: a process of its own serving _Answerer over mutual TLS; prints its port."""
-    server, port = make_server("127.0.0.1", 0, bytes.fromhex(secret_hex), "bench-answerer")
-    pb_grpc.add_NodeServicer_to_server(_Answerer(), server)
-    server.start()
-    print(port, flush=True)
-    server.wait_for_termination()
-
-
-def measure_tls(hidden: pb.Tensor, secret: bytes, calls: int) -> dict:
-    """µs per ForwardStream round trip of `hidden` to an in-process server, plaintext and mutual TLS,
-    and over mutual TLS to the same server in a process of its own (a node is one), measured in
-    alternating batches so drift hits all alike. See the module docstring, item 4d."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    plain_server = grpc.server(ThreadPoolExecutor(4))
-    plain_port = plain_server.add_insecure_port("127.0.0.1:0")
-    tls_server, tls_port = make_server("127.0.0.1", 0, secret, "bench-answerer")
-    answerer = harness.subprocess.Popen([sys.executable, __file__, "--answer", secret.hex()],
-                                        stdout=subprocess.PIPE, text=True)
-    process_port = int(answerer.stdout.readline())
-    channels = {"plain": grpc.insecure_channel(f"127.0.0.1:{plain_port}", options=CHANNEL_OPTIONS),
-                "tls": open_channel(f"127.0.0.1:{tls_port}", secret),
-                "tls_process": open_channel(f"127.0.0.1:{process_port}", secret)}
-    links, rows = {}, {kind: [] for kind in channels}
-    try:
-        for server in (plain_server, tls_server):
-            pb_grpc.add_NodeServicer_to_server(_Answerer(), server)
-            server.start()
-        for kind, channel in channels.items():
-            links[kind] = ForwardLink(node_stub(channel), kind, kind)
-        batch = 100
-        for _ in range(max(1, calls // batch)):
-            for kind, link in links.items():
-                rows[kind] += time_calls(lambda: link.call(pb.ForwardRequest(hidden=hidden), 10.0), batch, 10)
-    finally:
-        for link in links.values():
-            link.close()
-        for channel in channels.values():
-            channel.close()
-        plain_server.stop(None)
-        tls_server.stop(None)
-        answerer.kill()
-        answerer.wait()
-    return rows
-
-
 # ---- main ------------------------------------------------------------------------------------
 
 def parse_args():
@@ -493,23 +198,9 @@ def parse_args():
     return args
 
 
-def make_checkpoint(work: Path, args) -> Path:
-    shape = TinyShape(layers=args.layers, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      moe_intermediate_size=args.moe_intermediate, routed_experts=args.experts,
-                      experts_per_token=args.experts_per_token, vocab_size=args.vocab)
-    key = hashlib.sha256(json.dumps([repr(shape), args.dtype, args.seed]).encode()).hexdigest()[:12]
-    out = work / f"checkpoint-{key}"
-    if not (out / "tiny_shape.json").exists():  # make_tiny writes it last
-        shutil.rmtree(out, ignore_errors=True)
-        make_tiny(out, shape, seed=args.seed, model_type="kimi_k25", dtype=args.dtype)
-    return out
-
-
 def main():
-    if sys.argv[1:2] == ["--answer"]:
-        return serve_answerer(sys.argv[2])
     args = parse_args()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
     began = time.perf_counter()
     with ExitStack() as stack:
         stack.callback(stop_started_processes)
@@ -636,83 +327,16 @@ def bench(args, work: Path, stack: ExitStack, began: float):
         "slices' evaluation schedule. Background load on this machine moves all figures; ratios are paired per "
         "round.", highlight=False)
 
-    rows = hop["rows"]
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    extra = ["forward", "encode", "decode", "handoff"]
-    hop_us = sum(med[k] for k in extra)
-    hop_idle_us = hop_us - med["forward"] + med["forward_idle"]
     step = {c: [1e6 / x["tok_s"] for x in results[c]] for c in (2, 3)}
     in_situ = statistics.median(b - a for a, b in zip(step[2], step[3]))
-    t2 = Table(title=f"One hop: one bf16 token of width {KIMI_HIDDEN} ({KIMI_HIDDEN * 2:,}-byte hidden state)",
-               title_justify="left")
-    for col, just in [("what", "left"), ("calls", "right"), ("median µs", "right"), ("p90 µs", "right"),
-                      ("in estimate", "left")]:
-        t2.add_column(col, justify=just)
-    labels = {
-        "health": "Node.Health round trip, empty (floor of any unary gRPC call over mutual TLS)",
-        "unary": "a unary Node.Forward call carrying it (a new call per token on the open connection)",
-        "forward": "round trip of one request carrying the hidden state on the stage's long-lived\n"
-                   "ForwardStream (cluster.link.ForwardLink, as Node._call_next sends it), back to back:\n"
-                   "sent, parsed, validated by check_tensor, rejected, the reply matched by seq",
-        "forward_idle": f"the same round trip after {idle_s * 1e3:.1f} ms idle before each call (what a stage of\n"
-                        "a 2-stage pipeline waits while the other computes)",
-        "forward_spin": f"the same after {idle_s * 1e3:.1f} ms of waiting actively instead (spinning with\n"
-                        "sched_yield, as a stage that expects its next message soon could)",
-        "check": "check_tensor of the hidden state (the receiver's validation: pure Python), in process",
-        "check_idle": f"the same after {idle_s * 1e3:.1f} ms idle before each call",
-        "handoff_idle": f"hand-off to the compute thread and back after {idle_s * 1e3:.1f} ms idle",
-        "encode": "encode_tensor (sender), in process",
-        "decode": "decode_tensor (receiver; its bf16 view is evaluated with the stage's graph), in process",
-        "handoff": "hand-off to the node's MLX compute thread and back (ComputeWorker.run), in process",
-        "echo_plain": "ForwardStream round trip to an in-process server that answers at once: plaintext",
-        "echo_tls": "the same over the cluster's mutual TLS (what every real hop uses): the bare round trip",
-        "echo_process": "the same with that server in a process of its own (as every node is)",
-    }
-    used = {"forward": "yes", "encode": "yes", "decode": "yes", "handoff": "yes", "forward_idle": "idle est."}
-    for k in ("health", "unary", "forward", "forward_idle", "forward_spin", "encode", "decode", "handoff",
-              "handoff_idle", "check", "check_idle", "echo_plain", "echo_tls", "echo_process"):
-        t2.add_row(labels[k], str(len(rows[k])), f"{med[k]:.1f}", f"{pct(rows[k], 0.9):.1f}", used.get(k, "no"))
-    tls_us = med["echo_tls"] - med["echo_plain"]
-    t2.add_row("TLS cost per hop (median TLS minus median plaintext; included in the Forward rows)", "",
-               f"{tls_us:.1f}", "", "no")
-    bare, apart = med["echo_tls"], med["echo_process"]
-    t2.add_row("[bold]per-hop overhead estimate, back to back (sum of the medians marked yes)", "",
-               f"[bold]{hop_us:.1f}", f"{hop_us / bare:.2f}x bare", "")
-    t2.add_row("per-hop overhead estimate after idle (Forward after idle + encode + decode + hand-off)", "",
-               f"{hop_idle_us:.1f}", f"{hop_idle_us / bare:.2f}x bare", "")
-    t2.add_row("in the pipelines above: median per-token time of 3-stage minus 2-stage (one more hop,\n"
-               "plus any compute the finer split costs; noisy)", str(args.rounds), f"{in_situ:.1f}", "", "no")
-    console.print(t2)
-    console.print(f"hop target node: {hop['target']}; it answered: {hop['answer']}", highlight=False)
-    console.print(
-        f"[bold]after idle[/], on this machine ({os.cpu_count()} CPU cores{', a virtual machine' if on_vm() else ''}, "
-        f"shared by every process here): the round trip grows from {med['forward']:.0f} to "
-        f"{med['forward_idle']:.0f} µs "
-        f"({med['forward_idle'] / med['forward']:.1f}x), and so do the in-process pieces with no network and no thread "
-        f"between them (check_tensor {med['check']:.0f} -> {med['check_idle']:.0f} µs, hand-off {med['handoff']:.0f} "
-        f"-> {med['handoff_idle']:.0f} µs): the path itself runs slower after the CPU did something else, it is not "
-        f"a waiting thread being slow to wake. Waiting actively instead of sleeping does not help here "
-        f"({med['forward_spin']:.0f} µs spinning vs {med['forward_idle']:.0f} µs sleeping), so kimi-cluster's "
-        "stages block rather than spin (a spin would also take the core the computing stage needs).",
-        highlight=False)
-
-    def verdict(ok):
-        return "PASS" if ok else "MISS"
+    hop_parts = report_hop(hop, idle_s, in_situ, args.rounds)
 
     parts = [f"{c}-stage {ratios[c]:.3f}x of single-process mlx-lm (target >= {TARGET_RATIO}x: "
              f"{verdict(ratios[c] >= TARGET_RATIO)}), {slice_ratios[c]:.3f}x of the same slice code in one process"
              for c in (2, 3)]
     parts.append(f"one-slice single process {ratios['slice']:.3f}x, eval once per token {ratios['sync']:.3f}x "
                  f"(graph building {build_ms:.1f} ms/token)")
-    parts.append(f"mutual TLS adds {tls_us:.0f} µs per hop ({med['echo_plain']:.0f} -> {med['echo_tls']:.0f} µs)")
-    parts.append(f"per-hop overhead {hop_us / bare:.2f}x back to back and {hop_idle_us / bare:.2f}x after idle of "
-                 f"the bare ForwardStream round trip ({bare:.0f} µs; target <= {TARGET_BARE_RATIO}x: "
-                 f"{verdict(max(hop_us, hop_idle_us) <= TARGET_BARE_RATIO * bare)}), {hop_us / apart:.2f}x and "
-                 f"{hop_idle_us / apart:.2f}x of that round trip to another process ({apart:.0f} µs)")
-    parts.append(f"per-hop overhead {hop_us:.0f} µs back to back (target <= {TARGET_HOP_US:.0f} µs: "
-                 f"{verdict(hop_us <= TARGET_HOP_US)}), {hop_idle_us:.0f} µs after idle (target <= "
-                 f"{TARGET_IDLE_HOP_US:.0f} µs: {verdict(hop_idle_us <= TARGET_IDLE_HOP_US)}), "
-                 f"{hop_us - med['forward'] + med['forward_spin']:.0f} µs after waiting actively")
+    parts += hop_parts
     console.print(f"[bold]SUMMARY[/] ({args.dtype}, {compute_ms:.1f} ms/token single-process compute, "
                   f"{n} tokens, {args.rounds} rounds, {time.perf_counter() - began:.0f} s): " + "; ".join(parts)
                   + ("; EARLY STOP, see above" if early else "") + f"; {load_average()} at the end",

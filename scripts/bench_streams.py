@@ -5,7 +5,7 @@ the time to the first token of a long prompt against single-process mlx-lm, in o
     python scripts/bench_streams.py            # 1/2/4/8 streams, 1,024- and 4,096-token prompts
     python scripts/bench_streams.py --quick    # 1/2/4 streams, 256-token prompt
 
-Same tiny checkpoint as scripts/bench_pipeline.py (its make_checkpoint and start_cluster). For each
+Same tiny checkpoint as bench_pipeline.py (bench_common.py's make_checkpoint, start_cluster). For each
 cluster size, `streams` Generate calls run at once (greedy, --tokens each); the aggregate rate is
 every token after each stream's first, over the span from the earliest first token to the latest
 last one. Ratios are against one stream on the same cluster. TTFT is the coordinator's DoneEvent
@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_pipeline as bp  # noqa: E402  (sets up sys.path for cluster/ and tests/)
+import bench_common as bc  # noqa: E402  (sets up sys.path for cluster/ and tests/)
 
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
@@ -123,21 +123,21 @@ def main():
     lengths = args.prompt_tokens or ([256] if args.quick else [1024, 4096])
     shape = argparse.Namespace(layers=20, hidden=256, intermediate=512, moe_intermediate=128, experts=16,
                                experts_per_token=4, vocab=512, dtype="float32", seed=0)
-    pinning = bp.pin_to_own_cores(max(args.stages))
+    pinning = bc.pin_to_own_cores(max(args.stages))
     with ExitStack() as stack:
-        stack.callback(bp.stop_started_processes)
+        stack.callback(bc.stop_started_processes)
         work = Path(tempfile.mkdtemp(prefix="bench_streams-"))
         stack.callback(shutil.rmtree, work, True)
-        model_dir = bp.make_checkpoint(work, shape)
+        model_dir = bc.make_checkpoint(work, shape)
         model, tokenizer = mlx_lm.load(str(model_dir))
         rng = random.Random(0)
-        short = [list(tokenizer.encode(text)) for text in bp.PROMPTS]
+        short = [list(tokenizer.encode(text)) for text in bc.PROMPTS]
         prompts = [short[i % len(short)] for i in range(max(streams))]
         long_prompts = {n: [rng.randrange(256, shape.vocab) for _ in range(n)] for n in lengths}
         mlx_ttft(model, short[0])  # warm-up (compiles, first allocations), as each cluster gets one
         mlx_first = {n: mlx_ttft(model, prompt) for n, prompt in long_prompts.items()}
-        bp.console.print(pinning)
-        table = Table(title=f"aggregate decode tok/s ({args.tokens} tokens per stream) and TTFT; {bp.load_average()}")
+        bc.console.print(pinning)
+        table = Table(title=f"aggregate decode tok/s ({args.tokens} tokens per stream) and TTFT; {bc.load_average()}")
         table.add_column("")
         for s in streams:
             table.add_column(f"{s} stream{'s' * (s > 1)}", justify="right")
@@ -147,7 +147,7 @@ def main():
         measured = {}  # stages -> (rates by streams, ttft by prompt length)
         for stages in args.stages:
             with ExitStack() as inner:
-                cluster, _ = bp.start_cluster(inner, work / f"s{stages}", model_dir, stages)
+                cluster, _ = bc.start_cluster(inner, work / f"s{stages}", model_dir, stages)
                 concurrent_decode(cluster, prompts[:1], 4)  # warm-up
                 rates = [concurrent_decode(cluster, prompts[:s], args.tokens) for s in streams]
                 ttfts = {n: cluster_ttft(cluster, prompt) for n, prompt in long_prompts.items()}
@@ -156,10 +156,10 @@ def main():
                               *[f"{ttfts[n]:.2f} s ({ttfts[n] / mlx_first[n]:.2f}x)" for n in lengths])
                 measured[stages] = (dict(zip(streams, rates)), ttfts)
                 cluster.stop()
-        bp.console.print(table)
+        bc.console.print(table)
         print_targets(measured, mlx_first)
         step_ms, copy_ms = batch_copy_cost(model_dir)
-        bp.console.print(f"batched decode step, 8 sessions at 1,024 positions, in one process: {step_ms:.1f} ms, "
+        bc.console.print(f"batched decode step, 8 sessions at 1,024 positions, in one process: {step_ms:.1f} ms, "
                          f"of which merging and extracting their KV caches {copy_ms:.1f} ms "
                          f"({copy_ms / step_ms:.0%})")
 
@@ -182,7 +182,7 @@ def print_targets(measured: dict, mlx_first: dict):
     for name, value, sense, target in rows:
         met = value >= target if sense == ">=" else value <= target
         table.add_row(name, f"{value:.2f}x", f"{sense} {target}x", "yes" if met else "[red]no[/]")
-    bp.console.print(table)
+    bc.console.print(table)
 
 
 if __name__ == "__main__":

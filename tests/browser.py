@@ -77,3 +77,11 @@ class Browser:
         self.stack.close()
         self.proc.kill()
         self.proc.wait(timeout=30)
+
+
+def open_page(browser: Browser, api_url: str, key: str, page: str):
+    """`page` of the web view at `api_url` (http://HOST:PORT/v1), with `key` kept as the page keeps it."""
+    root = api_url.removesuffix("/v1") + "/"
+    browser.goto(root + "chat.html")  # any page of the origin, to reach its localStorage
+    browser.evaluate(f"localStorage.setItem('kimi-cluster-api-key', {json.dumps(key)})")
+    browser.goto(root + page)

@@ -73,3 +73,15 @@ def _oracle_tokens(model, prompt_ids, max_tokens, sampler=None) -> list:
 def oracle_tokens():
     """oracle_tokens(model, prompt_ids, max_tokens, sampler=None) -> list of ints."""
     return _oracle_tokens
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium (tests/browser.py) for the web view tests; skipped where there is none."""
+    import browser as browser_module
+
+    if browser_module.CHROMIUM is None:
+        pytest.skip("no chromium: scripts/setup installs it (apt-get install chromium)")
+    b = browser_module.Browser(tmp_path_factory.mktemp("chromium"))
+    yield b
+    b.close()

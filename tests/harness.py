@@ -27,14 +27,15 @@ TEST_SECRET = "5a1c0e7f3b9d2468ace13579bdf02468a5c3e1f0b2d4f6e8c0a9b8c7d6e5f4a3"
 START_TIMEOUT_S = 120.0
 
 
-def oracle_reply(oracle, prompt_ids, max_tokens: int, sampler=None, seed=None) -> list:
+def oracle_reply(oracle, prompt_ids, max_tokens: int, sampler=None, seed=None, logits_processors=None) -> list:
     """The reference: mlx-lm's own generation on the whole model ((model, tokenizer) = `oracle`),
     cut before the first EOS like the coordinator's token stream."""
     model, tokenizer = oracle
     if seed is not None:
         mx.random.seed(seed)
     out = []
-    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler):
+    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler,
+                                  logits_processors=logits_processors):
         if int(token) in tokenizer.eos_token_ids:
             break
         out.append(int(token))

@@ -168,6 +168,14 @@ def test_greedy_without_thinking_matches_mlx_lm(api, client, expect, how):
     assert reply.model == api.model_name and reply.object == "chat.completion"
 
 
+def test_text_parts_are_joined_as_the_template_joins_them(api, client, expect):
+    want = expect(chat("Hi there!"), 24, thinking=False)
+    parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}, {"type": "text", "text": "!"}]
+    reply = create(client, api, chat(parts), 24, extra_body=NO_THINKING)
+    assert reply.choices[0].message.content == want.content
+    assert reply.usage.prompt_tokens == len(want.prompt)
+
+
 def test_greedy_with_thinking_matches_mlx_lm(api, client, expect):
     messages = chat("Why is the sky blue?")
     want = expect(messages, 40)  # the template's default: the prompt ends with <think>

@@ -2,6 +2,7 @@
 the secret, a KV cache budget too small for a request. Real processes, real gRPC, real MLX; the
 single-process mlx-lm model is the reference for every token."""
 
+import json
 import re
 import secrets
 import signal
@@ -16,10 +17,13 @@ from mlx_lm.sample_utils import make_sampler
 from cluster.loading import checkpoint_sizes, prefill_chunk
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.planner import kv_cache_bytes, prefill_scratch_bytes
+from cluster.shaping import put_penalties
 from cluster.wire import coordinator_stub, node_stub, open_channel
 import harness
 from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node, tight_memory, wait_for_log
 from mlx_kimi.checkpoint import open_checkpoint
+from mlx_kimi.constrain import Constraint, ConstraintSpec
+from mlx_kimi.penalties import Penalties
 from mlx_kimi.slice import LayerRange, load_slice
 
 GREEDY_TOKENS = 48
@@ -37,15 +41,17 @@ def middle_of(cluster):
 
 
 def generate_during(cluster, requests: list, interrupt, after_tokens: int = 5) -> list:
-    """Run every (prompt ids, SamplingParams, max_tokens) of `requests` at once, call `interrupt()`
-    once each has streamed `after_tokens` tokens, and return each one's token ids (or its error)."""
+    """Run every (prompt ids, SamplingParams, max_tokens[, response_format_json]) of `requests` at
+    once, call `interrupt()` once each has streamed `after_tokens` tokens, and return each one's
+    token ids (or its error)."""
     streamed = [threading.Event() for _ in requests]
     results = [None] * len(requests)
 
-    def generate(i, prompt_ids, sampling, max_tokens):
+    def generate(i, prompt_ids, sampling, max_tokens, response_format=""):
         ids = []
         try:
-            request = pb.GenerateRequest(prompt_tokens=prompt_ids, max_tokens=max_tokens, sampling=sampling)
+            request = pb.GenerateRequest(prompt_tokens=prompt_ids, max_tokens=max_tokens, sampling=sampling,
+                                         response_format_json=response_format)
             for event in cluster.client.Generate(request, timeout=180):
                 if event.HasField("token") and event.token.id >= 0:
                     ids.append(event.token.id)
@@ -72,11 +78,17 @@ def generate_during(cluster, requests: list, interrupt, after_tokens: int = 5) -
     return results
 
 
+ANSWER = {"type": "object", "additionalProperties": False, "required": ["name", "count"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "count": {"type": "integer"}}}
+
+
 @pytest.fixture(scope="module")
 def eight_generations(oracle, make_chat_prompt):
-    """([(prompt ids, SamplingParams, max_tokens)] of 8 requests, greedy and seeded, and the
-    tokens of each from the oracle)."""
-    prompts = [make_chat_prompt(oracle[1], text) for text in ("Hi!", "Hello there", "Why?", "Go on")]
+    """([(prompt ids, SamplingParams, max_tokens[, response_format_json])] of 8 requests, greedy and
+    seeded, and the tokens of each from the oracle): the last two with penalties and a JSON schema
+    (an instant-mode prompt, so the grammar holds the reply from its first token), whose grammar
+    state and penalty history a replay must rebuild exactly."""
+    prompts = [make_chat_prompt(oracle[1], text) for text in ("Hi!", "Hello there", "Why?")]
     requests, expected = [], []
     for i, prompt in enumerate(prompts):
         for temperature, seed in ((0.0, None), (0.8, 100 + i)):
@@ -86,6 +98,18 @@ def eight_generations(oracle, make_chat_prompt):
             sampler = make_sampler(temperature) if temperature else None
             requests.append((prompt, sampling, GREEDY_TOKENS))
             expected.append(oracle_reply(oracle, prompt, GREEDY_TOKENS, sampler=sampler, seed=seed))
+    tokenizer = oracle[1]
+    instant = list(tokenizer.apply_chat_template([{"role": "user", "content": "Go on"}], add_generation_prompt=True,
+                                                 thinking=False))
+    penalties = Penalties(presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, logit_bias={7: 2.0})
+    for seed in (200, 201):
+        sampling = pb.SamplingParams(temperature=0.8, seed=seed)
+        put_penalties(sampling, penalties)
+        constraint = Constraint.for_spec(ConstraintSpec(json_schema=ANSWER), tokenizer, 512, tokenizer.eos_token_ids)
+        fmt = json.dumps({"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}})
+        requests.append((instant, sampling, GREEDY_TOKENS, fmt))
+        expected.append(oracle_reply(oracle, instant, GREEDY_TOKENS, sampler=make_sampler(0.8), seed=seed,
+                                     logits_processors=penalties.processors() + [constraint.processor(len(instant))]))
     return requests, expected
 
 

@@ -1,6 +1,7 @@
 """Fuzzing (hypothesis) of a live 2-stage cluster with its API, for a bounded time: generated and
-mutated messages to the nodes' and the coordinator's gRPC services, generated JSON to the API.
-Every call must be answered, or refused with a status that says why: UNKNOWN (a servicer raised),
+mutated messages to the nodes' and the coordinator's gRPC services; generated JSON, numbers,
+headers, paths and raw request lines to every API endpoint, where anything but a 5xx or a logged
+traceback is fine. Every gRPC call must be answered, or refused with a status that says why: UNKNOWN (a servicer raised),
 INTERNAL (an unexpected error inside a server) and DEADLINE_EXCEEDED (a hang) fail the test.
 Throughout, a generation runs alongside and must keep giving mlx-lm's tokens; each test ends by
 checking that one more generation after its fuzzing gives them too, and that every process is
@@ -15,6 +16,7 @@ spare, which the real coordinator must then still be able to load; Joins name on
 import http.client
 import json
 import signal
+import socket
 import subprocess
 import threading
 from urllib.parse import urlsplit
@@ -162,6 +164,15 @@ def _answered(call, unparsed_body: bool = False):
         assert e.details(), f"{e.code().name} without a message"
 
 
+def _without_tracebacks(fuzzed, run):
+    """Run the fuzzing `run`, then fail on any traceback a node logged meanwhile."""
+    start = {node.name: len(node.log()) for node in fuzzed.nodes}
+    run()
+    for node in fuzzed.nodes:
+        logged = node.log()[start[node.name]:]
+        assert "Traceback" not in logged, (node.name, logged[logged.find("Traceback") - 300:][:3000])
+
+
 def test_fuzz_node_services(fuzzed):
     @FUZZ
     @given(data=st.data())
@@ -209,7 +220,7 @@ def test_fuzz_generate(fuzzed):
         request.prompt_tokens.extend(tokens)
         _answered(lambda: list(fuzzed.client.Generate(request, timeout=30)))
 
-    run()
+    _without_tracebacks(fuzzed, run)
     _unharmed(fuzzed)
 
 
@@ -221,16 +232,29 @@ json_values = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["messages", "prompt", "model", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-          "tools", "tool_choice", "thinking", "chat_template_kwargs", "logprobs", "n", "response_format"]
+          "tools", "tool_choice", "thinking", "chat_template_kwargs", "logprobs", "n", "response_format",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "parallel_tool_calls",
+          "system", "stop_sequences"]
+SCHEMA_KEYS = st.sampled_from(["type", "properties", "items", "enum", "const", "anyOf", "required", "pattern",
+                               "format", "$ref", "additionalProperties", "not", "minimum", "maxLength"])
+schemas = st.dictionaries(SCHEMA_KEYS, json_values, max_size=4)
+# Shapes that reach the grammar compiler, besides the arbitrary values of FIELDS.
+SHAPED = {
+    "response_format": st.builds(lambda s: {"type": "json_schema", "json_schema": {"name": "f", "schema": s}}, schemas),
+    "tools": st.lists(st.builds(lambda s: {"type": "function", "function": {"name": "f", "parameters": s}}, schemas),
+                      max_size=2),
+}
 
 
 def test_fuzz_api(fuzzed):
     @FUZZ
-    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                 "/v1/messages/count_tokens"]),
            fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+           shaped=st.fixed_dictionaries({}, optional=SHAPED),
            valid_messages=st.booleans(), max_tokens=st.integers(1, 3) | json_values)
-    def run(path, fields, valid_messages, max_tokens):
-        body = {**fields, "max_tokens": max_tokens}
+    def run(path, fields, shaped, valid_messages, max_tokens):
+        body = {**fields, **shaped, "max_tokens": max_tokens}
         if valid_messages:
             body.setdefault("messages", [{"role": "user", "content": "Hi"}])
             body.setdefault("prompt", "Hi")
@@ -245,7 +269,125 @@ def test_fuzz_api(fuzzed):
         if response.status != 200:
             assert json.loads(text)["error"]["message"]
 
-    run()
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
+# ---- the API: numbers, headers, paths and request lines, for every endpoint ----------------------
+
+ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/cluster"),
+             ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
+             ("GET", "/"), ("GET", "/chat.html")]
+NUMBER_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "timeout",
+                 "n", "presence_penalty", "logprobs", "top_logprobs"]
+numbers = (st.integers() | st.integers(-2**70, 2**70).map(lambda n: n * 10**330) | st.floats()
+           | st.sampled_from(["1e400", "-1e400", "1" + "0" * 400, "-0", "1e-400", "0x10", "1_000", "01"]))
+header_text = st.text(st.characters(min_codepoint=0, max_codepoint=255), max_size=40)
+
+
+def _header(*odd: str):
+    return st.sampled_from(odd) | header_text
+
+
+headers = st.fixed_dictionaries({}, optional={
+    "Host": _header("[", "[::1", "[::1]:x", "localhost:", "::1", "", "a" * 300, "localhost"),
+    "Origin": _header("http://[", "http://[::1", "null", "http://localhost", "//", ""),
+    "Content-Type": _header("application/json; x", "application/jsonx", "", "APPLICATION/JSON"),
+    "Content-Length": _header("-1", "99999999999999999999", "1x", "", "0"),
+    "Authorization": _header("Bearer ", "Bearer \xe9", "Basic", ""),
+    "Transfer-Encoding": _header("chunked", "gzip", ""),
+    "Expect": _header("100-continue"),
+    "X" * 300: header_text,
+})
+path_tail = st.text(st.sampled_from("/.%?#;=&az09~:[]@!$'()*+,\x7f"), max_size=40) | st.sampled_from(
+    ["%00", "%ff%fe", "/../../etc/passwd", "%2e%2e/", "a" * 5000, "?" + "x=1&" * 500, "//", "/%"])
+
+
+def _exchange(fuzzed, raw: bytes, half_close: bool = False) -> tuple:
+    """(status, body) of one raw HTTP exchange; None status when the API closed without answering.
+    `half_close`: say nothing more follows (a request whose framing may promise more than it sends)."""
+    with socket.create_connection((fuzzed.host, fuzzed.port), timeout=30) as conn:
+        conn.sendall(raw)
+        if half_close:
+            conn.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    first = head.split(b"\r\n", 1)[0].split()
+    return (int(first[1]) if len(first) > 1 and first[1].isdigit() else None), body
+
+
+def _no_5xx(status, body: bytes, sent):
+    assert status is not None and status < 500, (status, sent[:300], body[:300])
+    if status >= 400 and body[:1] == b"{":
+        assert json.loads(body)["error"]["message"], body[:300]
+
+
+
+
+def _request(method: str, target: str, fields: dict, body: bytes) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1".encode("latin-1")]
+    fields = {"Host": "localhost", "Content-Type": "application/json", **fields, "Connection": "close"}
+    fields.setdefault("Content-Length", str(len(body)))
+    lines += [f"{name}: {value}".encode("latin-1") for name, value in fields.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def test_fuzz_api_numbers(fuzzed):
+    @FUZZ
+    @given(endpoint=st.sampled_from([e for e in ENDPOINTS if e[0] == "POST"]),
+           values=st.dictionaries(st.sampled_from(NUMBER_FIELDS), numbers, min_size=1, max_size=3),
+           stream=st.booleans())
+    def run(endpoint, values, stream):
+        # numbers written into the JSON as text: json.dumps cannot write 1e400, and a client can
+        body = {"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi", "max_tokens": 2, "stream": stream,
+                **{name: f"@{name}@" for name in values}}
+        raw = json.dumps(body)
+        for name, value in values.items():
+            raw = raw.replace(f'"@{name}@"', value if isinstance(value, str) else json.dumps(value))
+        sent = _request(*endpoint, {}, raw.encode())
+        _no_5xx(*_exchange(fuzzed, sent), sent)
+
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
+def test_fuzz_api_headers_and_paths(fuzzed):
+    @FUZZ
+    @given(endpoint=st.sampled_from(ENDPOINTS), fields=headers, tail=path_tail, valid_body=st.booleans())
+    def run(endpoint, fields, tail, valid_body):
+        method, path = endpoint
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi", "max_tokens": 2}).encode()
+        body = body if valid_body else body[:len(body) // 2]
+        target = path + tail if tail.startswith(("/", "?")) or path == "/" else path
+        if "\r" in "".join(fields.values()) or "\n" in "".join(fields.values()):
+            fields = {k: v.replace("\r", "").replace("\n", "") for k, v in fields.items()}
+        sent = _request(method, target, fields, body if method == "POST" else b"")
+        framing = {"Content-Length", "Transfer-Encoding", "Expect"} & set(fields)
+        status, reply = _exchange(fuzzed, sent, half_close=bool(framing))
+        if status is not None or not framing:  # framing that promises more gets no answer once the client stops
+            _no_5xx(status, reply, sent)
+
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
+def test_fuzz_api_request_lines(fuzzed):
+    valid = _request("POST", "/v1/completions", {}, b'{"prompt": "Hi", "max_tokens": 2}')
+
+    @FUZZ
+    @given(flips=st.lists(st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)), min_size=1, max_size=6),
+           cut=st.integers(0, len(valid)))
+    def run(flips, cut):
+        sent = bytearray(valid)
+        for at, value in flips:
+            sent[at] = value
+        status, body = _exchange(fuzzed, bytes(sent[:cut] if cut < 40 else sent), half_close=True)
+        if status is not None:  # a request cut short, or promising more body, gets no answer once the client stops
+            _no_5xx(status, body, bytes(sent))
+
+    _without_tracebacks(fuzzed, run)
     _unharmed(fuzzed)
 
 

@@ -43,7 +43,7 @@ def cluster(tmp_path_factory, tiny_dir):
 
 def test_a_wrong_secret_is_named_as_such(cluster, tmp_path):
     other = secrets.token_hex(32)
-    env = harness.test_env(tmp_path / "home", secret=other)
+    env = harness.node_env(tmp_path / "home", secret=other)
     address = cluster.coordinator.address
     for command in (["map"], ["chat", "--prompt", "Hi!"]):
         done = subprocess.run([harness.KIMI, *command, "--coordinator", address], capture_output=True,

@@ -6,6 +6,7 @@ and a flood of whole replies queues without starving anything else."""
 import http.client
 import json
 import re
+import socket
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from cluster.api_guards import MAX_BODY_BYTES
 from harness import ApiCluster, poll, wait_for_log
 
 API_KEY = "sk-security-test-0123456789"
+EXTRA_BYTES_PER_REFUSAL = 160 << 20  # the body, its parsed text and the rendered prompt, once each (README)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,79 @@ def test_malformed_field_is_a_400_naming_it(api, raw, field):
     status, body = request(api, "POST", "/v1/chat/completions", raw)
     assert status == 400, body
     assert body["error"]["param"] == field and f"`{field}`" in body["error"]["message"]
+
+
+HUGE = "1" + "0" * 400  # 10**400: past any float
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", HUGE), ("temperature", HUGE), ("seed", HUGE), ("timeout", HUGE), ("top_p", HUGE),
+    ("max_tokens", "-" + HUGE), ("seed", "-" + HUGE), ("temperature", "-1"), ("max_tokens", "0"),
+    ("timeout", "-3"), ("max_tokens", "2.5"), ("seed", '"7"'), ("temperature", "[1]"), ("max_tokens", "true"),
+])
+def test_bad_number_is_a_400_naming_it(api, field, value):
+    raw = chat_body(**{field: "@"}).replace(b'"@"', value.encode())
+    status, body = request(api, "POST", "/v1/chat/completions", raw)
+    assert status == 400 and body["error"]["param"] == field, (status, body)
+
+
+@pytest.mark.parametrize("part", [1, None, {"x": 2}, {"type": "image_url", "image_url": {"url": "data:,"}},
+                                  {"type": "text", "text": 3}, {"type": "audio"}, "Hi"])
+def test_content_part_other_than_text_is_a_400_naming_it(api, part):
+    content = [{"type": "text", "text": "Hi"}, part]
+    status, body = request(api, "POST", "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": content}]))
+    assert status == 400 and body["error"]["param"] == "messages[0].content[1]", (status, body)
+    if isinstance(part, dict) and part.get("type") == "image_url":
+        assert "vision tower" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/v1/chat/completions"])
+@pytest.mark.parametrize("headers", [{"Host": "["}, {"Host": "[::1"}, {"Origin": "http://["},
+                                     {"Content-Length": "1x"}, {"Content-Type": "\u00ff/\u00ff"},
+                                     {"Authorization": "Bearer \u00e9\u00e9"}, {"Authorization": "Basic"}])
+def test_malformed_header_is_a_4xx_in_the_error_shape(api, path, headers):
+    method = "POST" if path.startswith("/v1/chat") else "GET"
+    try:
+        status, body = request(api, method, path, chat_body() if method == "POST" else b"", headers=headers)
+    except http.client.RemoteDisconnected:
+        pytest.fail(f"the API dropped the connection on {headers}")
+    refused = {"Host", "Origin", "Content-Length"} & set(headers) or method == "POST" or (
+        path.startswith("/v1/") and "Authorization" in headers)  # the rest are fine on a GET of /health
+    assert (400 <= status < 500 and body["error"]["message"]) if refused else status == 200, (status, body)
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1 extra\r\n", b"\x00\x01\x02\r\n", b"GET /\xff HTTP/1.1\r\n",
+                                  b"GET / HTTP/1.1\r\nBad Header\r\n", b"POST /v1/models HTTP/1.1\r\n"
+                                  b"Content-Length: 1\r\nContent-Length: 2\r\n"])
+def test_request_http_cannot_parse_is_a_400_in_the_error_shape(api, line):
+    with socket.create_connection((api.host, api.port), timeout=30) as conn:
+        conn.sendall(line + b"Host: localhost\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
+
+
+def test_prompt_far_past_the_context_is_refused_before_it_is_tokenized(api):
+    """7.5 MiB in one message: refused without tokenizing it whole (which took 11-36 s and 1.5 GB)."""
+    before = _rss(api.coordinator.proc.pid)
+    text = "word " * (MAX_BODY_BYTES * 7 // 8 // 5)
+    status, body = request(api, "POST", "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": text}]))
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", (status, body)
+    assert "more than" in body["error"]["message"] and body["error"]["param"] == "messages"
+    status, body = request(api, "POST", "/v1/completions", json.dumps({"prompt": text}).encode())
+    assert status == 400 and body["error"]["param"] == "prompt", (status, body)
+    grown = _rss(api.coordinator.proc.pid) - before
+    assert grown < EXTRA_BYTES_PER_REFUSAL, f"the coordinator grew by {grown >> 20} MiB"
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 def test_deeply_nested_json_is_a_400(api):

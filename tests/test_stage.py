@@ -2,19 +2,32 @@
 
 Sessions' decode steps queued together run as one batched forward and still give mlx-lm's tokens;
 a step before a session's end trims its caches back; a released session is gone; a row that fails
-fails alone; requests a stage must refuse are refused; ring replies, and a ring step's failure
-after its acceptance, go to the delivery hook.
+fails alone; requests a stage must refuse are refused (a chunk wider than the coordinator's);
+ring replies, and a ring step's failure after its acceptance, go to the delivery hook, or to the
+coordinator's Deliver (real gRPC), tried again with pauses while it is busy; and a token never
+delivered is replayed by the scheduler driving the stage, with mlx-lm's tokens all the same.
 """
 
+import logging
 import threading
+import time
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
+from cluster import scheduler as scheduling
+from cluster import stage as staging
 from cluster.compute import ComputeWorker
 from cluster.generated import kimi_cluster_pb2 as pb
+from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
 from cluster.link import StageError
+from cluster.membership import Member
+from cluster.scheduler import GenerateError, Scheduler
+from cluster.sessions import Sessions
 from cluster.stage import LocalStage, Stage
+from cluster.wire import make_server, node_stub, open_channel
+from harness import TEST_SECRET
 from mlx_kimi.checkpoint import open_checkpoint
 from mlx_kimi.slice import LayerRange, load_slice
 
@@ -157,11 +170,12 @@ def test_a_released_session_frees_its_bytes_and_fails_its_queued_steps(whole, pr
 
 
 def test_a_row_that_fails_fails_only_itself_and_its_later_steps(whole, oracle, oracle_tokens, prompts):
-    """A top_k beyond the vocabulary passes the coordinator's checks but fails the stage's sampler:
-    that row fails, its session's queued next step with it, and the other rows of its batch go on."""
+    """A min_p outside [0, 1] (the coordinator refuses it; a stage checks only what guards its
+    memory and the vocabulary) fails the stage's sampler: that row fails, its session's queued
+    next step with it, and the other rows of its batch go on."""
     stage = make_stage(whole)
     good, bad = prompts[0], prompts[1]
-    bad_sampling = pb.SamplingParams(temperature=1.0, top_k=10**6)
+    bad_sampling = pb.SamplingParams(temperature=1.0, min_p=1.5)
     first = prefill(stage, "good", good, len(good) + TOKENS).token
     stage.forward(request("bad", bad[:-1], 0, len(bad) + TOKENS, sample=False), TIMEOUT_S)
     futures = one_round(stage, [
@@ -171,7 +185,7 @@ def test_a_row_that_fails_fails_only_itself_and_its_later_steps(whole, oracle, o
     ])
     assert futures[0].result(TIMEOUT_S).token == oracle_tokens(oracle[0], good, 2)[1]
     failed = stage_error(futures[1])
-    assert failed.code == grpc.StatusCode.INTERNAL and "top_k" in failed.message and failed.node == "solo"
+    assert failed.code == grpc.StatusCode.INTERNAL and "min_p" in failed.message and failed.node == "solo"
     assert stage_error(futures[2]).message == failed.message
 
 
@@ -184,6 +198,12 @@ def test_requests_a_stage_cannot_serve_are_refused(whole, prompts):
     vocab = whole[1].args.vocab_size
     unknown = stage_error(stage.accept(request("s", [vocab], 0, 4), TIMEOUT_S))
     assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT and f"[0, {vocab})" in unknown.message
+    top_k = stage_error(stage.accept(request("s", [1], 0, 4, sampling=pb.SamplingParams(top_k=vocab)), TIMEOUT_S))
+    assert top_k.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k must be below" in top_k.message
+    masked = request("s", [1], 0, 4)
+    masked.allowed_tokens = b"\xff" * 8  # a mask's length must be the vocabulary's (cluster/shaping.py)
+    mask = stage_error(stage.accept(masked, TIMEOUT_S))
+    assert mask.code == grpc.StatusCode.INVALID_ARGUMENT and "allowed_tokens must be" in mask.message
     assert stage.usage() == (0, 0)  # nothing refused took memory
 
     prefill(stage, "s", prompt, len(prompt) + TOKENS)
@@ -250,3 +270,137 @@ def test_a_ring_step_is_accepted_once_queued_and_its_later_failure_goes_to_the_c
     [reply] = delivered
     assert reply.ticket == 9 and reply.failure.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "steps between never came" in reply.failure.message
+
+
+def test_a_chunk_wider_than_the_coordinators_prefill_chunk_is_refused_before_it_runs(whole, prompts):
+    stage = make_stage(whole)
+    stage.loaded.prefill_chunk = 8
+    prompt = prompts[0]
+    wide = stage_error(stage.accept(request("s", prompt[:9], 0, len(prompt) + TOKENS, sample=False), TIMEOUT_S))
+    assert wide.code == grpc.StatusCode.INVALID_ARGUMENT and "1 to 8 positions" in wide.message
+    assert stage.usage() == (0, 0)
+    assert stage.forward(request("s", prompt[:8], 0, len(prompt) + TOKENS, sample=False), TIMEOUT_S)
+
+
+class BusyCoordinator(pb_grpc.NodeServicer):
+    """A coordinator's Deliver over real gRPC that answers RESOURCE_EXHAUSTED to its first `busy` calls."""
+
+    def __init__(self, busy: int):
+        self.busy, self.calls, self.delivered, self.arrived = busy, [], [], threading.Event()
+
+    def Deliver(self, request, context):
+        self.calls.append(time.monotonic())
+        if len(self.calls) <= self.busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy: every ring slot in use")
+        self.delivered.append(request)
+        self.arrived.set()
+        return pb.DeliverReply()
+
+
+@pytest.fixture
+def coordinator_at():
+    """coordinator_at(busy) -> (its address, its BusyCoordinator); the servers stop after the test."""
+    servers = []
+
+    def start(busy: int):
+        server, port = make_server("127.0.0.1", 0, bytes.fromhex(TEST_SECRET), "coordinator")
+        servicer = BusyCoordinator(busy)
+        pb_grpc.add_NodeServicer_to_server(servicer, server)
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}", servicer
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def ring_stage(whole, prompt: list, address: str) -> tuple:
+    """A stage whose next step's token goes to the coordinator at `address`; (stage, that step)."""
+    stage = Stage("solo", ADDRESS, whole[0], lambda a: node_stub(open_channel(a, bytes.fromhex(TEST_SECRET))))
+    stage.loaded = LocalStage(whole[1], whole[2].model_id, whole[2].name, whole[2].num_layers, BIG_BUDGET)
+    stage.forward(request("s", prompt[:-1], 0, len(prompt) + 1, sample=False), TIMEOUT_S)
+    last = request("s", prompt[-1:], len(prompt) - 1, len(prompt) + 1, new_generation=True)
+    last.reply_to, last.ticket = address, 11
+    return stage, last
+
+
+def test_a_token_the_coordinator_is_too_busy_to_take_is_delivered_after_pauses(whole, oracle, oracle_tokens,
+                                                                               prompts, coordinator_at):
+    address, coordinator = coordinator_at(busy=4)
+    stage, last = ring_stage(whole, prompts[0], address)
+    stage.accept(last, TIMEOUT_S).result(TIMEOUT_S)
+    assert coordinator.arrived.wait(TIMEOUT_S)
+    [reply] = coordinator.delivered
+    assert reply.ticket == 11 and reply.token == oracle_tokens(oracle[0], prompts[0], 1)[0]
+    pauses = [b - a for a, b in zip(coordinator.calls, coordinator.calls[1:])]
+    assert len(pauses) == 4 and pauses[-1] > 2 * pauses[0]  # each pause longer than the one before
+
+
+def test_a_token_that_cannot_be_delivered_is_given_up_saying_so(whole, prompts, coordinator_at, monkeypatch,
+                                                                caplog):
+    monkeypatch.setattr(staging, "DELIVER_GIVE_UP_S", 1.0)
+    address, coordinator = coordinator_at(busy=10**6)
+    stage, last = ring_stage(whole, prompts[0], address)
+    with caplog.at_level(logging.WARNING, logger="kimi_cluster.stage"):
+        stage.accept(last, TIMEOUT_S).result(TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while "could not deliver ticket 11" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)  # pacing between reads of the log; the line is what we wait on
+    assert "the coordinator replays the step" in caplog.text
+    tries = len(coordinator.calls)
+    assert 3 <= tries <= 8 and coordinator.calls[-1] - coordinator.calls[0] < 1.0 + staging.DELIVER_TIMEOUT_S
+    assert not coordinator.delivered
+
+
+@pytest.fixture
+def scheduler_over():
+    """scheduler_over(stage): the coordinator's scheduler over a chain of one node, `stage` (this
+    process's own), whose health (what its compute thread runs and queues) is checked every 50 ms."""
+    checking = threading.Event()
+
+    def make(stage: Stage) -> Scheduler:
+        member = Member(ADDRESS, SimpleNamespace(Release=lambda r, timeout: stage.release(r.session_id)),
+                        status="ready")
+
+        def check():
+            while not checking.wait(0.05):
+                member.answered(pb.HealthReply(queued=stage.worker.queued, busy_s=stage.worker.busy_s()))
+
+        threading.Thread(target=check, daemon=True).start()
+        chain = [member]
+        ready = threading.Event()
+        ready.set()
+        return Scheduler(SimpleNamespace(address=ADDRESS, stage=stage), SimpleNamespace(chain=chain, coordinator_id=""),
+                         Sessions(lambda: chain), 256, lambda name: None, ready)
+
+    yield make
+    checking.set()
+
+
+@pytest.fixture
+def quick_silence(monkeypatch):
+    monkeypatch.setattr(scheduling, "SILENT_FLOOR_S", 1.0)
+    monkeypatch.setattr(scheduling, "SILENT_IDLE_S", 0.5)
+
+
+def test_a_token_never_delivered_is_replayed_with_the_same_tokens(whole, oracle, oracle_tokens, prompts,
+                                                                   scheduler_over, quick_silence):
+    prompt, dropped = prompts[1], []
+
+    def lossy(reply: pb.ForwardReply):
+        if len(dropped) < 2 and reply.token and reply.ticket % 3 == 0:  # lost on its way back, twice
+            dropped.append(reply.ticket)
+            return
+        scheduler.deliver(reply)
+
+    stage = make_stage(whole, deliver=lossy)
+    scheduler = scheduler_over(stage)
+    got = [token for token, _ in scheduler.generate(prompt, TOKENS, GREEDY, deadline=time.monotonic() + TIMEOUT_S)]
+    assert len(dropped) == 2 and got == oracle_tokens(oracle[0], prompt, TOKENS)
+
+
+def test_a_request_whose_tokens_never_arrive_fails_saying_so(whole, prompts, scheduler_over, quick_silence):
+    stage = make_stage(whole, deliver=lambda reply: None)
+    with pytest.raises(GenerateError, match="lost on its way back"):
+        list(scheduler_over(stage).generate(prompts[0], TOKENS, GREEDY, deadline=time.monotonic() + TIMEOUT_S))

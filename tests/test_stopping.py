@@ -1,5 +1,6 @@
 """A coordinator that is stopped (SIGTERM, as Ctrl-C's SIGINT) tells every open stream why before
-it closes: an API stream gets an error event, a gRPC Generate ends UNAVAILABLE "coordinator stopping"."""
+it closes: an OpenAI stream gets an error event, an Anthropic one its `event: error`, a gRPC
+Generate ends UNAVAILABLE "coordinator stopping"."""
 
 import http.client
 import json
@@ -13,6 +14,12 @@ from cluster.generated import kimi_cluster_pb2 as pb
 from harness import ApiCluster
 
 LONG_REPLY = 400  # tokens: the streams are still running when the signal comes
+
+
+def _open_stream(url, path: str, body: dict) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return connection
 
 
 def _has_token(line: bytes) -> bool:
@@ -31,15 +38,18 @@ def _events(response) -> list:
 def test_sigterm_sends_open_streams_an_error_event(tmp_path, tiny_dir, chat_prompt_ids):
     with ApiCluster(tmp_path, tiny_dir, stages=2, coordinator_extra=["--api-port", "0"]) as cluster:
         url = urlsplit(cluster.api_url)
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        body = {"model": cluster.model_name, "messages": [{"role": "user", "content": "Hi"}],
-                "max_tokens": LONG_REPLY, "stream": True}
-        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                           headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
+        openai = _open_stream(url, "/v1/chat/completions", {"model": cluster.model_name, "stream": True,
+                              "messages": [{"role": "user", "content": "Hi"}], "max_tokens": LONG_REPLY})
+        anthropic = _open_stream(url, "/v1/messages", {"model": cluster.model_name, "stream": True,
+                                 "messages": [{"role": "user", "content": "Hi"}], "max_tokens": LONG_REPLY})
+        response = openai.getresponse()
         assert response.status == 200
         while not _has_token(line := response.readline()):  # until a token's chunk: the reply is generating
             assert line, "the stream ended before its first token"
+        messages = anthropic.getresponse()
+        assert messages.status == 200
+        while b"content_block_delta" not in (line := messages.readline()):
+            assert line, "the Anthropic stream ended before its first token"
         generate = cluster.client.Generate(pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=LONG_REPLY),
                                            timeout=120)
         next(generate)  # its first token
@@ -51,10 +61,15 @@ def test_sigterm_sends_open_streams_an_error_event(tmp_path, tiny_dir, chat_prom
         assert len(errors) == 1, f"no single error event before the stream closed: {events[-3:]}"
         assert "coordinator stopping" in errors[0]["message"] and errors[0]["type"] == "server_error"
         assert events[-1].startswith('{"error"'), "the error event is the stream's last"
+        rest = messages.read().decode().strip().split("\n\n")
+        assert rest[-1].startswith("event: error\n"), f"the Anthropic stream did not end with an error: {rest[-2:]}"
+        error = json.loads(rest[-1].split("data: ", 1)[1])
+        assert error["type"] == "error" and "coordinator stopping" in error["error"]["message"]
         with pytest.raises(grpc.RpcError) as ended:
             for _ in generate:
                 pass
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert ended.value.details().startswith("coordinator stopping"), ended.value.details()
         assert cluster.coordinator.proc.wait(30) == 0
-        connection.close()
+        openai.close()
+        anthropic.close()

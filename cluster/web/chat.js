@@ -31,6 +31,19 @@ async function* events(response) {
   }
 }
 
+// The structured-output fields of the request: a JSON schema (response_format) and tools, as typed.
+function structured() {
+  const out = {};
+  for (const [id, put] of [["schema", v => ({ response_format: { type: "json_schema", json_schema: { name: "web", schema: v } } })],
+                           ["tools", v => ({ tools: v })]]) {
+    const text = document.getElementById(id).value.trim();
+    if (!text) continue;
+    try { Object.assign(out, put(JSON.parse(text))); }
+    catch (e) { throw new Error(`the ${id} field is not valid JSON: ${e.message}`); }
+  }
+  return out;
+}
+
 async function send(text) {
   messages.push({ role: "user", content: text });
   bubble("user").content.textContent = text;
@@ -42,10 +55,12 @@ async function send(text) {
   document.getElementById("error").textContent = "";
   const started = performance.now();
   let first = null, chunks = 0, reasoning = "", content = "", finish = "stopped";
+  const calls = [];
   try {
     const response = await fetch("v1/chat/completions", {
       method: "POST", headers: apiHeaders(), signal: controller.signal,
-      body: JSON.stringify({ messages, stream: true, thinking: document.getElementById("thinking").checked }),
+      body: JSON.stringify({ messages, stream: true, thinking: document.getElementById("thinking").checked,
+                             ...structured() }),
     });
     if (!response.ok) {
       const body = await response.json();
@@ -63,13 +78,15 @@ async function send(text) {
       }
       if (delta.content) { content += delta.content; reply.content.textContent = content; }
       for (const call of delta.tool_calls || []) {
+        calls.push({ id: call.id, type: "function", function: call.function });
         reply.node.insertBefore(el("div", { class: "tool-call muted" },
           `calls ${call.function.name}(${call.function.arguments})`), reply.stats);
       }
       if (delta.reasoning_content || delta.content) { chunks++; first = first || performance.now(); }
       if (choice.finish_reason) finish = choice.finish_reason;
     }
-    messages.push({ role: "assistant", content, reasoning_content: reasoning || undefined });
+    messages.push({ role: "assistant", content, reasoning_content: reasoning || undefined,
+                    tool_calls: calls.length ? calls : undefined });
   } catch (e) {
     if (e.name !== "AbortError") document.getElementById("error").textContent = e.message;
     messages.pop();
