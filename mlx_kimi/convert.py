@@ -11,6 +11,7 @@ written to a temporary file and renamed when complete, and recorded with its dig
 interrupted conversion resumes where it stopped.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -225,6 +226,7 @@ def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: i
                   for row, arrays in produce(source, t, dtype, chunk_bytes))
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = False
     try:
         os.write(fd, header)
         for k, row, arrays in blocks:
@@ -240,8 +242,11 @@ def write_shard(path: Path, source: Source, targets: list, dtype, chunk_bytes: i
             del arrays
             mx.clear_cache()  # keep freed blocks from piling up in MLX's allocator cache
         os.fsync(fd)
+        written = True
     finally:
         os.close(fd)
+        if not written:
+            tmp.unlink()  # a half-written shard is redone on resume; its space is better freed now
     digest = file_digest(tmp)
     os.replace(tmp, path)
     return digest
@@ -364,8 +369,16 @@ def convert(src, out, recipe: Callable, dtype: str = "bfloat16", chunk_bytes: in
             continue
         on_bytes = (lambda n, p=part, f=file: progress("bytes", p, f, n)) if progress else None
         blocks = calibration.blocks(part, parts[part], mx_dtype) if calibration else None
-        job["shards"][file] = write_shard(out / file, source, parts[part], mx_dtype, chunk_bytes, on_bytes, blocks)
-        _write_json(out / STATE_FILE, job)
+        try:
+            job["shards"][file] = write_shard(out / file, source, parts[part], mx_dtype, chunk_bytes, on_bytes,
+                                              blocks)
+            _write_json(out / STATE_FILE, job)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise ConvertError(f"{out}: writing {file} ({f'layer {part}' if isinstance(part, int) else part}) "
+                               f"failed: {e.strerror}. {len(job['shards'])} of {len(names)} shards are complete "
+                               f"and kept; free space and run the same command again: it resumes at {file}") from e
         report.written.append(file)
         if progress:
             progress("done", part, file, sizes[part])

@@ -51,7 +51,7 @@ def next_token_log_probs(model, ids: mx.array) -> mx.array:
     return out
 
 
-def _log_probs(model, ids: list, window: int) -> mx.array:
+def windowed_log_probs(model, ids: list, window: int) -> mx.array:
     """Next-token log probabilities (float32) at every position, the text run in windows."""
     out = []
     for start in range(0, len(ids) - 1, window):
@@ -76,10 +76,10 @@ def compare_checkpoints(path_a, path_b, text: str = DEFAULT_TEXT, max_tokens: in
     if len(ids) < 2:
         raise ValueError("the text encodes to fewer than 2 tokens; give a longer text")
     model_a, _ = load_model(path_a)
-    log_a = _log_probs(model_a, ids, window)
+    log_a = windowed_log_probs(model_a, ids, window)
     del model_a
     model_b, _ = load_model(path_b)
-    log_b = _log_probs(model_b, ids, window)
+    log_b = windowed_log_probs(model_b, ids, window)
     if log_a.shape != log_b.shape:
         raise ValueError(f"{path_a} and {path_b} have different vocabularies ({log_a.shape[-1]} vs "
                          f"{log_b.shape[-1]}); compare two checkpoints of the same model")
@@ -88,6 +88,6 @@ def compare_checkpoints(path_a, path_b, text: str = DEFAULT_TEXT, max_tokens: in
 
 def perplexity(model, ids: list, window: int = 256) -> float:
     """exp of the mean next-token negative log likelihood of `ids`, the text run in windows."""
-    log_probs = _log_probs(model, ids, window)
+    log_probs = windowed_log_probs(model, ids, window)
     nll = -mx.take_along_axis(log_probs, mx.array(ids[1:])[:, None], axis=-1)
     return float(np.exp(np.array(nll).mean()))
