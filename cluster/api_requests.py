@@ -92,7 +92,7 @@ def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLo
     p = prompt(body, PromptTokenizer(loop.tokenizer, loop.context))
     generation = GenerationRequest(p.ids, p.max_tokens, sampling(body), default_max_tokens=p.default_max_tokens,
                                    stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
-                                   constraint=p.constraint)
+                                   constraint=p.constraint, speculate=_speculate(body))
     flags = _stream_flags(body)
     n = _number(body, "n", 1, low=1, high=MAX_CHOICES, integer=True)
     if n > 1 and flags["stream"]:
@@ -268,6 +268,14 @@ def _deadline(body: dict, arrived: float) -> float | None:
     disconnects, which stops the generation too."""
     timeout = _number(body, "timeout", None, low=0, high=MAX_TIMEOUT_S, low_open=True)
     return None if timeout is None else arrived + timeout
+
+
+def _speculate(body: dict) -> bool | None:
+    """`speculate`: true forces speculative decoding, false disables it; absent: the cluster's --speculate."""
+    value = body.get("speculate")
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"`speculate` must be true or false, got {value!r}", "speculate")
+    return value
 
 
 def _stop(body: dict) -> list:

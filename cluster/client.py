@@ -206,8 +206,11 @@ def map_json(reply) -> dict:
             "resident_bytes": n.resident_bytes, "kv_bytes": n.kv_bytes, "free_bytes": n.free_bytes,
             "source": n.source, "cache_bytes": n.cache_bytes,
         })
+    spec = reply.speculation
     return {"state": reply.state, "model": reply.model, "model_id": reply.model_id,
-            "num_layers": reply.num_layers, "message": reply.message, "nodes": nodes}
+            "num_layers": reply.num_layers, "message": reply.message, "nodes": nodes,
+            "speculation": {"steps": spec.steps, "tokens": spec.tokens, "drafted": spec.drafted,
+                            "accepted": spec.accepted}}
 
 
 def print_map(m: dict, console: Console) -> None:
@@ -230,6 +233,10 @@ def print_map(m: dict, console: Console) -> None:
         if n["source"]:
             cache = f"; {format_bytes(n['cache_bytes'])} in its cache" if n["cache_bytes"] else ""
             console.print(f"{n['name']}: slice {n['source']}{cache}", highlight=False)
+    if spec := m.get("speculation", {}).get("tokens"):
+        s = m["speculation"]
+        console.print(f"speculative decoding: {s['steps']} steps for {spec} tokens ({s['steps'] / spec:.2f} per "
+                      f"token), {s['drafted']} drafted, {s['accepted']} accepted", highlight=False)
 
 
 def wait_gone(pids: list, timeout: float) -> list:

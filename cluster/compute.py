@@ -13,7 +13,8 @@ from .stage_queue import StageQueue
 
 class ComputeWorker:
     """Runs rounds of its StageQueue: other jobs first, then `compute(steps)` for the round's
-    decode batch, or its one prefill step; `compute` settles each step's future."""
+    decode batch, each speculative step alone, and its one prefill step; `compute` settles each
+    step's future."""
 
     def __init__(self, compute=None):
         self.queue = StageQueue()
@@ -47,6 +48,8 @@ class ComputeWorker:
                     if len(round_.decodes) > 1:
                         self.batched_rows += len(round_.decodes)
                     self.compute(round_.decodes)
+                for step in round_.verifies:
+                    self.compute([step])
                 if round_.prefill:
                     self.compute([round_.prefill])
             finally:

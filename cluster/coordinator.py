@@ -39,7 +39,7 @@ log = logging.getLogger("kimi_cluster.coordinator")
 class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, local: NodeService, model_path: str, secret: bytes, peers: list[str],
                  context: int = 32768, min_nodes: int | None = None, zeroconf=None, take_over: bool = False,
-                 max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculate: str = "auto"):
         self.local, self.context, self.min_nodes = local, context, min_nodes
         # This process's identity: nodes it loads serve it alone (and free a predecessor's sessions);
         # every Load, Forward and health check carries it. take_over: load nodes another live one owns.
@@ -53,7 +53,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         self.sessions = Sessions(lambda: self.membership.chain)
         self.ready = threading.Event()
         self.scheduler = Scheduler(local, self.membership, self.sessions, self.prefill_chunk, self._node_lost,
-                                   self.ready)
+                                   self.ready, speculate)
         local.serve_coordinator(self.scheduler.deliver)  # the token ring ends here
         self.plan: Plan | None = None
         self.state, self.message = "waiting", "waiting for nodes"
@@ -222,11 +222,11 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None, shaper=None):
+                 deadline: float | None = None, shaper=None, speculate: bool | None = None):
         """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper, speculate)
 
     def prompt_tokens(self, request: pb.GenerateRequest, max_tokens: int) -> list:
         if request.prompt_tokens:
@@ -273,7 +273,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
             generation = self.generation.start(GenerationRequest(
                 self.prompt_tokens(request, max_tokens), max_tokens, request.sampling, arrived=arrived,
                 deadline=arrived + left if left is not None and left < 1e6 else None,
-                cancelled=lambda: not context.is_active(), constraint=self.constraint(request)))
+                cancelled=lambda: not context.is_active(), constraint=self.constraint(request),
+                speculate=request.speculate if request.HasField("speculate") else None))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
                                       logprob=piece.logprob or 0.0)
@@ -289,7 +290,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def memory_map(self) -> pb.MemoryMapReply:
         reply = pb.MemoryMapReply(state=self.state, model=self.checkpoint.name, model_id=self.checkpoint.model_id,
-                                  num_layers=self.checkpoint.num_layers, message=self.message)
+                                  num_layers=self.checkpoint.num_layers, message=self.message,
+                                  speculation=self.scheduler.speculation)
         stages = {s.node: s for s in (self.plan.stages if self.plan else [])}
         chain, members = self.membership.snapshot()
         in_order = sorted(members, key=lambda m: chain.index(m) if m in chain else len(chain))

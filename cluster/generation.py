@@ -43,6 +43,7 @@ class GenerationRequest:
     cancelled: Callable[[], bool] = _never  # polled before each token: the client left
     arrived: float = field(default_factory=time.monotonic)  # TTFT counts from here
     constraint: ConstraintSpec | None = None  # the grammar the reply is held to (its `thinking` is set here)
+    speculate: bool | None = None     # force (True) or disable (False) speculative decoding; None: --speculate
 
 
 @dataclass
@@ -108,7 +109,7 @@ class GenerationLoop:
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
                  chain_names: Callable[[], list], vocab_size: int):
-        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper) yields (token id, logprob):
+        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate) yields (token id, logprob):
         # Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
         self.vocab_size = vocab_size  # the head's outputs: top_k must stay below it
@@ -169,9 +170,12 @@ class GenerationLoop:
             self.served += 1
             if tok_s:
                 self.last_decode_tok_s = tok_s
-        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s",
+        spec = stats.get("speculation")
+        steps = (f"{spec.steps} steps ({spec.steps / max(spec.tokens, 1):.2f} per token), {spec.drafted} drafted, "
+                 f"{spec.accepted} accepted" if spec else "no steps")
+        log.info("request %s: %d prompt tokens (%d cached), %d generated (%s); TTFT %.0f ms, %.1f tok/s; nodes %s; %s",
                  stats.get("session_id", "-"), result.prompt_tokens, result.cached_tokens, tokens,
-                 result.finish_reason, result.ttft_s * 1000, tok_s, ", ".join(self.chain_names()) or "-")
+                 result.finish_reason, result.ttft_s * 1000, tok_s, ", ".join(self.chain_names()) or "-", steps)
 
 
 class Generation:
@@ -209,7 +213,7 @@ class Generation:
         loop.started()
         parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
         tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline,
-                             self.shaper)
+                             self.shaper, request.speculate)
         count, first, last, ended, finish = 0, None, None, None, "error"
         try:
             for token, logprob in tokens:

@@ -223,6 +223,7 @@ class NodeService(pb_grpc.NodeServicer):
                                   sessions=sessions, kv_bytes=kv,
                                   queued=self.worker.queued, busy_s=self.worker.busy_s(),
                                   max_batch=self.worker.max_batch, batched_rows=self.worker.batched_rows,
+                                  speculation=self.stage.speculation,
                                   coordinator_id=owner.coordinator_id if owner else "",
                                   owner=owner.address if alive else "",
                                   owner_node_id=owner.node_id if owner else "")

@@ -1,8 +1,9 @@
 """Scheduling: how one request runs through the chain.
 
-The prompt goes to the first stage in chunks (prefill), then one token at a time (decode); the
-stages pass hidden states along the chain and the last one's sampled token comes back as the
-reply. Sessions cached on the nodes (sessions.py) let a conversation's next turn skip its prefix.
+The prompt goes to the first stage in chunks (prefill), then one token at a time (decode), or
+the token with a draft of the next ones to verify (speculation.py); the stages pass hidden
+states along the chain and the last one's sampled tokens come back as the reply. Sessions cached
+on the nodes (sessions.py) let a conversation's next turn skip its prefix.
 """
 
 import collections
@@ -21,6 +22,7 @@ from .generated import kimi_cluster_pb2 as pb
 from .shaping import Shaper, penalties_of
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .prompt_cache import CachedSession
+from .speculation import PromptLookup, Speculator, StepCost, speculation_mode
 
 log = logging.getLogger("kimi_cluster.scheduler")
 
@@ -99,9 +101,13 @@ class Ticket:
 class Scheduler:
     """Runs requests through `membership.chain`; `local` is this process's own node."""
 
-    def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost, ready: threading.Event):
+    def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost, ready: threading.Event,
+                 speculate: str = "auto"):
         self.local, self.membership, self.sessions = local, membership, sessions
         self.prefill_chunk = prefill_chunk
+        self.speculate = speculate  # --speculate: auto, on or off (a request's `speculate` overrides it)
+        self.step_cost = StepCost()
+        self.speculation = pb.Speculation()  # every request's sampling steps, summed (under _ring_lock)
         self.on_lost = on_lost  # (node name) a node's link broke
         self.ready = ready  # set while every stage of the chain is loaded
         # Tickets are random 64-bit numbers, never one outstanding: a member cannot guess a live one,
@@ -183,6 +189,13 @@ class Scheduler:
         with self._ring_lock:
             self._ring.pop(ticket, None)
 
+    def _count(self, spec: pb.Speculation, drafted: int, produced: int):
+        """A sampling step of a request: into its own figures and the coordinator's."""
+        with self._ring_lock:
+            for total in (spec, self.speculation):
+                total.steps, total.tokens = total.steps + 1, total.tokens + produced
+                total.drafted, total.accepted = total.drafted + drafted, total.accepted + produced - 1
+
     def _wait_ready(self, deadline: float | None):
         wait = min(RECOVERY_WAIT_S, deadline - time.monotonic()) if deadline else RECOVERY_WAIT_S
         until = time.monotonic() + wait
@@ -257,9 +270,10 @@ class Scheduler:
         return replies
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None, shaper: Shaper | None = None):
+                 deadline: float | None = None, shaper: Shaper | None = None, speculate: bool | None = None):
         """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
-        then the last prompt token, then one token at a time.
+        then the last prompt token, then one token at a time, or with a draft of the next ones
+        (speculation.py; `speculate` forces or disables it, None leaves it to --speculate).
 
         When `prompt` continues a cached conversation (prompt_cache.pick_reusable), the nodes'
         caches for the shared prefix are reused and only the rest is prefilled; afterwards the
@@ -275,17 +289,24 @@ class Scheduler:
             raise GenerateError(grpc.StatusCode.DEADLINE_EXCEEDED, deadline_message(
                 "before it started: it waited its turn", self.running))
         session_id, cached = self.sessions.claim(prompt)
-        stats.update(session_id=session_id, cached_tokens=cached)
+        spec = pb.Speculation()  # this request's sampling steps
+        stats.update(session_id=session_id, cached_tokens=cached, speculation=spec)
         max_positions = len(prompt) + max_tokens
         generated, kept = [], False
+        widths = []  # positions each decode step left in the caches (its token and the drafted ones accepted)
+        draft = []   # of the step in flight
         rng_state = None  # the last stage's random state after the last draw
         recoveries = 0
+        speculator = Speculator(speculation_mode(self.speculate, speculate, sampling, constrained=shaper is not None),
+                                self.step_cost)
+        lookup = PromptLookup(prompt)
 
-        def request(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None):
+        def request(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None, drafted=()):
             r = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
                                   offset=offset, sample=sample, new_generation=new_generation,
-                                  coordinator_id=self.membership.coordinator_id)
+                                  coordinator_id=self.membership.coordinator_id, draft=drafted)
             r.tokens.extend(tokens)
+            r.tokens.extend(drafted)
             if rng is not None:
                 r.rng_state = rng
             if sample and shaper is not None:  # the mask and history tail for the reply so far
@@ -309,8 +330,13 @@ class Scheduler:
                         raise SessionLost(e.code, e.message) from e
                     raise GenerateError(e.code, e.message) from e
 
-        def step(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None):
-            return run_steps([request(tokens, offset, sample, new_generation, rng)])
+        def decode() -> pb.ForwardReply:
+            """The next step: the last token and the draft, timed for the cost model."""
+            began, before = time.monotonic(), recoveries
+            reply = run_steps([request(generated[-1:], len(prompt) + len(generated) - 1, True, drafted=draft)])
+            if recoveries == before:
+                self.step_cost.record(1 + len(draft), time.monotonic() - began)
+            return reply
 
         def prefill(tokens: list, offset: int, sample: bool = True) -> list:
             """The steps of a prefill: chunks of at most prefill_chunk tokens, then the last token
@@ -335,9 +361,12 @@ class Scheduler:
             stats.update(session_id=session_id, cached_tokens=0)
             if not generated:
                 return run_steps(prefill(prompt, 0))
-            replay = [request([token], len(prompt) + i, sample=False) for i, token in enumerate(generated[:-1])]
+            replay, offset = [], 0
+            for width in widths:
+                replay.append(request(generated[offset:offset + width], len(prompt) + offset, sample=False))
+                offset += width
             last = request(generated[-1:], len(prompt) + len(generated) - 1, sample=True, new_generation=True,
-                           rng=rng_state)
+                           rng=rng_state, drafted=draft)
             return run_steps(prefill(prompt, 0, sample=False) + replay + [last])
 
         def attempt(run) -> pb.ForwardReply:
@@ -356,16 +385,26 @@ class Scheduler:
         with self._ring_lock:
             self.running += 1
         try:
-            reply = attempt(lambda: run_steps(prefill(prompt, cached)))
-            offset = len(prompt)
-            for n in range(1, max_tokens + 1):
-                generated.append(reply.token)
+            reply, guess = attempt(lambda: run_steps(prefill(prompt, cached))), []
+            while True:
+                produced = list(zip(reply.tokens, reply.logprobs)) or [(reply.token, reply.logprob)]
                 rng_state = reply.rng_state
-                yield reply.token, reply.logprob
-                if n == max_tokens:
+                if generated:
+                    widths.append(len(produced))
+                self._count(spec, len(draft), len(produced))
+                speculator.observe(guess, [token for token, _ in produced])
+                for token, logprob in produced:
+                    generated.append(token)
+                    yield token, logprob
+                    if len(generated) == max_tokens:
+                        break
+                if len(generated) == max_tokens:
                     break
-                reply = attempt(lambda: step([reply.token], offset, sample=True))
-                offset += 1
+                lookup.extend(token for token, _ in produced)
+                k = speculator.draft_length(max_tokens - len(generated) - 1)
+                guess = lookup.draft(max(k, 1)) if speculator.mode != "off" else []
+                draft = guess[:k]
+                reply = attempt(decode)
             kept = not stats.get("cancelled")
         except GeneratorExit:  # the consumer stopped reading (an EOS, a stop string, or it went away)
             kept = not stats.get("cancelled")

@@ -23,7 +23,7 @@ from mlx_kimi.slice import ModelSlice
 
 from .generated import kimi_cluster_pb2 as pb
 from .link import ForwardLink, StageError, failure_of, reply_of
-from .shaping import check_step, shape_logits
+from .shaping import check_step, penalties_of, shape_logits
 from .stage_queue import Step
 from .stage_session import Session
 from .wire import WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
@@ -75,13 +75,29 @@ def _onward(request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
     onward = pb.ForwardRequest(
         session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
         sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
-        coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket,
+        coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket, draft=request.draft,
     )
     if request.HasField("rng_state"):
         onward.rng_state = request.rng_state
     if request.sample:
         onward.allowed_tokens, onward.penalty_history[:] = request.allowed_tokens, request.penalty_history
     return onward
+
+
+def _check_draft(request: pb.ForwardRequest, positions: int, vocab: int, first: bool):
+    """A draft is the step's last positions, verified where it samples."""
+    k = len(request.draft)
+    if not request.sample:
+        raise WireError("a draft is verified by sampling: set `sample`")
+    if k >= positions:
+        raise WireError(f"a draft of {k} tokens needs a step of at least {k + 1} positions, not {positions}")
+    if any(not 0 <= t < vocab for t in request.draft):
+        raise WireError(f"draft token ids must be in [0, {vocab})")
+    if first and list(request.tokens[positions - k:]) != list(request.draft):
+        raise WireError("`tokens` must end with the draft")
+    if request.allowed_tokens or request.penalty_history or penalties_of(request.sampling).active:
+        raise WireError("a step with a grammar mask or penalties cannot carry a draft (each position's mask "
+                        "depends on the token before it)")
 
 
 def _streamed(reply: Future, seq: int) -> pb.ForwardReply:
@@ -114,6 +130,7 @@ class Stage:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards loaded and sessions
         self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
+        self.speculation = pb.Speculation()  # what the sampling steps run here added up to (compute thread)
 
     # ---- the slice and the sessions -----------------------------------------------------------
 
@@ -220,6 +237,8 @@ class Stage:
         if not 0 < n <= loaded.prefill_chunk:  # checked before the tensor's bytes are read
             raise WireError(f"a chunk carries 1 to {loaded.prefill_chunk} positions (the coordinator's prefill "
                             f"chunk), not {n}")
+        if request.draft:
+            _check_draft(request, n, loaded.slice.args.vocab_size, loaded.slice.is_first)
         if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
             raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
                             "(the positions its session reserves; every request must cover its own)")
@@ -381,14 +400,27 @@ class Stage:
             return encode_tensor(out)
         if not request.sample:
             return pb.ForwardReply(sampled=False)
-        logits = shape_logits(out[:, -1, :], request)
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if request.new_generation:
             session.sampler = None
-        token = session.sample(logprobs, request.sampling,
-                               request.rng_state if request.HasField("rng_state") else None)
-        tok = token.item()
-        return pb.ForwardReply(sampled=True, token=tok, logprob=logprobs[0, tok].item(), rng_state=session.rng_seed)
+        rng_state = request.rng_state if request.HasField("rng_state") else None
+        draft = list(request.draft)
+        logits = out[0, out.shape[1] - len(draft) - 1:, :]  # the last position's, and each drafted one's
+        if not draft:  # a shaped step never carries a draft (_check_draft)
+            logits = shape_logits(logits, request)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if draft:
+            tokens = session.verify(logprobs, draft, request.sampling, rng_state)
+        else:
+            tokens = [session.sample(logprobs, request.sampling, rng_state).item()]
+        chosen = logprobs[mx.arange(len(tokens)), mx.array(tokens, dtype=mx.int32)].tolist()
+        spec = self.speculation
+        spec.steps, spec.tokens = spec.steps + 1, spec.tokens + len(tokens)
+        spec.drafted, spec.accepted = spec.drafted + len(draft), spec.accepted + len(tokens) - 1
+        reply = pb.ForwardReply(sampled=True, token=tokens[-1], logprob=chosen[-1], rng_state=session.rng_seed)
+        if draft:
+            reply.tokens.extend(tokens)
+            reply.logprobs.extend(chosen)
+        return reply
 
     def _internal(self, e: Exception) -> StageError:
         log.error("forward failed", exc_info=e)

@@ -1,7 +1,9 @@
 """What a stage's compute thread does next: rounds of sessions' steps, and other jobs.
 
 Each round takes every session whose next step is a single position (decode, sampled or not)
-as one batch, then at most one prompt chunk (prefill): a long prompt sent as several chunks
+as one batch, then every session's next speculative step (a few positions ending with a draft,
+each its own forward: rows of different widths do not share a batch), then at most one prompt
+chunk (prefill): a long prompt sent as several chunks
 lets the decodes run between its chunks, so a decode step waits at most one chunk's compute.
 A session's steps run in offset order whatever order they arrived in: a step that starts past
 the session's position waits for the steps before it (until its own deadline).
@@ -49,6 +51,7 @@ class Round:
     jobs: list    # (fn, future) of other work, e.g. loading a slice
     decodes: list  # single-position steps of distinct sessions, run as one batch
     prefill: Step | None = None
+    verifies: list = field(default_factory=list)  # steps with a draft, each its own forward
 
 
 class StageQueue:
@@ -124,7 +127,7 @@ class StageQueue:
             best = first.get(id(step.session))
             if best is None or step.offset < best.offset:
                 first[id(step.session)] = step
-        decodes, prefill, expired, wake = [], None, [], None
+        decodes, verifies, prefill, expired, wake = [], [], None, [], None
         for step in first.values():
             if step.offset > step.session.position:
                 if step.deadline <= now:
@@ -133,17 +136,19 @@ class StageQueue:
                     wake = min(wake or step.deadline - now, step.deadline - now)
             elif step.positions == 1:
                 decodes.append(step)
+            elif step.request.draft:
+                verifies.append(step)
             elif prefill is None:
                 prefill = step
         if decodes and not jobs and (until := self._gathering(decodes, first, now)):
             gone = {id(s) for s in expired}
             self._steps = [s for s in self._steps if id(s) not in gone]
             return None, expired, min(wake or until - now, until - now)
-        taken = {id(s) for s in [*decodes, *expired, *([prefill] if prefill else [])]}
+        taken = {id(s) for s in [*decodes, *verifies, *expired, *([prefill] if prefill else [])]}
         self._steps = [s for s in self._steps if id(s) not in taken]
-        if not (jobs or decodes or prefill):
+        if not (jobs or decodes or verifies or prefill):
             return None, expired, wake
-        return Round(jobs, decodes, prefill), expired, wake
+        return Round(jobs, decodes, prefill, verifies), expired, wake
 
     def _gathering(self, decodes: list, first: dict, now: float) -> float | None:
         """Until when to wait for the rest of the batches these decodes ran in last (None: go)."""

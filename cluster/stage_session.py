@@ -1,10 +1,14 @@
-"""A session on a stage: its KV caches, the bytes it reserved, and its own sampler and random key."""
+"""A session on a stage: its KV caches, the bytes it reserved, and its own sampler and random key.
+
+Besides drawing one token (sample), a session verifies a speculative draft (verify): the last
+stage's logits at every drafted position decide how many drafted tokens stand, with the same
+output distribution as drawing them one by one."""
 
 import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from .generated import kimi_cluster_pb2 as pb
 
@@ -42,10 +46,7 @@ class Session:
             for c in self.caches:
                 c.trim(drop)
 
-    def sample(self, logprobs: mx.array, params: pb.SamplingParams, rng_state: int | None = None) -> mx.array:
-        """Sample like mlx-lm's generate after mx.random.seed(seed), but with this session's own
-        random key, so concurrent sessions never disturb each other's draws. `rng_state` replaces
-        that key (a session replayed elsewhere draws on where it stopped)."""
+    def _prepare(self, params: pb.SamplingParams, rng_state: int | None):
         if self.sampler is None:
             self.sampler = make_sampler(
                 params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k
@@ -54,7 +55,53 @@ class Session:
         if rng_state is not None:
             self.rng_seed = rng_state
         mx.random.seed(self.rng_seed)
+
+    def sample(self, logprobs: mx.array, params: pb.SamplingParams, rng_state: int | None = None) -> mx.array:
+        """Sample like mlx-lm's generate after mx.random.seed(seed), but with this session's own
+        random key, so concurrent sessions never disturb each other's draws. `rng_state` replaces
+        that key (a session replayed elsewhere draws on where it stopped)."""
+        self._prepare(params, rng_state)
         token = self.sampler(logprobs)
         mx.eval(token)
         self.rng_seed = _key_seed(mx.random.state[0])
         return token
+
+    def verify(self, logprobs: mx.array, draft: list, params: pb.SamplingParams,
+               rng_state: int | None = None) -> list:
+        """The tokens a step with `draft` produces: the drafted tokens that stand, then one more
+        (the correction at the first one rejected, or a bonus after them all). Row i of
+        `logprobs` (len(draft) + 1 rows) is the distribution after the first i drafted tokens.
+        Greedy keeps a drafted token where it is the argmax. Sampled keeps it with probability
+        p(token) (p as sample() draws from: filtered, then tempered) and at the first rejection
+        draws from p without it, renormalised: the rejection rule for a deterministic draft, so
+        every token is distributed as drawing it alone. Draws use the session's random key, so a
+        replay from the same `rng_state` gives the same tokens."""
+        self._prepare(params, rng_state)
+        k = len(draft)
+        if params.temperature == 0:
+            best = mx.argmax(logprobs, axis=-1).tolist()
+            kept = next((i for i in range(k) if best[i] != draft[i]), k)
+            return draft[:kept] + [best[kept]]
+        logits = _filtered(logprobs, params) * (1 / params.temperature)
+        probs = mx.softmax(logits, axis=-1)
+        chances = probs[mx.arange(k), mx.array(draft, dtype=mx.int32)] if k else mx.zeros((0,))
+        draws = mx.random.uniform(shape=(k,))
+        kept = next((i for i, (u, p) in enumerate(zip(draws.tolist(), chances.tolist())) if u >= p), k)
+        row = logits[kept]
+        if kept < k:  # p with the rejected token removed
+            row = mx.where(mx.arange(row.shape[-1]) == draft[kept], -mx.inf, row)
+        token = mx.random.categorical(row)
+        mx.eval(token)
+        self.rng_seed = _key_seed(mx.random.state[0])
+        return draft[:kept] + [token.item()]
+
+
+def _filtered(logprobs: mx.array, params: pb.SamplingParams) -> mx.array:
+    """`logprobs` with what make_sampler's filters drop set to -inf, in its order."""
+    if 0 < params.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, params.top_p)
+    if params.min_p != 0.0:
+        logprobs = apply_min_p(logprobs, params.min_p)
+    if params.top_k > 0:
+        logprobs = apply_top_k(logprobs, params.top_k)
+    return logprobs

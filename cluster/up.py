@@ -23,6 +23,7 @@ from .cli_args import SECRET_HELP, console, fail, memory, positive_int, size
 from .client import DEFAULT_PORT
 from .load_progress import LoadBars
 from .scheduler import DEFAULT_PREFILL_CHUNK
+from .speculation import MODES
 from .units import format_bytes
 
 SHUTDOWN_GRACE_S = 2.0  # calls in flight get this long to finish after SIGTERM
@@ -47,6 +48,7 @@ class NodeOptions:
     nodes: int | None = None  # with model: wait for this many nodes before planning
     take_over: bool = False
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    speculate: str = "auto"
     session_ttl: float = 600.0
 
     @classmethod
@@ -97,7 +99,7 @@ def serve(options: NodeOptions, secret: bytes) -> ServingNode:
     if options.model:
         coordinator = Coordinator(node, options.model, secret, options.peer, context=options.context,
                                   min_nodes=options.nodes, zeroconf=zeroconf, take_over=options.take_over,
-                                  max_prefill_chunk=options.prefill_chunk)
+                                  max_prefill_chunk=options.prefill_chunk, speculate=options.speculate)
         slices.checkpoints[coordinator.checkpoint.model_id] = coordinator.checkpoint
         pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     server.start()
@@ -399,6 +401,10 @@ def add_up_parsers(sub) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                    help="prompt tokens per prefill step: the most a running reply waits for another's prompt "
                         f"on each node (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--speculate", choices=MODES, default="auto",
+                   help="speculative decoding drafted from the context (prompt lookup): auto drafts where it "
+                        "pays and not for seeded sampling, on always, off never (default auto; a request's "
+                        "`speculate` overrides it)")
     p.add_argument("--api-port", type=int, help="also serve the OpenAI-compatible API on this port (0 picks one)")
     p.add_argument("--api-host", default="127.0.0.1", help="address of the API (default 127.0.0.1)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request (visible in `ps`: "

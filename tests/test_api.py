@@ -473,6 +473,26 @@ def test_bad_timeout_is_refused_naming_it(api, timeout):
     assert status == 400 and error["param"] == "timeout" and "`timeout`" in error["message"], body
 
 
+def test_bad_speculate_is_refused_naming_it(api):
+    status, body = raw(api, "/chat/completions", {"messages": chat("Hi!"), "max_tokens": 4, "speculate": "yes"})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "speculate" and "`speculate`" in error["message"], body
+
+
+def test_speculate_forced_or_disabled_keeps_the_reply(api, client, expect):
+    """`speculate` true drafts and verifies (the cluster's figures grow), false does not; the
+    greedy reply is mlx-lm's either way."""
+    messages = chat("Tell me everything.")
+    want = expect(messages, 48, thinking=False)
+    for speculate in (False, True):
+        before = json.loads(raw(api, "/cluster")[1])["speculation"]
+        reply = create(client, api, messages, 48, extra_body={**NO_THINKING, "speculate": speculate})
+        assert reply.choices[0].message.content == want.content
+        after = json.loads(raw(api, "/cluster")[1])["speculation"]
+        assert after["steps"] > before["steps"]
+        assert (after["drafted"] > before["drafted"]) == speculate, (before, after)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_timeout_stops_the_request_and_frees_its_caches(api, client, expect, stream):
     """`timeout` (seconds) is the client's deadline: a reply that cannot be done in time stops,

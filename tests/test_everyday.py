@@ -118,7 +118,9 @@ def test_coordinator_logs_one_line_per_request(cluster):
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     wait_for_log(coordinator, rf"request \S+: \d+ prompt tokens \(0 cached\), {reply['completion_tokens']} generated "
-                              rf"\({reply['finish_reason']}\); TTFT \d+ ms, [\d.]+ tok/s; nodes (coord, worker|worker, coord)")
+                              rf"\({reply['finish_reason']}\); TTFT \d+ ms, [\d.]+ tok/s; "
+                              r"nodes (coord, worker|worker, coord); \d+ steps \([\d.]+ per token\), \d+ drafted, "
+                              r"\d+ accepted")
 
 
 def test_ctrl_c_stops_the_coordinator_says_so_and_releases_the_workers(cluster):

@@ -32,7 +32,7 @@ class MlxLmTokens:
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, prompt, max_tokens, sampling, stats, deadline, shaper=None):
+    def __call__(self, prompt, max_tokens, sampling, stats, deadline, shaper=None, speculate=None):
         self.calls.append((max_tokens, sampling))
         stats.update(session_id="in-process", cached_tokens=0)
 

@@ -5,7 +5,8 @@ a step before a session's end trims its caches back; a released session is gone;
 fails alone; requests a stage must refuse are refused (a chunk wider than the coordinator's);
 ring replies, and a ring step's failure after its acceptance, go to the delivery hook, or to the
 coordinator's Deliver (real gRPC), tried again with pauses while it is busy; and a token never
-delivered is replayed by the scheduler driving the stage, with mlx-lm's tokens all the same.
+delivered is replayed by the scheduler driving the stage, with mlx-lm's tokens all the same; a step
+with a draft keeps what verifies, and the next step trims the rest.
 """
 
 import logging
@@ -404,3 +405,39 @@ def test_a_request_whose_tokens_never_arrive_fails_saying_so(whole, prompts, sch
     stage = make_stage(whole, deliver=lambda reply: None)
     with pytest.raises(GenerateError, match="lost on its way back"):
         list(scheduler_over(stage).generate(prompts[0], TOKENS, GREEDY, deadline=time.monotonic() + TIMEOUT_S))
+
+
+def test_a_step_with_a_draft_keeps_what_verifies_and_the_next_step_trims_the_rest(whole, oracle, oracle_tokens,
+                                                                                  prompts):
+    """Speculative decoding on one stage: a draft of the right tokens is kept whole with a bonus
+    token; a wrong one is corrected at its first token, and the next step's offset drops the
+    rejected positions from the caches; a draft the stage cannot verify is refused."""
+    stage = make_stage(whole)
+    prompt = prompts[0]
+    limit = len(prompt) + 12
+    expected = oracle_tokens(oracle[0], prompt, 9)
+    first = prefill(stage, "s", prompt, limit).token
+
+    def verify(tokens, offset, draft, sample=True):
+        r = request("s", tokens + draft, offset, limit, sample=sample)
+        r.draft.extend(draft)
+        return r
+
+    kept = stage.forward(verify([first], len(prompt), expected[1:4]), TIMEOUT_S)
+    assert list(kept.tokens) == expected[1:5] and kept.token == expected[4] and len(kept.logprobs) == 4
+    wrong = [t + 1 for t in expected[6:8]]
+    corrected = stage.forward(verify([expected[4]], len(prompt) + 4, [expected[5], *wrong]), TIMEOUT_S)
+    assert list(corrected.tokens) == expected[5:7]
+    assert stage.sessions["s"].position == len(prompt) + 8  # the rejected positions are still there...
+    after = stage.forward(request("s", [expected[6]], len(prompt) + 6, limit), TIMEOUT_S)
+    assert after.token == expected[7] and stage.sessions["s"].position == len(prompt) + 7  # ...until trimmed
+    assert (stage.speculation.drafted, stage.speculation.accepted) == (6, 4)
+
+    not_sampled = verify([1], len(prompt), [2, 3], sample=False)
+    too_long, not_the_end = request("s", [1, 2], len(prompt), limit), request("s", [1, 2, 3], len(prompt), limit)
+    too_long.draft.extend([1, 2])
+    not_the_end.draft.extend([2])
+    for bad, words in ((not_sampled, "set `sample`"), (too_long, "at least 3 positions"),
+                       (not_the_end, "must end with the draft")):
+        refused = stage_error(stage.accept(bad, TIMEOUT_S))
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and words in refused.message, refused.message

@@ -236,7 +236,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_context: _Optional[int] = ..., frequency_context: _Optional[int] = ..., repetition_context: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state", "coordinator_id", "reply_to", "ticket", "allowed_tokens", "penalty_history")
+    __slots__ = ("session_id", "offset", "tokens", "hidden", "sample", "sampling", "max_positions", "new_generation", "seq", "time_left_s", "rng_state", "coordinator_id", "reply_to", "ticket", "allowed_tokens", "penalty_history", "draft")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class ForwardRequest(_message.Message):
     TICKET_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PENALTY_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -269,10 +270,11 @@ class ForwardRequest(_message.Message):
     ticket: int
     allowed_tokens: bytes
     penalty_history: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., reply_to: _Optional[str] = ..., ticket: _Optional[int] = ..., allowed_tokens: _Optional[bytes] = ..., penalty_history: _Optional[_Iterable[int]] = ...) -> None: ...
+    draft: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_positions: _Optional[int] = ..., new_generation: _Optional[bool] = ..., seq: _Optional[int] = ..., time_left_s: _Optional[float] = ..., rng_state: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., reply_to: _Optional[str] = ..., ticket: _Optional[int] = ..., allowed_tokens: _Optional[bytes] = ..., penalty_history: _Optional[_Iterable[int]] = ..., draft: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("sampled", "token", "logprob", "seq", "failure", "rng_state", "ticket")
+    __slots__ = ("sampled", "token", "logprob", "seq", "failure", "rng_state", "ticket", "tokens", "logprobs")
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +282,8 @@ class ForwardReply(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     RNG_STATE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     sampled: bool
     token: int
     logprob: float
@@ -287,7 +291,9 @@ class ForwardReply(_message.Message):
     failure: StageFailure
     rng_state: int
     ticket: int
-    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ..., rng_state: _Optional[int] = ..., ticket: _Optional[int] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, sampled: _Optional[bool] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., seq: _Optional[int] = ..., failure: _Optional[_Union[StageFailure, _Mapping]] = ..., rng_state: _Optional[int] = ..., ticket: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StageFailure(_message.Message):
     __slots__ = ("code", "message", "node")
@@ -324,7 +330,7 @@ class HealthRequest(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner", "owner_node_id", "max_batch", "batched_rows")
+    __slots__ = ("node_id", "loaded", "sessions", "kv_bytes", "queued", "busy_s", "coordinator_id", "owner", "owner_node_id", "max_batch", "batched_rows", "speculation")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +342,7 @@ class HealthReply(_message.Message):
     OWNER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCHED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     loaded: bool
     sessions: int
@@ -347,10 +354,23 @@ class HealthReply(_message.Message):
     owner_node_id: str
     max_batch: int
     batched_rows: int
-    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., owner_node_id: _Optional[str] = ..., max_batch: _Optional[int] = ..., batched_rows: _Optional[int] = ...) -> None: ...
+    speculation: Speculation
+    def __init__(self, node_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queued: _Optional[int] = ..., busy_s: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., owner: _Optional[str] = ..., owner_node_id: _Optional[str] = ..., max_batch: _Optional[int] = ..., batched_rows: _Optional[int] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ...) -> None: ...
+
+class Speculation(_message.Message):
+    __slots__ = ("steps", "tokens", "drafted", "accepted")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    tokens: int
+    drafted: int
+    accepted: int
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling", "response_format_json", "tool_choice_json")
+    __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling", "response_format_json", "tool_choice_json", "speculate")
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +379,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_JSON_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_JSON_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
     messages_json: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     tools_json: str
@@ -367,7 +388,8 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     response_format_json: str
     tool_choice_json: str
-    def __init__(self, messages_json: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., tools_json: _Optional[str] = ..., thinking: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format_json: _Optional[str] = ..., tool_choice_json: _Optional[str] = ...) -> None: ...
+    speculate: bool
+    def __init__(self, messages_json: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., tools_json: _Optional[str] = ..., thinking: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format_json: _Optional[str] = ..., tool_choice_json: _Optional[str] = ..., speculate: _Optional[bool] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("id", "text", "logprob")
@@ -470,17 +492,19 @@ class NodeEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., total_bytes: _Optional[int] = ..., usable_bytes: _Optional[int] = ..., has_layers: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., status: _Optional[str] = ..., node_id: _Optional[str] = ..., chip: _Optional[str] = ..., source: _Optional[str] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class MemoryMapReply(_message.Message):
-    __slots__ = ("state", "model", "model_id", "num_layers", "nodes", "message")
+    __slots__ = ("state", "model", "model_id", "num_layers", "nodes", "message", "speculation")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
     state: str
     model: str
     model_id: str
     num_layers: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeEntry]
     message: str
-    def __init__(self, state: _Optional[str] = ..., model: _Optional[str] = ..., model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeEntry, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
+    speculation: Speculation
+    def __init__(self, state: _Optional[str] = ..., model: _Optional[str] = ..., model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeEntry, _Mapping]]] = ..., message: _Optional[str] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ...) -> None: ...
