@@ -75,6 +75,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
         threading.Thread(target=self._run, name="coordinator", daemon=True).start()
 
     def stop(self):
+        self.scheduler.stop()
         self._stop.set()
         self._lost.set()
         self.membership.close()

@@ -22,6 +22,7 @@ from . import __version__
 from .compute import ComputeWorker
 from .generated import kimi_cluster_pb2 as pb
 from .generated import kimi_cluster_pb2_grpc as pb_grpc
+from .identity import peer_name
 from .link import StageError
 from .machine import Machine
 from .stage import MAX_CHUNK_TOKENS, LocalStage, Stage
@@ -230,7 +231,10 @@ class NodeService(pb_grpc.NodeServicer):
     def Deliver(self, request, context):
         if self.stage.deliver is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} is not a coordinator")
-        self.stage.deliver(request)
+        try:
+            self.stage.deliver(request, peer_name(context))
+        except StageError as e:
+            context.abort(e.code, e.message)
         return pb.DeliverReply()
 
     def Release(self, request, context):

@@ -7,13 +7,14 @@ on the nodes (sessions.py) let a conversation's next turn skip its prefix.
 """
 
 import collections
-import itertools
 import logging
+import secrets
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import grpc
 
@@ -46,6 +47,7 @@ STEP_HISTORY = 64
 # waits at most one chunk's compute per stage for another's prompt.
 DEFAULT_PREFILL_CHUNK = 256
 MAX_RECOVERIES = 3           # replays of one request before its error is the client's
+STOPPING = "coordinator stopping: it was asked to shut down; retry once it is up again"
 
 
 class GenerateError(Exception):
@@ -87,6 +89,15 @@ def deadline_message(when: str, running: int) -> str:
             "or a longer gRPC deadline), ask for fewer tokens, or retry when fewer requests run")
 
 
+@dataclass
+class Ticket:
+    """A request riding the token ring: the reply it waits for and who may deliver it."""
+
+    reply: Future
+    last: str          # the node id of the chain's last stage: only it delivers a token
+    stages: frozenset  # every stage's node id: any of them may report a failure (link.failure_of)
+
+
 class Scheduler:
     """Runs requests through `membership.chain`; `local` is this process's own node."""
 
@@ -99,18 +110,31 @@ class Scheduler:
         self.speculation = pb.Speculation()  # every request's sampling steps, summed (under _ring_lock)
         self.on_lost = on_lost  # (node name) a node's link broke
         self.ready = ready  # set while every stage of the chain is loaded
-        self._tickets = itertools.count(1)
-        self._ring: dict[int, Future] = {}  # ticket -> the reply the last stage will deliver
+        # Tickets are random 64-bit numbers, never one outstanding: a member cannot guess a live one,
+        # and a Deliver for one is accepted only from the stages it was sent to.
+        self._ring: dict[int, Ticket] = {}
+        self._refused_senders: set = set()  # node ids whose forged Delivers were logged already
         self._ring_lock = threading.Lock()
         self.running = 0  # requests generating now (named when a deadline passes)
         self._step_s = collections.deque([0.0], maxlen=STEP_HISTORY)  # how long the last steps took
+        self.stopping = threading.Event()  # set by stop(): every request ends with STOPPING
+
+    def stop(self):
+        """The coordinator is stopping: every running request fails (UNAVAILABLE, STOPPING) within
+        WAIT_SLICE_S, so its client hears why instead of a cut connection; none starts."""
+        self.stopping.set()
 
     def _send(self, chain: list, request: pb.ForwardRequest, timeout: float) -> Future:
         """Send `request` round the token ring (see ForwardRequest.reply_to): the Future of the
         reply the last stage delivers, or of the failure a stage reports."""
-        ticket, reply = next(self._tickets), Future()
+        reply = Future()
+        ids = [self._node_id(m) for m in chain]
         with self._ring_lock:
-            self._ring[ticket] = reply
+            while (ticket := secrets.randbits(64)) in self._ring or not ticket:
+                pass
+            self._ring[ticket] = Ticket(reply, ids[-1], frozenset(ids))
+        log.debug("session %s offset %d rides ticket %d, delivered by %s", request.session_id, request.offset,
+                  ticket, ids[-1])
         reply.add_done_callback(lambda _: self._forget(ticket))
         request.reply_to, request.ticket = self.local.address, ticket
         first = chain[0]
@@ -130,12 +154,36 @@ class Scheduler:
         if failure := failure_of(accepted):
             self.deliver(pb.ForwardReply(ticket=ticket, failure=failure))
 
-    def deliver(self, reply: pb.ForwardReply):
-        """A reply (or failure) for a ticket arrived (Deliver); unknown tickets are ignored."""
+    def _node_id(self, member) -> str:
+        return member.info.node_id if member.info else ""
+
+    def deliver(self, reply: pb.ForwardReply, sender: str | None = None):
+        """A reply (or failure) for a ticket arrived: from this process (`sender` None) or over
+        Deliver from the node id `sender` (its certificate's). A token is taken only from the
+        chain's last stage as the request was sent, a failure from any of its stages; any other
+        sender is refused (StageError PERMISSION_DENIED). Unknown tickets (late, or given up) are
+        ignored."""
         with self._ring_lock:
-            future = self._ring.pop(reply.ticket, None)
-        if future is not None and future.set_running_or_notify_cancel():
-            future.set_result(reply)
+            ticket = self._ring.get(reply.ticket)
+            if ticket is None:
+                return
+            allowed = ticket.stages if reply.HasField("failure") else (ticket.last,)
+            if sender is not None and sender not in allowed:
+                first = sender not in self._refused_senders
+                self._refused_senders.add(sender)
+                refused = True
+            else:
+                del self._ring[reply.ticket]
+                refused = False
+        if refused:
+            if first:
+                log.warning("refused a Deliver from node %s: ticket %d was sent to the chain ending at %s",
+                            sender, reply.ticket, ticket.last)
+            raise StageError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"node {sender} may not deliver this ticket: only the stage its request was sent "
+                             "through delivers its reply")
+        if ticket.reply.set_running_or_notify_cancel():
+            ticket.reply.set_result(reply)
 
     def _forget(self, ticket: int):
         with self._ring_lock:
@@ -150,7 +198,12 @@ class Scheduler:
 
     def _wait_ready(self, deadline: float | None):
         wait = min(RECOVERY_WAIT_S, deadline - time.monotonic()) if deadline else RECOVERY_WAIT_S
-        if not self.ready.wait(max(wait, 0)):
+        until = time.monotonic() + wait
+        while not self.ready.wait(max(min(WAIT_SLICE_S, until - time.monotonic()), 0)):
+            if self.stopping.is_set():
+                raise GenerateError(grpc.StatusCode.UNAVAILABLE, STOPPING)
+            if time.monotonic() < until:
+                continue
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"a node was lost and its layers did not run again "
                                 f"within {wait:.0f} s; restart it (same --name) or add a node")
 
@@ -166,6 +219,9 @@ class Scheduler:
                 return reply
             except FutureTimeout:
                 pass
+            if self.stopping.is_set():
+                future.cancel()
+                raise StageError(grpc.StatusCode.UNAVAILABLE, STOPPING)
             if lost := next((m for m in chain if m.down), None):
                 future.cancel()
                 raise StageError(grpc.StatusCode.UNAVAILABLE, f"node {lost.name} ({lost.address}) was lost",
@@ -195,6 +251,8 @@ class Scheduler:
         """Send `requests` (steps of one session, in offset order) down the chain at once, without
         waiting for each other's replies, and wait for every reply; the first StageError in
         order (the steps after it are given up: each fails, or is wasted work a retry redoes)."""
+        if self.stopping.is_set():
+            raise StageError(grpc.StatusCode.UNAVAILABLE, STOPPING)
         chain = list(self.membership.chain)
         timeout = deadline - time.monotonic() if deadline else HOP_WAIT_S
         if timeout <= 0:

@@ -126,11 +126,19 @@ def constraint_spec(body: dict, thinking: bool, anthropic: bool = False) -> Cons
     return ConstraintSpec(thinking=thinking, tools=tools, tool_choice=choice, parallel_tool_calls=parallel, **formats)
 
 
+def _finite(value) -> bool:
+    """Whether a JSON number is a finite float (an integer past a float's range is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(body: dict, name: str, default):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise FieldError(f"`{name}` must be a finite number, got {json.dumps(value)[:40]}", name)
     return value
 
@@ -144,7 +152,7 @@ def penalties(body: dict, vocab_size: int | None = None) -> Penalties:
         raise FieldError("`logit_bias` must map token ids (as strings) to numbers from -100 to 100", "logit_bias")
     try:
         logit_bias = {int(k): float(v) for k, v in bias.items()
-                      if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)}
+                      if not isinstance(v, bool) and isinstance(v, (int, float)) and _finite(v)}
     except ValueError:
         logit_bias = {}
     if len(logit_bias) != len(bias):

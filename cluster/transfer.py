@@ -220,6 +220,9 @@ class SliceFetcher:
         path = cache.model_dir(model_id)
         config = json.loads((path / "config.json").read_text())
         text = config.get("text_config", config) if config.get("model_type") == "kimi_k25" else config
+        if not 0 <= start < end <= text["num_hidden_layers"]:
+            raise ValueError(f"layers [{start}, {end}) are not a slice of model {model_id[:16]}, which has "
+                             f"{text['num_hidden_layers']} layers")
         names = slice_parts(start, end, text["num_hidden_layers"])
         resident = set(slice_parts(*in_memory, text["num_hidden_layers"])) if in_memory else set()
         missing = []

@@ -287,6 +287,8 @@ def cmd_up(args) -> None:
         stopping = threading.Thread(target=stop, name="stop", daemon=True)
         stopping.start()
         stopping.join(SHUTDOWN_GRACE_S + 6)
+        if api:  # its open streams end with an error event (the coordinator's stop fails their requests)
+            api.thread.join(SHUTDOWN_GRACE_S)
     finally:
         client.remove_node_state(node.name)
     print(f"stopped {node.name}: its slice and sessions are released", flush=True)
@@ -330,6 +332,7 @@ def _check_api_exposure(args) -> None:
 class RunningApi:
     server: object
     url: str
+    thread: threading.Thread  # runs the server until it has closed every connection
 
 
 def _start_api(args, coordinator) -> RunningApi:
@@ -342,7 +345,8 @@ def _start_api(args, coordinator) -> RunningApi:
                     hosts=allowed_hosts(args.api_host, args.api_allow_host), origins=args.api_allow_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.api_host, port=args.api_port, log_level="warning",
                                            http=HttpProtocol))
-    threading.Thread(target=server.run, name="openai-api", daemon=True).start()
+    thread = threading.Thread(target=server.run, name="openai-api", daemon=True)
+    thread.start()
     while not server.started:
         if not threading.main_thread().is_alive():
             break
@@ -350,7 +354,7 @@ def _start_api(args, coordinator) -> RunningApi:
     port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.api_port
     url = f"http://{args.api_host}:{port}/v1"
     print(f"OpenAI API on {url} (model {coordinator.checkpoint.name!r})", flush=True)
-    return RunningApi(server, url)
+    return RunningApi(server, url, thread)
 
 
 def _announce_ready(coordinator, stopped, address: str, api):

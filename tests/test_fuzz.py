@@ -7,12 +7,15 @@ Throughout, a generation runs alongside and must keep giving mlx-lm's tokens; ea
 checking that one more generation after its fuzzing gives them too, and that every process is
 alive, answers at once, and has not grown without bound.
 
-Load and Stop are left out: a member of the cluster (it holds the secret) is trusted to load
-and stop nodes; what is fuzzed here is what any member's bug or a stray client could send.
+The control calls (Load, Stop, Join) are fuzzed as a member sends them: Loads to the chain's
+nodes as another coordinator (refused while the owner lives), any Load and Stop (not exit) to a
+spare, which the real coordinator must then still be able to load; Joins name only loopback
+(127.0.0.0/8) addresses, never a host name, so nothing leaves the machine.
 """
 
 import http.client
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -24,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.generated import kimi_cluster_pb2 as pb
-from harness import ApiCluster, oracle_reply
+from harness import ApiCluster, oracle_reply, poll, start_node
 
 ALONGSIDE_TOKENS = 12
 EXAMPLES = 60  # per test: about 25 s for the whole module on two cores, cluster start included
@@ -386,3 +389,72 @@ def test_fuzz_api_request_lines(fuzzed):
 
     _without_tracebacks(fuzzed, run)
     _unharmed(fuzzed)
+
+
+# ---- control calls: Load, Stop, Join, as a member sends them ---------------------------------------
+
+# IP literals only (a host name would be resolved): on 127.0.0.0/8, plainly or respelled
+loopback_hosts = st.just("127.0.0.1") | st.builds("127.{}.{}.{}".format, *[st.integers(0, 255)] * 3)
+
+
+def loopback_addresses(ports: list):
+    """Addresses on 127.0.0.0/8 (the cluster's own ports among them, in other spellings), and
+    malformed ones that never reach a resolver."""
+    port = st.sampled_from(ports) | st.integers(0, 70000)
+    spelled = st.builds(lambda p, zeros: "0" * zeros + str(p), port, st.integers(0, 2))
+    well_formed = st.builds("{}{}:{}".format, st.sampled_from(["", "ipv4:", "dns:"]), loopback_hosts, spelled)
+    malformed = loopback_hosts | st.builds("{}:{}".format, loopback_hosts, st.sampled_from(["", "x", "-1", "7e3"]))
+    return well_formed | malformed | st.just("")
+
+
+def load_requests(addresses, model_ids: list, owners: list, take_over):
+    return st.builds(
+        pb.LoadRequest, model_id=st.sampled_from(model_ids) | st.text(max_size=20),
+        start=st.integers(0, 8) | st.integers(0, 2**32 - 1), end=st.integers(0, 8) | st.integers(0, 2**32 - 1),
+        kv_budget_bytes=st.integers(0, 2**64 - 1), next_address=addresses, next_name=st.text(max_size=20),
+        coordinator=addresses, drop_sessions=st.booleans(), sources=st.lists(addresses, max_size=3),
+        coordinator_id=st.text(max_size=20), owner=st.sampled_from(owners) | st.text(max_size=20),
+        take_over=take_over)
+
+
+def test_fuzz_control_calls(fuzzed, tmp_path):
+    """Last of the module: it ends by killing the chain's last stage, for the spare to replace."""
+    spare = start_node(tmp_path, "spare", env=fuzzed.env, extra=["--peer", fuzzed.coordinator.address])
+    try:
+        _fuzz_control_calls(fuzzed, spare)
+    finally:
+        spare.kill()
+
+
+def _fuzz_control_calls(fuzzed, spare):
+    statuses = lambda: {n.name: n.status for n in fuzzed.memory_map().nodes}
+    poll(statuses, lambda s: s.get("spare") == "spare", 30, "the node started with --peer to be a spare")
+    spare_stub = fuzzed.node_stub(spare)
+    model_id = fuzzed.memory_map().model_id
+    ports = [int(n.address.rsplit(":", 1)[1]) for n in [*fuzzed.nodes, spare]] + [fuzzed.port]
+    addresses = loopback_addresses(ports)
+    coordinator = fuzzed.client
+
+    @FUZZ
+    @given(data=st.data())
+    def run(data):
+        _answered(lambda: coordinator.Join(pb.JoinRequest(address=data.draw(addresses)), timeout=20))
+        chain_node = fuzzed.stubs[data.draw(st.sampled_from(sorted(fuzzed.stubs)))]
+        # another coordinator's Load: refused while the owner lives, whatever else it says
+        load = data.draw(load_requests(addresses, [model_id], [""], st.just(False)))
+        _answered(lambda: list(chain_node.Load(load, timeout=20)))
+        load = data.draw(load_requests(addresses, [model_id], [""], st.booleans()))
+        _answered(lambda: list(spare_stub.Load(load, timeout=20)))
+        _answered(lambda: spare_stub.Stop(pb.StopRequest(exit=False), timeout=20))  # exit ends the process: its job
+
+    run()
+    _unharmed(fuzzed)
+    # The spare stays usable for the real coordinator: once the fuzzer's ownership lapses (a lease
+    # of a few seconds), the last stage's loss puts the spare in its place, and replies go on.
+    poll(lambda: spare_stub.Health(pb.HealthRequest(), timeout=2), lambda h: not h.owner, 30,
+         "the fuzzer's lease on the spare to lapse")
+    last = fuzzed.peers[-1]
+    last.kill(signal.SIGKILL)
+    poll(statuses, lambda s: s.get("spare") == "ready" and s.get(last.name) != "ready", 60,
+         "the spare to take the lost stage's place")
+    fuzzed.alongside.check_after()

@@ -387,10 +387,12 @@ def quick_silence(monkeypatch):
 
 def test_a_token_never_delivered_is_replayed_with_the_same_tokens(whole, oracle, oracle_tokens, prompts,
                                                                    scheduler_over, quick_silence):
-    prompt, dropped = prompts[1], []
+    prompt, dropped, tokens = prompts[1], [], []
 
     def lossy(reply: pb.ForwardReply):
-        if len(dropped) < 2 and reply.token and reply.ticket % 3 == 0:  # lost on its way back, twice
+        if reply.token:
+            tokens.append(reply.ticket)
+        if reply.token and len(tokens) in (2, 4):  # the second and fourth lost on their way back
             dropped.append(reply.ticket)
             return
         scheduler.deliver(reply)
