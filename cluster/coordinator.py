@@ -39,7 +39,7 @@ log = logging.getLogger("kimi_cluster.coordinator")
 class Coordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, local: NodeService, model_path: str, secret: bytes, peers: list[str],
                  context: int = 32768, min_nodes: int | None = None, zeroconf=None, take_over: bool = False,
-                 max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculate: str = "auto"):
+                 max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculate: str = "off"):
         self.local, self.context, self.min_nodes = local, context, min_nodes
         # This process's identity: nodes it loads serve it alone (and free a predecessor's sessions);
         # every Load, Forward and health check carries it. take_over: load nodes another live one owns.

@@ -102,7 +102,7 @@ class Scheduler:
     """Runs requests through `membership.chain`; `local` is this process's own node."""
 
     def __init__(self, local, membership, sessions, prefill_chunk: int, on_lost, ready: threading.Event,
-                 speculate: str = "auto"):
+                 speculate: str = "off"):
         self.local, self.membership, self.sessions = local, membership, sessions
         self.prefill_chunk = prefill_chunk
         self.speculate = speculate  # --speculate: auto, on or off (a request's `speculate` overrides it)

@@ -48,7 +48,7 @@ class NodeOptions:
     nodes: int | None = None  # with model: wait for this many nodes before planning
     take_over: bool = False
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    speculate: str = "auto"
+    speculate: str = "off"
     session_ttl: float = 600.0
 
     @classmethod
@@ -401,10 +401,10 @@ def add_up_parsers(sub) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                    help="prompt tokens per prefill step: the most a running reply waits for another's prompt "
                         f"on each node (default {DEFAULT_PREFILL_CHUNK})")
-    p.add_argument("--speculate", choices=MODES, default="auto",
+    p.add_argument("--speculate", choices=MODES, default="off",
                    help="speculative decoding drafted from the context (prompt lookup): auto drafts where it "
-                        "pays and not for seeded sampling, on always, off never (default auto; a request's "
-                        "`speculate` overrides it)")
+                        "pays and not for seeded sampling, on always, off never (default off: a verify step "
+                        "may break a bf16 near-tie otherwise than mlx-lm; a request's `speculate` overrides it)")
     p.add_argument("--api-port", type=int, help="also serve the OpenAI-compatible API on this port (0 picks one)")
     p.add_argument("--api-host", default="127.0.0.1", help="address of the API (default 127.0.0.1)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request (visible in `ps`: "

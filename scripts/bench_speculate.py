@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Speculative decoding side by side, one run: steps per generated token and decode tok/s with
-speculation (the cluster's default, --speculate auto) and without (each request's `speculate`
+speculation (the coordinator started with --speculate auto) and without (each request's `speculate`
 false), on a 2-stage cluster of separate node processes on loopback.
 
     python scripts/bench_speculate.py            # 160 tokens per reply, 6 rounds
@@ -101,7 +101,8 @@ def main():
         model_dir, what = checkpoint(work)
         tokenizer = load_tokenizer(model_dir)
         (work / "run").mkdir()
-        cluster = stack.enter_context(LocalCluster(work / "run", model_dir, stages=2))
+        cluster = stack.enter_context(LocalCluster(work / "run", model_dir, stages=2,
+                                                   coordinator_extra=["--speculate", "auto"]))
         stack.callback(cluster.channel.close)
         print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.system()}, "
               f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}; {what}; 2 stages, "
