@@ -22,6 +22,7 @@ from mlx_kimi.batch import forward_rows
 from mlx_kimi.slice import ModelSlice
 
 from .generated import kimi_cluster_pb2 as pb
+from .delivery import Delivery
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .shaping import check_step, penalties_of, shape_logits
 from .stage_queue import Step
@@ -33,13 +34,6 @@ log = logging.getLogger("kimi_cluster.stage")
 # Each hop gives the next one a little less time, so the stage nearest a stalled node reports it.
 HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
-# The last stage's token goes to the coordinator (Deliver); a try that fails for want of room or
-# reach is tried again after a pause that doubles up to the longest, for DELIVER_GIVE_UP_S in all.
-# A token still not delivered then is dropped: the coordinator sees the step silent and replays it.
-DELIVER_TIMEOUT_S = 2.0
-DELIVER_PAUSES_S = (0.05, 1.0)  # the first pause and the longest
-DELIVER_GIVE_UP_S = 8.0
-RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_CHUNK_TOKENS = 8192  # the widest prefill chunk a coordinator may plan
 
 
@@ -129,7 +123,7 @@ class Stage:
         self.loaded: LocalStage | None = None
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards loaded and sessions
-        self._deliver_stubs: dict[str, object] = {}  # coordinator address -> stub, for the ring
+        self.delivery = Delivery(address, connect, deliver)  # the ring's replies to coordinators
         self.speculation = pb.Speculation()  # what the sampling steps run here added up to (compute thread)
 
     # ---- the slice and the sessions -----------------------------------------------------------
@@ -439,7 +433,7 @@ class Stage:
         stage without waiting for it (the sender had its empty reply when the step was queued)."""
         if loaded.slice.is_last:
             out.ticket = request.ticket
-            self._deliver(request.reply_to, out)
+            self.delivery.send(request.reply_to, out)
         else:
             sent = loaded.next_link.send(_onward(request, out), _hop_timeout(time_left))
             sent.add_done_callback(lambda f: self._relay_failure(request, f))
@@ -449,33 +443,4 @@ class Stage:
         """`request` failed here, or the next stage refused or lost it: tell the coordinator (it
         waits on the ring)."""
         if failure := failure_of(sent, self.name):
-            self._deliver(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))
-
-    def _deliver(self, address: str, reply: pb.ForwardReply, since: float | None = None,
-                 pause: float = DELIVER_PAUSES_S[0]):
-        """Send `reply` to the coordinator at `address`, trying again after `pause` (doubling) while
-        it is busy or out of reach, until DELIVER_GIVE_UP_S after the first try (`since`)."""
-        if address == self.address:
-            if self.deliver:
-                self.deliver(reply)
-            return
-        since = since or time.monotonic()
-        stub = self._deliver_stubs.get(address)
-        if stub is None:
-            stub = self._deliver_stubs[address] = self.connect(address)
-        call = stub.Deliver.future(reply, timeout=DELIVER_TIMEOUT_S)
-
-        def done(f):
-            error = f.exception()
-            if error is None:
-                return
-            if error.code() in RETRIED and time.monotonic() + pause - since < DELIVER_GIVE_UP_S:
-                retry = threading.Timer(pause, self._deliver,
-                                        (address, reply, since, min(2 * pause, DELIVER_PAUSES_S[1])))
-                retry.daemon = True
-                retry.start()
-                return
-            log.warning("could not deliver ticket %d to %s in %.1f s (%s: %s); the coordinator replays the step",
-                        reply.ticket, address, time.monotonic() - since, error.code().name, error.details())
-
-        call.add_done_callback(done)
+            self.delivery.send(request.reply_to, pb.ForwardReply(ticket=request.ticket, failure=failure))

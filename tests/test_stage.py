@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from cluster import scheduler as scheduling
-from cluster import stage as staging
+from cluster import delivery
 from cluster.compute import ComputeWorker
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.generated import kimi_cluster_pb2_grpc as pb_grpc
@@ -340,7 +340,7 @@ def test_a_token_the_coordinator_is_too_busy_to_take_is_delivered_after_pauses(w
 
 def test_a_token_that_cannot_be_delivered_is_given_up_saying_so(whole, prompts, coordinator_at, monkeypatch,
                                                                 caplog):
-    monkeypatch.setattr(staging, "DELIVER_GIVE_UP_S", 1.0)
+    monkeypatch.setattr(delivery, "DELIVER_GIVE_UP_S", 1.0)
     address, coordinator = coordinator_at(busy=10**6)
     stage, last = ring_stage(whole, prompts[0], address)
     with caplog.at_level(logging.WARNING, logger="kimi_cluster.stage"):
@@ -350,7 +350,7 @@ def test_a_token_that_cannot_be_delivered_is_given_up_saying_so(whole, prompts, 
             time.sleep(0.05)  # pacing between reads of the log; the line is what we wait on
     assert "the coordinator replays the step" in caplog.text
     tries = len(coordinator.calls)
-    assert 3 <= tries <= 8 and coordinator.calls[-1] - coordinator.calls[0] < 1.0 + staging.DELIVER_TIMEOUT_S
+    assert 3 <= tries <= 8 and coordinator.calls[-1] - coordinator.calls[0] < 1.0 + delivery.DELIVER_TIMEOUT_S
     assert not coordinator.delivered
 
 
