@@ -59,7 +59,8 @@ from mlx_lm.quant.dwq import dwq_quantize  # noqa: E402
 from mlx_lm.quant.gptq import gptq_quantize  # noqa: E402
 from mlx_lm.utils import load_model, save_config, save_model  # noqa: E402
 
-from mlx_kimi.calibrate import Calibration, calibration_ids  # noqa: E402
+from mlx_kimi.calibrate import Calibration  # noqa: E402
+from mlx_kimi.calibration_set import calibration_ids  # noqa: E402
 from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
 from mlx_kimi.convert import CALIBRATION_DIR, TOKENIZER_FILES, convert, plan_targets  # noqa: E402
 from mlx_kimi.gguf_source import at_least_source_bits, open_gguf  # noqa: E402

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from mlx_kimi.calibrate import Calibration, calibration_ids
+from mlx_kimi.calibrate import Calibration
+from mlx_kimi.calibration_set import calibration_ids
 from mlx_kimi.convert import CALIBRATION_DIR, ConvertError, convert
 from mlx_kimi.official import OFFICIAL_TINY_SHAPE, write_official
 from mlx_kimi.quality_card import CARD_FILE
