@@ -311,3 +311,23 @@ def hub_cache(root: Path, repo: str, source: Path, files) -> Path:
     for name in files:
         shutil.copy(source / name, snapshot / name)
     return snapshot
+
+
+def make_scripted(out: Path, script: str, layers: int = 4) -> Path:
+    """`kimi-cluster make-tiny OUT --script SCRIPT`: a tiny checkpoint whose greedy reply is `script`."""
+    done = subprocess.run([KIMI, "make-tiny", str(out), "--layers", str(layers), "--script", script],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def scripted_api(workdir: Path, checkpoint: Path, key: str) -> ApiCluster:
+    """A 2-stage cluster of `checkpoint` serving the API with `key` (context 512)."""
+    return ApiCluster(workdir, checkpoint, stages=2,
+                      coordinator_extra=["--api-port", "0", "--api-key", key, "--context", "512"])
+
+
+def openai_client(api: ApiCluster, key: str):
+    import openai
+
+    return openai.OpenAI(base_url=api.api_url, api_key=key, max_retries=0, timeout=60)

@@ -4,7 +4,6 @@ structured outputs, tool calls held to their schemas, penalties, `n`, and Anthro
 on the same checkpoint with the same logits processors (mlx_kimi/constrain.py, penalties.py)."""
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -18,7 +17,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
 import browser as browser_module
-from harness import KIMI, ApiCluster, run_at_once
+from harness import make_scripted, openai_client, run_at_once, scripted_api
 from mlx_kimi.constrain import Constraint, ConstraintSpec, Tool
 from mlx_kimi.penalties import Penalties
 
@@ -42,11 +41,7 @@ def weather_tool(schema=CITY) -> dict:
 
 @pytest.fixture(scope="module")
 def scripted_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("agents") / "ckpt"
-    done = subprocess.run([KIMI, "make-tiny", str(out), "--layers", "4", "--script", SCRIPT],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return out
+    return make_scripted(tmp_path_factory.mktemp("agents") / "ckpt", SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +51,13 @@ def oracle(scripted_dir):
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, scripted_dir):
-    with ApiCluster(tmp_path_factory.mktemp("agents-api"), scripted_dir, stages=2,
-                    coordinator_extra=["--api-port", "0", "--api-key", KEY, "--context", "512"]) as c:
+    with scripted_api(tmp_path_factory.mktemp("agents-api"), scripted_dir, KEY) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def client(api):
-    with openai.OpenAI(base_url=api.api_url, api_key=KEY, max_retries=0, timeout=60) as c:
+    with openai_client(api, KEY) as c:
         yield c
 
 

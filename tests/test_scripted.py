@@ -7,7 +7,6 @@ The script is the oracle here, checked first against single-process mlx-lm on th
 
 import json
 import os
-import subprocess
 import urllib.error
 import urllib.request
 from unittest.mock import ANY as ANY_MESSAGE
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import browser as browser_module
 
-from harness import KIMI, ApiCluster
+from harness import make_scripted, openai_client, scripted_api
 from cluster.sampling import generation_defaults
 from mlx_kimi.scripted import ScriptError, script_ids
 
@@ -38,11 +37,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def scripted_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scripted") / "ckpt"
-    done = subprocess.run([KIMI, "make-tiny", str(out), "--layers", "4", "--script", SCRIPT],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return out
+    return make_scripted(tmp_path_factory.mktemp("scripted") / "ckpt", SCRIPT)
 
 
 def test_script_ids_decode_to_the_script_with_one_successor_per_token(tiny_dir):
@@ -77,14 +72,13 @@ def test_mlx_lm_greedy_decoding_follows_the_script(scripted_dir):
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, scripted_dir):
-    with ApiCluster(tmp_path_factory.mktemp("scripted-api"), scripted_dir, stages=2,
-                    coordinator_extra=["--api-port", "0", "--api-key", API_KEY, "--context", "512"]) as c:
+    with scripted_api(tmp_path_factory.mktemp("scripted-api"), scripted_dir, API_KEY) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def client(api):
-    with openai.OpenAI(base_url=api.api_url, api_key=API_KEY, max_retries=0, timeout=60) as c:
+    with openai_client(api, API_KEY) as c:
         yield c
 
 
