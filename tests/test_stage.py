@@ -234,14 +234,19 @@ def test_a_request_of_a_coordinator_that_does_not_own_the_node_is_refused(whole)
     assert stage.forward(ok, TIMEOUT_S).sampled
 
 
-def test_ring_replies_to_this_node_go_to_its_delivery_hook(whole, oracle, oracle_tokens, prompts):
+def stage_delivering_here(whole):
+    """A stage whose ring replies to this node are collected: (stage, the replies, set at each)."""
     delivered, arrived = [], threading.Event()
 
     def deliver(reply: pb.ForwardReply):
         delivered.append(reply)
         arrived.set()
 
-    stage = make_stage(whole, deliver=deliver)
+    return make_stage(whole, deliver=deliver), delivered, arrived
+
+
+def test_ring_replies_to_this_node_go_to_its_delivery_hook(whole, oracle, oracle_tokens, prompts):
+    stage, delivered, arrived = stage_delivering_here(whole)
     prompt = prompts[2]
     stage.forward(request("s", prompt[:-1], 0, len(prompt) + 1, sample=False), TIMEOUT_S)
     last = request("s", prompt[-1:], len(prompt) - 1, len(prompt) + 1, new_generation=True)
@@ -254,13 +259,7 @@ def test_ring_replies_to_this_node_go_to_its_delivery_hook(whole, oracle, oracle
 
 
 def test_a_ring_step_is_accepted_once_queued_and_its_later_failure_goes_to_the_coordinator(whole, prompts):
-    delivered, arrived = [], threading.Event()
-
-    def deliver(reply: pb.ForwardReply):
-        delivered.append(reply)
-        arrived.set()
-
-    stage = make_stage(whole, deliver=deliver)
+    stage, delivered, arrived = stage_delivering_here(whole)
     prompt = prompts[0]
     stage.forward(request("s", prompt[:-1], 0, len(prompt) + 1, sample=False), TIMEOUT_S)
     gap = request("s", prompt[-1:], len(prompt), len(prompt) + 1)  # one position past the session's end
