@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ log = logging.getLogger("kimi_cluster.stage")
 HOP_MARGIN_S = 0.5
 DEFAULT_TIMEOUT_S = 30.0
 MAX_CHUNK_TOKENS = 8192  # the widest prefill chunk a coordinator may plan
+# Released session ids remembered, so a step of one still on its way (sent before the Release,
+# arriving after it) is refused instead of opening the session again and holding KV bytes.
+REMEMBERED_RELEASES = 8192
 
 
 @dataclass
@@ -122,7 +126,8 @@ class Stage:
         worker.compute = self._compute
         self.loaded: LocalStage | None = None
         self.sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()  # guards loaded and sessions
+        self.released: OrderedDict[str, None] = OrderedDict()  # the last REMEMBERED_RELEASES ids, oldest first
+        self._lock = threading.Lock()  # guards loaded, sessions and released
         self.delivery = Delivery(address, connect, deliver)  # the ring's replies to coordinators
         self.speculation = pb.Speculation()  # what the sampling steps run here added up to (compute thread)
 
@@ -164,8 +169,14 @@ class Stage:
         return (loaded.slice.nbytes() if loaded else 0) + sum(s.reserved_bytes for s in sessions.values())
 
     def release(self, session_id: str) -> pb.ReleaseReply:
+        """Free a session, and refuse any step of it that arrives later (a coordinator never
+        reuses a released id; a step sent before the Release may still be on its way here)."""
         with self._lock:
             session = self.sessions.pop(session_id, None)
+            self.released[session_id] = None
+            self.released.move_to_end(session_id)
+            if len(self.released) > REMEMBERED_RELEASES:
+                self.released.popitem(last=False)
         if session is None:
             return pb.ReleaseReply(found=False)
         self.worker.queue.drop_session(session, StageError(
@@ -189,6 +200,9 @@ class Stage:
                 if request.max_positions > session.positions:  # a reused session grows
                     self._reserve(loaded, session, request.max_positions)
                 return session
+            if request.session_id in self.released:
+                raise StageError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"node {self.name}: session {request.session_id} was released")
             if request.offset != 0:
                 raise StageError(
                     grpc.StatusCode.FAILED_PRECONDITION,

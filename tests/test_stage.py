@@ -167,7 +167,19 @@ def test_a_released_session_frees_its_bytes_and_fails_its_queued_steps(whole, pr
     assert not stage.release("s").found
 
     later = stage_error(stage.accept(request("s", [token], len(prompt), len(prompt) + TOKENS), TIMEOUT_S))
-    assert later.code == grpc.StatusCode.FAILED_PRECONDITION and "is not here" in later.message
+    assert later.code == grpc.StatusCode.FAILED_PRECONDITION and "was released" in later.message
+
+
+def test_a_first_chunk_arriving_after_its_release_does_not_open_the_session_again(whole, prompts):
+    # A client left while its prompt's first chunk was still on its way to this stage: the
+    # coordinator's Release overtook it. The chunk must not open a session nobody will release.
+    stage = make_stage(whole)
+    prompt = prompts[0]
+    assert not stage.release("gone").found
+    late = stage_error(stage.accept(request("gone", prompt[:4], 0, len(prompt) + TOKENS, sample=False), TIMEOUT_S))
+    assert late.code == grpc.StatusCode.FAILED_PRECONDITION and "was released" in late.message
+    assert stage.usage() == (0, 0)
+    assert prefill(stage, "other", prompt, len(prompt) + TOKENS).token >= 0  # other sessions still open
 
 
 def test_a_row_that_fails_fails_only_itself_and_its_later_steps(whole, oracle, oracle_tokens, prompts):
