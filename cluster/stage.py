@@ -20,6 +20,8 @@ import grpc
 import mlx.core as mx
 
 from mlx_kimi.batch import forward_rows
+from mlx_kimi.constrain import words_for
+from mlx_kimi.penalties import MAX_CONTEXT
 from mlx_kimi.slice import ModelSlice
 
 from .generated import kimi_cluster_pb2 as pb
@@ -28,7 +30,7 @@ from .link import ForwardLink, StageError, failure_of, reply_of
 from .shaping import check_step, penalties_of, shape_logits
 from .stage_queue import Step
 from .stage_session import Session
-from .wire import WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
+from .wire import CONTROL_MESSAGE_BYTES, WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
 
 log = logging.getLogger("kimi_cluster.stage")
 
@@ -146,6 +148,20 @@ class Stage:
                 if loaded.next_link:
                     loaded.next_link.close()
                 loaded.next_link = self.link(next_name, next_address)
+
+    def request_limit(self) -> tuple[int, str]:
+        """(bytes, why): the largest Forward message this stage can be sent, from its plan: its
+        prefill chunk of hidden states (float32 at most; token ids on the first stage) and what a
+        sampling step adds (the grammar's mask, the penalties' history). Nothing loaded: a control
+        message's, as every step is refused then."""
+        loaded = self.loaded
+        if loaded is None:
+            return CONTROL_MESSAGE_BYTES, "no slice is loaded here"
+        args = loaded.slice.args
+        per_position = 5 if loaded.slice.is_first else 4 * args.hidden_size  # a varint token id; a float32 row
+        extras = 4 * words_for(args.vocab_size) + 5 * MAX_CONTEXT + CONTROL_MESSAGE_BYTES
+        return (loaded.prefill_chunk * per_position + extras,
+                f"its planned prefill chunk of {loaded.prefill_chunk} positions, and a sampling step's mask and history")
 
     def usage(self) -> tuple[int, int]:
         """(sessions, KV bytes they hold)."""

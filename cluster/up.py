@@ -84,7 +84,10 @@ def serve(options: NodeOptions, secret: bytes) -> ServingNode:
     name = options.name or socket.gethostname().split(".")[0]
     machine = describe_machine(options.memory)
     this_id = node_id(name)
-    server, port = make_server(options.host, options.port, secret, this_id)
+    # The data path's message limit follows the plan `node` is loaded with (made below, before
+    # the server starts).
+    server, port = make_server(options.host, options.port, secret, this_id,
+                               data_limit=lambda: node.stage.request_limit())
     address = f"{options.host}:{port}"
     slices = SliceStore(SliceCache(options.cache_dir or config_dir() / "cache"),
                         _whole_checkpoints(options.model_dir),

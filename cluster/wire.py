@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -24,6 +25,10 @@ from .generated import kimi_cluster_pb2_grpc as pb_grpc
 # gRPC refuses messages over its limit; prefill chunks are sized to stay well under it.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHUNK_PAYLOAD_BYTES = 32 * 1024 * 1024
+# What a request message may be before it is parsed (MessageLimits): the data path's follows the plan.
+CONTROL_MESSAGE_BYTES = 1 << 20
+GENERATE_MESSAGE_BYTES = 16 << 20  # a conversation the length of Kimi's context, as JSON, and its token ids
+DATA_METHODS = {"Forward", "ForwardStream"}
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -180,12 +185,92 @@ def revocations() -> Revocations:
     return Revocations(config_dir() / "revoked.json")
 
 
-def _wrap(handler, wrapper):
-    """`handler` with its behaviour passed through `wrapper(behaviour) -> behaviour`."""
+def _wrap(handler, wrapper, deserializer=None):
+    """`handler` with its behaviour passed through `wrapper(behaviour) -> behaviour` (and its
+    requests read by `deserializer`, if given)."""
     kind = ("stream" if handler.request_streaming else "unary") + "_" + (
         "stream" if handler.response_streaming else "unary")
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    return factory(wrapper(getattr(handler, kind)), handler.request_deserializer, handler.response_serializer)
+    return factory(wrapper(getattr(handler, kind)), deserializer or handler.request_deserializer,
+                   handler.response_serializer)
+
+
+@dataclass
+class Oversize:
+    """A request message refused for its size before it was parsed (what its deserializer returns)."""
+
+    method: str
+    size: int
+    limit: int
+    why: str
+
+    def message(self) -> str:
+        return (f"a {self.method} message of {self.size:,} bytes is larger than this node takes ({self.limit:,} "
+                f"bytes: {self.why})")
+
+
+class MessageRefused(grpc.RpcError):
+    """Raised from a request stream whose next message was Oversize: the stream's reader stops as
+    it does when the sender goes away, and the call ends with the status already set."""
+
+
+class MessageLimits(grpc.ServerInterceptor):
+    """Each request message is checked against its method's limit on its raw bytes, before it is
+    parsed: Forward and ForwardStream against `data_limit()` -> (bytes, why), which follows this
+    node's plan (stage.request_limit); Generate against GENERATE_MESSAGE_BYTES; every other call
+    against CONTROL_MESSAGE_BYTES. gRPC's own limit (MAX_MESSAGE_BYTES) is the server's, set
+    before any plan, so a larger message is still received, but never parsed nor worked on."""
+
+    def __init__(self, data_limit=None):
+        self.data_limit = data_limit
+
+    def limit_of(self, method: str) -> tuple[int, str]:
+        if method in DATA_METHODS:
+            return self.data_limit() if self.data_limit else (MAX_MESSAGE_BYTES, "gRPC's limit")
+        if method == "Generate":
+            return GENERATE_MESSAGE_BYTES, "a request of a prompt of the longest context"
+        return CONTROL_MESSAGE_BYTES, "a control message"
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return handler
+        method, parse = details.method.rsplit("/", 1)[-1], handler.request_deserializer
+
+        def checked(raw: bytes):
+            limit, why = self.limit_of(method)
+            if len(raw) > limit:
+                return Oversize(method, len(raw), limit, why)
+            return parse(raw) if parse else raw
+
+        return _wrap(handler, _refuse_streamed if handler.request_streaming else _refuse_unary, checked)
+
+
+def _refuse_unary(behavior):
+    def run(request, context):
+        if isinstance(request, Oversize):
+            return_freed_memory(request.size)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message())
+        return behavior(request, context)
+
+    return run
+
+
+def _refuse_streamed(behavior):
+    def run(requests, context):
+        return behavior(_checked_stream(requests, context), context)
+
+    return run
+
+
+def _checked_stream(requests, context):
+    for request in requests:
+        if isinstance(request, Oversize):
+            return_freed_memory(request.size)
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(request.message())
+            raise MessageRefused(request.message())
+        yield request
 
 
 class RefuseRemoved(grpc.ServerInterceptor):
@@ -257,15 +342,16 @@ def _check_bindable(host: str, port: int):
         raise ListenError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def make_server(host: str, port: int, secret: bytes, name: str) -> tuple[grpc.Server, int]:
+def make_server(host: str, port: int, secret: bytes, name: str, data_limit=None) -> tuple[grpc.Server, int]:
     """A mutual-TLS gRPC server for the cluster `secret` names, presenting a certificate for `name`,
-    bound to host:port (0 picks one). Returns (server, port)."""
+    bound to host:port (0 picks one), taking request messages up to MessageLimits (`data_limit`:
+    the data path's, see there). Returns (server, port)."""
     _check_bindable(host, port)
     # Calls past the threads wait for one (refusals take a moment each); past four times as many, gRPC
     # itself refuses them, which bounds what a flood can queue.
     server = grpc.server(ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="grpc"),
-                         interceptors=[RefuseRemoved(revocations()), CallLimiter()], options=SERVER_OPTIONS,
-                         maximum_concurrent_rpcs=4 * SERVER_THREADS)
+                         interceptors=[MessageLimits(data_limit), RefuseRemoved(revocations()), CallLimiter()],
+                         options=SERVER_OPTIONS, maximum_concurrent_rpcs=4 * SERVER_THREADS)
     try:
         bound = server.add_secure_port(f"{host}:{port}", server_credentials(identity(secret, name)))
     except RuntimeError:

@@ -3,7 +3,9 @@ mlx-lm oracle for every token. A member flooding the coordinator with Joins nami
 that never answers (each Join holds its call up to 2 s while the coordinator asks that address
 who it is) once took every thread of the server that also takes the last stage's tokens
 (Deliver): tokens were dropped and replies hung forever. Large messages a node refuses leave
-it near the memory it had before (glibc once kept 665 MiB after eighteen 60 MiB tensors)."""
+it near the memory it had before (glibc once kept 665 MiB after eighteen 60 MiB tensors), and
+are refused by their size before they are parsed: the data path's limit follows the plan (its
+prefill chunk), every control call's is small."""
 
 import collections
 import socket
@@ -110,7 +112,34 @@ def test_large_refused_tensors_leave_the_node_near_its_baseline(cluster, oracle,
                                  hidden=pb.Tensor(data=data, shape=[1, len(data) // 4 // 64, 64], dtype="float32"))
         with pytest.raises(grpc.RpcError) as refused:
             stub.Forward(wide, timeout=60)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than this node takes" in refused.value.details()
+        assert "planned prefill chunk" in refused.value.details()
     poll(lambda: _rss(worker.proc.pid) - before, lambda grown: grown < RETAINED_LIMIT, 30,
          "the node to give back what the refused tensors took")
+    assert cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=4, timeout=60)[0] == expected
+
+
+def test_messages_past_their_calls_limit_are_refused_unread(cluster, oracle, chat_prompt_ids):
+    worker = cluster.peers[0]
+    stub = cluster.node_stub(worker)
+    owner = cluster.node_stub(cluster.coordinator).Health(pb.HealthRequest(), timeout=10).coordinator_id
+    # 8 MiB of hidden states: far past the tiny model's planned chunk, far under gRPC's own limit.
+    data = bytes(8 << 20)
+    wide = pb.ForwardRequest(session_id="wide", max_positions=1 << 20, coordinator_id=owner,
+                             hidden=pb.Tensor(data=data, shape=[1, len(data) // 4 // 64, 64], dtype="float32"))
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.ForwardStream(iter([wide]), timeout=60))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert "ForwardStream message" in refused.value.details() and "planned prefill chunk" in refused.value.details()
+
+    channel = open_channel(cluster.coordinator.address, cluster.secret, "joiner")
+    for call, message in [(stub.Release, pb.ReleaseRequest(session_id="x" * (2 << 20))),
+                          (coordinator_stub(channel).Join, pb.JoinRequest(address="y" * (2 << 20)))]:
+        with pytest.raises(grpc.RpcError) as refused:
+            call(message, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        assert "a control message" in refused.value.details()
+    channel.close()
+    expected = oracle_reply(oracle, chat_prompt_ids, 4)
     assert cluster.generate(prompt_tokens=chat_prompt_ids, max_tokens=4, timeout=60)[0] == expected
