@@ -47,6 +47,10 @@ STEP_HISTORY = 64
 # waits at most one chunk's compute per stage for another's prompt.
 DEFAULT_PREFILL_CHUNK = 256
 MAX_RECOVERIES = 3           # replays of one request before its error is the client's
+# A step refused for a full KV budget, with no cached session left to evict, waits while other
+# requests run for one of them to end (its session freed or cached, so evictable), then retries;
+# at most this long, or the client's deadline. With no other request running it fails at once.
+ROOM_WAIT_S = 300.0
 STOPPING = "coordinator stopping: it was asked to shut down; retry once it is up again"
 
 
@@ -118,6 +122,9 @@ class Scheduler:
         self.running = 0  # requests generating now (named when a deadline passes)
         self._step_s = collections.deque([0.0], maxlen=STEP_HISTORY)  # how long the last steps took
         self.stopping = threading.Event()  # set by stop(): every request ends with STOPPING
+        self._room = threading.Condition()  # notified when a request ends (KV room may be free)
+        self._ended = 0               # requests ended so far (under _room)
+        self._waiting_for_room = 0    # requests in _wait_for_room now (under _room)
 
     def stop(self):
         """The coordinator is stopping: every running request fails (UNAVAILABLE, STOPPING) within
@@ -247,6 +254,30 @@ class Scheduler:
                 + (f"every node of the chain was idle for {idle_for:.0f} s" if idle_for >= SILENT_IDLE_S
                    else "the chain stayed busy") + ": the step's reply was lost on its way back")
 
+    def _wait_for_room(self, deadline: float | None, why: str) -> bool:
+        """Wait for another request to end (ROOM_WAIT_S at most, or `deadline`); False at once
+        when none runs that is not itself waiting (then nothing would free the room)."""
+        with self._room:
+            if self.running - self._waiting_for_room <= 1:
+                return False
+            log.info("%s; waiting for one of the %d other requests to end", why, self.running - 1)
+            ended, self._waiting_for_room = self._ended, self._waiting_for_room + 1
+            until = min(time.monotonic() + ROOM_WAIT_S, deadline or float("inf"))
+            try:
+                while self._ended == ended:
+                    left = until - time.monotonic()
+                    if left <= 0 or self.stopping.is_set():
+                        return False
+                    self._room.wait(min(left, WAIT_SLICE_S))
+                return True
+            finally:
+                self._waiting_for_room -= 1
+
+    def _request_ended(self):
+        with self._room:
+            self._ended += 1
+            self._room.notify_all()
+
     def _forward(self, requests: list, deadline: float | None) -> list:
         """Send `requests` (steps of one session, in offset order) down the chain at once, without
         waiting for each other's replies, and wait for every reply; the first StageError in
@@ -321,8 +352,12 @@ class Scheduler:
                 except SilentStep as e:
                     raise SessionLost(e.code, e.message) from e
                 except StageError as e:
-                    if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.sessions.evict_one():
-                        continue  # retrying is safe: every stage trims back to each step's offset
+                    if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # retrying is safe: every stage trims back to each step's offset
+                        if self.sessions.evict_one():
+                            continue
+                        if self._wait_for_room(deadline, f"session {session_id}: {e.message}"):
+                            continue
                     if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) and e.node:
                         self.on_lost(e.node)
                         raise SessionLost(e.code, e.message) from e
@@ -423,3 +458,4 @@ class Scheduler:
                 self.sessions.keep(session_id, CachedSession(prompt + generated[:-1], len(prompt)))
             else:
                 self.sessions.release(session_id)
+            self._request_ended()

@@ -20,7 +20,7 @@ from cluster.planner import kv_cache_bytes, prefill_scratch_bytes
 from cluster.shaping import put_penalties
 from cluster.wire import coordinator_stub, node_stub, open_channel
 import harness
-from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, start_node, tight_memory, wait_for_log
+from harness import TEST_SECRET, LocalCluster, oracle_reply, poll, run_at_once, start_node, tight_memory, wait_for_log
 from mlx_kimi.checkpoint import open_checkpoint
 from mlx_kimi.constrain import Constraint, ConstraintSpec
 from mlx_kimi.penalties import Penalties
@@ -346,7 +346,8 @@ HELD_POSITIONS = 768
 def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_ids):
     """One node with just the memory the planner needs for a 1024-token context: weights, prefill
     scratch and the KV cache of 1024 positions. Its budget then holds one session of 768 positions
-    but not two, while a short session still fits beside the long one."""
+    but not two, while a short session still fits beside the long one; two requests of 768 at once
+    run one after the other."""
     checkpoint = open_checkpoint(tiny_dir)
     sizes = checkpoint_sizes(checkpoint)
     chunk = prefill_chunk(sizes)
@@ -400,6 +401,14 @@ def test_kv_budget_and_context_limits(tmp_path, tiny_dir, oracle, chat_prompt_id
         released = node.Release(pb.ReleaseRequest(session_id="holder"), timeout=10)
         assert released.found and released.freed_bytes == one
         assert held() == (1, short)
+
+        # two requests whose sessions do not fit together: the second waits for the first to end
+        # (its session cached, then evicted) instead of failing, and both are right
+        long_prompts = [(prompt * HELD_POSITIONS)[i:i + HELD_POSITIONS - 16] for i in (0, 1)]  # no shared prefix
+        expected = [oracle_reply(oracle, p, 16) for p in long_prompts]
+        got = run_at_once([lambda p=p: cluster.generate(prompt_tokens=p, max_tokens=16)[0] for p in long_prompts])
+        assert got == expected
+        assert "waiting for one of the 1 other requests to end" in cluster.coordinator.log()
 
 
 def test_paused_node_is_busy_not_lost_and_a_new_coordinator_frees_orphans(tmp_path, tiny_dir, oracle,
