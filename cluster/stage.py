@@ -210,6 +210,9 @@ class Stage:
 
     def _open_session(self, loaded: LocalStage, request: pb.ForwardRequest) -> Session:
         with self._lock:
+            if loaded is not self.loaded:  # a Load replaced the slice since this step was checked
+                raise StageError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"node {self.name}: its slice was replaced while the step arrived; start again")
             session = self.sessions.get(request.session_id)
             if session is not None:
                 session.last_used = time.monotonic()
