@@ -420,22 +420,14 @@ class Calibration:
                     y_master = y_master.at[tokens].add(out["master"])
                     y_quant = y_quant.at[tokens].add(out["quant"])
                 mx.eval(y_master, y_quant)
-                if streams is not None:  # every stream through the float unit, the float one also quantized
+                if streams is not None:
                     if expert is None:
-                        srows, gains = np.arange(flat_s.shape[0]), np.ones((flat_s.shape[0], 1), np.float32)
+                        rows, gains = np.arange(flat_s.shape[0]), np.ones((flat_s.shape[0], 1), np.float32)
                     else:
-                        srows, slots = np.nonzero(stream_inds == expert)
-                        gains = stream_scores[srows, slots][:, None]
-                    if not len(srows):
-                        continue
-                    picked = mx.array(srows)
-                    y_streams = y_streams.at[picked].add(swiglu(out["weights"], flat_s[picked]) * mx.array(gains))
-                    clean = srows < self.stream_tokens
-                    if clean.any():
-                        picked = mx.array(srows[clean])
-                        y = swiglu(out["quantized"], flat_s[picked]) * mx.array(gains[clean])
-                        y_clean = y_clean.at[picked].add(y)
-                    mx.eval(y_streams, y_clean)
+                        rows, slots = np.nonzero(stream_inds == expert)
+                        gains = stream_scores[rows, slots][:, None]
+                    y_streams, y_clean = self._stream_unit(out, flat_s, rows, gains, y_streams, y_clean)
+                del out  # and its unit's weights before the next unit's are read
             kinds[kind] = (y_master, y_quant)
             card["bits"][kind] = sorted({bits_label(choose(t)) for t in mods.values()})
         mlp_master = sum(m for k, (m, _) in kinds.items() if k != "attention").reshape(x.shape)
@@ -485,6 +477,19 @@ class Calibration:
         arrays = [packed, scales.astype(dtype), biases.astype(dtype)]
         weight = mx.dequantize(*arrays, group_size=quant["group_size"], bits=quant["bits"]).astype(mx.float32)
         return Written(arrays, weight, True)
+
+    def _stream_unit(self, unit, flat, rows, gains, y_streams, y_clean) -> tuple:
+        """An MLP unit's outputs added for the streams' tokens it gets (rows of flat, router weights gains):
+        every stream's through the float unit, the float stream's (its first rows) also through the
+        quantized one."""
+        if len(rows):
+            y_streams = y_streams.at[mx.array(rows)].add(swiglu(unit["weights"], flat[mx.array(rows)]) * mx.array(gains))
+            clean = rows < self.stream_tokens
+            if clean.any():
+                picked = mx.array(rows[clean])
+                y_clean = y_clean.at[picked].add(swiglu(unit["quantized"], flat[picked]) * mx.array(gains[clean]))
+            mx.eval(y_streams, y_clean)
+        return y_streams, y_clean
 
     def _mlp_unit(self, mods, x, weight, expert, dtype, choose, candidates, errors, emit):
         """One MLP (gate, up, down) on its tokens x, scaled by the router's weight: master and quantized
@@ -583,7 +588,8 @@ class Calibration:
         self.amplification = {b: {"output_kl": kl[b], "local_error": local[b], "gain": kl[b] / max(local[b], 1e-30)}
                               for b in labels}
         blocks = {m: block_of(part, m) for part in self._order for m in cards[part]["errors"]}
-        return {m: {c: e * self.amplification[blocks[m]]["gain"] for c, e in cands.items()} for m, cands in table.items()}
+        return {m: {c: e * self.amplification[blocks[m]]["gain"] for c, e in cands.items()}
+                for m, cands in table.items()}
 
     def blocks(self, part, targets: list, dtype):
         """convert's writer input for one part: (target index, row, arrays), each module quantized at
