@@ -257,8 +257,8 @@ def _convert(args, source, config, title, calibration) -> None:
         elif calibration is None:
             errors = weighted_errors(lambda target: measured_errors(source, target), parts)
         else:
-            console.print(f"measuring each module's effect on its layer's output: {calibration.ids.size} calibration "
-                          f"tokens streamed through {len(parts) - 2} layers")
+            console.print("measuring each module's effect on its layer's output and each block's on the model's "
+                          f"output: {calibration.ids.size} calibration tokens streamed through {len(parts) - 2} layers")
             table = calibration.measure(parts, dtype)
             errors = lambda target: table[target.module]  # noqa: E731
         if args.src.endswith(".gguf"):

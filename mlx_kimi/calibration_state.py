@@ -1,6 +1,6 @@
 """What the streamed calibration pass keeps between parts and between runs: after each part, the
-hidden states it passes on and that part's card entry, in OUT/.calibration/STAGE/, so an interrupted
-pass resumes at the next part."""
+hidden states it passes on, the measuring pass's amplification streams, and that part's card entry,
+in OUT/.calibration/STAGE/, so an interrupted pass resumes at the next part."""
 
 import json
 import shutil
@@ -37,19 +37,27 @@ class PartStore:
     def card(self, stage: str, part) -> dict:
         return card_from_json(json.loads(self.path(stage, part).with_suffix(".json").read_text()))
 
-    def load(self, stage: str, part) -> tuple:
-        """(hidden states, card entry) saved after `part`."""
+    def load(self, stage: str, part, streams: bool = False) -> tuple:
+        """(hidden states, card entry, the streams saved with them or None) saved after `part`."""
         path = self.path(stage, part)
-        if not (path.with_suffix(".npy").exists() and path.with_suffix(".json").exists()):
+        files = [path.with_suffix(".npy"), path.with_suffix(".json")]
+        if streams:
+            files.append(path.with_name(path.name + "-streams.npy"))
+        if not all(f.exists() for f in files):
             raise CalibrationError(f"{path.parent}: the calibration state after part {part} is missing; delete "
                                    f"{self.work.parent} to start the conversion over")
-        return mx.array(np.load(path.with_suffix(".npy"))), self.card(stage, part)
+        return (mx.array(np.load(files[0])), self.card(stage, part),
+                mx.array(np.load(files[2])) if streams else None)
 
-    def save(self, stage: str, part, hidden: mx.array, card: dict) -> None:
+    def save(self, stage: str, part, hidden: mx.array, card: dict, streams: mx.array = None) -> None:
         path = self.path(stage, part)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".npy.tmp"), np.array(hidden), allow_pickle=False)
-        Path(str(path.with_suffix(".npy.tmp")) + ".npy").replace(path.with_suffix(".npy"))
+        arrays = {path.with_suffix(".npy"): hidden}
+        if streams is not None:
+            arrays[path.with_name(path.name + "-streams.npy")] = streams
+        for file, array in arrays.items():  # the card last: it says the part is done
+            np.save(file.with_name(file.name + ".tmp"), np.array(array), allow_pickle=False)
+            file.with_name(file.name + ".tmp.npy").replace(file)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(card_to_json(card)))
         tmp.replace(path.with_suffix(".json"))
@@ -65,6 +73,6 @@ class PartStore:
             file.write_text(json.dumps(key))
         return stage
 
-    def drop_hidden(self, stage: str) -> None:
-        for file in (self.work / stage).glob("*.npy"):
+    def drop_hidden(self, stage: str, files: str = "*.npy") -> None:
+        for file in (self.work / stage).glob(files):
             file.unlink()
