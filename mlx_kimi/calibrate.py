@@ -273,13 +273,12 @@ class Calibration:
         return PASS_ON if PASS_ON in quantized else quantized[0]
 
     def _candidates(self, target, error) -> dict:
-        """{candidate: error(candidate)} over the valid candidates, evaluated together (0 for float, and
-        for native INT4 at 4-bit g32, which is lossless)."""
+        """{candidate: error(candidate)} over the valid candidates (0 for float, and for native INT4 at
+        4-bit g32, which is lossless), evaluated one at a time: each holds a quantized copy of the
+        unit while it runs, and all at once would hold one per candidate."""
         native = native_int4(self.source, target.sources[0], {"bits": 4, "group_size": 32})
-        out = {c: mx.array(0.0) if c is None or (native and c == (4, 32)) else error(c)
-               for c in self.valid_candidates(target)}
-        mx.eval(list(out.values()))
-        return {c: float(e) for c, e in out.items()}
+        return {c: 0.0 if c is None or (native and c == (4, 32)) else float(error(c))
+                for c in self.valid_candidates(target)}
 
     def _head(self, targets, dtype, choose, candidates, card, emit):
         by = {t.name[len(self.prefix):]: t for t in targets}

@@ -65,7 +65,8 @@ CALIBRATED_PROBE = textwrap.dedent("""
     from pathlib import Path
     from mlx_kimi.calibrate import Calibration
     from mlx_kimi.calibration_set import calibration_ids
-    from mlx_kimi.convert import CALIBRATION_DIR, convert
+    import mlx.core as mx
+    from mlx_kimi.convert import CALIBRATION_DIR, convert, plan_targets
     from mlx_kimi.sources import open_source
     from mlx_kimi.spec import QuantScheme
 
@@ -73,7 +74,10 @@ CALIBRATED_PROBE = textwrap.dedent("""
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 
     def run(src, out):
-        calibration = Calibration(open_source(src), calibration_ids(src, int(tokens)), Path(out) / CALIBRATION_DIR)
+        source = open_source(src)
+        calibration = Calibration(source, calibration_ids(src, int(tokens)), Path(out) / CALIBRATION_DIR,
+                                  chunk_bytes=int(chunk))
+        calibration.measure(plan_targets(source.config, lambda name, module: False), mx.bfloat16)  # --fit's pass
         convert(src, out, QuantScheme(2, 4, 64).params, chunk_bytes=int(chunk), calibration=calibration)
 
     big, small, out, chunk, tokens = sys.argv[1:6]
@@ -87,8 +91,9 @@ CALIBRATED_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
 def test_calibrated_peak_rss_bounded_below_the_model(tmp_path):
-    """The streamed calibration with GPTQ holds one layer's unit (one expert, the attention block) and the
-    calibration set's hidden states, never the model: peak_bytes_bound, independent of layers and experts."""
+    """The streamed calibration (--fit's measuring pass, then the quantizing pass with GPTQ) holds one
+    layer's unit (one expert, the attention block), the calibration set's hidden states and the
+    amplification streams, never the model: peak_bytes_bound, independent of the experts."""
     from mlx_kimi.calibrate import peak_bytes_bound
 
     shape = TinyShape(layers=3, hidden_size=512, intermediate_size=512, moe_intermediate_size=256,
