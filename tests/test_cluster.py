@@ -375,6 +375,8 @@ def test_token_ring_no_stage_waits_on_the_stages_after_it(cluster3, chat_prompt_
                                 tokens=chat_prompt_ids, sample=True, new_generation=True, coordinator_id=owner,
                                 reply_to=cluster3.coordinator.address, ticket=2**63)
     link = ForwardLink(stub, first.name, first.address)
+    last_stub = cluster3.node_stub(last)
+    sessions_before = last_stub.Health(pb.HealthRequest(), timeout=10).sessions
     last.kill(signal.SIGSTOP)
     try:
         reply = link.call(request, 5.0)
@@ -382,9 +384,9 @@ def test_token_ring_no_stage_waits_on_the_stages_after_it(cluster3, chat_prompt_
     finally:
         last.kill(signal.SIGCONT)
         link.close()
-    # the request reaches the last stage once it runs again; then free the test's session everywhere
-    last_stub = cluster3.node_stub(last)
-    poll(lambda: last_stub.Release(pb.ReleaseRequest(session_id="ring-test"), timeout=10).found, bool, 30,
+    # the request reaches the last stage once it runs again (a Release before that would make the
+    # stage refuse it: released ids stay released); then free the test's session everywhere
+    poll(lambda: last_stub.Health(pb.HealthRequest(), timeout=10).sessions, lambda n: n > sessions_before, 30,
          "the last stage to hold the test's session")
     for node in cluster3.nodes:
         cluster3.node_stub(node).Release(pb.ReleaseRequest(session_id="ring-test"), timeout=10)
