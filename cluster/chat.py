@@ -13,6 +13,7 @@ common prefix, so a turn only prefills what is new.
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from dataclasses import dataclass
@@ -326,4 +327,7 @@ def run_from_args(args, stub, sampling) -> None:
 
     session = ChatSession(system=args.system, thinking=args.thinking, response_format=response_format(args),
                           tools=args.tools or "")
+    # Ctrl-C cancels a reply even when this process was started with SIGINT ignored (a shell's
+    # background job without job control passes it on so, and Python then keeps it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_repl(stub, sampling, args.max_tokens, show_map=show_map, session=session, timeout=args.timeout)
