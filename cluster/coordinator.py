@@ -25,8 +25,8 @@ from .loading import checkpoint_sizes, load_member, load_request, plan_for, pref
 from .identity import peer_name
 from .membership import HEALTH_INTERVAL_S, Membership, NameTaken, Refused
 from .node import NodeService
-from .planner import Plan
-from .scheduler import DEFAULT_PREFILL_CHUNK, GenerateError, Scheduler
+from .planner import DEFAULT_PREFILL_CHUNK, Plan
+from .scheduler import GenerateError, Scheduler
 from .sampling import generation_defaults
 from .sessions import Sessions
 from .structured import FieldError, constraint_spec

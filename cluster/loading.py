@@ -13,8 +13,8 @@ from mlx_kimi.checkpoint import text_config
 
 from .generated import kimi_cluster_pb2 as pb
 from .membership import Member
-from .planner import ModelSizes, NodeCapacity, Plan, plan_partition, replan_after_loss, sizes_for_model
-from .scheduler import DEFAULT_PREFILL_CHUNK
+from .planner import (DEFAULT_PREFILL_CHUNK, ModelSizes, NodeCapacity, Plan, plan_partition, replan_after_loss,
+                      sizes_for_model)
 from .transfer import CANNOT_RECEIVE
 from .wire import CHUNK_PAYLOAD_BYTES
 

@@ -67,6 +67,11 @@ ACTIVATION_HIDDEN_WIDTHS = 16
 # Attention scores are materialised in the activation dtype (bf16).
 ATTENTION_SCORE_BYTES = 2
 
+# Prompt tokens per prefill step (at most; fewer when a message cannot hold them): chunks pipeline
+# through the stages, and each stage runs its decode batch between two chunks, so a running reply
+# waits at most one chunk's compute per stage for another's prompt. The scratch is planned for it.
+DEFAULT_PREFILL_CHUNK = 256
+
 
 @dataclass(frozen=True)
 class ModelSizes:

@@ -42,10 +42,6 @@ SILENT_FLOOR_S = 15.0
 SILENT_IDLE_S = 12.0
 SILENT_BUSY_S = 180.0
 STEP_HISTORY = 64
-# Prompt tokens per prefill step (at most; fewer when a message cannot hold them): chunks pipeline
-# through the stages, and each stage runs its decode batch between two chunks, so a running reply
-# waits at most one chunk's compute per stage for another's prompt.
-DEFAULT_PREFILL_CHUNK = 256
 MAX_RECOVERIES = 3           # replays of one request before its error is the client's
 # A step refused for a full KV budget, with no cached session left to evict, waits while other
 # requests run for one of them to end (its session freed or cached, so evictable), then retries;

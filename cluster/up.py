@@ -22,7 +22,7 @@ from .auth import AuthError, rotate_secret
 from .cli_args import SECRET_HELP, console, fail, memory, positive_int, size
 from .client import DEFAULT_PORT
 from .load_progress import LoadBars
-from .scheduler import DEFAULT_PREFILL_CHUNK
+from .planner import DEFAULT_PREFILL_CHUNK
 from .speculation import MODES
 from .units import format_bytes
 

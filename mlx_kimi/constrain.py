@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import llguidance
-import llguidance.hf
 import mlx.core as mx
 import numpy as np
 
-from .kimi_tokenizer import KimiTokenizer
 
 THINK_END = "</think>"
 TOOL_TOKENS = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
@@ -51,7 +49,7 @@ class _TokenBytes:
     """llguidance's tokenizer interface over a Kimi tokenizer: every token's bytes, which are special,
     and an encoder for plain text (special-token strings in it stay text)."""
 
-    def __init__(self, tokenizer: KimiTokenizer, vocab_size: int, eos_ids: list):
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list):
         known = min(len(tokenizer), vocab_size)
         self.tokens = [tokenizer.token_bytes(i) for i in range(known)]
         # Rows past the tokenizer (padding) are specials no grammar names, so never allowed.
@@ -68,6 +66,12 @@ def llg_tokenizer(tokenizer, vocab_size: int, eos_ids) -> llguidance.LLTokenizer
     """The llguidance tokenizer of a checkpoint's tokenizer (mlx-lm's TokenizerWrapper or the bare one),
     over the model's `vocab_size` logits, ending on `eos_ids`. Costs about a second for Kimi's 163k
     tokens: build it once per checkpoint (`cached_llg_tokenizer`)."""
+    # Imported here: llguidance.hf brings transformers and kimi_tokenizer mlx-lm (over a second),
+    # which a node or a client command that never builds a matcher should not pay at start.
+    import llguidance.hf
+
+    from .kimi_tokenizer import KimiTokenizer
+
     inner = getattr(tokenizer, "_tokenizer", tokenizer)
     eos = sorted(int(i) for i in eos_ids)
     if isinstance(inner, KimiTokenizer):
