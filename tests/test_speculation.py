@@ -168,7 +168,7 @@ def _last_stage_speculation(cluster) -> pb.Speculation:
     return cluster.health()[last.name].speculation
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("stages", [1, 3])  # 2 stages: cluster2 below
 def test_greedy_tokens_equal_mlx_lm_with_and_without_speculation(stages, tmp_path, tiny_dir, oracle,
                                                                   make_chat_prompt):
     tokenizer = oracle[1]
