@@ -73,17 +73,24 @@ CALIBRATED_PROBE = textwrap.dedent("""
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 
-    def run(src, out):
-        source = open_source(src)
-        calibration = Calibration(source, calibration_ids(src, int(tokens)), Path(out) / CALIBRATION_DIR,
-                                  chunk_bytes=int(chunk))
-        calibration.measure(plan_targets(source.config, lambda name, module: False), mx.bfloat16)  # --fit's pass
-        convert(src, out, QuantScheme(2, 4, 64).params, chunk_bytes=int(chunk), calibration=calibration)
+    def calibration(src, out, n):
+        return Calibration(open_source(src), calibration_ids(src, n), Path(out) / CALIBRATION_DIR,
+                           chunk_bytes=int(chunk))
 
-    big, small, out, chunk, tokens = sys.argv[1:6]
+    def measure(src, out):  # --fit's measuring pass
+        calibration(src, out, int(measure_tokens)).measure(
+            plan_targets(open_source(src).config, lambda name, module: False), mx.bfloat16)
+
+    def run(src, out):  # the quantizing pass, with GPTQ
+        convert(src, out, QuantScheme(2, 4, 64).params, chunk_bytes=int(chunk),
+                calibration=calibration(src, out, int(tokens)))
+
+    big, mid, small, out, chunk, tokens, measure_tokens = sys.argv[1:8]
+    measure(small, out + "-warm-up-measure")
     run(small, out + "-warm-up")
     open("/proc/self/clear_refs", "w").write("5")
     idle = status("VmRSS")
+    measure(mid, out + "-measure")
     run(big, out)
     print(json.dumps({"idle": idle, "peak": status("VmHWM")}))
 """)
@@ -91,26 +98,34 @@ CALIBRATED_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
 def test_calibrated_peak_rss_bounded_below_the_model(tmp_path):
-    """The streamed calibration (--fit's measuring pass, then the quantizing pass with GPTQ) holds one
-    layer's unit (one expert, the attention block), the calibration set's hidden states and the
-    amplification streams, never the model: peak_bytes_bound, independent of the experts."""
+    """The streamed calibration holds one layer's unit (one expert, the attention block), the
+    calibration set's hidden states and (while measuring) the amplification streams, never the
+    model: peak_bytes_bound, independent of the experts. --fit's measuring pass runs on a model of
+    32 experts a layer with 32 calibration tokens (every candidate's error of every expert on the
+    tokens routed to it costs ~14 ms on this CPU for 32 of them), the quantizing pass with GPTQ on the
+    same dimensions with 128 experts and 128 tokens; one peak for both, under the bound of the larger."""
     from mlx_kimi.calibrate import peak_bytes_bound
 
-    shape = TinyShape(layers=3, hidden_size=512, intermediate_size=512, moe_intermediate_size=256,
-                      routed_experts=128, experts_per_token=8, vocab_size=1024)
-    big = write_official(tmp_path / "big", "k2.5-bf16", shape)
+    shapes = {experts: TinyShape(layers=3, hidden_size=512, intermediate_size=512, moe_intermediate_size=256,
+                                 routed_experts=experts, experts_per_token=8, vocab_size=1024) for experts in (32, 128)}
+    mid, big = (write_official(tmp_path / f"e{n}", "k2.5-bf16", shape) for n, shape in shapes.items())
     small = write_official(tmp_path / "small", "k2.5-bf16")
     tokens = 128
     bound = peak_bytes_bound(open_source(big).config, tokens, CHUNK)
-    whole_bf16 = 2 * sum(int(np.prod(t.shape)) for t in open_source(big).tensors.values()
-                         if not t.name.startswith(f"model.layers.{shape.layers}."))
-    assert whole_bf16 > 3 * bound
+    assert bound == peak_bytes_bound(open_source(mid).config, tokens, CHUNK)
 
-    result = subprocess.run([sys.executable, "-c", CALIBRATED_PROBE, str(big), str(small), str(tmp_path / "out"),
-                             str(CHUNK), str(tokens)], capture_output=True, text=True, timeout=600)
+    def whole_bf16(path):
+        return 2 * sum(int(np.prod(t.shape)) for t in open_source(path).tensors.values()
+                       if not t.name.startswith("model.layers.3."))
+
+    assert whole_bf16(big) > 3 * bound and whole_bf16(mid) > bound
+
+    result = subprocess.run([sys.executable, "-c", CALIBRATED_PROBE, str(big), str(mid), str(small),
+                             str(tmp_path / "out"), str(CHUNK), str(tokens), "32"], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     rss = json.loads(result.stdout.strip().splitlines()[-1])
     grown = rss["peak"] - rss["idle"]
     print(f"calibrated: peak RSS above idle {grown / 2**20:.1f} MiB; bound {bound / 2**20:.0f} MiB; "
-          f"model in bf16 {whole_bf16 / 2**20:.0f} MiB")
+          f"models in bf16 {whole_bf16(mid) / 2**20:.0f} and {whole_bf16(big) / 2**20:.0f} MiB")
     assert grown < bound
