@@ -158,11 +158,12 @@ def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path,
 
 def test_any_stage_killed_is_replaced_by_a_spare_and_no_generation_is_lost(tmp_path, tiny_dir, eight_generations):
     """Three stages and a spare that joins the running cluster with `--peer COORDINATOR`; the
-    coordinator holds no layers (too little memory). kill -9 of the last, then the first, then
-    the middle stage, each during 8 concurrent generations (greedy and seeded): the spare takes
-    the lost stage's layers whole, no other node loads anything, and every reply equals an
-    uninterrupted run. Each killed node, restarted on another port with only its --name (no
-    --peer, no mDNS), finds the coordinator that loaded it and is the next spare."""
+    coordinator holds no layers (too little memory). kill -9 of the last, then the first stage
+    (a middle one lost: test_stalled_node_the_others_cannot_replace_is_waited_for), each during 8
+    concurrent generations (greedy and seeded): the spare takes the lost stage's layers whole, no
+    other node loads anything, and every reply equals an uninterrupted run. Each killed node,
+    restarted on another port with only its --name (no --peer, no mDNS), finds the coordinator
+    that loaded it and is the next spare."""
     requests, expected = eight_generations
     with LocalCluster(tmp_path, tiny_dir, stages=4, coordinator_extra=["--memory", "50MB"]) as cluster:
         ranges = stage_ranges(cluster.memory_map())
@@ -171,7 +172,7 @@ def test_any_stage_killed_is_replaced_by_a_spare_and_no_generation_is_lost(tmp_p
         cluster.peers.append(spare)
         poll(cluster.memory_map, lambda m: {n.name: n.status for n in m.nodes}.get("spare") == "spare", 30,
              "the node started with --peer to be a spare")
-        for layers in ((4, 6), (0, 2), (2, 4)):
+        for layers in ((4, 6), (0, 2)):
             victim = next(n for n in cluster.peers if ranges.get(n.name) == layers)
             survivors = [n for n in cluster.peers if n.name in ranges and n is not victim]
             survivor_loads = [loads(n) for n in survivors]

@@ -101,8 +101,8 @@ def test_calibrated_peak_rss_bounded_below_the_model(tmp_path):
     """The streamed calibration holds one layer's unit (one expert, the attention block), the
     calibration set's hidden states and (while measuring) the amplification streams, never the
     model: peak_bytes_bound, independent of the experts. --fit's measuring pass runs on a model of
-    32 experts a layer with 32 calibration tokens (every candidate's error of every expert on the
-    tokens routed to it costs ~14 ms on this CPU for 32 of them), the quantizing pass with GPTQ on the
+    32 experts a layer with 16 calibration tokens (every candidate's error of every expert on the
+    tokens routed to it costs ~10 ms on this CPU), the quantizing pass with GPTQ on the
     same dimensions with 128 experts and 128 tokens; one peak for both, under the bound of the larger."""
     from mlx_kimi.calibrate import peak_bytes_bound
 
@@ -121,7 +121,7 @@ def test_calibrated_peak_rss_bounded_below_the_model(tmp_path):
     assert whole_bf16(big) > 3 * bound and whole_bf16(mid) > bound
 
     result = subprocess.run([sys.executable, "-c", CALIBRATED_PROBE, str(big), str(mid), str(small),
-                             str(tmp_path / "out"), str(CHUNK), str(tokens), "32"], capture_output=True, text=True,
+                             str(tmp_path / "out"), str(CHUNK), str(tokens), "16"], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
     rss = json.loads(result.stdout.strip().splitlines()[-1])

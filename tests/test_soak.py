@@ -1,4 +1,4 @@
-"""scripts/soak.py for 36 seconds (issue 22, item 7): mixed load through the OpenAI API (short and
+"""scripts/soak.py for 30 seconds (issue 22, item 7): mixed load through the OpenAI API (short and
 long prompts, greedy and seeded, streamed and not, clients leaving) while a spare joins and the
 third stage's worker is killed -9 and restarted, with and without the spare, and the spare leaves;
 every finished reply equals mlx-lm's, none hangs, every fault heals, no session is left behind and
@@ -13,7 +13,7 @@ import soak  # noqa: E402
 
 
 def test_a_short_soak_with_a_spare_joining_and_a_worker_killed(tmp_path, tiny_dir):
-    args = soak.parse_args(["--minutes", "0.6", "--clients", "3", "--fault-every", "6", "--sample-every", "1.5",
+    args = soak.parse_args(["--minutes", "0.5", "--clients", "3", "--fault-every", "6", "--sample-every", "1.5",
                             "--short-tokens", "30", "--long-tokens", "200", "--max-tokens", "8", "--distinct", "2",
                             "--recover-timeout", "90", "--request-timeout", "120", "--rss-bound", "25"])
     run = soak.soak(tmp_path, args, tiny_dir)
