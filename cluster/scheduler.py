@@ -250,9 +250,10 @@ class Scheduler:
                 + (f"every node of the chain was idle for {idle_for:.0f} s" if idle_for >= SILENT_IDLE_S
                    else "the chain stayed busy") + ": the step's reply was lost on its way back")
 
-    def _wait_for_room(self, deadline: float | None, why: str) -> bool:
-        """Wait for another request to end (ROOM_WAIT_S at most, or `deadline`); False at once
-        when none runs that is not itself waiting (then nothing would free the room)."""
+    def _wait_for_room(self, deadline: float | None, why: str, gone) -> bool:
+        """Wait for another request to end (ROOM_WAIT_S at most, or `deadline`, or until `gone()`:
+        the client left); False at once when none runs that is not itself waiting (then nothing
+        would free the room)."""
         with self._room:
             if self.running - self._waiting_for_room <= 1:
                 return False
@@ -262,7 +263,7 @@ class Scheduler:
             try:
                 while self._ended == ended:
                     left = until - time.monotonic()
-                    if left <= 0 or self.stopping.is_set():
+                    if left <= 0 or self.stopping.is_set() or gone():
                         return False
                     self._room.wait(min(left, WAIT_SLICE_S))
                 return True
@@ -352,7 +353,8 @@ class Scheduler:
                         # retrying is safe: every stage trims back to each step's offset
                         if self.sessions.evict_one():
                             continue
-                        if self._wait_for_room(deadline, f"session {session_id}: {e.message}"):
+                        if self._wait_for_room(deadline, f"session {session_id}: {e.message}",
+                                               lambda: stats.get("cancelled")):
                             continue
                     if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) and e.node:
                         self.on_lost(e.node)
