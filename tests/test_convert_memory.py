@@ -34,6 +34,15 @@ PROBE = textwrap.dedent("""
 """)
 
 
+def peak_growth(probe: str, *args) -> int:
+    """Run `probe` in a fresh interpreter with `args`; its peak RSS above its idle RSS, in bytes."""
+    result = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    return rss["peak"] - rss["idle"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
 def test_peak_rss_bounded_below_the_model(tmp_path):
     shape = TinyShape(layers=2, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=768,
@@ -50,11 +59,7 @@ def test_peak_rss_bounded_below_the_model(tmp_path):
     whole_bf16 = 2 * params  # what loading the dequantized model whole would hold
     assert whole_bf16 > 3 * BOUND
 
-    result = subprocess.run([sys.executable, "-c", PROBE, str(big), str(small), str(tmp_path / "out"), str(CHUNK)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rss = json.loads(result.stdout.strip().splitlines()[-1])
-    grown = rss["peak"] - rss["idle"]
+    grown = peak_growth(PROBE, big, small, tmp_path / "out", CHUNK)
     print(f"peak RSS above idle: {grown / 2**20:.1f} MiB; bound {BOUND / 2**20:.0f} MiB; "
           f"model in bf16 {whole_bf16 / 2**20:.0f} MiB")
     assert grown < BOUND
@@ -120,12 +125,7 @@ def test_calibrated_peak_rss_bounded_below_the_model(tmp_path):
 
     assert whole_bf16(big) > 3 * bound and whole_bf16(mid) > bound
 
-    result = subprocess.run([sys.executable, "-c", CALIBRATED_PROBE, str(big), str(mid), str(small),
-                             str(tmp_path / "out"), str(CHUNK), str(tokens), "16"], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    rss = json.loads(result.stdout.strip().splitlines()[-1])
-    grown = rss["peak"] - rss["idle"]
+    grown = peak_growth(CALIBRATED_PROBE, big, mid, small, tmp_path / "out", CHUNK, tokens, 16)
     print(f"calibrated: peak RSS above idle {grown / 2**20:.1f} MiB; bound {bound / 2**20:.0f} MiB; "
           f"models in bf16 {whole_bf16(mid) / 2**20:.0f} and {whole_bf16(big) / 2**20:.0f} MiB")
     assert grown < bound
