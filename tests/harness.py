@@ -331,3 +331,24 @@ def openai_client(api: ApiCluster, key: str):
     import openai
 
     return openai.OpenAI(base_url=api.api_url, api_key=key, max_retries=0, timeout=60)
+
+
+class ConvertKilled(Exception):
+    """What convert_killed_after raises inside convert (a stand-in for the process dying)."""
+
+
+def convert_killed_after(shards: int, src, out, recipe, **options):
+    """Run mlx_kimi.convert until its `shards`-th shard is written, then stop it there (as a kill
+    would); the shards written so far stay for the resumed run."""
+    from mlx_kimi.convert import convert
+
+    def die(event, part, file, nbytes):
+        if event == "done" and file.startswith(f"model-{shards:05d}"):
+            raise ConvertKilled
+
+    try:
+        convert(src, out, recipe, progress=die, **options)
+    except ConvertKilled:
+        return
+    raise AssertionError(f"convert finished before its shard {shards} was written")
+

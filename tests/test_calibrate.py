@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model
 
-from harness import KIMI, LocalCluster, oracle_reply
+from harness import KIMI, LocalCluster, convert_killed_after, oracle_reply
 from mlx_kimi.calibrate import Calibration
 from mlx_kimi.calibration_set import CalibrationError, calibration_ids
 from mlx_kimi.convert import CALIBRATION_DIR, ConvertError, convert, plan_targets
@@ -112,16 +112,8 @@ def test_calibrated_conversion_resumes(tmp_path):
 
     fresh = convert(src, tmp_path / "fresh", recipe, calibration=calibration(tmp_path / "fresh"))
 
-    class Killed(Exception):
-        pass
-
-    def die_after_three(event, part, file, nbytes):
-        if event == "done" and file.startswith("model-00003"):
-            raise Killed
-
     out = tmp_path / "out"
-    with pytest.raises(Killed):
-        convert(src, out, recipe, progress=die_after_three, calibration=calibration(out))
+    convert_killed_after(3, src, out, recipe, calibration=calibration(out))
     report = convert(src, out, recipe, calibration=calibration(out))
     assert len(report.reused) == 3 and report.model_id == fresh.model_id
     for file in fresh.out.glob("model*"):

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import dequantize_model, load_model, quantize_model
 
-from harness import LocalCluster, oracle_reply
+from harness import LocalCluster, convert_killed_after, oracle_reply
 from mlx_kimi.checkpoint import CheckpointError, open_checkpoint, read_safetensors_header
 from mlx_kimi.convert import ConvertError, convert
 from mlx_kimi.kimi_tokenizer import load_tokenizer
@@ -91,16 +91,8 @@ def test_resume_after_interruption(tmp_path):
     recipe = QuantScheme(2, 4, 64).params
     fresh = convert(src, tmp_path / "fresh", recipe)
 
-    class Killed(Exception):
-        pass
-
-    def die_after_three(event, part, file, nbytes):
-        if event == "done" and file.startswith("model-00003"):
-            raise Killed
-
     out = tmp_path / "out"
-    with pytest.raises(Killed):
-        convert(src, out, recipe, progress=die_after_three)
+    convert_killed_after(3, src, out, recipe)
     assert not (out / "config.json").exists()
     # a later crash left a half-written shard, and a finished one was damaged since
     (out / "model-00004-of-00008.safetensors.tmp").write_bytes(b"partial")
