@@ -20,6 +20,7 @@ from cluster.client import read_reply
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.loading import checkpoint_sizes, plan_for, prefill_chunk
 from mlx_kimi.checkpoint import open_checkpoint
+from mlx_kimi.convert import convert
 from cluster.wire import coordinator_stub, node_stub, open_channel
 
 KIMI = str(Path(sys.executable).parent / "kimi-cluster")
@@ -340,8 +341,6 @@ class ConvertKilled(Exception):
 def convert_killed_after(shards: int, src, out, recipe, **options):
     """Run mlx_kimi.convert until its `shards`-th shard is written, then stop it there (as a kill
     would); the shards written so far stay for the resumed run."""
-    from mlx_kimi.convert import convert
-
     def die(event, part, file, nbytes):
         if event == "done" and file.startswith(f"model-{shards:05d}"):
             raise ConvertKilled
