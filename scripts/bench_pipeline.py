@@ -41,7 +41,9 @@ sized so that one decode token costs >= 20 ms of compute on this machine:
         cluster's mutual TLS (cluster.wire.make_server / open_channel), calls interleaved;
         the difference is what encryption adds per hop (every real channel is TLS). The TLS one is
         the bare round trip the per-hop estimates are held against (issue 19: within 1.25x); the
-        same answerer in a process of its own shows what the process boundary alone adds.
+        same answerer in a process of its own shows what the process boundary alone adds. Both TLS
+        round trips are measured again after idle (below): the after-idle estimate, (a) and (c)
+        after idle plus (b), is held against the bare round trip after idle, like against like.
      An empty Node.Health round trip is shown too, as the floor of any unary gRPC call, the same
      request as a unary Node.Forward call (a new call per token on the open connection), and (a) again
      with this process idle before every call for as long as a stage of a 2-stage pipeline

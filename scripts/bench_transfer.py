@@ -16,6 +16,11 @@ every source a Slices service in its own process (another node) on 127.0.0.1:
      sending a different share of every part's chunks at once.
   3. time-to-ready: receiving the slice from one source while load_slice reads each part as soon as
      it is in place (what a node's Load does), against receiving then loading one after the other.
+  4. the check's floor: the same bytes read in 4 MiB chunks, each hashed with sha256 (what a receiver
+     must do before it writes a chunk) and written at its place, fsynced, on as many threads as the
+     transfer receives parts at once: no network, no encryption, no copy a transport makes. A
+     verified transfer can hardly beat it; its ratio to the plain copy is about the most the
+     transfer's could reach on this machine.
 The sources hashed their parts once before timing (a coordinator does that once per part and keeps
 the manifests), and their files are in the page cache, like the copy's (each round reads them first);
 every measurement starts after os.sync(), so none pays for the writeback of the one before. The
@@ -23,6 +28,7 @@ rounds alternate the order; the ratio is the median over rounds of transfer MB/s
 """
 
 import argparse
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -42,7 +48,7 @@ from cluster.transfer import SliceFetcher, SliceStore, add_slices_service  # noq
 from cluster.wire import CHANNEL_OPTIONS, SERVER_OPTIONS, make_server  # noqa: E402
 from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
 from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
-from mlx_kimi.slice_cache import SliceCache, slice_parts  # noqa: E402
+from mlx_kimi.slice_cache import CHUNK_BYTES, SliceCache, slice_parts  # noqa: E402
 from mlx_kimi.tiny import TinyShape, make_tiny  # noqa: E402
 
 SECRET = bytes.fromhex("7e" * 32)
@@ -93,6 +99,32 @@ def time_copy(shards: list, work: Path) -> float:
     return time.perf_counter() - began
 
 
+def time_floor(shards: list, work: Path) -> float:
+    out = work / "copy"
+    out.mkdir()
+    began = time.perf_counter()
+    files = {shard: (os.open(shard, os.O_RDONLY), os.open(out / shard.name, os.O_WRONLY | os.O_CREAT, 0o644))
+             for shard in shards}
+
+    def check_and_write(shard, at):  # hashlib and os.pwrite release the GIL: threads share the cores
+        src, dst = files[shard]
+        chunk = os.pread(src, CHUNK_BYTES, at)
+        hashlib.sha256(chunk).digest()
+        os.pwrite(dst, chunk, at)
+
+    try:
+        with ThreadPoolExecutor(max_workers=transfer.PARALLEL_PARTS) as pool:
+            list(pool.map(lambda job: check_and_write(*job),
+                          [(s, at) for s in shards for at in range(0, s.stat().st_size, CHUNK_BYTES)]))
+        for _, dst in files.values():
+            os.fsync(dst)
+    finally:
+        for fds in files.values():
+            for fd in fds:
+                os.close(fd)
+    return time.perf_counter() - began
+
+
 def time_transfer(model_id: str, n: int, addresses: list, work: Path, load: str = "") -> float:
     """Seconds to receive the whole model; with `load`, until its slice is also loaded, either while
     it arrives ("overlapped") or after ("after")."""
@@ -137,6 +169,7 @@ def main():
               f"{os.cpu_count()} CPUs")
         n, model_id = checkpoint.num_layers, checkpoint.model_id
         runs = {"plain copy": lambda: time_copy(shards, work),
+                "floor: sha256 + write": lambda: time_floor(shards, work),
                 "transfer, 1 source": lambda: time_transfer(model_id, n, tls[:1], work),
                 "transfer, 2 sources": lambda: time_transfer(model_id, n, tls, work),
                 "ready, load overlapped": lambda: time_transfer(model_id, n, tls[:1], work, "overlapped"),
@@ -177,10 +210,15 @@ def main():
             cost = f"CPU {statistics.median(cpu[what]) * 1e3:5.2f} ms/MB"
             if what.startswith("ready"):
                 print(f"  {what:<28} {statistics.median(took[what]):6.2f} s to a loaded slice   {cost}")
+            elif what == "floor: sha256 + write":
+                floor = statistics.median(c / t for c, t in zip(copy, took[what]))
+                print(f"  {what:<28} {data / statistics.median(took[what]) / 1e6:7.1f} MB/s   {cost}   "
+                      f"ratio to the plain copy {floor:.3f} (about the most a verified transfer could reach here)")
             elif what != "plain copy":
                 ratio = statistics.median(c / t for c, t in zip(copy, took[what]))
+                of_floor = statistics.median(f / t for f, t in zip(took["floor: sha256 + write"], took[what]))
                 print(f"  {what:<28} {data / statistics.median(took[what]) / 1e6:7.1f} MB/s   {cost}   "
-                      f"ratio to the plain copy {ratio:.3f}")
+                      f"ratio to the plain copy {ratio:.3f}, to the floor {of_floor:.3f}")
         print(f"  {'plain copy':<28} {data / statistics.median(copy) / 1e6:7.1f} MB/s   "
               f"CPU {statistics.median(cpu['plain copy']) * 1e3:5.2f} ms/MB")
         print(f"  load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
