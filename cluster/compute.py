@@ -13,15 +13,15 @@ from .stage_queue import StageQueue
 
 class ComputeWorker:
     """Runs rounds of its StageQueue: other jobs first, then `compute(steps)` for the round's
-    decode batch, each speculative step alone, and its one prefill step; `compute` settles each
-    step's future."""
+    decode batch, its speculative steps (one batch of their own), and its one prefill step;
+    `compute` settles each step's future."""
 
     def __init__(self, compute=None):
         self.queue = StageQueue()
         self.compute = compute  # set by the stage that owns the steps (stage.py), before its first step
         self.busy_since: float | None = None  # when the running round started (None: idle)
-        self.max_batch = 0     # the most decode steps one round has run together
-        self.batched_rows = 0  # decode steps run in batches of two or more
+        self.max_batch = 0     # the most steps one forward has run together
+        self.batched_rows = 0  # decode and speculative steps run in batches of two or more
         threading.Thread(target=self._loop, name="mlx-compute", daemon=True).start()
 
     @property
@@ -43,13 +43,12 @@ class ComputeWorker:
                             future.set_result(fn())
                         except BaseException as e:  # handed to the waiting thread
                             future.set_exception(e)
-                if round_.decodes:
-                    self.max_batch = max(self.max_batch, len(round_.decodes))
-                    if len(round_.decodes) > 1:
-                        self.batched_rows += len(round_.decodes)
-                    self.compute(round_.decodes)
-                for step in round_.verifies:
-                    self.compute([step])
+                for batch in (round_.decodes, round_.verifies):
+                    if batch:
+                        self.max_batch = max(self.max_batch, len(batch))
+                        if len(batch) > 1:
+                            self.batched_rows += len(batch)
+                        self.compute(batch)
                 if round_.prefill:
                     self.compute([round_.prefill])
             finally:

@@ -369,7 +369,8 @@ class Stage:
 
     def _compute(self, steps: list):
         """Runs on the compute thread (MLX arrays are made and evaluated only there): one batch of
-        single-position steps of distinct sessions, or one prefill step; settles every step."""
+        steps of distinct sessions (single positions, or speculative steps), or one prefill step;
+        settles every step."""
         for loaded in {id(step.stage): step.stage for step in steps}.values():  # one, unless a reload came between
             self._compute_on(loaded, [step for step in steps if step.stage is loaded])
 

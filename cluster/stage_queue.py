@@ -1,9 +1,9 @@
 """What a stage's compute thread does next: rounds of sessions' steps, and other jobs.
 
 Each round takes every session whose next step is a single position (decode, sampled or not)
-as one batch, then every session's next speculative step (a few positions ending with a draft,
-each its own forward: rows of different widths do not share a batch), then at most one prompt
-chunk (prefill): a long prompt sent as several chunks
+as one batch, then every session's next speculative step (a few positions ending with a draft)
+as a second batch (narrower rows padded to the widest: mlx_kimi/batch.py), then at most one
+prompt chunk (prefill): a long prompt sent as several chunks
 lets the decodes run between its chunks, so a decode step waits at most one chunk's compute.
 A session's steps run in offset order whatever order they arrived in: a step that starts past
 the session's position waits for the steps before it (until its own deadline).
@@ -51,7 +51,7 @@ class Round:
     jobs: list    # (fn, future) of other work, e.g. loading a slice
     decodes: list  # single-position steps of distinct sessions, run as one batch
     prefill: Step | None = None
-    verifies: list = field(default_factory=list)  # steps with a draft, each its own forward
+    verifies: list = field(default_factory=list)  # steps with a draft, one forward of their own
 
 
 class StageQueue:

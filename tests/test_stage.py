@@ -6,7 +6,8 @@ fails alone; requests a stage must refuse are refused (a chunk wider than the co
 ring replies, and a ring step's failure after its acceptance, go to the delivery hook, or to the
 coordinator's Deliver (real gRPC), tried again with pauses while it is busy; and a token never
 delivered is replayed by the scheduler driving the stage, with mlx-lm's tokens all the same; a step
-with a draft keeps what verifies, and the next step trims the rest.
+with a draft keeps what verifies, and the next step trims the rest; several sessions' speculative
+steps run as one forward.
 """
 
 import logging
@@ -454,3 +455,39 @@ def test_a_step_with_a_draft_keeps_what_verifies_and_the_next_step_trims_the_res
                        (not_the_end, "must end with the draft")):
         refused = stage_error(stage.accept(bad, TIMEOUT_S))
         assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and words in refused.message, refused.message
+
+
+def test_speculative_steps_of_several_sessions_run_as_one_forward(whole, oracle, oracle_tokens, prompts,
+                                                                  monkeypatch):
+    """Speculative steps of different widths, of sessions at different positions, queued together
+    run as one forward (the narrower rows padded) beside the round's decode batch; each keeps what
+    verifies, as mlx-lm's tokens say, and each session's caches hold only its own positions."""
+    stage, (worker, model_slice, _) = make_stage(whole), whole
+    names = [f"v{i}" for i in range(len(prompts))]
+    limits = [len(p) + 12 for p in prompts]
+    expected = [oracle_tokens(oracle[0], p, 8) for p in prompts]
+    for name, p, limit, want in zip(names, prompts, limits, expected):
+        assert prefill(stage, name, p, limit).token == want[0]
+    # v0 drafts 3 right tokens, v1 one right and one wrong, v2 takes a plain decode step.
+    drafts = [expected[0][1:4], [expected[1][1], expected[1][2] + 1], []]
+    steps = []
+    for name, p, limit, want, draft in zip(names, prompts, limits, expected, drafts):
+        r = request(name, [want[0], *draft], len(p), limit)
+        r.draft.extend(draft)
+        steps.append(r)
+    rows = []  # (rows, positions) of each forward the slice runs
+    forward = model_slice.forward
+    monkeypatch.setattr(model_slice, "forward", lambda x, caches: rows.append(x.shape[:2]) or forward(x, caches))
+    batched = worker.batched_rows
+    replies = [f.result(TIMEOUT_S) for f in one_round(stage, steps)]
+    assert sorted(rows) == [(1, 1), (2, 4)]  # the decode alone, both speculative steps in one forward
+    assert worker.batched_rows - batched == 2
+    assert list(replies[0].tokens) == expected[0][1:5]  # three drafted tokens kept, and a bonus one
+    assert list(replies[1].tokens) == expected[1][1:3]  # one kept, the wrong one corrected
+    assert replies[2].token == expected[2][1] and not replies[2].tokens
+    # The caches hold each step's own positions, the padding trimmed: v1's step was 3 wide, not 4.
+    assert [stage.sessions[n].position for n in names] == [len(p) + w for p, w in zip(prompts, (4, 3, 1))]
+    after = [f.result(TIMEOUT_S) for f in one_round(stage, [
+        request(names[0], [expected[0][4]], len(prompts[0]) + 4, limits[0]),
+        request(names[1], [expected[1][2]], len(prompts[1]) + 2, limits[1])])]
+    assert [a.token for a in after] == [expected[0][5], expected[1][3]]
