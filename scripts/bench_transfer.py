@@ -4,6 +4,7 @@
     python scripts/bench_transfer.py              # about 300 MB of weights, 3 rounds
     python scripts/bench_transfer.py --quick      # about 80 MB, 1 round
     python scripts/bench_transfer.py --plaintext  # also a control run without TLS (bench only)
+    python scripts/bench_transfer.py --bare       # also a bare TLS socket doing the same checks
 
 What it measures, on one generated Kimi-architecture checkpoint (mlx_kimi/tiny.py, widened), with
 every source a Slices service in its own process (another node) on 127.0.0.1:
@@ -21,14 +22,25 @@ every source a Slices service in its own process (another node) on 127.0.0.1:
      transfer receives parts at once: no network, no encryption, no copy a transport makes. A
      verified transfer can hardly beat it; its ratio to the plain copy is about the most the
      transfer's could reach on this machine.
+  5. with --bare, the transport's floor: the model's bytes over one bare socket with the cluster's
+     mutual TLS (Python's ssl, no gRPC, no HTTP/2), each 4 MiB chunk sent with its sha256 (hashed
+     before timing, as the manifests are) and checked before it is written, fsynced: what the
+     transfer would reach with nothing but encryption and the check on the wire.
 The sources hashed their parts once before timing (a coordinator does that once per part and keeps
 the manifests), and their files are in the page cache, like the copy's (each round reads them first);
-every measurement starts after os.sync(), so none pays for the writeback of the one before. The
-rounds alternate the order; the ratio is the median over rounds of transfer MB/s / copy MB/s.
+every measurement starts after os.sync(), so none pays for the writeback of the one before, and
+just after twice the model's bytes were written to a scratch file and deleted (see _warm: on a VM
+that hands free memory back to its host, a measurement otherwise runs fast or 3x slower by what ran
+before it). The rounds alternate the order; the ratio is the median over rounds of transfer MB/s /
+copy MB/s.
 """
 
 import argparse
 import hashlib
+import socket
+import ssl
+import struct
+import threading
 import multiprocessing
 import os
 import shutil
@@ -45,6 +57,7 @@ import grpc  # noqa: E402
 
 from cluster import transfer  # noqa: E402
 from cluster.transfer import SliceFetcher, SliceStore, add_slices_service  # noqa: E402
+from cluster.identity import identity  # noqa: E402
 from cluster.wire import CHANNEL_OPTIONS, SERVER_OPTIONS, make_server  # noqa: E402
 from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
 from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
@@ -52,6 +65,41 @@ from mlx_kimi.slice_cache import CHUNK_BYTES, SliceCache, slice_parts  # noqa: E
 from mlx_kimi.tiny import TinyShape, make_tiny  # noqa: E402
 
 SECRET = bytes.fromhex("7e" * 32)
+
+
+def _tls_context(server: bool, name: str) -> ssl.SSLContext:
+    """The cluster's mutual TLS for a bare socket (the --bare control): `name`'s certificate, the
+    cluster's CA, the peer's certificate required."""
+    me = identity(SECRET, name)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert.write_bytes(me.cert_pem)
+        key.write_bytes(me.key_pem)
+        context.load_cert_chain(cert, key)
+    context.load_verify_locations(cadata=me.ca_pem.decode())
+    context.check_hostname, context.verify_mode = False, ssl.CERT_REQUIRED
+    return context
+
+
+_CHUNK_HEAD = struct.Struct("<I32s")  # a bare chunk's length and sha256
+
+
+def _bare_source(listener: socket.socket, shards: list):
+    """Sends every shard's bytes, chunk after chunk with its sha256, to each connection."""
+    digests = {}
+    for shard in shards:
+        with open(shard, "rb") as f:
+            digests[shard] = [hashlib.sha256(c).digest() for c in iter(lambda: f.read(CHUNK_BYTES), b"")]
+    context, buffer = _tls_context(True, "source"), bytearray(CHUNK_BYTES)
+    while True:
+        with context.wrap_socket(listener.accept()[0], server_side=True) as sock:
+            for shard in shards:
+                with open(shard, "rb", buffering=0) as f:
+                    for digest in digests[shard]:
+                        n = f.readinto(buffer)
+                        sock.sendall(_CHUNK_HEAD.pack(n, digest))
+                        sock.sendall(memoryview(buffer)[:n])
 
 
 def serve(model_dir: str, cache_dir: str, plaintext: bool, ports, conn):
@@ -72,6 +120,10 @@ def serve(model_dir: str, cache_dir: str, plaintext: bool, ports, conn):
         server.start()
         servers.append(server)
         ports.put(port)
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_bare_source, args=(listener, sorted(checkpoint.path.glob("*.safetensors"))),
+                     daemon=True).start()
+    ports.put(listener.getsockname()[1])
     while conn.recv() == "cpu":
         conn.send(time.process_time())
 
@@ -86,6 +138,20 @@ def _read(paths):
 def _empty(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     os.sync()  # the deletion's and the last run's writeback are not charged to the next
+
+
+def _warm(work: Path, nbytes: int) -> None:
+    """Write `nbytes` to a scratch file and delete it, just before a measurement. On a virtual machine
+    that hands free memory back to its host (free page reporting), writing into pages freed seconds
+    ago costs several times what reusing pages freed just now does (2-3 ms/MB against 0.4 on the
+    2-vCPU VM): without this, whichever measurement follows a deletion is the lucky one. A Mac keeps
+    its free memory, so every measurement starts with warm pages, as there."""
+    block = b"\x5a" * CHUNK_BYTES
+    scratch = work / "scratch"
+    with open(scratch, "wb") as f:
+        for _ in range(-(-nbytes // CHUNK_BYTES)):
+            f.write(block)
+    scratch.unlink()
 
 
 def time_copy(shards: list, work: Path) -> float:
@@ -125,6 +191,42 @@ def time_floor(shards: list, work: Path) -> float:
     return time.perf_counter() - began
 
 
+def time_bare(address: str, shards: list, work: Path) -> float:
+    """Seconds to receive the shards over a bare mutual-TLS socket from _bare_source, each chunk
+    checked against its sha256 before it is written."""
+    out = work / "copy"
+    out.mkdir()
+    view, head = memoryview(bytearray(CHUNK_BYTES)), memoryview(bytearray(_CHUNK_HEAD.size))
+
+    def read_exactly(sock, into):
+        got = 0
+        while got < len(into):
+            n = sock.recv_into(into[got:])
+            if not n:
+                raise RuntimeError("the bare source closed early")
+            got += n
+
+    began = time.perf_counter()
+    host, port = address.rsplit(":", 1)
+    with _tls_context(False, "client").wrap_socket(socket.create_connection((host, int(port)))) as sock:
+        for shard in shards:
+            fd = os.open(out / shard.name, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                at, size = 0, shard.stat().st_size
+                while at < size:
+                    read_exactly(sock, head)
+                    n, digest = _CHUNK_HEAD.unpack(head)
+                    read_exactly(sock, view[:n])
+                    if hashlib.sha256(view[:n]).digest() != digest:
+                        raise RuntimeError(f"chunk at {at} of {shard.name} fails its sha256")
+                    os.pwrite(fd, view[:n], at)
+                    at += n
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return time.perf_counter() - began
+
+
 def time_transfer(model_id: str, n: int, addresses: list, work: Path, load: str = "") -> float:
     """Seconds to receive the whole model; with `load`, until its slice is also loaded, either while
     it arrives ("overlapped") or after ("after")."""
@@ -148,6 +250,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, help="rounds of every measurement (default 3, 1 with --quick)")
     parser.add_argument("--plaintext", action="store_true", help="also receive without TLS (a control)")
+    parser.add_argument("--bare", action="store_true",
+                        help="also receive over a bare mutual-TLS socket with the same checks (a control)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,8 +267,9 @@ def main():
                                                      ports[i], conns[i][1]), daemon=True) for i in range(2)]
         for source in sources:
             source.start()
-        found = [[f"127.0.0.1:{q.get(timeout=600)}" for _ in range(1 + args.plaintext)] for q in ports]
+        found = [[f"127.0.0.1:{q.get(timeout=600)}" for _ in range(2 + args.plaintext)] for q in ports]
         tls, plain = [f[0] for f in found], [f[1] for f in found[:1] if args.plaintext]
+        bare = found[0][-1]
         print(f"model: {len(shards)} shards, {data / 1e6:.1f} MB of tensors, {checkpoint.num_layers} layers; "
               f"{os.cpu_count()} CPUs")
         n, model_id = checkpoint.num_layers, checkpoint.model_id
@@ -182,6 +287,8 @@ def main():
                 finally:
                     transfer.open_channel = secure
             runs["control: 1 source, no TLS"] = without_tls
+        if args.bare:
+            runs["control: bare TLS socket"] = lambda: time_bare(bare, shards, work)
         def cpu_s() -> float:  # this process (the receiver, gRPC's threads included) and both sources
             for conn, _ in conns:
                 conn.send("cpu")
@@ -194,6 +301,7 @@ def main():
             for what in list(runs) if r % 2 == 0 else reversed(list(runs)):
                 _empty(work / "copy")
                 _empty(work / "cache")
+                _warm(work, 2 * data)
                 before = cpu_s()
                 took[what].append(runs[what]())
                 cpu[what].append((cpu_s() - before) / (data / 1e6))
