@@ -128,9 +128,10 @@ def encode_tensor(x: mx.array) -> pb.Tensor:
     return pb.Tensor(data=data, shape=list(x.shape), dtype=name)
 
 
-def check_tensor(t: pb.Tensor, expect_shape: tuple) -> tuple:
+def check_tensor(t: pb.Tensor, expect_shape: tuple, data: bytes | None = None) -> tuple:
     """Check dtype, shape and byte length without touching the data; `None` in expect_shape is
-    free. Returns the shape."""
+    free. Returns the shape. `data`: t.data where the caller holds it already (every read of a
+    bytes field copies it: 7 MB for a prefill chunk of Kimi's hidden states)."""
     if t.dtype not in _DTYPES:
         raise WireError(f"hidden state dtype {t.dtype!r} is not one of {', '.join(_DTYPES)}")
     shape = tuple(t.shape)
@@ -138,16 +139,19 @@ def check_tensor(t: pb.Tensor, expect_shape: tuple) -> tuple:
         want = tuple("*" if e is None else e for e in expect_shape)
         raise WireError(f"hidden state shape {list(shape)} does not match the expected {list(want)}")
     expected = math.prod(shape) * _DTYPES[t.dtype][0].size
-    if len(t.data) != expected:
-        raise WireError(f"hidden state carries {len(t.data)} bytes; {t.dtype}{list(shape)} needs {expected}")
+    size = len(t.data if data is None else data)
+    if size != expected:
+        raise WireError(f"hidden state carries {size} bytes; {t.dtype}{list(shape)} needs {expected}")
     return shape
 
 
-def decode_tensor(t: pb.Tensor, expect_shape: tuple) -> mx.array:
-    shape = check_tensor(t, expect_shape)
+def decode_tensor(t: pb.Tensor, expect_shape: tuple, data: bytes | None = None) -> mx.array:
+    """`t` as an MLX array, checked; `data` as in check_tensor."""
+    data = t.data if data is None else data
+    shape = check_tensor(t, expect_shape, data)
     dtype, _, fmt = _DTYPES[t.dtype]
     # one copy, from the message's bytes into MLX; the view is evaluated with the stage's graph
-    return mx.array(memoryview(t.data).cast(fmt)).reshape(shape).view(dtype)
+    return mx.array(memoryview(data).cast(fmt)).reshape(shape).view(dtype)
 
 
 def open_channel(address: str, secret: bytes, name: str = "client") -> grpc.Channel:
