@@ -8,9 +8,10 @@ lets the decodes run between its chunks, so a decode step waits at most one chun
 A session's steps run in offset order whatever order they arrived in: a step that starts past
 the session's position waits for the steps before it (until its own deadline).
 
-Sessions that ran in one batch come back together (their tokens went out together), but one by
-one: a round that started at the first arrival would run one row, then the rest. So while some
-of a batch's sessions are back and others not yet, the round waits for them a short, bounded time
+Sessions that ran in one round's batches (decode or speculative) come back together (their tokens
+went out together), but one by one: a round that started at the first arrival would run one row,
+then the rest. So while some of those sessions are back and others not yet (a session may come
+back speculating or not), the round waits for them a short, bounded time
 (a fraction of the last round's compute); one that does not come in that time is not waited for
 again until it has run in a batch once more.
 """
@@ -63,7 +64,7 @@ class StageQueue:
         self._cond = threading.Condition()
         self._jobs = deque()
         self._steps: list[Step] = []  # in arrival order
-        self._batches = 0  # decode batches taken so far
+        self._batches = 0  # rounds with decode or speculative steps taken so far
         self._batch_of: dict[int, tuple] = {}  # id(session) -> (its last batch's number, session)
         self._round_started: float | None = None
         self._round_s = 0.0  # how long the last round took
@@ -106,9 +107,9 @@ class StageQueue:
                 if round_ or expired:
                     break
                 self._cond.wait(wake)
-            if round_ and round_.decodes:
+            if round_ and (round_.decodes or round_.verifies):
                 self._batches += 1
-                for step in round_.decodes:
+                for step in [*round_.decodes, *round_.verifies]:
                     self._batch_of[id(step.session)] = (self._batches, step.session)
             self._round_started = time.monotonic() if round_ else None
         for step in expired:
@@ -141,7 +142,7 @@ class StageQueue:
                 verifies.append(step)
             elif prefill is None:
                 prefill = step
-        if decodes and not jobs and (until := self._gathering(decodes, first, now)):
+        if (decodes or verifies) and not jobs and (until := self._gathering([*decodes, *verifies], first, now)):
             gone = {id(s) for s in expired}
             self._steps = [s for s in self._steps if id(s) not in gone]
             return None, expired, min(wake or until - now, until - now)
@@ -151,14 +152,14 @@ class StageQueue:
             return None, expired, wake
         return Round(jobs, decodes, prefill, verifies), expired, wake
 
-    def _gathering(self, decodes: list, first: dict, now: float) -> float | None:
-        """Until when to wait for the rest of the batches these decodes ran in last (None: go)."""
-        batches = {self._batch_of[id(s.session)][0] for s in decodes if id(s.session) in self._batch_of}
+    def _gathering(self, steps: list, first: dict, now: float) -> float | None:
+        """Until when to wait for the rest of the batches these steps' sessions ran in last (None: go)."""
+        batches = {self._batch_of[id(s.session)][0] for s in steps if id(s.session) in self._batch_of}
         missing = [key for key, (batch, _) in self._batch_of.items()
                    if batch in batches and key not in first]
         if not missing:
             return None
-        until = min(s.arrived for s in decodes) + min(GATHER_MAX_S, GATHER_FRACTION * self._round_s)
+        until = min(s.arrived for s in steps) + min(GATHER_MAX_S, GATHER_FRACTION * self._round_s)
         if now < until:
             return until
         for key in missing:  # not back in time: run without them, and do not wait for them again

@@ -1,4 +1,5 @@
-"""The stage queue's rounds: decode batches, one prefill chunk, each session's steps in order."""
+"""The stage queue's rounds: decode batches, speculative batches, one prefill chunk, each session's
+steps in order."""
 
 import threading
 import time
@@ -17,14 +18,14 @@ class Session:
     position: int = 0  # what the compute thread would have computed
 
 
-def step(session, offset, positions, deadline_s=60.0, name="s"):
-    return Step(None, session, pb.ForwardRequest(session_id=name, offset=offset), positions,
+def step(session, offset, positions, deadline_s=60.0, name="s", draft=()):
+    return Step(None, session, pb.ForwardRequest(session_id=name, offset=offset, draft=draft), positions,
                 time.monotonic() + deadline_s)
 
 
 def compute(round_):
     """What the compute thread does to the sessions' positions."""
-    for s in [*round_.decodes, *([round_.prefill] if round_.prefill else [])]:
+    for s in [*round_.decodes, *round_.verifies, *([round_.prefill] if round_.prefill else [])]:
         s.session.position = s.offset + s.positions
 
 
@@ -133,3 +134,26 @@ def test_a_batch_member_that_does_not_come_back_in_time_is_awaited_once(monkeypa
     thread, taken = take_in_thread(q)
     thread.join(10)
     assert [d.session for d in taken[0].decodes] == [a]  # b is no longer awaited
+
+
+def test_speculative_steps_batch_and_their_sessions_are_gathered_like_decodes(monkeypatch):
+    """Speculative steps (a draft) of a round form their own batch; sessions that ran in one round
+    come back one by one, speculating or not, and the next round waits for them."""
+    monkeypatch.setattr("cluster.stage_queue.GATHER_FRACTION", 1e9)
+    monkeypatch.setattr("cluster.stage_queue.GATHER_MAX_S", 60.0)
+    q = StageQueue()
+    a, b, c = Session(0), Session(0), Session(0)
+    q.submit(step(a, 0, 3, draft=[1, 2]))
+    q.submit(step(b, 0, 2, draft=[1]))
+    q.submit(step(c, 0, 1))
+    first = q.take()
+    assert [s.session for s in first.verifies] == [a, b] and [s.session for s in first.decodes] == [c]
+    compute(first)
+    q.submit(step(a, 3, 2, draft=[1]))  # a is back first; the round waits for b and c, who ran with it
+    thread, taken = take_in_thread(q)
+    thread.join(0.3)
+    assert thread.is_alive()
+    q.submit(step(b, 2, 1))             # b no longer speculates
+    q.submit(step(c, 1, 3, draft=[1, 2]))  # c now does
+    thread.join(10)
+    assert [s.session for s in taken[0].verifies] == [a, c] and [s.session for s in taken[0].decodes] == [b]
