@@ -250,10 +250,8 @@ class Stage:
 
     # ---- the data path -----------------------------------------------------------------------
 
-    def _check_input(self, loaded: LocalStage, request: pb.ForwardRequest) -> tuple[int, bytes]:
-        """Validate a request before it touches memory; returns its number of positions and its
-        hidden state's bytes (read once: each read copies them), empty on the first stage."""
-        hidden = b""
+    def _check_input(self, loaded: LocalStage, request: pb.ForwardRequest) -> int:
+        """Validate a request before it touches memory; returns its number of positions."""
         if loaded.slice.is_first:
             n = len(request.tokens)
             vocab = loaded.slice.args.vocab_size
@@ -262,8 +260,7 @@ class Stage:
         elif not request.HasField("hidden"):
             raise WireError("a stage after the first needs the hidden state")
         else:
-            hidden = request.hidden.data
-            n = check_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size), hidden)[1]
+            n = check_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))[1]
         if not 0 < n <= loaded.prefill_chunk:  # checked before the tensor's bytes are read
             raise WireError(f"a chunk carries 1 to {loaded.prefill_chunk} positions (the coordinator's prefill "
                             f"chunk), not {n}")
@@ -276,7 +273,7 @@ class Stage:
             check_step(request, loaded.slice.args.vocab_size)
         except ValueError as e:
             raise WireError(str(e)) from e
-        return n, hidden
+        return n
 
     def accept(self, request: pb.ForwardRequest, time_left: float | None) -> Future:
         """Validate `request` and queue its step; the Future of its reply (a StageError when it
@@ -289,7 +286,7 @@ class Stage:
             if loaded is None:
                 raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name}: no model loaded", self.name)
             try:
-                positions, hidden = self._check_input(loaded, request)
+                positions = self._check_input(loaded, request)
             except WireError as e:
                 return_freed_memory(len(request.hidden.data))
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}", self.name) from e
@@ -301,8 +298,7 @@ class Stage:
             refused.set_exception(e)
             return refused
         wait = time_left if time_left is not None else DEFAULT_TIMEOUT_S
-        computed = self.worker.queue.submit(Step(loaded, session, request, positions, time.monotonic() + wait,
-                                                hidden=hidden))
+        computed = self.worker.queue.submit(Step(loaded, session, request, positions, time.monotonic() + wait))
         if request.reply_to:
             computed.add_done_callback(lambda f: self._relay_failure(request, f))
             accepted = Future()
@@ -384,7 +380,7 @@ class Stage:
         rows = []  # (step, its input)
         for step in steps:
             try:
-                rows.append((step, self._input(loaded, step)))
+                rows.append((step, self._input(loaded, step.request)))
             except Exception as e:
                 self._fail(step, self._internal(e))
         if not rows:
@@ -399,10 +395,10 @@ class Stage:
         for (step, _), out in zip(rows, outs):
             self._finish(loaded, step, out)
 
-    def _input(self, loaded: LocalStage, step: Step) -> mx.array:
+    def _input(self, loaded: LocalStage, request: pb.ForwardRequest) -> mx.array:
         if loaded.slice.is_first:
-            return mx.array(list(step.request.tokens), dtype=mx.int32)[None]
-        return decode_tensor(step.request.hidden, (1, None, loaded.slice.args.hidden_size), step.hidden)
+            return mx.array(list(request.tokens), dtype=mx.int32)[None]
+        return decode_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))
 
     def _forward(self, loaded: LocalStage, rows: list) -> list:
         """Every row's output, each session's caches first trimmed back to its step's offset."""

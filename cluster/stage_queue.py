@@ -39,7 +39,6 @@ class Step:
     request: object  # pb.ForwardRequest
     positions: int
     deadline: float  # time.monotonic() after which a step still waiting for its turn fails
-    hidden: bytes = b""  # request.hidden.data as checked (empty on the first stage)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
