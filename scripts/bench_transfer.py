@@ -37,16 +37,16 @@ copy MB/s.
 
 import argparse
 import hashlib
-import socket
-import ssl
-import struct
-import threading
 import multiprocessing
 import os
 import shutil
+import socket
+import ssl
 import statistics
+import struct
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from cluster import transfer  # noqa: E402
-from cluster.transfer import SliceFetcher, SliceStore, add_slices_service  # noqa: E402
 from cluster.identity import identity  # noqa: E402
+from cluster.transfer import SliceFetcher, SliceStore, add_slices_service  # noqa: E402
 from cluster.wire import CHANNEL_OPTIONS, SERVER_OPTIONS, make_server  # noqa: E402
 from mlx_kimi.checkpoint import open_checkpoint  # noqa: E402
 from mlx_kimi.slice import LayerRange, load_slice  # noqa: E402
