@@ -401,11 +401,14 @@ class Stage:
         return decode_tensor(request.hidden, (1, None, loaded.slice.args.hidden_size))
 
     def _forward(self, loaded: LocalStage, rows: list) -> list:
-        """Every row's output, each session's caches first trimmed back to its step's offset."""
+        """Every row's output, each session's caches first trimmed back to its step's offset.
+        Speculative steps attend in MLA's absorbed form (mlx_kimi/mla.py: a prefill's form would
+        up-project the whole cache for a few positions)."""
         caches = [step.session.caches for step, _ in rows]
         for step, _ in rows:
             step.session.trim_to(step.offset)
-        outs = forward_rows(loaded.slice, [x for _, x in rows], caches)
+        drafted = any(step.request.draft for step, _ in rows)
+        outs = forward_rows(loaded.slice, [x for _, x in rows], caches, absorbed=drafted)
         mx.eval([] if loaded.slice.is_last else outs, [[c.state for c in layers] for layers in caches])
         return outs
 

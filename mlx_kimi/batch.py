@@ -27,18 +27,18 @@ from mlx_lm.models.cache import BatchKVCache
 from .slice import ModelSlice
 
 
-def forward_rows(model_slice: ModelSlice, inputs: list, caches: list) -> list:
+def forward_rows(model_slice: ModelSlice, inputs: list, caches: list, absorbed: bool = False) -> list:
     """inputs[i] (1, w_i) token ids or (1, w_i, D) hidden state of session i, whose caches are
     caches[i] (one per layer, updated in place like ModelSlice.forward's); returns each row's
-    output (1, w_i, D) or logits (1, w_i, vocab)."""
+    output (1, w_i, D) or logits (1, w_i, vocab). `absorbed` as in ModelSlice.forward."""
     if len(inputs) == 1:
-        return [model_slice.forward(inputs[0], caches[0])]
+        return [model_slice.forward(inputs[0], caches[0], absorbed)]
     widths = [x.shape[1] for x in inputs]
     width = max(widths)
     padded = [x if w == width else mx.concatenate([x, mx.repeat(x[:, -1:], width - w, axis=1)], axis=1)
               for x, w in zip(inputs, widths)]
     merged = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
-    out = model_slice.forward(mx.concatenate(padded), merged)
+    out = model_slice.forward(mx.concatenate(padded), merged, absorbed)
     for layer, batch_cache in enumerate(merged):
         for row, session_caches in enumerate(caches):
             session_caches[layer] = batch_cache.extract(row)

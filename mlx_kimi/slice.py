@@ -13,10 +13,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.deepseek_v3 import DeepseekV3DecoderLayer, ModelArgs
+from mlx_lm.models.deepseek_v3 import ModelArgs
 from mlx_lm.utils import infer_quant_config
 
 from .checkpoint import Checkpoint, CheckpointError, tensor_part, text_config, weight_prefix
+from .mla import DecoderLayer
 
 _LAYER_PATH = re.compile(r"^(.*?model\.layers\.)(\d+)(\..*)$")
 
@@ -44,7 +45,7 @@ class _Backbone(nn.Module):
         super().__init__()
         if layers.start == 0:
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DeepseekV3DecoderLayer(args, i) for i in range(layers.start, layers.end)]
+        self.layers = [DecoderLayer(args, i) for i in range(layers.start, layers.end)]
         if layers.end == args.num_hidden_layers:
             self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -126,13 +127,14 @@ class ModelSlice:
         itemsize = self._backbone.layers[0].input_layernorm.weight.dtype.size
         return len(self.layers) * allocated * width * itemsize
 
-    def forward(self, x: mx.array, caches: list) -> mx.array:
+    def forward(self, x: mx.array, caches: list, absorbed: bool = False) -> mx.array:
         """Token ids (B, L) on the first slice or a hidden state (B, L, D) on the others; returns
-        the hidden state, or logits (B, L, vocab) from the last slice. Mirrors DeepseekV3Model."""
+        the hidden state, or logits (B, L, vocab) from the last slice. Mirrors DeepseekV3Model.
+        `absorbed`: attend as a one-position step does at any width (a speculative step; mla.py)."""
         h = self._backbone.embed_tokens(x) if self.is_first else x
         mask = create_attention_mask(h, caches[0], return_array=True)
         for layer, cache in zip(self._backbone.layers, caches):
-            h = layer(h, mask, cache=cache)
+            h = layer(h, mask, cache=cache, absorbed=absorbed)
             # Start computing this layer while Python builds the next one's graph. A stage cannot
             # overlap building with the previous token's compute the way mlx-lm's generate does
             # (its input comes over the network), but it can overlap them layer by layer.

@@ -9,6 +9,7 @@ import struct
 import mlx.core as mx
 import mlx_lm
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_kimi.checkpoint import CheckpointError, open_checkpoint, tensor_part
 from mlx_kimi.slice import LayerRange, load_slice
@@ -57,11 +58,11 @@ def slice_sets(ckpt, dsv3_ckpt):
     return get
 
 
-def stitched_forward(slices, x, caches):
+def stitched_forward(slices, x, caches, absorbed=False):
     """Run the slices one after another, the way the pipeline hands hidden states on."""
     h = x
     for s, c in zip(slices, caches):
-        h = s.forward(h, c)
+        h = s.forward(h, c, absorbed)
         mx.eval(h)  # a stage boundary: the next slice gets a materialized array
     return h
 
@@ -85,7 +86,8 @@ def stitched_generate(slices, prompt_ids, max_tokens):
 
 
 # Exact equality (not allclose) is expected: a slice is built from the very mlx-lm modules
-# (DeepseekV3DecoderLayer, Embedding, RMSNorm, the quantized linears) that mlx-lm's model uses,
+# (DeepseekV3DecoderLayer, whose attention and layer mlx_kimi/mla.py subclasses only to add the
+# absorbed form of a speculative step, Embedding, RMSNorm, the quantized linears) that mlx-lm's model uses,
 # loaded from the same bytes (the checkpoint's float dtype -- bf16 on the real models -- and the
 # same packed 2/4-bit weights with their scales), and ModelSlice.forward performs the same ops in the
 # same order (embed, the same array causal mask, each layer with its own KV cache, norm, lm_head).
@@ -124,6 +126,26 @@ def test_stitched_greedy_tokens_equal_generate_step(partition, chat_prompt_ids, 
     assert len(k25_oracle_tokens) == GREEDY_TOKENS
     got = stitched_generate(slice_sets("k25", partition), chat_prompt_ids, GREEDY_TOKENS)
     assert got == k25_oracle_tokens
+
+
+def test_a_speculative_step_attends_absorbed_and_gives_mlx_lm_decode_logits(oracle, chat_prompt_ids, slice_sets):
+    """A step of several positions with `absorbed` (mla.py: MLA's decode form at any width, for a
+    token and its draft) gives the logits mlx-lm's model computes for those positions one at a
+    time, as its decode does; the prefill form gives them too: the two differ only in rounding."""
+    model, _ = oracle
+    prompt, step = chat_prompt_ids[:-5], chat_prompt_ids[-5:]
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt)[None], cache=cache)
+    expected = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in step], axis=1)
+    slices = slice_sets("k25", PARTITIONS_6[1])
+    for absorbed in (True, False):
+        caches = [s.make_caches() for s in slices]
+        stitched_forward(slices, mx.array(prompt)[None], caches)
+        got = stitched_forward(slices, mx.array(step)[None], caches, absorbed)
+        assert got.shape == expected.shape
+        assert mx.abs(got - expected).max().item() < 1e-4, absorbed
+        assert mx.array_equal(got.argmax(-1), expected.argmax(-1)).item()
+        assert [c.offset for c in caches[-1]] == [len(chat_prompt_ids)] * len(caches[-1])
 
 
 @pytest.mark.parametrize("partition", PARTITIONS_DSV3, ids=_ids)
