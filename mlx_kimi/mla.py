@@ -52,7 +52,9 @@ class DecoderLayer(DeepseekV3DecoderLayer):
 
     def __init__(self, config: ModelArgs, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.self_attn = Attention(config)
+        # The same module, not a new one: building another would draw its initial weights again,
+        # and change every checkpoint make-tiny generates from a seed.
+        self.self_attn.__class__ = Attention
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None,
                  absorbed: bool = False) -> mx.array:
