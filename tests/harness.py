@@ -350,4 +350,3 @@ def convert_killed_after(shards: int, src, out, recipe, **options):
     except ConvertKilled:
         return
     raise AssertionError(f"convert finished before its shard {shards} was written")
-
