@@ -70,13 +70,14 @@ def _hop_timeout(time_left: float | None) -> float:
     return max((time_left if time_left is not None else DEFAULT_TIMEOUT_S) - HOP_MARGIN_S, 0.1)
 
 
-def _onward(request: pb.ForwardRequest, hidden: pb.Tensor) -> pb.ForwardRequest:
+def _onward(request: pb.ForwardRequest, out: mx.array) -> pb.ForwardRequest:
     """`request` as the next stage gets it: this stage's output in place of its input."""
     onward = pb.ForwardRequest(
-        session_id=request.session_id, offset=request.offset, hidden=hidden, sample=request.sample,
+        session_id=request.session_id, offset=request.offset, sample=request.sample,
         sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
         coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket, draft=request.draft,
     )
+    encode_tensor(out, onward.hidden)
     if request.HasField("rng_state"):
         onward.rng_state = request.rng_state
     if request.sample:
@@ -312,7 +313,12 @@ class Stage:
             if f.exception() is not None:
                 reply.set_exception(f.exception())
                 return
-            sent = loaded.next_link.send(_onward(request, f.result()), _hop_timeout(time_left))
+            try:
+                onward = _onward(request, f.result())
+            except Exception as e:
+                reply.set_exception(self._internal(e))
+                return
+            sent = loaded.next_link.send(onward, _hop_timeout(time_left))
             sent.add_done_callback(lambda r: reply.set_exception(r.exception()) if r.exception() is not None
                                    else reply.set_result(r.result()))
 
@@ -425,10 +431,11 @@ class Stage:
             step.future.set_result(result)
 
     def _output(self, loaded: LocalStage, step: Step, out: mx.array):
-        """What a step passes on: the hidden state (encoded), or the last stage's reply."""
+        """What a step passes on: the hidden state (encoded into the onward request by _onward), or
+        the last stage's reply."""
         request, session = step.request, step.session
         if not loaded.slice.is_last:
-            return encode_tensor(out)
+            return out
         if not request.sample:
             return pb.ForwardReply(sampled=False)
         if request.new_generation:

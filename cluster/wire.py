@@ -115,7 +115,9 @@ def _trim_when_due():
     _trim(0)
 
 
-def encode_tensor(x: mx.array) -> pb.Tensor:
+def encode_tensor(x: mx.array, into: pb.Tensor | None = None) -> pb.Tensor:
+    """x as a Tensor; `into`: fill that one (a field of the message that carries it: building the
+    Tensor apart and then the message would copy its bytes once more)."""
     name = _NAMES.get(x.dtype)
     if name is None:
         raise WireError(f"dtype {x.dtype} cannot travel between stages")
@@ -125,7 +127,10 @@ def encode_tensor(x: mx.array) -> pb.Tensor:
         data = b""
     if len(data) != x.nbytes:
         data = np.array(x.view(_DTYPES[name][1]), copy=False).tobytes()
-    return pb.Tensor(data=data, shape=list(x.shape), dtype=name)
+    t = pb.Tensor() if into is None else into
+    t.data, t.dtype = data, name
+    t.shape[:] = x.shape
+    return t
 
 
 def check_tensor(t: pb.Tensor, expect_shape: tuple, data: bytes | None = None) -> tuple:
