@@ -22,8 +22,9 @@ from .generated import kimi_cluster_pb2 as pb
 MAX_NGRAM = 3
 MIN_NGRAM = 1
 MAX_DRAFT = 12               # drafted tokens per step, at most
-PRIOR_ACCEPTANCE = 0.5       # a new session's acceptance until it has drafted
-ACCEPTANCE_WINDOW = 16       # the estimate follows about the last this many drafted tokens
+PRIOR_ACCEPTANCE = 0.3       # a new session's acceptance until it has drafted or guessed
+PRIOR_WEIGHT = 2             # the prior counts as this many observations: a session learns from its first few
+ACCEPTANCE_WINDOW = 16       # then the estimate follows about the last this many drafted tokens
 PRIOR_POSITION_COST = 0.1    # b until measured (and always for a forced `on`, so seeded draws repeat)
 COST_WEIGHT = 0.1            # of each new step in the running means of step times
 COST_RELAX = 0.01            # of the prior, per one-position step, in the running mean of a position's cost
@@ -130,6 +131,7 @@ class Speculator:
     def __init__(self, mode: str, cost: StepCost):
         self.mode, self.cost = mode, cost
         self.acceptance = PRIOR_ACCEPTANCE
+        self.observed = 0
 
     def draft_length(self, room: int) -> int:
         """Tokens to draft at the next step; `room`: how many more the reply may take after it."""
@@ -143,8 +145,13 @@ class Speculator:
 
     def observe(self, guess: list, produced: list):
         """Update the acceptance from a draft (sent, or only guessed) and the tokens that came:
-        each drafted token up to the first that differs is one observation."""
+        each drafted token up to the first that differs is one observation. Until the window
+        fills, the estimate is the mean of the observations and the prior (weighed as
+        PRIOR_WEIGHT of them): a session whose drafts fail stops drafting after a few steps, not
+        after a window of them, and one whose drafts hold drafts further soon."""
         for drafted, came in zip(guess, produced):
-            self.acceptance += ((drafted == came) - self.acceptance) / ACCEPTANCE_WINDOW
+            self.observed += 1
+            self.acceptance += ((drafted == came) - self.acceptance) / min(self.observed + PRIOR_WEIGHT,
+                                                                            ACCEPTANCE_WINDOW)
             if drafted != came:
                 break

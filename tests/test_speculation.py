@@ -44,6 +44,10 @@ def test_draft_length_follows_acceptance_and_cost():
     assert 0 < best_draft(0.6, 0.1, MAX_DRAFT)[0] < MAX_DRAFT
     assert best_draft(0.95, 0.02, 3)[0] == 3  # never past the room left
     auto, on = Speculator("auto", StepCost()), Speculator("on", StepCost())
+    assert auto.draft_length(10) > 0  # a new session tries where a position costs little (b's prior)
+    for _ in range(5):  # five failed drafts outweigh the prior: a sampled reply that copies nothing stops soon
+        auto.observe([7], [6])
+    assert auto.draft_length(10) == 0
     for speculator in (auto, on):
         for _ in range(40):
             speculator.observe([7, 8], [6])  # every guess wrong
