@@ -409,12 +409,13 @@ class Stage:
     def _forward(self, loaded: LocalStage, rows: list) -> list:
         """Every row's output, each session's caches first trimmed back to its step's offset.
         Speculative steps attend in MLA's absorbed form (mlx_kimi/mla.py: a prefill's form would
-        up-project the whole cache for a few positions)."""
+        up-project the whole cache for a few positions); a prefill chunk where the slice finds
+        that it pays."""
         caches = [step.session.caches for step, _ in rows]
         for step, _ in rows:
             step.session.trim_to(step.offset)
         drafted = any(step.request.draft for step, _ in rows)
-        outs = forward_rows(loaded.slice, [x for _, x in rows], caches, absorbed=drafted)
+        outs = forward_rows(loaded.slice, [x for _, x in rows], caches, absorbed=True if drafted else None)
         mx.eval([] if loaded.slice.is_last else outs, [[c.state for c in layers] for layers in caches])
         return outs
 

@@ -27,7 +27,7 @@ from mlx_lm.models.cache import BatchKVCache
 from .slice import ModelSlice
 
 
-def forward_rows(model_slice: ModelSlice, inputs: list, caches: list, absorbed: bool = False) -> list:
+def forward_rows(model_slice: ModelSlice, inputs: list, caches: list, absorbed: bool | None = None) -> list:
     """inputs[i] (1, w_i) token ids or (1, w_i, D) hidden state of session i, whose caches are
     caches[i] (one per layer, updated in place like ModelSlice.forward's); returns each row's
     output (1, w_i, D) or logits (1, w_i, vocab). `absorbed` as in ModelSlice.forward."""

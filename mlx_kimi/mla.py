@@ -10,6 +10,12 @@ cached position and layer), whatever the step's width: worth it for a long prefi
 verify step of a few positions at 4k positions of context it is more than the step's own compute.
 A step with `absorbed` runs the decode's form at any width, so it costs what its queries cost.
 The two forms are the same function; they round differently (float32: logits within a few 1e-6).
+
+A prefill chunk takes the absorbed form where it saves at least half the attention's FLOPs
+(`absorbed_pays`): a short chunk deep into the context, as an agent's next turn is (its new
+message or tool result after a cached conversation). A prompt's first chunk never does (there the
+up-projection covers only the chunk itself), nor a long chunk (each of its queries then pays the
+latent's width, which the up-projection would have shared).
 """
 
 from typing import Any, Optional
@@ -17,6 +23,26 @@ from typing import Any, Optional
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.deepseek_v3 import DeepseekV3Attention, DeepseekV3DecoderLayer, ModelArgs
+
+
+ABSORBED_SAVING = 0.5  # a prefill chunk attends absorbed where that needs at most this share of the FLOPs
+
+
+def attention_flops(args: ModelArgs, positions: int, cached: int, absorbed: bool) -> int:
+    """Multiply-adds x 2 of one layer's attention for a step of `positions` after `cached` ones,
+    leaving out what both forms do alike (the query, latent and output projections)."""
+    heads, latent, rope = args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
+    up = 2 * latent * heads * (args.qk_nope_head_dim + args.v_head_dim)  # a latent's keys and values, or a query's fold
+    keys = cached + positions
+    if absorbed:
+        return positions * up + 2 * positions * keys * heads * (2 * latent + rope)
+    return keys * up + 2 * positions * keys * heads * (args.qk_nope_head_dim + rope + args.v_head_dim)
+
+
+def absorbed_pays(args: ModelArgs, positions: int, cached: int) -> bool:
+    """Whether a prefill step of `positions` after `cached` ones attends in the absorbed form."""
+    return positions > 1 and (attention_flops(args, positions, cached, True)
+                              <= ABSORBED_SAVING * attention_flops(args, positions, cached, False))
 
 
 class Attention(DeepseekV3Attention):

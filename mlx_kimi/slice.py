@@ -17,7 +17,7 @@ from mlx_lm.models.deepseek_v3 import ModelArgs
 from mlx_lm.utils import infer_quant_config
 
 from .checkpoint import Checkpoint, CheckpointError, tensor_part, text_config, weight_prefix
-from .mla import DecoderLayer
+from .mla import DecoderLayer, absorbed_pays
 
 _LAYER_PATH = re.compile(r"^(.*?model\.layers\.)(\d+)(\..*)$")
 
@@ -127,10 +127,13 @@ class ModelSlice:
         itemsize = self._backbone.layers[0].input_layernorm.weight.dtype.size
         return len(self.layers) * allocated * width * itemsize
 
-    def forward(self, x: mx.array, caches: list, absorbed: bool = False) -> mx.array:
+    def forward(self, x: mx.array, caches: list, absorbed: bool | None = None) -> mx.array:
         """Token ids (B, L) on the first slice or a hidden state (B, L, D) on the others; returns
         the hidden state, or logits (B, L, vocab) from the last slice. Mirrors DeepseekV3Model.
-        `absorbed`: attend as a one-position step does at any width (a speculative step; mla.py)."""
+        `absorbed`: attend as a one-position step does at any width (a speculative step; mla.py);
+        None: where that saves half the attention's work (mla.absorbed_pays; one row only)."""
+        if absorbed is None:
+            absorbed = x.shape[0] == 1 and absorbed_pays(self.args, x.shape[1], caches[0].offset)
         h = self._backbone.embed_tokens(x) if self.is_first else x
         mask = create_attention_mask(h, caches[0], return_array=True)
         for layer, cache in zip(self._backbone.layers, caches):

@@ -10,8 +10,11 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.deepseek_v3 import ModelArgs
 
+from mlx_kimi.builtin import BUILTIN_MODELS
 from mlx_kimi.checkpoint import CheckpointError, open_checkpoint, tensor_part
+from mlx_kimi.mla import absorbed_pays, attention_flops
 from mlx_kimi.slice import LayerRange, load_slice
 from mlx_kimi.tiny import TinyShape, make_tiny
 
@@ -146,6 +149,33 @@ def test_a_speculative_step_attends_absorbed_and_gives_mlx_lm_decode_logits(orac
         assert mx.abs(got - expected).max().item() < 1e-4, absorbed
         assert mx.array_equal(got.argmax(-1), expected.argmax(-1)).item()
         assert [c.offset for c in caches[-1]] == [len(chat_prompt_ids)] * len(caches[-1])
+
+
+def test_a_short_chunk_deep_in_the_context_attends_absorbed_where_that_pays(oracle, chat_prompt_ids, slice_sets):
+    """A prefill chunk picks MLA's form by its FLOPs (mla.absorbed_pays): for Kimi, an agent's
+    short next turn after a long conversation goes absorbed (the prefill form would up-project all
+    16k cached positions for 16 new ones); a prompt's first chunk and a long chunk keep mlx-lm's
+    form. The slice's choice is the form it names: bit for bit, and mlx-lm's logits within rounding."""
+    kimi = ModelArgs.from_dict(BUILTIN_MODELS["kimi-k2"])
+    assert attention_flops(kimi, 1, 16383, absorbed=False) // 16384 >= 16_777_216  # per cached position
+    assert absorbed_pays(kimi, 16, 16384) and absorbed_pays(kimi, 64, 4096)
+    assert not absorbed_pays(kimi, 16, 0) and not absorbed_pays(kimi, 256, 16384) and not absorbed_pays(kimi, 1, 4096)
+    model, _ = oracle
+    prompt, turn = chat_prompt_ids[:-4], chat_prompt_ids[-4:]
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt)[None], cache=cache)
+    expected = model(mx.array(turn)[None], cache=cache)
+    slices = slice_sets("k25", PARTITIONS_6[1])
+    assert absorbed_pays(slices[0].args, len(turn), len(prompt)) and not absorbed_pays(slices[0].args, len(prompt), 0)
+    got = {}
+    for absorbed in (None, True, False):
+        caches = [s.make_caches() for s in slices]
+        first = stitched_forward(slices, mx.array(prompt)[None], caches, absorbed=None if absorbed is None else False)
+        got[absorbed] = (first, stitched_forward(slices, mx.array(turn)[None], caches, absorbed))
+    assert mx.array_equal(got[None][0], got[False][0]).item()  # the first chunk: mlx-lm's form
+    assert mx.array_equal(got[None][1], got[True][1]).item()   # the short turn after it: absorbed
+    assert mx.abs(got[None][1] - expected).max().item() < 1e-4
+    assert mx.array_equal(got[None][1].argmax(-1), expected.argmax(-1)).item()
 
 
 @pytest.mark.parametrize("partition", PARTITIONS_DSV3, ids=_ids)

@@ -113,7 +113,7 @@ def test_decode_steps_of_several_sessions_run_as_one_batch_and_equal_mlx_lm(whol
     rows = []  # the rows of each forward the slice runs
     forward = model_slice.forward
     monkeypatch.setattr(model_slice, "forward",
-                        lambda x, caches, absorbed=False: rows.append(x.shape[0]) or forward(x, caches, absorbed))
+                        lambda x, caches, absorbed=None: rows.append(x.shape[0]) or forward(x, caches, absorbed))
     rows_before = worker.batched_rows
     for n in range(1, TOKENS):
         futures = one_round(stage, [request(name, [tokens[-1]], len(p) + n - 1, len(p) + TOKENS)
@@ -478,12 +478,13 @@ def test_speculative_steps_of_several_sessions_run_as_one_forward(whole, oracle,
         steps.append(r)
     rows = []  # ((rows, positions), absorbed) of each forward the slice runs
     forward = model_slice.forward
-    monkeypatch.setattr(model_slice, "forward", lambda x, caches, absorbed=False:
+    monkeypatch.setattr(model_slice, "forward", lambda x, caches, absorbed=None:
                         rows.append((x.shape[:2], absorbed)) or forward(x, caches, absorbed))
     batched = worker.batched_rows
     replies = [f.result(TIMEOUT_S) for f in one_round(stage, steps)]
-    # the decode alone; both speculative steps in one forward, attending in MLA's absorbed form
-    assert sorted(rows) == [((1, 1), False), ((2, 4), True)]
+    # the decode alone, in the form the slice picks (one position: mlx-lm's); both speculative
+    # steps in one forward, attending in MLA's absorbed form
+    assert sorted(rows) == [((1, 1), None), ((2, 4), True)]
     assert worker.batched_rows - batched == 2
     assert list(replies[0].tokens) == expected[0][1:5]  # three drafted tokens kept, and a bonus one
     assert list(replies[1].tokens) == expected[1][1:3]  # one kept, the wrong one corrected
