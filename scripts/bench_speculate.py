@@ -87,6 +87,11 @@ def run(cluster, prompt: list, tokens: int, speculate: bool | None, temperature:
     return list(reply.token_ids), tok_s, (after.steps - before.steps, after.tokens - before.tokens), drafted, accepted
 
 
+def each_run(runs: list, temperature: float) -> str:
+    """Each run's tok/s; sampled, with its reply's length (it may end early)."""
+    return " ".join(f"{r[1]:.1f}" + (f" ({len(r[0])})" if temperature else "") for r in runs)
+
+
 def steps_per_token(runs: list) -> float:
     return sum(r[2][0] for r in runs) / max(sum(r[2][1] for r in runs), 1)
 
@@ -121,9 +126,8 @@ def main():
             plain, spec = runs[False], runs[None]
             if temperature == 0 and any(r[0] != plain[0][0] for r in plain + spec):
                 raise SystemExit(f"{name}: the replies with and without speculation differ (greedy): a bug")
-            def each(rs):  # a sampled reply may end early: its length with its tok/s
-                return ' '.join(f'{r[1]:.1f}' + (f' ({len(r[0])})' if temperature else '') for r in rs)
-            print(f"{name}: tok/s of each run without: {each(plain)}; with: {each(spec)}")
+            print(f"{name}: tok/s of each run without: {each_run(plain, temperature)}; "
+                  f"with: {each_run(spec, temperature)}")
             results[name] = (statistics.median(r[1] for r in plain), statistics.median(r[1] for r in spec),
                              steps_per_token(plain), steps_per_token(spec), sum(r[3] for r in spec),
                              sum(r[4] for r in spec), len(prompt))
