@@ -67,7 +67,7 @@ def whole_model(cached_list: list, chunks: list):
         for cached in cached_list:
             caches = model.make_caches()
             context = mx.random.randint(0, model.args.vocab_size, (1, cached))
-            for start in range(0, cached, 256):  # prefilled as the cluster does, in 256-position chunks
+            for start in range(0, cached, 256):  # in 256-position chunks, as the cluster sends a prompt
                 mx.eval(model.forward(context[:, start:start + 256], caches, absorbed=False))
             for chunk in chunks:
                 turn = mx.random.randint(0, model.args.vocab_size, (1, chunk))
