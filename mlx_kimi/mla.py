@@ -1,5 +1,6 @@
 """mlx-lm's DeepSeek-V3 decoder layer, whose attention can keep MLA's absorbed form for a step of
-several positions: what a speculative step (a token and its draft) needs.
+several positions: what a speculative step (a token and its draft) and a short prefill chunk deep
+into the context need.
 
 MLA caches one latent per position (kv_lora_rank wide, shared by every head). mlx-lm attends to
 it in two ways: a one-position step (decode) folds the key and value up-projections into the
