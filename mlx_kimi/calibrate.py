@@ -51,7 +51,7 @@ from mlx_lm.models.deepseek_v3 import DeepseekV3Attention, group_expert_select
 from mlx_lm.quant.gptq import Catcher
 
 from .convert import produce, quantized_arrays, row_step
-from .gptq import gptq_quantize, inverse_hessian_factor, rtn_dequantized, squares, sum_squares
+from .gptq import ModuleInputs, gptq_quantize, rtn_dequantized, squares, sum_squares
 from .checkpoint import text_config
 from .calibration_state import PartStore
 from .quality_card import CARD_FILE, bits_label, build_card, read_card, write_card
@@ -192,16 +192,15 @@ class Calibration:
                                              self.chunk_bytes)]
         return (mx.concatenate(blocks) if len(blocks) > 1 else blocks[0]).astype(mx.float32)
 
-    def quantize(self, target, w: mx.array, quant, dtype, x: mx.array = None, expert: int = None) -> Written:
+    def quantize(self, target, w: mx.array, quant, dtype, inputs: ModuleInputs = None, expert: int = None) -> Written:
         """The arrays the shard gets for `w` (exactly convert's own for round to nearest), GPTQ'd on the
-        inputs x (tokens, in_features) when on and enough of them reached the module."""
+        module's inputs when on and enough of them reached it."""
         name = target.sources[expert if expert is not None else 0]
         if quant and native_int4(self.source, name, quant):
             arrays = list(int4_rows(self.source, name, 0, source_rows(self.source, name), dtype))
             return Written(arrays, w, False)
-        if (quant and self.gptq and x is not None and x.shape[0] >= GPTQ_MIN_TOKENS and w.ndim == 2):
-            factor = inverse_hessian_factor(x.T @ x)
-            packed, scales, biases = gptq_quantize(w, factor, quant["bits"], quant["group_size"])
+        if quant and self.gptq and inputs is not None and inputs.tokens >= GPTQ_MIN_TOKENS and w.ndim == 2:
+            packed, scales, biases = gptq_quantize(w, inputs.factor(), quant["bits"], quant["group_size"])
             arrays = [packed, scales.astype(dtype), biases.astype(dtype)]
             used = True
         else:
@@ -288,7 +287,7 @@ class Calibration:
         errors, total, err = {}, 0.0, 0.0
         rows = head.shape[0]
         step = row_step(rows, head.shape[-1], self.chunk_bytes)
-        used = False
+        used, inputs = False, ModuleInputs(x)  # one factor for every row block
         if candidates:
             xs = mx.fast.rms_norm(self._streams, self.master(norm), self.args.rms_norm_eps)
             kl, local, total_s = StreamKL(), 0.0, 0.0
@@ -299,7 +298,7 @@ class Calibration:
             if candidates:
                 for c, e in self._candidates(head, lambda c: squares(x @ (rtn_dequantized(w, c) - w).T)).items():
                     errors[c] = errors.get(c, 0.0) + e
-            out = self.quantize(head, w, quant, dtype, x)
+            out = self.quantize(head, w, quant, dtype, inputs)
             used |= out.gptq
             err += sum_squares(x @ (out.weight - w).T)
             if candidates:  # every stream through the float head, and the float one through this quantized
@@ -354,7 +353,9 @@ class Calibration:
             module, w = key[: -len(".weight")], master[key]
             if candidates:
                 errors[t.module] = self._attention_errors(attn, module, t, w, xn, a_master, inputs.get(module))
-            out = self._quantize_with_hessian(t, w, choose(t), dtype, inputs.get(module))
+            caught = inputs.get(module)
+            out = self.quantize(t, w, choose(t), dtype,
+                                None if caught is None else ModuleInputs(hessian=caught, tokens=self.ids.size))
             card["gptq"] += out.gptq
             quantized[module] = out.weight
             yield emit(t, 0, out.arrays)
@@ -464,19 +465,6 @@ class Calibration:
         scale = effect / mx.maximum(own(reference), 1e-30)
         return self._candidates(target, lambda c: scale * own(c))
 
-    def _quantize_with_hessian(self, target, w, quant, dtype, hessian) -> Written:
-        """quantize() from a Hessian already summed (attention's, caught by mlx-lm's Catcher)."""
-        if hessian is None or not (quant and self.gptq) or native_int4(self.source, target.sources[0], quant):
-            return self.quantize(target, w, quant, dtype)
-        tokens = self.ids.size
-        if tokens < GPTQ_MIN_TOKENS:
-            return self.quantize(target, w, quant, dtype)
-        factor = inverse_hessian_factor(hessian)
-        packed, scales, biases = gptq_quantize(w, factor, quant["bits"], quant["group_size"])
-        arrays = [packed, scales.astype(dtype), biases.astype(dtype)]
-        weight = mx.dequantize(*arrays, group_size=quant["group_size"], bits=quant["bits"]).astype(mx.float32)
-        return Written(arrays, weight, True)
-
     def _stream_unit(self, unit, flat, rows, gains, y_streams, y_clean) -> tuple:
         """An MLP unit's outputs added for the streams' tokens it gets (rows of flat, router weights gains):
         every stream's through the float unit, the float stream's (its first rows) also through the
@@ -509,10 +497,11 @@ class Calibration:
                     errors[t.module][c] += e
         rows = mods["gate"].shape[-2] if expert is not None else 0
         down_rows = mods["down"].shape[-2] if expert is not None else 0
-        gate = self.quantize(mods["gate"], w["gate"], choose(mods["gate"]), dtype, x, expert)
-        up = self.quantize(mods["up"], w["up"], choose(mods["up"]), dtype, x, expert)
+        gate_up = ModuleInputs(x)
+        gate = self.quantize(mods["gate"], w["gate"], choose(mods["gate"]), dtype, gate_up, expert)
+        up = self.quantize(mods["up"], w["up"], choose(mods["up"]), dtype, gate_up, expert)
         act_quant = nn.silu(x @ gate.weight.T) * (x @ up.weight.T)
-        down = self.quantize(mods["down"], w["down"], choose(mods["down"]), dtype, act_quant, expert)
+        down = self.quantize(mods["down"], w["down"], choose(mods["down"]), dtype, ModuleInputs(act_quant), expert)
         base = expert or 0
         yield emit(mods["gate"], base * rows, gate.arrays)
         yield emit(mods["up"], base * rows, up.arrays)

@@ -15,7 +15,7 @@ from harness import KIMI, LocalCluster, convert_killed_after, oracle_reply
 from mlx_kimi.calibrate import Calibration
 from mlx_kimi.calibration_set import CalibrationError, calibration_ids
 from mlx_kimi.convert import CALIBRATION_DIR, ConvertError, convert, plan_targets
-from mlx_kimi.gptq import gptq_quantize, inverse_hessian_factor, pack, rtn_quantize
+from mlx_kimi.gptq import ModuleInputs, gptq_quantize, inverse_hessian_factor, pack, rtn_quantize
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 from mlx_kimi.official import OFFICIAL_TINY_SHAPE, write_official
 from mlx_kimi.quality_card import CARD_FILE
@@ -56,7 +56,10 @@ def test_gptq_reduces_output_error_at_equal_bits():
         return mx.array(rng.standard_normal((n, 32)) @ mixing + 0.1 * rng.standard_normal((n, 256)), dtype=mx.float32)
 
     seen, held_out = inputs(512), inputs(256)
-    factor = inverse_hessian_factor(seen.T @ seen)
+    shared = ModuleInputs(seen)  # what a calibrated conversion hands GPTQ: one factor for each distinct input
+    factor = shared.factor()
+    assert mx.array_equal(factor, inverse_hessian_factor(seen.T @ seen)).item()
+    assert shared.factor() is factor  # gate and up (and every row block of the lm_head) reuse it
     for bits in (2, 3, 4, 5, 6, 8):
         packed, scales, biases = mx.quantize(w, group_size=64, bits=bits)
         codes = mx.round((mx.dequantize(packed, scales, biases, group_size=64, bits=bits).reshape(128, 4, 64)
