@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API in front of the coordinator: /v1/models, /v1/chat/completions,
-/v1/completions (a raw prompt), and /health for load balancers; and Anthropic's /v1/messages and
-/v1/messages/count_tokens (api_anthropic.py) over the same loop.
+/v1/completions (a raw prompt), OpenAI's Responses API /v1/responses (api_openai_responses.py), and
+/health for load balancers; and Anthropic's /v1/messages and /v1/messages/count_tokens
+(api_anthropic.py) over the same loop.
 
 Sampling runs on the cluster's last stage and a reply ends in the generation loop
 (generation.py); this file holds the app and its routes. A request is read by api_requests.py,
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from .api_anthropic import AnthropicMessage, count_tokens, messages_prompt, openai_fields
 from .api_guards import Guard, RequireKey
+from .api_openai_responses import ResponseObject, responses_prompt, shared_fields
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
 from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_reply, whole_reply
 
@@ -112,6 +114,12 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await reply(request, text_prompt, TextCompletion)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        """OpenAI's Responses API (api_openai_responses.py): stateless, over the same loop, limits and guards."""
+        body = await read_body(request, coordinator)
+        return await reply(request, lambda _, tok: responses_prompt(body, tok), ResponseObject, shared_fields(body))
 
     @app.post("/v1/messages")
     async def messages(request: Request):

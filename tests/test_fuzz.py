@@ -234,7 +234,8 @@ json_values = st.recursive(
 FIELDS = ["messages", "prompt", "model", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
           "tools", "tool_choice", "thinking", "chat_template_kwargs", "logprobs", "n", "response_format",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "parallel_tool_calls",
-          "system", "stop_sequences"]
+          "system", "stop_sequences", "input", "instructions", "text", "reasoning",
+          "previous_response_id", "background"]
 SCHEMA_KEYS = st.sampled_from(["type", "properties", "items", "enum", "const", "anyOf", "required", "pattern",
                                "format", "$ref", "additionalProperties", "not", "minimum", "maxLength"])
 schemas = st.dictionaries(SCHEMA_KEYS, json_values, max_size=4)
@@ -249,15 +250,16 @@ SHAPED = {
 def test_fuzz_api(fuzzed):
     @FUZZ
     @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/messages",
-                                 "/v1/messages/count_tokens"]),
+                                 "/v1/messages/count_tokens", "/v1/responses"]),
            fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
            shaped=st.fixed_dictionaries({}, optional=SHAPED),
            valid_messages=st.booleans(), max_tokens=st.integers(1, 3) | json_values)
     def run(path, fields, shaped, valid_messages, max_tokens):
-        body = {**fields, **shaped, "max_tokens": max_tokens}
+        body = {**fields, **shaped, "max_tokens": max_tokens, "max_output_tokens": max_tokens}
         if valid_messages:
             body.setdefault("messages", [{"role": "user", "content": "Hi"}])
             body.setdefault("prompt", "Hi")
+            body.setdefault("input", "Hi")
         connection = http.client.HTTPConnection(fuzzed.host, fuzzed.port, timeout=30)
         try:
             connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -276,7 +278,7 @@ def test_fuzz_api(fuzzed):
 # ---- the API: numbers, headers, paths and request lines, for every endpoint ----------------------
 
 ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/cluster"),
-             ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
+             ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"), ("POST", "/v1/responses"),
              ("GET", "/"), ("GET", "/chat.html")]
 NUMBER_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "timeout",
                  "n", "presence_penalty", "logprobs", "top_logprobs"]

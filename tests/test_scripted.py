@@ -7,6 +7,7 @@ The script is the oracle here, checked first against single-process mlx-lm on th
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from unittest.mock import ANY as ANY_MESSAGE
@@ -116,6 +117,81 @@ def test_api_instant_mode_skips_the_thinking(api, client):
     reply = create(client, api, extra_body={"thinking": False})
     assert reply.choices[0].message.content == CONTENT
     assert not (reply.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+CALL_ID = "functions.get_weather:0"
+
+
+def respond(client, api, **kwargs):
+    """The same exchange as `create`, through OpenAI's Responses API."""
+    return client.responses.create(**{"model": api.model_name, "instructions": "Be brief.", "input": "Weather?",
+                                      "max_output_tokens": 80, "temperature": 0, "tools": [RESPONSES_TOOL], **kwargs})
+
+
+def items(output) -> list:
+    """(type, text or call) of each output item, without their ids."""
+    return [(o.type, o.content[0].text if o.type in ("reasoning", "message") else (o.call_id, o.name, o.arguments))
+            for o in output]
+
+
+def test_responses_api_returns_reasoning_a_message_and_the_function_call(api, client):
+    reply = respond(client, api)
+    assert items(reply.output) == [("reasoning", REASONING), ("message", CONTENT),
+                                   ("function_call", (CALL_ID, "get_weather", '{"city": "Paris"}'))]
+    assert reply.output_text == CONTENT and reply.status == "completed"
+    chat = create(client, api)  # the same prompt and the same tokens as chat completions'
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                      chat.usage.completion_tokens)
+    instant = respond(client, api, extra_body={"reasoning": {"effort": "none"}})
+    assert [o.type for o in instant.output] == ["message", "function_call"] and instant.output_text == CONTENT
+    short = respond(client, api, max_output_tokens=3)
+    assert (short.status, short.incomplete_details.reason, short.usage.output_tokens) == \
+        ("incomplete", "max_output_tokens", 3)
+
+
+def test_responses_api_streams_typed_events_adding_up_to_the_whole_reply(api, client):
+    events = list(respond(client, api, stream=True))
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    assert (events[0].type, events[-1].type) == ("response.created", "response.completed")
+    deltas = {}
+    for e in events:
+        if e.type.endswith(".delta"):
+            deltas[e.type] = deltas.get(e.type, "") + e.delta
+    assert deltas == {"response.reasoning_text.delta": REASONING, "response.output_text.delta": CONTENT,
+                      "response.function_call_arguments.delta": '{"city": "Paris"}'}
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert items(done) == items(events[-1].response.output) == items(respond(client, api).output)
+
+
+def test_responses_api_next_turn_renders_the_prompt_chat_completions_would(api, client):
+    """A stateless agent's next turn: the previous output items sent back with the tool's output."""
+    first = respond(client, api)
+    turn = [{"role": "user", "content": "Weather?"}, *(o.model_dump(exclude_none=True) for o in first.output),
+            {"type": "function_call_output", "call_id": CALL_ID, "output": "18 C"}]
+    reply = respond(client, api, input=turn)
+    messages = [*MESSAGES, {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING, "tool_calls": [
+        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": CALL_ID, "content": "18 C"}]
+    chat = client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=80, temperature=0,
+                                          tools=[WEATHER_TOOL])
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens > first.usage.input_tokens + 10
+    assert items(reply.output)[1:] == [("message", CONTENT), ("function_call", (CALL_ID, "get_weather",
+                                                                                 '{"city": "Paris"}'))]
+
+
+@pytest.mark.parametrize("extra, field, says", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]", "function tools only"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+     "input[0].content[0]", "language model only"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "not supported here"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": 5}}}, "text.format.schema", "JSON schema"),
+])
+def test_responses_api_refuses_what_it_cannot_do_by_name(api, client, extra, field, says):
+    with pytest.raises(openai.BadRequestError, match=re.escape(says)) as refused:
+        client.responses.create(model=api.model_name, input="Weather?", max_output_tokens=4, extra_body=extra)
+    assert refused.value.body["param"] == field
 
 
 @pytest.mark.parametrize("stream", [False, True])
