@@ -83,6 +83,9 @@ class ModelSizes:
     kv_bytes_per_token_per_layer: int  # 1152 for Kimi: MLA latent (512 + 64) in bf16
     hidden_bytes_per_token: int  # activation width in bytes: 7168 * 2 for Kimi
     attention_heads: int = 64
+    # K and V of one position as a prefill chunk's attention up-projects them from the latent
+    # (mlx-lm's MLA prefill form): heads * (qk_nope_head_dim + v_head_dim) values, 32,768 bytes for Kimi
+    up_projected_bytes_per_token: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -146,6 +149,8 @@ def sizes_for_model(layer_bytes: list, embed_bytes: int, head_bytes: int, text_c
         kv_bytes_per_token_per_layer=(text_config["kv_lora_rank"] + text_config["qk_rope_head_dim"]) * itemsize,
         hidden_bytes_per_token=text_config["hidden_size"] * itemsize,
         attention_heads=text_config["num_attention_heads"],
+        up_projected_bytes_per_token=text_config["num_attention_heads"] * itemsize
+        * (text_config["qk_nope_head_dim"] + text_config["v_head_dim"]),
     )
 
 
@@ -175,19 +180,24 @@ def prefill_scratch_bytes(sizes: ModelSizes, context: int, prefill_chunk: int) -
         chunk = min(prefill_chunk, context)
         scratch = hidden_bytes_per_token * chunk * ACTIVATION_HIDDEN_WIDTHS
                 + chunk * context * attention_heads * ATTENTION_SCORE_BYTES
+                + context * up_projected_bytes_per_token
 
     The second term is the attention score matrix of the last chunk, which
-    attends to the whole context. For Kimi (64 heads, 14,336-byte hidden) at a
-    2,048-token chunk and 32K context that is 8.59 GB of scores (the ~8.6 GB
-    measured) plus 0.47 GB of activations: 9.06 GB. Only one layer runs at a
-    time, so a stage reserves it once however many layers it holds.
+    attends to the whole context; the third, the K and V that chunk's attention
+    up-projects from every cached position's latent (they feed the same
+    attention call as the scores, so both are held at once). For Kimi (64
+    heads, 14,336-byte hidden) at a 2,048-token chunk and 32K context that is
+    8.59 GB of scores (the ~8.6 GB measured), 1.07 GB of K and V and 0.47 GB of
+    activations: 10.13 GB; at the default 256-token chunk the K and V weigh as
+    much as the scores (4.3 GB each at 128K). Only one layer runs at a time, so
+    a stage reserves it once however many layers it holds.
     """
     chunk = min(prefill_chunk, context)
     if chunk <= 0:
         return 0
     activations = sizes.hidden_bytes_per_token * chunk * ACTIVATION_HIDDEN_WIDTHS
     scores = chunk * context * sizes.attention_heads * ATTENTION_SCORE_BYTES
-    return activations + scores
+    return activations + scores + context * sizes.up_projected_bytes_per_token
 
 
 class _Layers:

@@ -21,6 +21,7 @@ def kimi_k25_sizes() -> ModelSizes:
         kv_bytes_per_token_per_layer=(512 + 64) * 2,
         hidden_bytes_per_token=7168 * 2,
         attention_heads=64,
+        up_projected_bytes_per_token=64 * (128 + 128) * 2,
     )
 
 

@@ -151,6 +151,58 @@ def test_a_speculative_step_attends_absorbed_and_gives_mlx_lm_decode_logits(orac
         assert [c.offset for c in caches[-1]] == [len(chat_prompt_ids)] * len(caches[-1])
 
 
+def test_a_prefill_chunk_deep_in_the_context_holds_scores_and_the_up_projected_keys_and_values():
+    """Measured on MLX: a prefill chunk's attention after N cached positions allocates a part that
+    grows with chunk x context (the scores, prefill_scratch_bytes' second term) and a part that does
+    not: K and V of every position up-projected from the latent (its third term, which the planner
+    lacked; as large as the scores at the default 256-token chunk). bf16, like the real model. The
+    first part is ~2.5 score matrices on MLX's CPU backend (its attention materialises the scores
+    and their softmax), one where the attention is fused as on Metal: the plan counts one."""
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import KVCache
+
+    from cluster.planner import ATTENTION_SCORE_BYTES, prefill_scratch_bytes, sizes_for_model
+    from mlx_kimi.mla import Attention
+
+    # Kimi's heads' dimensions and latent; fewer heads, a narrower residual and a shorter context
+    # than its own keep it quick (neither term depends on the residual's width)
+    config = {**BUILTIN_MODELS["kimi-k2"], "num_attention_heads": 4, "num_hidden_layers": 1, "hidden_size": 512,
+              "q_lora_rank": 256}
+    args, cached = ModelArgs.from_dict(config), 4096
+    mx.random.seed(0)
+    attention = Attention(args)
+    attention.set_dtype(mx.bfloat16)
+    cache = KVCache()
+    # one step of room past the cached positions, so the measured call never grows the cache
+    cache.update_and_fetch(mx.random.normal((1, 1, cached + cache.step, args.kv_lora_rank)).astype(mx.bfloat16),
+                           mx.random.normal((1, 1, cached + cache.step, args.qk_rope_head_dim)).astype(mx.bfloat16))
+    cache.trim(cache.step)
+    mx.eval(attention.parameters(), cache.state)
+
+    def peak(chunk: int) -> int:
+        x = (mx.random.normal((1, chunk, args.hidden_size)) * 0.1).astype(mx.bfloat16)
+        mask = create_attention_mask(x, cache, return_array=True)
+        mx.eval(x, mask)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(attention(x, mask, cache))  # mlx-lm's prefill form
+        cache.trim(chunk)
+        return mx.get_peak_memory() - base
+
+    peaks = {chunk: peak(chunk) for chunk in (16, 256)}
+    per_chunk_token = (peaks[256] - peaks[16]) / 240
+    independent = peaks[16] - 16 * per_chunk_token
+    sizes = sizes_for_model([0], 0, 0, config)
+    up_projected = (cached + 16) * sizes.up_projected_bytes_per_token
+    score_row = (cached + 16) * args.num_attention_heads * ATTENTION_SCORE_BYTES
+    print(f"peak above the inputs: {peaks[16] / 2**20:.1f} MiB (chunk 16), {peaks[256] / 2**20:.1f} MiB (256); "
+          f"per chunk token {per_chunk_token / score_row:.2f} score rows, apart from the chunk "
+          f"{independent / 2**20:.1f} MiB; K and V planned {up_projected / 2**20:.1f} MiB")
+    assert 0.9 * up_projected <= independent <= 1.25 * up_projected
+    assert per_chunk_token >= score_row  # MLX's CPU sdpa materialises more than one score matrix; Metal's fused one
+    assert prefill_scratch_bytes(sizes, cached + 16, 16) >= up_projected + 16 * score_row
+
+
 def test_a_short_chunk_deep_in_the_context_attends_absorbed_where_that_pays(oracle, chat_prompt_ids, slice_sets):
     """A prefill chunk picks MLA's form by its FLOPs (mla.absorbed_pays): for Kimi, an agent's
     short next turn after a long conversation goes absorbed (the prefill form would up-project all
