@@ -288,4 +288,3 @@ class ResponseObject(Completion):
     def _event(self, kind: str, **body) -> str:
         self.sequence += 1
         return f"event: {kind}\n{sse({'type': kind, 'sequence_number': self.sequence, **body})}"
-
