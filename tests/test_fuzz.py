@@ -278,7 +278,8 @@ def test_fuzz_api(fuzzed):
 # ---- the API: numbers, headers, paths and request lines, for every endpoint ----------------------
 
 ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/cluster"),
-             ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"), ("POST", "/v1/responses"),
+             ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
+             ("POST", "/v1/responses"),
              ("GET", "/"), ("GET", "/chat.html")]
 NUMBER_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "timeout",
                  "n", "presence_penalty", "logprobs", "top_logprobs"]
