@@ -26,9 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# Three nodes of this size hold the tiny model with --context 256, two do not: a lost worker's
-# layers wait for it instead of moving to the others.
-MEMORY = "7MB"
+CONTEXT = 256
 
 
 def hidden_node(workdir, name, hide, env, port=0, extra=(), memory="1GB"):
@@ -77,18 +75,20 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
     assert probe.returncode != 0, "the checkpoint is still readable inside the workers' namespace"
 
     env = harness.node_env(tmp_path / "home")
-    peer1 = hidden_node(tmp_path, "peer1", hide, env, memory=MEMORY)
+    # three nodes of this size hold the tiny model, two do not: a lost worker's layers wait for it
+    memory = harness.tight_memory(tiny_dir, 3, CONTEXT)
+    peer1 = hidden_node(tmp_path, "peer1", hide, env, memory=memory)
     # peer2 receives slowly, so it can be killed halfway through its transfer.
-    peer2 = hidden_node(tmp_path, "peer2", hide, env, extra=["--max-transfer-rate", "1MB"], memory=MEMORY)
+    peer2 = hidden_node(tmp_path, "peer2", hide, env, extra=["--max-transfer-rate", "1MB"], memory=memory)
     port2 = peer2.address.rsplit(":", 1)[1]
-    coord = start_node(tmp_path, "coord", memory=MEMORY, model=tiny_dir, peers=[peer1.address, peer2.address],
-                       env=env, extra=["--cache-dir", str(tmp_path / "coord-cache"), "--context", "256"])
+    coord = start_node(tmp_path, "coord", memory=memory, model=tiny_dir, peers=[peer1.address, peer2.address],
+                       env=env, extra=["--cache-dir", str(tmp_path / "coord-cache"), "--context", str(CONTEXT)])
     nodes = [peer1, peer2, coord]
     try:
         wait_for_log(peer2, r"received (embed|layer-\d+|head)")
         peer2.kill(signal.SIGKILL)
         before = held_bytes(tmp_path / "peer2-cache") + partial_bytes(tmp_path / "peer2-cache", checkpoint)
-        peer2 = hidden_node(tmp_path, "peer2", hide, env, port=int(port2), memory=MEMORY)
+        peer2 = hidden_node(tmp_path, "peer2", hide, env, port=int(port2), memory=memory)
         nodes[1] = peer2
         coord.wait_for(r"cluster ready", timeout=START_TIMEOUT_S)
 
@@ -126,7 +126,7 @@ def test_workers_without_the_checkpoint_receive_only_their_slices(tiny_dir, orac
         data = bytearray(rotten.read_bytes())
         data[-100] ^= 0x10
         rotten.write_bytes(bytes(data))
-        peer1 = nodes[0] = hidden_node(tmp_path, "peer1", hide, env, port=port1, memory=MEMORY)
+        peer1 = nodes[0] = hidden_node(tmp_path, "peer1", hide, env, port=port1, memory=memory)
         wait_for_log(peer1, rf"cached part {model.parts[-1]} is corrupt \(.*fails its sha256\); fetching it again")
         poll(lambda: info(peer1, secret).loaded.received_bytes, lambda n: n > 0, 60, "peer1 to load again")
         assert info(peer1, secret).loaded.received_bytes == cache.manifest(model.model_id, model.parts[-1]).data_bytes
