@@ -11,7 +11,8 @@ the other stage is the one the faults hit. For --minutes, --clients clients send
 official openai client, drawn from scripts/load_test.py's jobs: short and long prompts, greedy and
 seeded, streamed and not, some clients leaving mid-stream. Every --fault-every seconds the next
 fault of a cycle happens: a spare joins (`--peer COORDINATOR`); that stage's worker is killed -9 and
-restarted under its name (the spare takes its layers, and the restarted one is the next spare); the
+restarted under its name (the spare takes its layers, and the restarted one is the next spare; or,
+back before its loss is acted on, the restarted one takes its own layers again); the
 spare leaves (SIGTERM); that stage's worker is killed -9 and restarted with no spare (the cluster is
 degraded until it is back: the requests in flight pause, new ones are refused with 503 and retried
 by their client). Every process's RSS is sampled every --sample-every seconds. It stops by itself.
@@ -174,8 +175,10 @@ class Soak:
         self.end_node(name, signal.SIGKILL)
         self.start_node(name)  # it finds the coordinator that loaded it (saved in its config dir)
         address = self.live()[name].node.address
-        if spare:  # the spare took the layers; the restarted node is the next spare
-            return lambda now: now[spare][2] and now[name][:2] == ("spare", address)
+        if spare:  # the spare took the layers and the restarted node is the next spare; or the restarted
+            # node was back before its loss was acted on and took its own layers again (the spare stays one)
+            return lambda now: (now[spare][2] and now[name][:2] == ("spare", address)) or (
+                now[name] == ("ready", address, True) and now[spare][0] == "spare")
         return lambda now: now[name] == ("ready", address, True)
 
     def healed(self, done) -> bool:
