@@ -198,7 +198,7 @@ class ResponseObject(Completion):
 
     def whole(self, pieces: list, result: GenerationResult) -> dict:
         for piece in pieces:
-            self.events(piece)
+            self._add(piece)  # the items only: no event is rendered
         self._close()
         return self._response(result)
 
@@ -220,10 +220,14 @@ class ResponseObject(Completion):
 
     def opening(self) -> list:
         response = self._response(None)
-        return [self._event("response.created", response=response),
-                self._event("response.in_progress", response=response)]
+        return self._render([self._event("response.created", response=response),
+                             self._event("response.in_progress", response=response)])
 
     def events(self, piece: Piece) -> list:
+        return self._render(self._add(piece))
+
+    def _add(self, piece: Piece) -> list:
+        """The piece added to the output items; the (type, body) of the events that say so."""
         lines = []
         if piece.delta.reasoning and piece.token is not None:
             self.reasoning_tokens += 1
@@ -280,11 +284,20 @@ class ResponseObject(Completion):
     def closing(self, result: GenerationResult, include_usage: bool) -> list:
         lines = self._close()
         response = self._response(result)
-        return lines + [self._event(f"response.{response['status']}", response=response)]
+        return self._render(lines + [self._event(f"response.{response['status']}", response=response)])
 
     def error_event(self, error: ApiError) -> str:
-        return self._event("error", code=error.code or error.kind, message=error.message, param=error.param)
+        return self._render([self._event("error", code=error.code or error.kind, message=error.message,
+                                          param=error.param)])[0]
 
-    def _event(self, kind: str, **body) -> str:
-        self.sequence += 1
-        return f"event: {kind}\n{sse({'type': kind, 'sequence_number': self.sequence, **body})}"
+    @staticmethod
+    def _event(kind: str, **body) -> tuple:
+        return kind, body
+
+    def _render(self, events: list) -> list:
+        """SSE lines of (type, body) events, numbered in the order they are sent."""
+        lines = []
+        for kind, body in events:
+            self.sequence += 1
+            lines.append(f"event: {kind}\n{sse({'type': kind, 'sequence_number': self.sequence, **body})}")
+        return lines
