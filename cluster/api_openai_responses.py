@@ -274,7 +274,7 @@ class ResponseObject(Completion):
             return []
         item, self.item = self.item, None
         item["status"] = "completed"
-        index, part = self.output.index(item), item["content"][0]
+        index, part = len(self.output) - 1, item["content"][0]  # the open item is always the last
         return [self._event(f"response.{part['type']}.done", item_id=item["id"], output_index=index, content_index=0,
                             text=part["text"], **({"logprobs": []} if item["type"] == "message" else {})),
                 self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
