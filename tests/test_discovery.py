@@ -27,6 +27,10 @@ import harness
 from harness import oracle_reply, start_mdns_node, wait_for_log
 from mlx_kimi.checkpoint import open_checkpoint
 
+# Its nodes announce and browse over mDNS on loopback, which every test shares: these tests run
+# on one pytest-xdist worker, one at a time (scripts/test runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("mdns")
+
 GREEDY_TOKENS = 32
 SYSTEM, USER = "Be brief.", "Hi!"
 MAP_TIMEOUT_S = 30.0

@@ -19,6 +19,10 @@ from cluster.interfaces import HostChoice, Interface, NoHostError, choose_host
 from cluster.wire import node_stub, open_channel
 from harness import KIMI, start_mdns_node, wait_for_log
 
+# Its nodes announce and browse over mDNS on loopback, which every test shares: these tests run
+# on one pytest-xdist worker, one at a time (scripts/test runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("mdns")
+
 LO = Interface("lo", "127.0.0.1")
 
 
