@@ -14,6 +14,7 @@ meanwhile, so no client or proxy takes the wait for a dead connection.
 """
 
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from .api_anthropic import AnthropicMessage, count_tokens, messages_prompt, openai_fields
 from .api_guards import Guard, RequireKey
-from .api_openai_responses import ResponseObject, responses_prompt, shared_fields
+from .api_openai_responses import ResponseObject, custom_tool_names, responses_prompt, shared_fields
 from .api_requests import chat_prompt, read_body, read_request, start, text_prompt
 from .api_responses import ApiError, ChatCompletion, TextCompletion, stream_reply, whole_reply
 
@@ -119,7 +120,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     async def responses(request: Request):
         """OpenAI's Responses API (api_openai_responses.py): stateless, over the same loop, limits and guards."""
         body = await read_body(request, coordinator)
-        return await reply(request, lambda _, tok: responses_prompt(body, tok), ResponseObject, shared_fields(body))
+        shape = partial(ResponseObject, custom_tools=custom_tool_names(body))
+        return await reply(request, lambda _, tok: responses_prompt(body, tok), shape, shared_fields(body))
 
     @app.post("/v1/messages")
     async def messages(request: Request):

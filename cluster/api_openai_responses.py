@@ -2,14 +2,19 @@
 its typed events (what agents such as Codex speak).
 
 A thin adapter, as api_anthropic.py is: `instructions` and the `input` items (messages,
-function_call, function_call_output, reasoning) become the chat template's messages; flat function
-tools, `tool_choice` and `text.format` become the chat completions' forms, so the grammar and its
-checks are the same; the reply's pieces become output items (reasoning for Kimi's thinking, a
-message with output_text, function_call). Nothing is stored: a conversation is sent whole each
+function_call, function_call_output, custom_tool_call(_output), reasoning) become the chat template's messages;
+flat function tools, `tool_choice` and `text.format` become the chat completions' forms, so the
+grammar and its checks are the same; the reply's pieces become output items (reasoning for Kimi's
+thinking, a message with output_text, function_call, custom_tool_call).
+
+A custom (freeform) tool, such as Codex's apply_patch, is shown to the model as a function tool
+whose one string argument `input` carries the raw text; its grammar, when it has one, is written
+into that argument's description but not enforced. Nothing is stored: a conversation is sent whole each
 turn, and `previous_response_id` is refused, saying so. Limits, guards, sampling, the context check
 and the reply's end are the other endpoints' own.
 """
 
+import json
 import re
 import uuid
 
@@ -82,7 +87,13 @@ def template_messages(body: dict) -> list:
             _assistant(out).setdefault("tool_calls", []).append(
                 {"id": item["call_id"], "type": "function",
                  "function": {"name": item["name"], "arguments": item["arguments"]}})
-        elif kind == "function_call_output":
+        elif kind == "custom_tool_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "input")):
+                raise ApiError(400, f"`{field}` must have string `call_id`, `name` and `input`", field)
+            _assistant(out).setdefault("tool_calls", []).append(
+                {"id": item["call_id"], "type": "function",
+                 "function": {"name": item["name"], "arguments": custom_arguments(item["input"])}})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             if not isinstance(item.get("call_id"), str):
                 raise ApiError(400, f"`{field}.call_id` must name the function_call it answers", f"{field}.call_id")
             out.append({"role": "tool", "tool_call_id": item["call_id"],
@@ -96,12 +107,65 @@ def template_messages(body: dict) -> list:
             message["reasoning_content"] = message.get("reasoning_content", "") + "".join(texts)
         else:
             raise ApiError(400, f"`{field}.type` {kind!r} is not supported here (message, function_call, "
-                                "function_call_output and reasoning are)", f"{field}.type")
+                                "function_call_output, custom_tool_call, custom_tool_call_output and reasoning "
+                                "are)", f"{field}.type")
     return out
 
 
+def custom_arguments(text: str) -> str:
+    """A custom tool's input as the arguments of the function call the model writes for it (see
+    custom_input): its text as `{"input": ...}`, unless the model wrote a JSON object of its own."""
+    try:
+        if isinstance(json.loads(text), dict):
+            return text
+    except ValueError:
+        pass
+    return json.dumps({"input": text}, ensure_ascii=False)
+
+
+def custom_input(arguments: str) -> str:
+    """The input of a custom tool's call from the arguments the model wrote: the `input` string, or,
+    when it wrote some other JSON, that text as it is (a freeform tool takes any text)."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(value, dict) and set(value) == {"input"} and isinstance(value["input"], str):
+        return value["input"]
+    return arguments
+
+
+def custom_tool_names(body: dict) -> frozenset:
+    """The names of the request's custom tools: their calls come back as custom_tool_call items."""
+    tools = body.get("tools")
+    return frozenset(t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "custom") \
+        if isinstance(tools, list) else frozenset()
+
+
+def custom_as_function(tool: dict, field: str) -> dict:
+    """A custom tool as the function tool the chat template renders: one string argument, `input`."""
+    if not isinstance(tool.get("name"), str):
+        raise ApiError(400, f"`{field}.name` must be a string", f"{field}.name")
+    fmt = tool.get("format") or {"type": "text"}
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "grammar"):
+        raise ApiError(400, f"`{field}.format` must be {{\"type\": \"text\"}} or {{\"type\": \"grammar\", ...}}",
+                       f"{field}.format")
+    about = "The tool's raw input text."
+    if fmt["type"] == "grammar":
+        if not isinstance(fmt.get("definition"), str) or fmt.get("syntax") not in ("lark", "regex"):
+            raise ApiError(400, f"`{field}.format` must have a `syntax` (lark or regex) and a string `definition`",
+                           f"{field}.format")
+        about += f" It must match this {fmt['syntax']} grammar:\n{fmt['definition']}"
+    function = {"name": tool["name"]}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    function["parameters"] = {"type": "object", "properties": {"input": {"type": "string", "description": about}},
+                              "required": ["input"]}
+    return {"type": "function", "function": function}
+
+
 def chat_tools(body: dict) -> list | None:
-    """The flat function tools in the chat completions' form; a hosted tool is refused."""
+    """The flat function and custom tools in the chat completions' form; a hosted tool is refused."""
     tools = body.get("tools")
     if not tools:
         return None
@@ -110,9 +174,12 @@ def chat_tools(body: dict) -> list | None:
     out = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "custom":
+            out.append(custom_as_function(tool, f"tools[{i}]"))
+            continue
         if kind != "function":
-            raise ApiError(400, f"`tools[{i}]` is a {kind!r} tool: this server runs function tools only (hosted "
-                                "tools such as web_search or file_search are OpenAI's)", f"tools[{i}]")
+            raise ApiError(400, f"`tools[{i}]` is a {kind!r} tool: this server runs function and custom tools only "
+                                "(hosted tools such as web_search or file_search are OpenAI's)", f"tools[{i}]")
         # as a chat completions tool: the template renders what is there, so nothing is added
         out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
                                                      if k in tool}})
@@ -125,9 +192,9 @@ def chat_shaping(body: dict, tools: list | None) -> dict:
     out = {"tools": tools, "parallel_tool_calls": True if parallel is None else parallel}
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
-        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        if choice.get("type") not in ("function", "custom") or not isinstance(choice.get("name"), str):
             raise ApiError(400, "`tool_choice` must be \"auto\", \"required\", \"none\" or "
-                                "{\"type\": \"function\", \"name\": ...}", "tool_choice")
+                                "{\"type\": \"function\" or \"custom\", \"name\": ...}", "tool_choice")
         choice = {"type": "function", "function": {"name": choice["name"]}}
     if choice is not None:
         out["tool_choice"] = choice
@@ -186,8 +253,9 @@ class ResponseObject(Completion):
     usage; streamed as response.created, then per item output_item.added, its deltas and its
     .done events, then response.completed (response.incomplete when max_output_tokens ended it)."""
 
-    def __init__(self, model: str, tokenizer, logprobs: bool = False):
+    def __init__(self, model: str, tokenizer, logprobs: bool = False, custom_tools: frozenset = frozenset()):
         super().__init__(model, tokenizer, logprobs)
+        self.custom_tools = custom_tools  # calls of these tools are custom_tool_call items
         self.id = f"resp_{uuid.uuid4().hex}"
         self.output = []            # the items so far
         self.item = None            # the reasoning or message item text is being added to
@@ -242,19 +310,28 @@ class ResponseObject(Completion):
                                          output_index=index, content_index=0, delta=text,
                                          **({"logprobs": []} if kind == "message" else {})))
         for call in piece.delta.tool_calls:
-            lines += self._close()
-            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
-                    "arguments": call.arguments, "status": "completed"}
-            self.output.append(item)
-            index = len(self.output) - 1
-            lines += [self._event("response.output_item.added", output_index=index,
-                                  item={**item, "arguments": "", "status": "in_progress"}),
-                      self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                  delta=call.arguments),
-                      self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                  name=call.name, arguments=call.arguments),
-                      self._event("response.output_item.done", output_index=index, item=item)]
+            lines += self._close() + self._call(call)
         return lines
+
+    def _call(self, call) -> list:
+        """A tool call's item: a function_call, or a custom_tool_call for a custom tool."""
+        if call.name in self.custom_tools:
+            kind, field, value = "custom_tool_call", "input", custom_input(call.arguments)
+            item = {"type": kind, "id": f"ctc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
+                    "input": value, "status": "completed"}
+            done = {"input": value}
+        else:
+            kind, field, value = "function_call", "arguments", call.arguments
+            item = {"type": kind, "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
+                    "arguments": value, "status": "completed"}
+            done = {"name": call.name, "arguments": value}
+        self.output.append(item)
+        index, events = len(self.output) - 1, f"response.{kind}_{field}"
+        return [self._event("response.output_item.added", output_index=index,
+                            item={**item, field: "", "status": "in_progress"}),
+                self._event(f"{events}.delta", item_id=item["id"], output_index=index, delta=value),
+                self._event(f"{events}.done", item_id=item["id"], output_index=index, **done),
+                self._event("response.output_item.done", output_index=index, item=item)]
 
     def _open(self, kind: str) -> list:
         if kind == "reasoning":

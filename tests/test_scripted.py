@@ -23,16 +23,17 @@ from pathlib import Path
 import browser as browser_module
 
 from harness import make_scripted, openai_client, scripted_api
+from cluster.api_openai_responses import custom_arguments, custom_input
 from cluster.sampling import generation_defaults
 from mlx_kimi.scripted import ScriptError, script_ids
 
-REASONING, CONTENT = "Call a tool", "Sure, 世界!"
+REASONING, CONTENT = "Call a tool", "Yes, 世界!"
 CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
-        '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
+        '{"input": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
 SCRIPT = f"<think>{REASONING}</think>{CONTENT}{CALL}<|im_end|>"
 API_KEY = "sk-scripted"
 WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}]
 
 
@@ -94,7 +95,7 @@ def test_api_returns_reasoning_content_and_tool_calls(api, client):
     assert choice.message.model_extra["reasoning_content"] == REASONING
     assert choice.message.content == CONTENT
     [call] = choice.message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"input": "Paris"}
     assert call.id == "functions.get_weather:0" and choice.finish_reason == "tool_calls"
 
 
@@ -110,7 +111,7 @@ def test_api_streams_the_same_reply(api, client):
         finish = chunk.choices[0].finish_reason or finish
     assert (reasoning, content, finish) == (REASONING, CONTENT, "tool_calls")
     assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == \
-        [(0, "get_weather", {"city": "Paris"})]
+        [(0, "get_weather", {"input": "Paris"})]
 
 
 def test_api_instant_mode_skips_the_thinking(api, client):
@@ -138,7 +139,7 @@ def items(output) -> list:
 def test_responses_api_returns_reasoning_a_message_and_the_function_call(api, client):
     reply = respond(client, api)
     assert items(reply.output) == [("reasoning", REASONING), ("message", CONTENT),
-                                   ("function_call", (CALL_ID, "get_weather", '{"city": "Paris"}'))]
+                                   ("function_call", (CALL_ID, "get_weather", '{"input": "Paris"}'))]
     assert reply.output_text == CONTENT and reply.status == "completed"
     chat = create(client, api)  # the same prompt and the same tokens as chat completions'
     assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat.usage.prompt_tokens,
@@ -159,7 +160,7 @@ def test_responses_api_streams_typed_events_adding_up_to_the_whole_reply(api, cl
         if e.type.endswith(".delta"):
             deltas[e.type] = deltas.get(e.type, "") + e.delta
     assert deltas == {"response.reasoning_text.delta": REASONING, "response.output_text.delta": CONTENT,
-                      "response.function_call_arguments.delta": '{"city": "Paris"}'}
+                      "response.function_call_arguments.delta": '{"input": "Paris"}'}
     done = [e.item for e in events if e.type == "response.output_item.done"]
     assert items(done) == items(events[-1].response.output) == items(respond(client, api).output)
 
@@ -171,18 +172,63 @@ def test_responses_api_next_turn_renders_the_prompt_chat_completions_would(api, 
             {"type": "function_call_output", "call_id": CALL_ID, "output": "18 C"}]
     reply = respond(client, api, input=turn)
     messages = [*MESSAGES, {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING, "tool_calls": [
-        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": '{"input": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": CALL_ID, "content": "18 C"}]
     chat = client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=80, temperature=0,
                                           tools=[WEATHER_TOOL])
     assert reply.usage.input_tokens == chat.usage.prompt_tokens > first.usage.input_tokens + 10
     assert items(reply.output)[1:] == [("message", CONTENT), ("function_call", (CALL_ID, "get_weather",
-                                                                                 '{"city": "Paris"}'))]
+                                                                                 '{"input": "Paris"}'))]
+
+
+PATCH_GRAMMAR = 'start: "*** Begin Patch" /(.|\\n)*/ "*** End Patch"'
+CUSTOM_TOOL = {"type": "custom", "name": "get_weather", "description": "The weather in a city.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_GRAMMAR}}
+
+
+def test_a_custom_tool_is_a_function_with_one_string_argument_and_its_call_a_custom_tool_call(api, client):
+    """Codex's freeform tools (apply_patch): shown to the model as a function taking `input`, its grammar
+    in that argument's description; the call's `input` comes back as the item's input, and sent back
+    it renders as the model wrote it."""
+    reply = respond(client, api, tools=[CUSTOM_TOOL], stream=True)
+    events = list(reply)
+    call = events[-1].response.output[-1]
+    assert (call.type, call.call_id, call.name, call.input) == ("custom_tool_call", CALL_ID, "get_weather", "Paris")
+    assert "".join(e.delta for e in events if e.type == "response.custom_tool_call_input.delta") == call.input
+    as_function = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                   "parameters": {"type": "object", "properties": {"input": {
+                       "type": "string", "description": "The tool's raw input text. It must match this lark "
+                                                        f"grammar:\n{PATCH_GRAMMAR}"}}, "required": ["input"]}}}
+    chat = client.chat.completions.create(model=api.model_name, messages=MESSAGES, max_tokens=80, temperature=0,
+                                          tools=[as_function])
+    assert events[-1].response.usage.input_tokens == chat.usage.prompt_tokens
+    turn = [{"role": "user", "content": "Weather?"}, *(o.model_dump(exclude_none=True) for o in
+                                                      events[-1].response.output),
+            {"type": "custom_tool_call_output", "call_id": CALL_ID, "output": "18 C"}]
+    again = respond(client, api, input=turn, tools=[CUSTOM_TOOL])
+    messages = [*MESSAGES, {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING, "tool_calls": [
+        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": '{"input": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": CALL_ID, "content": "18 C"}]
+    chat = client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=80, temperature=0,
+                                          tools=[as_function])
+    assert again.usage.input_tokens == chat.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("arguments, text", [
+    ('{"input": "*** Begin Patch\\n*** End Patch"}', "*** Begin Patch\n*** End Patch"),
+    ('{"city": "Paris"}', '{"city": "Paris"}'),  # other JSON: the text as the model wrote it
+    ("not json", "not json"),
+])
+def test_a_custom_tool_calls_input_and_its_arguments_round_trip(arguments, text):
+    assert custom_input(arguments) == text
+    assert custom_input(custom_arguments(text)) == text
 
 
 @pytest.mark.parametrize("extra, field, says", [
     ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
-    ({"tools": [{"type": "web_search"}]}, "tools[0]", "function tools only"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]", "function and custom tools only"),
+    ({"tools": [{"type": "custom", "name": "x", "format": {"type": "grammar", "syntax": "ebnf", "definition": ""}}]},
+     "tools[0].format", "lark or regex"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
      "input[0].content[0]", "language model only"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "not supported here"),
@@ -205,7 +251,7 @@ def test_api_stop_string_inside_multibyte_text(api, client, stream):
     else:
         content, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
         calls = reply.choices[0].message.tool_calls or []
-    assert (content, finish, calls) == ("Sure, 世", "stop", [])
+    assert (content, finish, calls) == (CONTENT[:CONTENT.index("界")], "stop", [])
 
 
 def test_cli_chat_prints_the_scripted_reply(api):
@@ -325,7 +371,7 @@ def test_web_chat_streams_the_reply_with_thinking_folded(api, browser):
                               "!document.querySelector('.msg.assistant details').hidden")
     assert (content, reasoning, folded) == (CONTENT, REASONING, True)
     assert browser.evaluate("document.querySelector('.msg.assistant .tool-call').textContent") == \
-        'calls get_weather({"city": "Paris"})'
+        'calls get_weather({"input": "Paris"})'
     partial = {t for t in browser.evaluate("window.seen") if t and t != CONTENT}
     assert partial and all(CONTENT.startswith(t) for t in partial), partial  # it arrived in pieces
     assert browser.evaluate("window.stopEnabled") and browser.evaluate("document.getElementById('error').textContent") == ""
