@@ -4,8 +4,9 @@ Kimi thinks between <think> and </think> (K2.5/K2.6 prompts already end inside <
 calls tools as
   <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}
   <|tool_call_end|>...<|tool_calls_section_end|>
-The section's text is parsed with mlx-lm's Kimi tool parser. StopMatcher ends the content at
-a client's stop string.
+The section's text is parsed with mlx-lm's Kimi tool parser; a call the reply never finished (cut
+by max_tokens inside its arguments) is not a call. StopMatcher ends the content at a client's stop
+string.
 """
 
 import json
@@ -15,6 +16,7 @@ from mlx_lm.tool_parsers.kimi_k2 import parse_tool_call
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOLS_START, TOOLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+CALL_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_end|>"
 
 
 @dataclass
@@ -104,6 +106,9 @@ class ReplyParser:
     def _parse_tools(self) -> list:
         text = self.tokenizer.decode(self.tool_tokens, skip_special_tokens=False)
         self.tool_tokens = []
+        finished = text.rfind(CALL_END)
+        if text.find(CALL_BEGIN, finished + 1) >= 0:  # the last call has no end: drop it
+            text = text[:finished + len(CALL_END)] if finished >= 0 else ""
         try:
             parsed = parse_tool_call(text)
         except ValueError:

@@ -147,6 +147,17 @@ def test_unclosed_tool_section_is_parsed_at_finish(tok):
         ("functions.get_weather:0", "get_weather", {"city": "Oslo"})]
 
 
+def test_a_call_cut_inside_its_arguments_is_no_call(tok):
+    """max_tokens ended the reply in the second call's arguments: the first call stands, the second is
+    not reported (it has no end, and a name mlx-lm's parser would read with the begin marker in it)."""
+    done = call_tokens(tok, "get_weather", 0, '{"city": "Oslo"}')
+    cut = call_tokens(tok, "get_time", 1, '{"tz": "UTC"}')[:-4]
+    for calls, want in (([done, cut], [("functions.get_weather:0", "get_weather")]), ([cut], [])):
+        parser = ReplyParser(tok, thinking=False)
+        _, content, got, _ = feed_all(parser, section(tok, *calls)[:-1])  # no section end: the reply was cut
+        assert ([(c.id, c.name) for c in got], content) == (want, "")
+
+
 @pytest.mark.parametrize("body", [
     "not a tool call at all",
     "functions.get_weather:0 {\"city\": \"Paris\"}",  # no call/argument markers
