@@ -181,6 +181,20 @@ def test_responses_api_next_turn_renders_the_prompt_chat_completions_would(api, 
                                                                                  '{"input": "Paris"}'))]
 
 
+def test_a_request_shaped_as_codex_sends_it_is_served(api, client):
+    """The fields Codex sends beside the conversation (store, include, prompt_cache_key, reasoning's
+    summary, text.verbosity, client_metadata...) change nothing; a developer message is a system one."""
+    codex = {"store": False, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "thread-1",
+             "reasoning": {"effort": "medium", "summary": "auto"}, "text": {"verbosity": "medium"},
+             "tool_choice": "auto", "parallel_tool_calls": False, "client_metadata": {"x": "1"}}
+    plain = respond(client, api)
+    reply = respond(client, api, instructions=None, input=[
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}],
+        extra_body=codex)
+    assert items(reply.output) == items(plain.output) and reply.usage.input_tokens == plain.usage.input_tokens
+
+
 PATCH_GRAMMAR = 'start: "*** Begin Patch" /(.|\\n)*/ "*** End Patch"'
 CUSTOM_TOOL = {"type": "custom", "name": "get_weather", "description": "The weather in a city.",
                "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_GRAMMAR}}
