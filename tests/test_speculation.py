@@ -152,19 +152,9 @@ def test_verify_replays_from_its_random_state():
 # ---- on real clusters ------------------------------------------------------------------------------
 
 
-def _generate(cluster, prompt: list, max_tokens=TOKENS, speculate=None, **sampling):
-    seed = sampling.pop("seed", None)
-    params = pb.SamplingParams(**sampling)
-    if seed is not None:
-        params.seed = seed
-    request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=params)
-    if speculate is not None:
-        request.speculate = speculate
-    ids = []
-    for event in cluster.client.Generate(request, timeout=300):
-        if event.HasField("token") and event.token.id >= 0:
-            ids.append(event.token.id)
-    return ids
+def _generate(cluster, prompt: list, max_tokens=TOKENS, speculate=None, **sampling) -> list:
+    return cluster.generate(prompt_tokens=prompt, max_tokens=max_tokens, timeout=300, speculate=speculate,
+                            **sampling)[0]
 
 
 def _last_stage_speculation(cluster) -> pb.Speculation:

@@ -1,7 +1,7 @@
 """The trained tiny Kimi shipped in mlx_kimi/trained/: `make-tiny --trained` writes it in MLX and
 official layouts that load (mlx-lm; `kimi-cluster convert`), its held-out perplexity is the recorded
 one and far below a random model's, its tokenizer round-trips held-out text, and a 2-stage cluster
-on it gives mlx-lm's tokens."""
+on it gives mlx-lm's tokens, speculating or not."""
 
 import json
 import subprocess
@@ -85,13 +85,18 @@ def test_make_tiny_trained_layouts_load_near_the_master(made, held_out_ids, tmp_
         assert abs(ppl / master - 1) < 0.05, (name, ppl, master)
 
 
-def test_two_stage_cluster_on_the_trained_model_equals_mlx_lm(made, tmp_path):
+def test_two_stage_cluster_on_the_trained_model_equals_mlx_lm_with_and_without_speculation(made, tmp_path):
+    """Greedy, the cluster's tokens are mlx-lm's with speculation forced on and off; asked to repeat a
+    text, the trained model copies some of it, so prompt-lookup drafts are made and accepted."""
     model, _ = _float32_model(made["plain"])
     tokenizer = load_tokenizer(made["plain"])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "def parse(text):"}],
-                                           add_generation_prompt=True)
-    expected = oracle_reply((model, tokenizer), prompt, 12)
-    assert expected
-    with LocalCluster(tmp_path, made["plain"], stages=2) as cluster:
-        ids, _ = cluster.generate(prompt_tokens=prompt, max_tokens=12)
-    assert ids == expected
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+               for text in ("def parse(text):", f"Repeat this text exactly:\n{held_out_text(300)}")]
+    with LocalCluster(tmp_path, made["plain"], stages=2, coordinator_extra=["--speculate", "on"]) as cluster:
+        for prompt in prompts:
+            expected = oracle_reply((model, tokenizer), prompt, 24)
+            assert expected
+            for speculate in (None, False):  # the cluster's default (on), and off for this request
+                assert cluster.generate(prompt_tokens=prompt, max_tokens=24, speculate=speculate)[0] == expected
+        spec = cluster.memory_map().speculation
+    assert spec.drafted > 0 and spec.accepted > 0 and spec.steps < spec.tokens, spec
