@@ -167,7 +167,10 @@ def test_greedy_tokens_equal_mlx_lm_with_and_without_speculation(stages, tmp_pat
                                                                   make_chat_prompt):
     tokenizer = oracle[1]
     prompts = [make_chat_prompt(tokenizer, COPY_TEXT), make_chat_prompt(tokenizer, "Hi!")]
-    with LocalCluster(tmp_path, tiny_dir, stages=stages, coordinator_extra=["--speculate", "on"]) as cluster:
+    # the copy prompt's reply ends at the context's last position: drafts near it are shortened, never past it
+    context = len(prompts[0]) + TOKENS
+    with LocalCluster(tmp_path, tiny_dir, stages=stages,
+                      coordinator_extra=["--speculate", "on", "--context", str(context)]) as cluster:
         for prompt in prompts:
             expected = oracle_reply(oracle, prompt, TOKENS)
             assert _generate(cluster, prompt) == expected
