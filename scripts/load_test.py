@@ -9,11 +9,14 @@ The full run takes about 10 minutes on a 2-core VM, 3-4 of them for the oracle.
 
 It starts a loopback cluster of real `kimi-cluster up` processes (tests/harness.py) on a tiny
 generated checkpoint, sends every request at once (streamed /v1/completions through the official
-openai client; greedy, and every --seeded-every'th short one sampled with a seed of its own), and
-has every --disconnect-every'th client close its stream after its first tokens. Meanwhile it polls
+openai client; greedy, and every --seeded-every'th short one sampled with a seed of its own; every
+--chat-every'th greedy one instead as a user message through OpenAI's /v1/responses or Anthropic's
+/v1/messages, in turn, with their official clients), and has every --disconnect-every'th client
+close its stream after its first tokens. Meanwhile it polls
 the coordinator's memory map. It prints a summary and exits 1 when:
   - a reply that ran to the end differs from mlx-lm's for the same prompt ids (greedy, or sampled
-    after mx.random.seed(seed)): text, finish reason and token count; or a request failed;
+    after mx.random.seed(seed)): text, finish reason and token count (a chat reply's text is its
+    reasoning and its answer, as cluster/reply.py splits mlx-lm's tokens); or a request failed;
   - a node was ever anything but `ready`, or the coordinator logged a lost node or a traceback;
   - afterwards a node holds a session other than the cached conversations (a cancelled request's
     session was not freed).
@@ -29,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,20 +46,24 @@ WORDS = ("cluster token stage layer expert memory prompt reply hidden state stre
          "cache batch queue ring model slice prefill decode sample answer").split()
 
 
+API_SHAPES = ("completions", "responses", "messages")  # the raw prompt; a user message for the other two
+
+
 @dataclass
 class Job:
     index: int
-    text: str          # the raw prompt
-    prompt: list       # its ids, as the API encodes it
+    text: str          # the raw prompt (completions), or the user message
+    prompt: list       # its ids, as the API encodes it (the chat template's, for a user message)
     max_tokens: int
     disconnect_after: int | None  # chunks read before the client closes its stream (None: reads all)
     seed: int | None = None  # sampled at SAMPLED_TEMPERATURE with this seed; None: greedy
     stream: bool = True  # False: one JSON reply (then the client never leaves early)
+    api: str = "completions"  # one of API_SHAPES
 
     @property
     def key(self) -> tuple:
         """What its reply depends on (jobs with equal keys have equal replies)."""
-        return tuple(self.prompt), self.max_tokens, self.seed
+        return self.api == "completions", tuple(self.prompt), self.max_tokens, self.seed
 
 
 @dataclass
@@ -81,11 +89,12 @@ def prompt_of(tokenizer, rng: random.Random, tokens: int) -> tuple:
 
 
 def make_jobs(tokenizer, requests: int, short: int, long: int, long_every: int, disconnect_every: int,
-              max_tokens: int, distinct: int, seeded_every: int = 0, seed: int = 0) -> list:
+              max_tokens: int, distinct: int, seeded_every: int = 0, seed: int = 0, chat_every: int = 0) -> list:
     """`requests` jobs: every `long_every`th has a `long`-token prompt, the rest `short` ones; each
     kind cycles over `distinct` prompts (a repeat may continue a cached conversation); every
     `disconnect_every`th client goes away after 1-3 chunks; every `seeded_every`th short one
-    samples with a seed of its own instead of greedy."""
+    samples with a seed of its own instead of greedy; every `chat_every`th one, if greedy, sends its
+    text as a user message through /v1/responses or /v1/messages, in turn (neither API has a seed)."""
     rng = random.Random(seed)
     prompts = {size: [prompt_of(tokenizer, rng, size) for _ in range(distinct)] for size in {short, long}}
     jobs, used = [], {short: 0, long: 0}
@@ -95,16 +104,23 @@ def make_jobs(tokenizer, requests: int, short: int, long: int, long_every: int, 
         used[size] += 1
         leave = 1 + i % 3 if disconnect_every and i % disconnect_every == disconnect_every - 1 else None
         sampled = size == short and seeded_every and used[short] % seeded_every == 0
-        jobs.append(Job(i, text, ids, max_tokens, leave, seed=1000 + i if sampled else None))
+        job = Job(i, text, ids, max_tokens, leave, seed=1000 + i if sampled else None)
+        if chat_every and i % chat_every == 1 and not sampled:
+            job.api = API_SHAPES[1 + (i // chat_every) % 2]
+            job.prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                            add_generation_prompt=True))
+        jobs.append(job)
     return jobs
 
 
 def oracle_replies(oracle, tokenizer, jobs: list) -> dict:
     """{job.key: (text, finish, tokens)}: mlx-lm's generation in this process (`oracle`:
     mlx_lm.load's (model, tokenizer)), greedy or after mx.random.seed(job.seed), cut before the
-    first EOS, turned into text by `tokenizer` (the API's) as its raw completions do."""
+    first EOS, turned into text by `tokenizer` (the API's) as its raw completions do, or, for a
+    user message, as its reasoning and answer (cluster/reply.py's split, which the chat APIs use)."""
     from mlx_lm.sample_utils import make_sampler
 
+    from cluster.reply import ReplyParser, prompt_ends_thinking
     from harness import oracle_reply
 
     out = {}
@@ -112,20 +128,75 @@ def oracle_replies(oracle, tokenizer, jobs: list) -> dict:
         if job.key not in out:
             sampler = None if job.seed is None else make_sampler(SAMPLED_TEMPERATURE)
             tokens = oracle_reply(oracle, job.prompt, job.max_tokens, sampler, job.seed)
-            detokenizer = tokenizer.detokenizer
-            detokenizer.reset()
-            for t in tokens:
-                detokenizer.add_token(t)
-            detokenizer.finalize()
-            out[job.key] = detokenizer.text, "length" if len(tokens) == job.max_tokens else "stop", len(tokens)
+            if job.api == "completions":
+                detokenizer = tokenizer.detokenizer
+                detokenizer.reset()
+                for t in tokens:
+                    detokenizer.add_token(t)
+                detokenizer.finalize()
+                text = detokenizer.text
+            else:
+                parser = ReplyParser(tokenizer, prompt_ends_thinking(tokenizer, job.prompt))
+                deltas = [parser.feed(t) for t in tokens] + [parser.finish()]
+                text = "".join(d.reasoning + d.content for d in deltas)
+            out[job.key] = text, "length" if len(tokens) == job.max_tokens else "stop", len(tokens)
     return out
 
 
-def run_one(client, model: str, job: Job, start: threading.Event) -> Outcome:
+def run_chat(clients: dict, model: str, job: Job, outcome: Outcome):
+    """A user-message job through /v1/responses or /v1/messages: the text of its reasoning and
+    answer deltas (or items / blocks), its finish as "stop" or "length", its output tokens."""
+    message = [{"role": "user", "content": job.text}]
+    if job.api == "responses":
+        reply = clients["openai"].responses.create(model=model, input=message, max_output_tokens=job.max_tokens,
+                                                   temperature=0, stream=job.stream)
+        texts, ends = ("response.reasoning_text.delta", "response.output_text.delta"), \
+            ("response.completed", "response.incomplete")
+    else:
+        # greedy (the anthropic client no longer takes sampling fields; the API still reads them)
+        reply = clients["anthropic"].messages.create(model=model, messages=message, max_tokens=job.max_tokens,
+                                                     stream=job.stream, extra_body={"temperature": 0})
+        texts, ends = ("content_block_delta",), ("message_delta",)
+    if not job.stream:
+        if job.api == "responses":
+            outcome.text = "".join(o.content[0].text for o in reply.output if o.type in ("reasoning", "message"))
+            outcome.finish = "stop" if reply.status == "completed" else "length"
+            outcome.completion_tokens = reply.usage.output_tokens
+        else:
+            outcome.text = "".join(getattr(b, "thinking", None) or getattr(b, "text", "") for b in reply.content)
+            outcome.finish = "length" if reply.stop_reason == "max_tokens" else "stop"
+            outcome.completion_tokens = reply.usage.output_tokens
+        return
+    with reply:
+        for n, event in enumerate(reply, 1):
+            if event.type == "error":  # the Responses stream's failure is an event, not an exception
+                raise RuntimeError(f"error event: {event.message}")
+            if event.type in texts:
+                delta = event.delta
+                outcome.text += delta if isinstance(delta, str) else getattr(delta, "thinking", None) or \
+                    getattr(delta, "text", "")
+            elif event.type in ends:
+                if job.api == "responses":
+                    outcome.finish = "stop" if event.response.status == "completed" else "length"
+                    outcome.completion_tokens = event.response.usage.output_tokens
+                else:
+                    outcome.finish = "length" if event.delta.stop_reason == "max_tokens" else "stop"
+                    outcome.completion_tokens = event.usage.output_tokens
+            if job.disconnect_after is not None and n >= job.disconnect_after:
+                break  # leaving the `with` closes the connection mid-stream
+
+
+def run_one(clients: dict, model: str, job: Job, start: threading.Event) -> Outcome:
+    """One job through `clients` ({"openai": ..., "anthropic": ...}, see api_clients)."""
     outcome = Outcome(job)
     start.wait()
     began = time.monotonic()
+    client = clients["openai"]
     try:
+        if job.api != "completions":
+            run_chat(clients, model, job, outcome)
+            outcome.seconds = time.monotonic() - began
+            return outcome
         sampling = {"temperature": 0} if job.seed is None else {"temperature": SAMPLED_TEMPERATURE, "seed": job.seed}
         if not job.stream:
             reply = client.completions.create(model=model, prompt=job.text, max_tokens=job.max_tokens, **sampling)
@@ -171,16 +242,27 @@ class MapWatch:
         return self.seen
 
 
+@contextmanager
+def api_clients(api_url: str, timeout: float = 600.0):
+    """{"openai": the official OpenAI client, "anthropic": the official Anthropic one} of the API at
+    `api_url` (http://HOST:PORT/v1), closed on leaving."""
+    import anthropic
+    import openai
+
+    with openai.OpenAI(base_url=api_url, api_key=API_KEY, max_retries=0, timeout=timeout) as oa, \
+            anthropic.Anthropic(base_url=api_url.removesuffix("/v1"), api_key=API_KEY, max_retries=0,
+                                timeout=timeout) as an:
+        yield {"openai": oa, "anthropic": an}
+
+
 def run_load(cluster, jobs: list) -> tuple:
     """Send every job at once; (outcomes, what the memory map showed besides `ready`, how many
     times it was read, seconds)."""
-    import openai
-
     start = threading.Event()
     results: list = [None] * len(jobs)
-    with openai.OpenAI(base_url=cluster.api_url, api_key=API_KEY, max_retries=0, timeout=600) as client:
+    with api_clients(cluster.api_url) as clients:
         def one(job):
-            results[job.index] = run_one(client, cluster.model_name, job, start)
+            results[job.index] = run_one(clients, cluster.model_name, job, start)
 
         threads = [threading.Thread(target=one, args=(job,)) for job in jobs]
         for t in threads:
@@ -221,7 +303,7 @@ def reply_problems(outcomes: list, expected: dict) -> list:
     out = []
     for o in outcomes:
         want_text, want_finish, want_tokens = expected[o.job.key]
-        where = f"request {o.job.index} ({len(o.job.prompt)}-token prompt, " + \
+        where = f"request {o.job.index} ({o.job.api}, {len(o.job.prompt)}-token prompt, " + \
             ("greedy)" if o.job.seed is None else f"seed {o.job.seed})")
         if o.error:
             out.append(f"{where} failed: {o.error}")
@@ -269,6 +351,9 @@ def parse_args():
     p.add_argument("--seeded-every", type=int, default=3,
                    help=f"every Nth short request samples (temperature {SAMPLED_TEMPERATURE}) with a seed of its "
                         "own (0: none)")
+    p.add_argument("--chat-every", type=int, default=3,
+                   help="every Nth greedy request is a user message through /v1/responses or /v1/messages, in "
+                        "turn (0: none)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--distinct", type=int, default=8, help="different prompts of each length")
     p.add_argument("--stages", type=int, default=2)
@@ -293,7 +378,8 @@ def main():
     model_dir = make_tiny(work / "ckpt", TinyShape(layers=args.layers), model_type="kimi_k25")
     tokenizer = load_tokenizer(model_dir)
     jobs = make_jobs(tokenizer, args.requests, args.short_tokens, args.long_tokens, args.long_every,
-                     args.disconnect_every, args.max_tokens, args.distinct, args.seeded_every)
+                     args.disconnect_every, args.max_tokens, args.distinct, args.seeded_every,
+                     chat_every=args.chat_every)
     began = time.monotonic()
     expected = oracle_replies(mlx_lm.load(str(model_dir)), tokenizer, jobs)
     print(f"mlx-lm oracle: {len(expected)} distinct replies in {time.monotonic() - began:.1f} s", flush=True)

@@ -8,8 +8,9 @@ It starts real `kimi-cluster up` processes on loopback (tests/harness.py) on a t
 checkpoint: a coordinator serving the OpenAI API and two workers, each with just enough memory that
 the model needs all three. The coordinator and the first worker (peer1) run for the whole soak;
 the other stage is the one the faults hit. For --minutes, --clients clients send requests one after another through the
-official openai client, drawn from scripts/load_test.py's jobs: short and long prompts, greedy and
-seeded, streamed and not, some clients leaving mid-stream. Every --fault-every seconds the next
+official openai and anthropic clients, drawn from scripts/load_test.py's jobs: short and long prompts,
+greedy and seeded, completions, Responses and Messages, streamed and not, some clients leaving
+mid-stream. Every --fault-every seconds the next
 fault of a cycle happens: a spare joins (`--peer COORDINATOR`); that stage's worker is killed -9 and
 restarted under its name (the spare takes its layers, and the restarted one is the next spare; or,
 back before its loss is acted on, the restarted one takes its own layers again); the
@@ -114,13 +115,10 @@ class Soak:
     # ---- load -----------------------------------------------------------------------------------
 
     def client(self, index: int):
-        import openai
-
         rng = random.Random(index)
         start = threading.Event()
         start.set()
-        with openai.OpenAI(base_url=self.cluster.api_url, api_key=load_test.API_KEY, max_retries=0,
-                           timeout=self.args.request_timeout) as api:
+        with load_test.api_clients(self.cluster.api_url, self.args.request_timeout) as api:
             while not self.stop.is_set():
                 job = rng.choice(self.jobs)
                 began = time.monotonic()
@@ -250,7 +248,8 @@ def soak(work: Path, args, model_dir: Path | None = None) -> Run:
     model_dir = model_dir or make_tiny(work / "ckpt", TinyShape(layers=args.layers), model_type="kimi_k25")
     tokenizer = load_tokenizer(model_dir)
     jobs = load_test.make_jobs(tokenizer, args.distinct * 8, args.short_tokens, args.long_tokens, args.long_every,
-                               args.disconnect_every, args.max_tokens, args.distinct, args.seeded_every)
+                               args.disconnect_every, args.max_tokens, args.distinct, args.seeded_every,
+                               chat_every=args.chat_every)
     jobs = [dataclasses.replace(j, stream=False) if j.disconnect_after is None and j.index % args.plain_every == 0
             else j for j in jobs]
     expected = load_test.oracle_replies(mlx_lm.load(str(model_dir)), tokenizer, jobs)
@@ -332,6 +331,8 @@ def parse_args(argv=None):
     p.add_argument("--disconnect-every", type=int, default=5, help="every Nth client leaves mid-stream")
     p.add_argument("--seeded-every", type=int, default=3, help="every Nth short job samples with a seed")
     p.add_argument("--plain-every", type=int, default=3, help="every Nth job (not leaving) is not streamed")
+    p.add_argument("--chat-every", type=int, default=3,
+                   help="every Nth greedy job is a user message through /v1/responses or /v1/messages, in turn")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--distinct", type=int, default=4, help="different prompts of each length")
     p.add_argument("--context", type=int, default=4096, help="KV positions planned (room for the clients at once)")

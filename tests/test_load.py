@@ -1,6 +1,6 @@
 """Many users at once (issue 13's first "done when", at test size): concurrent streamed API requests
-mixing short and long prompts, greedy and seeded sampling, some clients leaving mid-stream, on a
-2-stage loopback cluster. Every reply that runs to the end equals single-process mlx-lm's; a client that leaves gets its
+mixing short and long prompts, greedy and seeded sampling, completions with user messages through
+/v1/responses and /v1/messages, some clients leaving mid-stream, on a 2-stage loopback cluster. Every reply that runs to the end equals single-process mlx-lm's; a client that leaves gets its
 session freed on every node; the memory map never shows a node other than `ready`, and the
 coordinator logs no lost node. scripts/load_test.py runs the same checks at full size (64 requests,
 2,000-token prompts). And a stream kept waiting (here by a paused node) says it is alive."""
@@ -35,7 +35,7 @@ def tokenizer(tiny_dir):
 @pytest.fixture(scope="module")
 def jobs(tokenizer, oracle):
     jobs = load_test.make_jobs(tokenizer, REQUESTS, SHORT, LONG, long_every=6, disconnect_every=4,
-                               max_tokens=MAX_TOKENS, distinct=2, seeded_every=3)
+                               max_tokens=MAX_TOKENS, distinct=2, seeded_every=3, chat_every=3)
     return jobs, load_test.oracle_replies(oracle, tokenizer, jobs)
 
 
@@ -50,6 +50,7 @@ def test_concurrent_mixed_requests_with_clients_leaving(cluster, jobs):
     jobs, expected = jobs
     assert {len(j.prompt) >= LONG for j in jobs} == {True, False} and any(j.disconnect_after for j in jobs)
     assert {j.seed is None for j in jobs if not j.disconnect_after} == {True, False}
+    assert {j.api for j in jobs} == set(load_test.API_SHAPES)
     outcomes, seen, polls, took = load_test.run_load(cluster, jobs)
     sessions = load_test.settled_sessions(cluster)
     log = cluster.coordinator.log()
