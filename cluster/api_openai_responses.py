@@ -2,15 +2,15 @@
 its typed events (what agents such as Codex speak).
 
 A thin adapter, as api_anthropic.py is: `instructions` and the `input` items (messages,
-function_call, function_call_output, custom_tool_call(_output), reasoning) become the chat template's messages;
-flat function tools, `tool_choice` and `text.format` become the chat completions' forms, so the
-grammar and its checks are the same; the reply's pieces become output items (reasoning for Kimi's
-thinking, a message with output_text, function_call, custom_tool_call).
+function_call, function_call_output, custom_tool_call, custom_tool_call_output, reasoning) become
+the chat template's messages; flat function tools, `tool_choice` and `text.format` become the chat
+completions' forms, so the grammar and its checks are the same; the reply's pieces become output
+items (reasoning for Kimi's thinking, a message with output_text, function_call, custom_tool_call).
 
 A custom (freeform) tool, such as Codex's apply_patch, is shown to the model as a function tool
 whose one string argument `input` carries the raw text; its grammar, when it has one, is written
-into that argument's description but not enforced. Nothing is stored: a conversation is sent whole each
-turn, and `previous_response_id` is refused, saying so. Limits, guards, sampling, the context check
+into that argument's description but not enforced. Nothing is stored: a conversation is sent whole
+each turn, and `previous_response_id` is refused, saying so. Limits, guards, sampling, the context check
 and the reply's end are the other endpoints' own.
 """
 
@@ -138,8 +138,10 @@ def custom_input(arguments: str) -> str:
 def custom_tool_names(body: dict) -> frozenset:
     """The names of the request's custom tools: their calls come back as custom_tool_call items."""
     tools = body.get("tools")
-    return frozenset(t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "custom") \
-        if isinstance(tools, list) else frozenset()
+    if not isinstance(tools, list):
+        return frozenset()  # responses_prompt says what is wrong with it
+    return frozenset(t["name"] for t in tools if isinstance(t, dict) and t.get("type") == "custom"
+                     and isinstance(t.get("name"), str))
 
 
 def custom_as_function(tool: dict, field: str) -> dict:

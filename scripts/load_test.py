@@ -10,7 +10,7 @@ The full run takes about 10 minutes on a 2-core VM, 3-4 of them for the oracle.
 It starts a loopback cluster of real `kimi-cluster up` processes (tests/harness.py) on a tiny
 generated checkpoint, sends every request at once (streamed /v1/completions through the official
 openai client; greedy, and every --seeded-every'th short one sampled with a seed of its own; every
---chat-every'th greedy one instead as a user message through OpenAI's /v1/responses or Anthropic's
+--chat-every'th one, if greedy, instead as a user message through OpenAI's /v1/responses or Anthropic's
 /v1/messages, in turn, with their official clients), and has every --disconnect-every'th client
 close its stream after its first tokens. Meanwhile it polls
 the coordinator's memory map. It prints a summary and exits 1 when:
@@ -352,7 +352,7 @@ def parse_args():
                    help=f"every Nth short request samples (temperature {SAMPLED_TEMPERATURE}) with a seed of its "
                         "own (0: none)")
     p.add_argument("--chat-every", type=int, default=3,
-                   help="every Nth greedy request is a user message through /v1/responses or /v1/messages, in "
+                   help="every Nth request, if greedy, is a user message through /v1/responses or /v1/messages, in "
                         "turn (0: none)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--distinct", type=int, default=8, help="different prompts of each length")

@@ -332,7 +332,7 @@ def parse_args(argv=None):
     p.add_argument("--seeded-every", type=int, default=3, help="every Nth short job samples with a seed")
     p.add_argument("--plain-every", type=int, default=3, help="every Nth job (not leaving) is not streamed")
     p.add_argument("--chat-every", type=int, default=3,
-                   help="every Nth greedy job is a user message through /v1/responses or /v1/messages, in turn")
+                   help="every Nth job, if greedy, is a user message through /v1/responses or /v1/messages, in turn")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--distinct", type=int, default=4, help="different prompts of each length")
     p.add_argument("--context", type=int, default=4096, help="KV positions planned (room for the clients at once)")

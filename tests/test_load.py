@@ -1,6 +1,7 @@
 """Many users at once (issue 13's first "done when", at test size): concurrent streamed API requests
 mixing short and long prompts, greedy and seeded sampling, completions with user messages through
-/v1/responses and /v1/messages, some clients leaving mid-stream, on a 2-stage loopback cluster. Every reply that runs to the end equals single-process mlx-lm's; a client that leaves gets its
+/v1/responses and /v1/messages, some clients leaving mid-stream, on a 2-stage loopback cluster.
+Every reply that runs to the end equals single-process mlx-lm's; a client that leaves gets its
 session freed on every node; the memory map never shows a node other than `ready`, and the
 coordinator logs no lost node. scripts/load_test.py runs the same checks at full size (64 requests,
 2,000-token prompts). And a stream kept waiting (here by a paused node) says it is alive."""

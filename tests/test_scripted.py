@@ -243,6 +243,7 @@ def test_a_custom_tool_calls_input_and_its_arguments_round_trip(arguments, text)
     ({"tools": [{"type": "web_search"}]}, "tools[0]", "function and custom tools only"),
     ({"tools": [{"type": "custom", "name": "x", "format": {"type": "grammar", "syntax": "ebnf", "definition": ""}}]},
      "tools[0].format", "lark or regex"),
+    ({"tools": [{"type": "custom", "name": ["x"]}]}, "tools[0].name", "must be a string"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
      "input[0].content[0]", "language model only"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "not supported here"),
