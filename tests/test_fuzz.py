@@ -239,11 +239,25 @@ FIELDS = ["messages", "prompt", "model", "temperature", "top_p", "seed", "stop",
 SCHEMA_KEYS = st.sampled_from(["type", "properties", "items", "enum", "const", "anyOf", "required", "pattern",
                                "format", "$ref", "additionalProperties", "not", "minimum", "maxLength"])
 schemas = st.dictionaries(SCHEMA_KEYS, json_values, max_size=4)
-# Shapes that reach the grammar compiler, besides the arbitrary values of FIELDS.
+ITEM_KEYS = st.sampled_from(["role", "content", "call_id", "name", "arguments", "input", "output", "summary"])
+# The Responses API's typed items and flat tools, each field arbitrary.
+responses_items = st.builds(lambda kind, rest: {**rest, "type": kind},
+                            st.sampled_from(["message", "function_call", "function_call_output", "custom_tool_call",
+                                             "custom_tool_call_output", "reasoning", "item_reference"]),
+                            st.dictionaries(ITEM_KEYS, json_values | st.just("f"), max_size=4))
+grammars = st.fixed_dictionaries({"type": st.sampled_from(["grammar", "text", "x"])},
+                                 optional={"syntax": st.sampled_from(["lark", "regex"]) | json_values,
+                                           "definition": st.text(max_size=30) | json_values})
+flat_tools = st.one_of(
+    st.builds(lambda s, name: {"type": "function", "name": name, "parameters": s}, schemas, st.just("f") | json_values),
+    st.builds(lambda fmt, name: {"type": "custom", "name": name, "format": fmt}, grammars | json_values,
+              st.just("f") | json_values))
+# Shapes that reach the grammar compiler and the adapters, besides the arbitrary values of FIELDS.
 SHAPED = {
     "response_format": st.builds(lambda s: {"type": "json_schema", "json_schema": {"name": "f", "schema": s}}, schemas),
-    "tools": st.lists(st.builds(lambda s: {"type": "function", "function": {"name": "f", "parameters": s}}, schemas),
-                      max_size=2),
+    "tools": st.lists(st.builds(lambda s: {"type": "function", "function": {"name": "f", "parameters": s}}, schemas)
+                      | flat_tools, max_size=2),
+    "input": st.lists(responses_items, max_size=3),
 }
 
 
@@ -260,16 +274,38 @@ def test_fuzz_api(fuzzed):
             body.setdefault("messages", [{"role": "user", "content": "Hi"}])
             body.setdefault("prompt", "Hi")
             body.setdefault("input", "Hi")
-        connection = http.client.HTTPConnection(fuzzed.host, fuzzed.port, timeout=30)
-        try:
-            connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            text = response.read().decode()
-        finally:
-            connection.close()
-        assert response.status in (200, 400, 404, 503), (response.status, body, text[:300])
-        if response.status != 200:
-            assert json.loads(text)["error"]["message"]
+        _post_answered(fuzzed, path, body)
+
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
+def _post_answered(fuzzed, path: str, body: dict):
+    """POST `body`: a reply or a 4xx/503 that says what was wrong, never a 500."""
+    connection = http.client.HTTPConnection(fuzzed.host, fuzzed.port, timeout=30)
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    assert response.status in (200, 400, 404, 503), (response.status, body, text[:300])
+    if response.status != 200:
+        assert json.loads(text)["error"]["message"]
+
+
+def test_fuzz_responses_items_and_tools(fuzzed):
+    """The Responses adapter's own shapes (typed input items, flat function and custom tools), each
+    field arbitrary, with a valid user message among the items or not."""
+    @FUZZ
+    @given(items=st.lists(responses_items, max_size=3), tools=st.lists(flat_tools, max_size=2),
+           fields=st.dictionaries(st.sampled_from(["tool_choice", "text", "reasoning", "instructions",
+                                                   "parallel_tool_calls", "stream"]), json_values, max_size=3),
+           with_message=st.booleans())
+    def run(items, tools, fields, with_message):
+        message = [{"role": "user", "content": "Hi"}] if with_message else []
+        _post_answered(fuzzed, "/v1/responses", {**fields, "input": [*message, *items], "tools": tools,
+                                                 "max_output_tokens": 2})
 
     _without_tracebacks(fuzzed, run)
     _unharmed(fuzzed)
