@@ -311,6 +311,33 @@ def test_fuzz_responses_items_and_tools(fuzzed):
     _unharmed(fuzzed)
 
 
+BLOCK_KEYS = st.sampled_from(["text", "thinking", "id", "name", "input", "tool_use_id", "content", "is_error"])
+content_blocks = st.builds(lambda kind, rest: {**rest, "type": kind},
+                           st.sampled_from(["text", "thinking", "redacted_thinking", "tool_use", "tool_result",
+                                            "image", "document"]),
+                           st.dictionaries(BLOCK_KEYS, json_values | st.just("f"), max_size=4))
+
+
+def test_fuzz_messages_blocks_and_tools(fuzzed):
+    """The Messages adapter's own shapes (content blocks in either role, tools, a system of blocks),
+    each field arbitrary."""
+    @FUZZ
+    @given(turns=st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.lists(content_blocks, max_size=3)),
+                          max_size=3),
+           tools=st.lists(st.fixed_dictionaries({}, optional={"name": st.just("f") | json_values,
+                                                              "input_schema": schemas | json_values,
+                                                              "description": json_values}), max_size=2),
+           fields=st.dictionaries(st.sampled_from(["tool_choice", "system", "thinking", "stop_sequences",
+                                                   "stream"]), json_values | st.lists(content_blocks, max_size=2),
+                                  max_size=3))
+    def run(turns, tools, fields):
+        messages = [{"role": "user", "content": "Hi"}, *({"role": r, "content": c} for r, c in turns)]
+        _post_answered(fuzzed, "/v1/messages", {**fields, "messages": messages, "tools": tools, "max_tokens": 2})
+
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
 # ---- the API: numbers, headers, paths and request lines, for every endpoint ----------------------
 
 ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/cluster"),
