@@ -311,6 +311,34 @@ def test_fuzz_responses_items_and_tools(fuzzed):
     _unharmed(fuzzed)
 
 
+content_parts = st.builds(lambda kind, rest: {**rest, "type": kind},
+                          st.sampled_from(["text", "image_url", "input_audio", "file", "refusal"]),
+                          st.dictionaries(st.sampled_from(["text", "image_url", "refusal"]), json_values, max_size=2))
+tool_calls = st.lists(st.fixed_dictionaries({}, optional={
+    "id": st.just("call_0") | json_values, "type": st.just("function") | json_values,
+    "function": st.fixed_dictionaries({}, optional={"name": st.just("f") | json_values,
+                                                    "arguments": st.just("{}") | json_values}) | json_values}),
+    max_size=2)
+chat_messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"]) | json_values},
+    optional={"content": st.text(max_size=20) | st.lists(content_parts, max_size=2) | json_values,
+              "tool_calls": tool_calls | json_values, "tool_call_id": st.just("call_0") | json_values,
+              "reasoning_content": json_values, "name": json_values})
+
+
+def test_fuzz_chat_messages(fuzzed):
+    """Chat completions' own shapes (roles, content parts, assistant tool calls and tool replies),
+    each field arbitrary, after a valid user message."""
+    @FUZZ
+    @given(messages=st.lists(chat_messages, max_size=3), stream=st.booleans())
+    def run(messages, stream):
+        _post_answered(fuzzed, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}, *messages],
+                                                        "max_tokens": 2, "stream": stream})
+
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
 BLOCK_KEYS = st.sampled_from(["text", "thinking", "id", "name", "input", "tool_use_id", "content", "is_error"])
 content_blocks = st.builds(lambda kind, rest: {**rest, "type": kind},
                            st.sampled_from(["text", "thinking", "redacted_thinking", "tool_use", "tool_result",
