@@ -10,10 +10,10 @@ The full run takes about 10 minutes on a 2-core VM, 3-4 of them for the oracle.
 It starts a loopback cluster of real `kimi-cluster up` processes (tests/harness.py) on a tiny
 generated checkpoint, sends every request at once (streamed /v1/completions through the official
 openai client; greedy, and every --seeded-every'th short one sampled with a seed of its own; every
---chat-every'th one, if greedy, instead as a user message through OpenAI's /v1/responses or Anthropic's
-/v1/messages, in turn, with their official clients), and has every --disconnect-every'th client
-close its stream after its first tokens. Meanwhile it polls
-the coordinator's memory map. It prints a summary and exits 1 when:
+--chat-every'th one, if greedy, instead as a user message through OpenAI's /v1/responses or
+Anthropic's /v1/messages, in turn, with their official clients), and has every
+--disconnect-every'th client close its stream after its first tokens. Meanwhile it polls the
+coordinator's memory map. It prints a summary and exits 1 when:
   - a reply that ran to the end differs from mlx-lm's for the same prompt ids (greedy, or sampled
     after mx.random.seed(seed)): text, finish reason and token count (a chat reply's text is its
     reasoning and its answer, as cluster/reply.py splits mlx-lm's tokens); or a request failed;

@@ -173,6 +173,7 @@ def test_greedy_tokens_equal_mlx_lm_with_and_without_speculation(stages, tmp_pat
                       coordinator_extra=["--speculate", "on", "--context", str(context)]) as cluster:
         for prompt in prompts:
             expected = oracle_reply(oracle, prompt, TOKENS)
+            assert prompt is not prompts[0] or len(expected) == TOKENS, "the copy reply must reach the context's end"
             assert _generate(cluster, prompt) == expected
             assert _generate(cluster, prompt, speculate=False) == expected
         spec = cluster.memory_map().speculation
