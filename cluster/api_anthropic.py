@@ -136,7 +136,7 @@ def messages_prompt(body: dict, tokenizer) -> Prompt:
 def openai_fields(body: dict) -> dict:
     """The fields the shared reader knows, under OpenAI's names (stop_sequences -> stop)."""
     _typed(body, "stop_sequences", list, "a list of strings")
-    out = {k: v for k, v in body.items() if k in ("model", "temperature", "top_p", "stream", "timeout")}
+    out = {k: v for k, v in body.items() if k in ("model", "temperature", "top_p", "top_k", "stream", "timeout")}
     if body.get("stop_sequences"):
         out["stop"] = body["stop_sequences"]
         _stop(out)

@@ -25,7 +25,7 @@ from .structured import FieldError, constraint_spec
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 TEXT_PARTS = ("input_text", "output_text", "text")
-SHARED_FIELDS = ("model", "temperature", "top_p", "stream", "timeout", "speculate")
+SHARED_FIELDS = ("model", "temperature", "top_p", "top_k", "min_p", "stream", "timeout", "speculate")
 # Chat completions' field names in a FieldError, as this API spells them.
 FIELD_NAMES = ((re.compile(r"response_format\.json_schema\.?"), "text.format."),
                (re.compile(r"response_format"), "text.format"), (re.compile(r"\.function\.parameters"), ".parameters"))

@@ -120,7 +120,7 @@ def _start(loop: GenerationLoop, request: ApiRequest, generation: GenerationRequ
         return loop.start(generation)
     except ContextTooLong as e:
         raise too_long(e, request.prompt_field) from e
-    except GenerateError as e:  # sampling the checkpoint's generation_config.json makes invalid
+    except GenerateError as e:  # a top_k past the vocabulary (the client's, or generation_config.json's)
         raise ApiError(400, e.message) from e
 
 
@@ -190,16 +190,24 @@ def check_model(body: dict, model_name: str) -> None:
 
 def sampling(body: dict) -> pb.SamplingParams:
     """The sampling fields the client set; the generation loop fills the rest from the checkpoint's
-    defaults (a top_p of 1 and of 0 both leave it off)."""
+    defaults (a top_p of 1 and of 0 both leave it off; so does a top_k or a min_p of 0). top_k and
+    min_p are not OpenAI's, but the servers people use (mlx-lm's, vLLM, llama.cpp) read them, and
+    Anthropic's API has top_k; the generation loop refuses a top_k past the vocabulary."""
     _refuse_unsupported(body)
     temperature = _number(body, "temperature", None, low=0, high=2)
     top_p = _number(body, "top_p", None, low=0, high=1, low_open=True)
+    top_k = _number(body, "top_k", None, low=0, high=2**31 - 1, integer=True)
+    min_p = _number(body, "min_p", None, low=0, high=1)
     seed = _number(body, "seed", None, low=-2**63, high=2**64 - 1, integer=True)
     params = pb.SamplingParams()
     if temperature is not None:
         params.temperature = temperature
     if top_p is not None:
         params.top_p = top_p
+    if top_k is not None:
+        params.top_k = top_k
+    if min_p is not None:
+        params.min_p = min_p
     if seed is not None:
         params.seed = seed % 2**64
     put_penalties(params, shaping_fields(penalties, body))

@@ -235,13 +235,17 @@ LONG = " ".join(map(str, range(300)))  # about 780 prompt tokens: past the 512-t
     ({"temperature": -0.5}, "temperature", None),
     ({"top_p": 0}, "top_p", None),
     ({"top_p": 1.5}, "top_p", None),
+    ({"extra_body": {"top_k": -1}}, "top_k", None),  # not OpenAI's: the client sends it in extra_body
+    ({"extra_body": {"top_k": 2.5}}, "top_k", None),
+    ({"extra_body": {"min_p": 1.5}}, "min_p", None),
     ({"max_tokens": 0}, "max_tokens", None),
     ({"messages": []}, "messages", None),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", None),
     ({"messages": [*chat("x"), {"role": "tool", "content": "21 C"}]}, "messages[2].tool_call_id", None),
     ({"messages": chat(LONG)}, "messages", "context_length_exceeded"),
     ({"max_tokens": CONTEXT}, "messages", "context_length_exceeded"),  # fits alone, not with max_tokens
-], ids=["temperature<0", "top_p=0", "top_p>1", "max_tokens=0", "no-messages", "unknown-role",
+], ids=["temperature<0", "top_p=0", "top_p>1", "top_k<0", "top_k-float", "min_p>1", "max_tokens=0", "no-messages",
+        "unknown-role",
         "tool-without-id", "long-prompt", "prompt+max_tokens"])
 def test_bad_request_names_the_field(api, client, change, param, code):
     request = {"messages": chat("Hi!"), "max_tokens": 8, **change}
@@ -256,6 +260,22 @@ def test_bad_request_names_the_field(api, client, change, param, code):
     assert body["error"]["param"] == error.param == param
     assert f"`{param.split('[')[0]}" in body["error"]["message"]
     assert body["error"]["code"] == code
+
+
+def test_top_k_and_min_p_are_read_and_applied(api, client, expect):
+    """At temperature 1 the reply is a draw (here not the greedy one); top_k 1, or min_p 1, keeps only
+    the likeliest token, so the draw is the greedy reply. A top_k past the vocabulary is refused."""
+    messages = chat("Hi!")
+    want = expect(messages, 24, thinking=False)
+
+    def drawn(**extra):
+        return client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=24, temperature=1.0,
+                                              seed=3, extra_body={**NO_THINKING, **extra}).choices[0].message.content
+
+    assert drawn() != want.content
+    assert drawn(top_k=1) == want.content and drawn(min_p=1.0) == want.content
+    with pytest.raises(openai.BadRequestError, match="top_k must be below the model's vocabulary"):
+        drawn(top_k=10**9)
 
 
 def test_unknown_model_is_404(api, client):

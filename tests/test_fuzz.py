@@ -372,7 +372,7 @@ ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny
              ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
              ("POST", "/v1/responses"),
              ("GET", "/"), ("GET", "/chat.html")]
-NUMBER_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "timeout",
+NUMBER_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "timeout",
                  "n", "presence_penalty", "logprobs", "top_logprobs"]
 numbers = (st.integers() | st.integers(-2**70, 2**70).map(lambda n: n * 10**330) | st.floats()
            | st.sampled_from(["1e400", "-1e400", "1" + "0" * 400, "-0", "1e-400", "0x10", "1_000", "01"]))
