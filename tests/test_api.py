@@ -245,8 +245,7 @@ LONG = " ".join(map(str, range(300)))  # about 780 prompt tokens: past the 512-t
     ({"messages": chat(LONG)}, "messages", "context_length_exceeded"),
     ({"max_tokens": CONTEXT}, "messages", "context_length_exceeded"),  # fits alone, not with max_tokens
 ], ids=["temperature<0", "top_p=0", "top_p>1", "top_k<0", "top_k-float", "min_p>1", "max_tokens=0", "no-messages",
-        "unknown-role",
-        "tool-without-id", "long-prompt", "prompt+max_tokens"])
+        "unknown-role", "tool-without-id", "long-prompt", "prompt+max_tokens"])
 def test_bad_request_names_the_field(api, client, change, param, code):
     request = {"messages": chat("Hi!"), "max_tokens": 8, **change}
     with pytest.raises(openai.BadRequestError) as info:
