@@ -317,16 +317,12 @@ class ResponseObject(Completion):
 
     def _call(self, call) -> list:
         """A tool call's item: a function_call, or a custom_tool_call for a custom tool."""
-        if call.name in self.custom_tools:
-            kind, field, value = "custom_tool_call", "input", custom_input(call.arguments)
-            item = {"type": kind, "id": f"ctc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
-                    "input": value, "status": "completed"}
-            done = {"input": value}
-        else:
-            kind, field, value = "function_call", "arguments", call.arguments
-            item = {"type": kind, "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
-                    "arguments": value, "status": "completed"}
-            done = {"name": call.name, "arguments": value}
+        custom = call.name in self.custom_tools
+        kind, field, prefix = ("custom_tool_call", "input", "ctc") if custom else ("function_call", "arguments", "fc")
+        value = custom_input(call.arguments) if custom else call.arguments
+        item = {"type": kind, "id": f"{prefix}_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
+                field: value, "status": "completed"}
+        done = {field: value} if custom else {"name": call.name, field: value}
         self.output.append(item)
         index, events = len(self.output) - 1, f"response.{kind}_{field}"
         return [self._event("response.output_item.added", output_index=index,
