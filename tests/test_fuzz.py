@@ -239,12 +239,18 @@ FIELDS = ["messages", "prompt", "model", "temperature", "top_p", "seed", "stop",
 SCHEMA_KEYS = st.sampled_from(["type", "properties", "items", "enum", "const", "anyOf", "required", "pattern",
                                "format", "$ref", "additionalProperties", "not", "minimum", "maxLength"])
 schemas = st.dictionaries(SCHEMA_KEYS, json_values, max_size=4)
-ITEM_KEYS = st.sampled_from(["role", "content", "call_id", "name", "arguments", "input", "output", "summary"])
+
+
+def typed(kinds: list, keys: list, values=json_values | st.just("f"), max_keys: int = 4):
+    """Objects of one of `kinds` (their "type") holding some of `keys`, each value arbitrary."""
+    return st.builds(lambda kind, rest: {**rest, "type": kind}, st.sampled_from(kinds),
+                     st.dictionaries(st.sampled_from(keys), values, max_size=max_keys))
+
+
 # The Responses API's typed items and flat tools, each field arbitrary.
-responses_items = st.builds(lambda kind, rest: {**rest, "type": kind},
-                            st.sampled_from(["message", "function_call", "function_call_output", "custom_tool_call",
-                                             "custom_tool_call_output", "reasoning", "item_reference"]),
-                            st.dictionaries(ITEM_KEYS, json_values | st.just("f"), max_size=4))
+responses_items = typed(["message", "function_call", "function_call_output", "custom_tool_call",
+                         "custom_tool_call_output", "reasoning", "item_reference"],
+                        ["role", "content", "call_id", "name", "arguments", "input", "output", "summary"])
 grammars = st.fixed_dictionaries({"type": st.sampled_from(["grammar", "text", "x"])},
                                  optional={"syntax": st.sampled_from(["lark", "regex"]) | json_values,
                                            "definition": st.text(max_size=30) | json_values})
@@ -311,9 +317,8 @@ def test_fuzz_responses_items_and_tools(fuzzed):
     _unharmed(fuzzed)
 
 
-content_parts = st.builds(lambda kind, rest: {**rest, "type": kind},
-                          st.sampled_from(["text", "image_url", "input_audio", "file", "refusal"]),
-                          st.dictionaries(st.sampled_from(["text", "image_url", "refusal"]), json_values, max_size=2))
+content_parts = typed(["text", "image_url", "input_audio", "file", "refusal"], ["text", "image_url", "refusal"],
+                      json_values, max_keys=2)
 tool_calls = st.lists(st.fixed_dictionaries({}, optional={
     "id": st.just("call_0") | json_values, "type": st.just("function") | json_values,
     "function": st.fixed_dictionaries({}, optional={"name": st.just("f") | json_values,
@@ -339,11 +344,8 @@ def test_fuzz_chat_messages(fuzzed):
     _unharmed(fuzzed)
 
 
-BLOCK_KEYS = st.sampled_from(["text", "thinking", "id", "name", "input", "tool_use_id", "content", "is_error"])
-content_blocks = st.builds(lambda kind, rest: {**rest, "type": kind},
-                           st.sampled_from(["text", "thinking", "redacted_thinking", "tool_use", "tool_result",
-                                            "image", "document"]),
-                           st.dictionaries(BLOCK_KEYS, json_values | st.just("f"), max_size=4))
+content_blocks = typed(["text", "thinking", "redacted_thinking", "tool_use", "tool_result", "image", "document"],
+                       ["text", "thinking", "id", "name", "input", "tool_use_id", "content", "is_error"])
 
 
 def test_fuzz_messages_blocks_and_tools(fuzzed):
