@@ -19,12 +19,14 @@ import re
 import uuid
 
 from .api_requests import DEFAULT_MAX_TOKENS, IMAGE_PARTS, Prompt, _number, _thinking, _typed, too_long
+from .shaping import MAX_TOP_LOGPROBS
 from .api_responses import ApiError, Completion, sse
 from .generation import ContextTooLong, GenerationResult, Piece
 from .structured import FieldError, constraint_spec
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 TEXT_PARTS = ("input_text", "output_text", "text")
+LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the `include` entry asking for the answer's logprobs
 SHARED_FIELDS = ("model", "temperature", "top_p", "top_k", "min_p", "stream", "timeout", "speculate")
 # Chat completions' field names in a FieldError, as this API spells them.
 FIELD_NAMES = ((re.compile(r"response_format\.json_schema\.?"), "text.format."),
@@ -242,7 +244,16 @@ def responses_prompt(body: dict, tokenizer) -> Prompt:
         raise too_long(e, "input") from e
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`input` cannot be rendered with the model's chat template: {e}", "input")
-    return Prompt(list(ids), max_tokens, DEFAULT_MAX_TOKENS, "input", raw=False, constraint=constraint)
+    top_logprobs = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+    return Prompt(list(ids), max_tokens, DEFAULT_MAX_TOKENS, "input", raw=False, constraint=constraint,
+                  logprobs=LOGPROBS_INCLUDE in _include(body) or top_logprobs > 0, top_logprobs=top_logprobs)
+
+
+def _include(body: dict) -> list:
+    include = body.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(i, str) for i in include)):
+        raise ApiError(400, "`include` must be a list of strings", "include")
+    return include or []
 
 
 def shared_fields(body: dict) -> dict:
@@ -263,6 +274,7 @@ class ResponseObject(Completion):
         self.item = None            # the reasoning or message item text is being added to
         self.sequence = 0
         self.reasoning_tokens = 0
+        self.unsent = []  # logprobs of tokens whose text is not out yet (with `logprobs`)
 
     # ---- whole ----
 
@@ -301,6 +313,8 @@ class ResponseObject(Completion):
         lines = []
         if piece.delta.reasoning and piece.token is not None:
             self.reasoning_tokens += 1
+        if self.logprobs and piece.token is not None:
+            self.unsent.append(self.logprob_json(piece))
         for kind, text in (("reasoning", piece.delta.reasoning), ("message", piece.delta.content)):
             if text:
                 if self.item is None or self.item["type"] != kind:
@@ -308,9 +322,14 @@ class ResponseObject(Completion):
                 part = self.item["content"][0]
                 part["text"] += text
                 index = len(self.output) - 1
+                # the answer's tokens' logprobs come with the text they end in (reasoning has none)
+                entries, self.unsent = self.unsent, []
+                extra = {}
+                if kind == "message":
+                    extra = {"logprobs": entries}
+                    part["logprobs"] += entries
                 lines.append(self._event(f"response.{part['type']}.delta", item_id=self.item["id"],
-                                         output_index=index, content_index=0, delta=text,
-                                         **({"logprobs": []} if kind == "message" else {})))
+                                         output_index=index, content_index=0, delta=text, **extra))
         for call in piece.delta.tool_calls:
             lines += self._close() + self._call(call)
         return lines
@@ -336,8 +355,8 @@ class ResponseObject(Completion):
             self.item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [],
                          "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
         else:
-            self.item = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
-                         "status": "in_progress", "content": [{"type": "output_text", "text": "", "annotations": []}]}
+            self.item = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "status": "in_progress",
+                         "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
         self.output.append(self.item)
         index, part = len(self.output) - 1, self.item["content"][0]
         return [self._event("response.output_item.added", output_index=index, item={**self.item, "content": []}),
@@ -351,7 +370,7 @@ class ResponseObject(Completion):
         item["status"] = "completed"
         index, part = len(self.output) - 1, item["content"][0]  # the open item is always the last
         return [self._event(f"response.{part['type']}.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=part["text"], **({"logprobs": []} if item["type"] == "message" else {})),
+                            text=part["text"], **({"logprobs": part["logprobs"]} if item["type"] == "message" else {})),
                 self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                             part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]

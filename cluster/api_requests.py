@@ -19,7 +19,7 @@ from mlx_kimi.constrain import ConstraintSpec
 from .generated import kimi_cluster_pb2 as pb
 from .generation import ContextTooLong, Generation, GenerationLoop, GenerationRequest, PromptTokenizer
 from .scheduler import GenerateError
-from .shaping import put_penalties
+from .shaping import MAX_TOP_LOGPROBS, put_penalties
 from .structured import FieldError, constraint_spec, penalties
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -61,6 +61,7 @@ class Prompt:
     field: str
     raw: bool
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives reported beside each token (with logprobs)
     constraint: ConstraintSpec | None = None
 
 
@@ -90,7 +91,9 @@ def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLo
     tokenizer refuses a prompt that cannot fit the context before encoding it whole."""
     check_model(body, model_name)
     p = prompt(body, PromptTokenizer(loop.tokenizer, loop.context))
-    generation = GenerationRequest(p.ids, p.max_tokens, sampling(body), default_max_tokens=p.default_max_tokens,
+    params = sampling(body)
+    params.top_logprobs = p.top_logprobs
+    generation = GenerationRequest(p.ids, p.max_tokens, params, default_max_tokens=p.default_max_tokens,
                                    stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
                                    constraint=p.constraint, speculate=_speculate(body))
     flags = _stream_flags(body)
@@ -139,6 +142,9 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ApiError(400, "`tools` must be a list of tool definitions", "tools")
     logprobs = _typed(body, "logprobs", bool, "true or false")
+    top_logprobs = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs and not logprobs:
+        raise ApiError(400, "`top_logprobs` needs `logprobs` set to true", "top_logprobs")
     if body.get("tool_choice") == "none":
         tools = None
     extra = {} if thinking is None else {"thinking": thinking}
@@ -150,7 +156,7 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
     return Prompt(ids, max_tokens, DEFAULT_MAX_TOKENS, "messages", raw=False, logprobs=bool(logprobs),
-                  constraint=constraint)
+                  top_logprobs=top_logprobs, constraint=constraint)
 
 
 def shaping_fields(read: Callable, *args):

@@ -88,6 +88,18 @@ class Completion:
     def error_event(self, error: ApiError) -> str:
         return sse({"error": {"message": error.message, "type": error.kind, "code": error.code}})
 
+    def logprob_json(self, piece: Piece) -> dict:
+        """A token's logprob entry, as chat completions and the Responses API give it."""
+        top = zip(piece.top.tokens, piece.top.logprobs) if piece.top is not None else ()
+        return {**self.token_json(piece.token, piece.logprob),
+                "top_logprobs": [self.token_json(token, logprob) for token, logprob in top]}
+
+    def token_json(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token])
+        # A token may hold part of a character: its own bytes let clients join them (Kimi's tokenizer).
+        raw = self.tokenizer.token_bytes(token) if hasattr(self.tokenizer, "token_bytes") else text.encode()
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
 
 class ChatCompletion(Completion):
     id_prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
@@ -125,12 +137,6 @@ class ChatCompletion(Completion):
 
     def last_choice(self, result: GenerationResult) -> dict:
         return {"delta": {}, "finish_reason": result.finish_reason}
-
-    def logprob_json(self, piece: Piece) -> dict:
-        text = self.tokenizer.decode([piece.token])
-        # A token may hold part of a character: its own bytes let clients join them (Kimi's tokenizer).
-        raw = self.tokenizer.token_bytes(piece.token) if hasattr(self.tokenizer, "token_bytes") else text.encode()
-        return {"token": text, "logprob": piece.logprob, "bytes": list(raw), "top_logprobs": []}
 
 
 class TextCompletion(Completion):

@@ -223,7 +223,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None, shaper=None, speculate: bool | None = None):
-        """Yield (token id, logprob) for `prompt`: Scheduler.generate, once the cluster is ready."""
+        """Yield (token id, logprob, TopLogprobs or None) for `prompt`: Scheduler.generate, once the cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
         yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper, speculate)
@@ -277,7 +277,7 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 speculate=request.speculate if request.HasField("speculate") else None))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
-                                      logprob=piece.logprob or 0.0)
+                                      logprob=piece.logprob or 0.0, top=piece.top)
                 yield pb.GenerateEvent(token=token)
             done = generation.result
             if done.finish_reason != "cancelled":

@@ -54,6 +54,7 @@ class Piece:
     token: int | None
     logprob: float | None
     delta: ReplyDelta
+    top: pb.TopLogprobs | None = None  # its most likely alternatives (sampling.top_logprobs)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class GenerationLoop:
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
                  chain_names: Callable[[], list], vocab_size: int):
-        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate) yields (token id, logprob):
+        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate) yields (token id, logprob, top):
         # Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
         self.vocab_size = vocab_size  # the head's outputs: top_k must stay below it
@@ -216,7 +217,7 @@ class Generation:
                              self.shaper, request.speculate)
         count, first, last, ended, finish = 0, None, None, None, "error"
         try:
-            for token, logprob in tokens:
+            for token, logprob, top in tokens:
                 if self.stats.get("cancelled") or request.cancelled():
                     self.cancel()
                     return
@@ -228,7 +229,7 @@ class Generation:
                 count += 1
                 delta = parser.feed(token)
                 delta.content = stop.push(delta.content)
-                yield Piece(token, logprob, delta)
+                yield Piece(token, logprob, delta, top)
                 if stop.stopped:
                     ended = "stop"
                     break

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from .generated import kimi_cluster_pb2 as pb
-from .shaping import Shaper, penalties_of
+from .shaping import MAX_TOP_LOGPROBS, Shaper, penalties_of
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .prompt_cache import CachedSession
 from .speculation import PromptLookup, Speculator, StepCost, speculation_mode
@@ -76,11 +76,21 @@ def sampling_error(s: pb.SamplingParams, vocab_size: int) -> str | None:
         return f"top_k must be below the model's vocabulary of {vocab_size} tokens (0 turns it off), got {s.top_k}"
     if not 0 <= s.min_p <= 1:
         return f"min_p must be in [0, 1], got {s.min_p}"
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        return f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}"
     try:
         penalties_of(s)
     except ValueError as e:
         return str(e)
     return None
+
+
+def produced_by(reply: pb.ForwardReply) -> list:
+    """(token, logprob, its TopLogprobs or None: sampling.top_logprobs) for every token a sampling
+    step produced: its accepted draft and one more, or its one token."""
+    pairs = list(zip(reply.tokens, reply.logprobs)) or [(reply.token, reply.logprob)]
+    tops = list(reply.top)
+    return [(token, logprob, tops[i] if i < len(tops) else None) for i, (token, logprob) in enumerate(pairs)]
 
 
 def deadline_message(when: str, running: int) -> str:
@@ -299,9 +309,10 @@ class Scheduler:
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None, shaper: Shaper | None = None, speculate: bool | None = None):
-        """Yield (token id, logprob) like mlx-lm's generate_step: prefill prompt[:-1] in chunks,
-        then the last prompt token, then one token at a time, or with a draft of the next ones
-        (speculation.py; `speculate` forces or disables it, None leaves it to --speculate).
+        """Yield (token id, logprob, TopLogprobs or None) like mlx-lm's generate_step: prefill
+        prompt[:-1] in chunks, then the last prompt token, then one token at a time, or with a
+        draft of the next ones (speculation.py; `speculate` forces or disables it, None leaves it
+        to --speculate).
 
         When `prompt` continues a cached conversation (prompt_cache.pick_reusable), the nodes'
         caches for the shared prefix are reused and only the rest is prefilled; afterwards the
@@ -420,20 +431,20 @@ class Scheduler:
         try:
             reply, guess = attempt(lambda: run_steps(prefill(prompt, cached))), []
             while True:
-                produced = list(zip(reply.tokens, reply.logprobs)) or [(reply.token, reply.logprob)]
+                produced = produced_by(reply)
                 rng_state = reply.rng_state
                 if generated:
                     widths.append(len(produced))
                 self._count(spec, len(draft), len(produced))
-                speculator.observe(guess, [token for token, _ in produced])
-                for token, logprob in produced:
+                speculator.observe(guess, [token for token, _, _ in produced])
+                for token, logprob, top in produced:
                     generated.append(token)
-                    yield token, logprob
+                    yield token, logprob, top
                     if len(generated) == max_tokens:
                         break
                 if len(generated) == max_tokens:
                     break
-                lookup.extend(token for token, _ in produced)
+                lookup.extend(token for token, _, _ in produced)
                 k = speculator.draft_length(max_tokens - len(generated) - 1)
                 guess = lookup.draft(max(k, 1)) if speculator.mode != "off" else []
                 draft = guess[:k]

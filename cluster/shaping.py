@@ -41,8 +41,13 @@ def put_penalties(params: pb.SamplingParams, penalties: Penalties) -> None:
     params.logit_bias.update(penalties.logit_bias)
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+
 def check_step(request: pb.ForwardRequest, vocab_size: int) -> None:
     """ValueError unless the step's sampling and shaping fields are within this vocabulary's bounds."""
+    if request.sampling.top_logprobs > MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {request.sampling.top_logprobs}")
     if request.sampling.top_k >= vocab_size:  # mlx-lm's top-k sampler raises on it
         raise ValueError(f"top_k must be below the vocabulary size {vocab_size} (0 turns it off), "
                          f"got {request.sampling.top_k}")

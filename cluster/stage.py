@@ -29,7 +29,7 @@ from .delivery import Delivery
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .shaping import check_step, penalties_of, shape_logits
 from .stage_queue import Step
-from .stage_session import Session
+from .stage_session import Session, most_likely
 from .wire import CONTROL_MESSAGE_BYTES, WireError, check_tensor, decode_tensor, encode_tensor, return_freed_memory
 
 log = logging.getLogger("kimi_cluster.stage")
@@ -459,6 +459,8 @@ class Stage:
         if draft:
             reply.tokens.extend(tokens)
             reply.logprobs.extend(chosen)
+        if request.sampling.top_logprobs:
+            reply.top.extend(most_likely(logprobs[:len(tokens)], request.sampling.top_logprobs))
         return reply
 
     def _internal(self, e: Exception) -> StageError:

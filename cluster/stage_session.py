@@ -4,6 +4,7 @@ Besides drawing one token (sample), a session verifies a speculative draft (veri
 stage's logits at every drafted position decide how many drafted tokens stand, with the same
 output distribution as drawing them one by one."""
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -105,3 +106,18 @@ def _filtered(logprobs: mx.array, params: pb.SamplingParams) -> mx.array:
     if params.top_k > 0:
         logprobs = apply_top_k(logprobs, params.top_k)
     return logprobs
+
+
+
+def most_likely(logprobs: mx.array, n: int) -> list:
+    """For each row of `logprobs`, its `n` most likely tokens, most likely first, with their
+    logprobs: a TopLogprobs per row. Tokens that cannot be drawn (-inf: masked by a grammar or a
+    bias) are left out, so a row may hold fewer."""
+    n = min(n, logprobs.shape[-1])
+    ids = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[:, :n]
+    values = mx.take_along_axis(logprobs, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    ids, values = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+    return [pb.TopLogprobs(tokens=[t for t, v in zip(row_ids, row) if v > -math.inf],
+                           logprobs=[v for v in row if v > -math.inf])
+            for row_ids, row in zip(ids.tolist(), values.tolist())]

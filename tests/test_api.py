@@ -24,6 +24,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import common_prefix_len
 
 import harness
+from cluster.generated import kimi_cluster_pb2 as pb
 from harness import KIMI, ApiCluster, poll
 
 API_KEY = "sk-test-0123456789"
@@ -58,6 +59,7 @@ class Expected:
     generated: list     # what the cluster samples: up to and including the first EOS, or max_tokens
     tokens: list        # the reply's tokens (before EOS)
     logprobs: list      # log-probability of each reply token
+    top: list           # each reply token's 5 most likely tokens at its position, as (id, logprob)
     reasoning: str
     content: str
     finish: str
@@ -76,14 +78,15 @@ def expect(oracle):
         prompt = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra))
         key = (tuple(prompt), max_tokens)
         if key not in memo:
-            generated, logprobs = [], []
+            generated, logprobs, top = [], [], []
             for token, lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
                 generated.append(int(token))
                 logprobs.append(float(lp[int(token)]))
+                top.append([(i, float(lp[i])) for i in mx.argsort(-lp)[:5].tolist()])
                 if int(token) in tokenizer.eos_token_ids:
                     break
-            memo[key] = generated, logprobs
-        generated, logprobs = memo[key]
+            memo[key] = generated, logprobs, top
+        generated, logprobs, top = memo[key]
         stopped = generated[-1] in tokenizer.eos_token_ids
         tokens = generated[:-1] if stopped else generated
         assert tool_section not in tokens, "the oracle reply calls a tool: pick other messages"
@@ -96,8 +99,8 @@ def expect(oracle):
                 mode, segment = ("reasoning" if t == think_start else "content"), []
             else:
                 segment.append(t)
-        return Expected(prompt, generated, tokens, logprobs[:len(tokens)], parts["reasoning"], parts["content"],
-                        "stop" if stopped else "length")
+        return Expected(prompt, generated, tokens, logprobs[:len(tokens)], top[:len(tokens)], parts["reasoning"],
+                        parts["content"], "stop" if stopped else "length")
 
     return get
 
@@ -238,13 +241,16 @@ LONG = " ".join(map(str, range(300)))  # about 780 prompt tokens: past the 512-t
     ({"extra_body": {"top_k": -1}}, "top_k", None),  # not OpenAI's: the client sends it in extra_body
     ({"extra_body": {"top_k": 2.5}}, "top_k", None),
     ({"extra_body": {"min_p": 1.5}}, "min_p", None),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+    ({"top_logprobs": 2}, "top_logprobs", None),  # without logprobs
     ({"max_tokens": 0}, "max_tokens", None),
     ({"messages": []}, "messages", None),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", None),
     ({"messages": [*chat("x"), {"role": "tool", "content": "21 C"}]}, "messages[2].tool_call_id", None),
     ({"messages": chat(LONG)}, "messages", "context_length_exceeded"),
     ({"max_tokens": CONTEXT}, "messages", "context_length_exceeded"),  # fits alone, not with max_tokens
-], ids=["temperature<0", "top_p=0", "top_p>1", "top_k<0", "top_k-float", "min_p>1", "max_tokens=0", "no-messages",
+], ids=["temperature<0", "top_p=0", "top_p>1", "top_k<0", "top_k-float", "min_p>1", "top_logprobs>20",
+        "top_logprobs-alone", "max_tokens=0", "no-messages",
         "unknown-role", "tool-without-id", "long-prompt", "prompt+max_tokens"])
 def test_bad_request_names_the_field(api, client, change, param, code):
     request = {"messages": chat("Hi!"), "max_tokens": 8, **change}
@@ -378,6 +384,73 @@ def test_logprobs_one_per_generated_token(api, client, expect, oracle, stream):
     for entry, logprob in zip(entries, want.logprobs):
         assert entry.logprob <= 0 and entry.logprob == pytest.approx(logprob, abs=1e-4)
         assert bytes(entry.bytes) == entry.token.encode()
+        assert entry.top_logprobs == []  # none asked for
+
+
+def assert_top_logprobs(entries: list, want: Expected, tokenizer, n: int):
+    """Each entry's top_logprobs are mlx-lm's n most likely tokens at that position, in order."""
+    assert len(entries) == len(want.tokens)
+    for entry, top in zip(entries, want.top):
+        got = entry["top_logprobs"] if isinstance(entry, dict) else [t.model_dump() for t in entry.top_logprobs]
+        assert [t["token"] for t in got] == [tokenizer.decode([i]) for i, _ in top[:n]]
+        assert [t["logprob"] for t in got] == pytest.approx([lp for _, lp in top[:n]], abs=1e-4)
+        assert got[0]["logprob"] == pytest.approx(entry["logprob"] if isinstance(entry, dict) else entry.logprob)
+
+
+@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculative"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_top_logprobs_are_mlx_lms(api, client, expect, oracle, stream, speculate):
+    """top_logprobs: the n most likely tokens at every position, as single-process mlx-lm ranks
+    them; a speculative step reports them for each token it verified."""
+    messages = chat("Tell me everything.", system="Rank your words.")  # a conversation no other test caches
+    want = expect(messages, 48, thinking=False)
+    before = json.loads(raw(api, "/cluster")[1])["speculation"]
+    reply = create(client, api, messages, 48, extra_body={**NO_THINKING, "speculate": speculate}, logprobs=True,
+                   top_logprobs=3, stream=stream)
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        entries = reply.choices[0].logprobs.content
+    assert_top_logprobs(entries, want, oracle[1], 3)
+    after = json.loads(raw(api, "/cluster")[1])["speculation"]
+    assert (after["accepted"] > before["accepted"]) == speculate, (before, after)
+
+
+def test_generate_events_carry_top_logprobs(api, expect):
+    """gRPC Generate (the chat CLI's and any client's): each TokenEvent carries its alternatives."""
+    want = expect(chat("Say something."), 24, thinking=False)
+    request = pb.GenerateRequest(prompt_tokens=want.prompt, max_tokens=24,
+                                 sampling=pb.SamplingParams(temperature=0, top_logprobs=4))
+    events = [e.token for e in api.client.Generate(request, timeout=60) if e.HasField("token") and e.token.id >= 0]
+    got = [e.id for e in events]
+    assert got == want.generated[:len(got)] and len(got) == len(want.tokens)
+    for event, top in zip(events, want.top):
+        assert list(event.top.tokens) == [i for i, _ in top[:4]]
+        assert list(event.top.logprobs) == pytest.approx([lp for _, lp in top[:4]], abs=1e-4)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_responses_logprobs_are_mlx_lms(api, client, expect, oracle, stream):
+    """/v1/responses with include message.output_text.logprobs and top_logprobs: the answer's
+    output_text carries every token's logprob and alternatives (streamed with each text delta)."""
+    messages = chat("Say something.")
+    want = expect(messages, 24, thinking=False)
+    reply = client.responses.create(model=api.model_name, input=messages, max_output_tokens=24, temperature=0,
+                                    reasoning={"effort": "none"}, include=["message.output_text.logprobs"],
+                                    top_logprobs=2, stream=stream)
+    if stream:
+        events = list(reply)
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        text, entries = "".join(e.delta for e in deltas), [lp.model_dump() for e in deltas for lp in e.logprobs]
+        done = next(e for e in events if e.type == "response.output_text.done")
+        assert [lp.model_dump() for lp in done.logprobs] == entries
+    else:
+        part = reply.output[-1].content[0]
+        text, entries = part.text, [lp.model_dump() for lp in part.logprobs]
+    assert text == want.content
+    assert [e["logprob"] for e in entries] == pytest.approx(want.logprobs, abs=1e-4)
+    assert_top_logprobs(entries, want, oracle[1], 2)
 
 
 # ---- prompt cache, concurrency, tools -------------------------------------------------------------

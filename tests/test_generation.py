@@ -45,7 +45,7 @@ class MlxLmTokens:
         sampler = make_sampler(sampling.temperature) if sampling.temperature else None
         for token, logprobs in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens, sampler=sampler,
                                              logits_processors=processors):
-            yield int(token), logprobs[token].item()
+            yield int(token), logprobs[token].item(), None
 
 
 @pytest.fixture
@@ -110,6 +110,8 @@ def test_refused_before_any_token(loop, chat_prompt_ids):
 def test_sampling_the_model_cannot_honour_and_foreign_ids_refused(loop, vocab, chat_prompt_ids):
     with pytest.raises(GenerateError, match=f"top_k must be below the model's vocabulary of {vocab}"):
         loop.start(GenerationRequest(chat_prompt_ids, 4, pb.SamplingParams(top_k=vocab)))
+    with pytest.raises(GenerateError, match="top_logprobs must be at most 20"):
+        loop.start(GenerationRequest(chat_prompt_ids, 4, pb.SamplingParams(top_logprobs=21)))
     with pytest.raises(GenerateError, match=r"prompt token ids must be in \[0, "):
         loop.start(GenerationRequest(chat_prompt_ids + [vocab], 4, pb.SamplingParams()))
     assert not loop.tokens.calls

@@ -50,6 +50,7 @@ def test_out_of_bounds_fields_are_refused_by_name():
         (pb.ForwardRequest(sampling=pb.SamplingParams(logit_bias={600: 1.0})), "logit_bias names token 600"),
         (pb.ForwardRequest(sampling=pb.SamplingParams(repetition_context=5000)), "repetition_context_size"),
         (pb.ForwardRequest(sampling=pb.SamplingParams(top_k=512)), "top_k must be below the vocabulary size 512"),
+        (pb.ForwardRequest(sampling=pb.SamplingParams(top_logprobs=21)), "top_logprobs must be at most 20"),
     ]
     for request, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -7,6 +7,7 @@ with 1, 2 and 3 stages, with concurrent requests, and after a node is killed mid
 reply copying its prompt has drafts accepted, and health, the map and the request log say so.
 """
 
+import math
 import re
 import signal
 
@@ -16,7 +17,7 @@ import pytest
 from cluster.generated import kimi_cluster_pb2 as pb
 from cluster.speculation import (MAX_DRAFT, PromptLookup, Speculator, StepCost, best_draft,
                                  speculation_mode)
-from cluster.stage_session import Session
+from cluster.stage_session import Session, most_likely
 from harness import LocalCluster, oracle_reply, poll, run_at_once
 from test_cluster_failures import generate_during, stage_ranges
 
@@ -103,6 +104,15 @@ def _same_distribution(a: list, b: list) -> bool:
     stat = sum((x - na * (x + y) / (na + nb)) ** 2 / (na * (x + y) / (na + nb)) +
                (y - nb * (x + y) / (na + nb)) ** 2 / (nb * (x + y) / (na + nb)) for x, y in cells)
     return stat < CHI2_P001[len(cells) - 1]
+
+
+def test_most_likely_ranks_each_row_and_leaves_out_what_cannot_be_drawn():
+    rows = _logprobs([[0.0, 3.0, 1.0, 2.0, -1.0], [-math.inf, 0.0, -math.inf, -math.inf, 1.0]])
+    first, second = most_likely(rows, 3)
+    assert list(first.tokens) == [1, 3, 2]
+    assert list(first.logprobs) == pytest.approx([rows[0, i].item() for i in (1, 3, 2)])
+    assert list(second.tokens) == [4, 1] and len(second.logprobs) == 2  # the masked ones are no alternatives
+    assert [list(t.tokens) for t in most_likely(rows, 20)] == [[1, 3, 2, 0, 4], [4, 1]]  # past the vocabulary
 
 
 def test_greedy_verify_keeps_the_argmax_prefix():

@@ -412,7 +412,7 @@ def test_a_token_never_delivered_is_replayed_with_the_same_tokens(whole, oracle,
 
     stage = make_stage(whole, deliver=lossy)
     scheduler = scheduler_over(stage)
-    got = [token for token, _ in scheduler.generate(prompt, TOKENS, GREEDY, deadline=time.monotonic() + TIMEOUT_S)]
+    got = [token for token, _, _ in scheduler.generate(prompt, TOKENS, GREEDY, deadline=time.monotonic() + TIMEOUT_S)]
     assert len(dropped) == 2 and got == oracle_tokens(oracle[0], prompt, TOKENS)
 
 
