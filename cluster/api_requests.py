@@ -178,14 +178,14 @@ def text_prompt(body: dict, tokenizer) -> Prompt:
     except ContextTooLong as e:
         raise too_long(e, "prompt") from e
     max_tokens = _number(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, low=1, integer=True)
-    if body.get("logprobs") not in (None, 0, False):
-        raise ApiError(400, "not supported by kimi-cluster: `logprobs` on /v1/completions (use "
-                            "/v1/chat/completions)", "logprobs", "unsupported_parameter")
+    # the legacy field: how many alternatives to report beside each token (0: the token's own only)
+    top = None if body.get("logprobs") is None or body.get("logprobs") is False else \
+        _number(body, "logprobs", None, low=0, high=MAX_TOP_LOGPROBS, integer=True)
     for name in ("response_format", "tools"):
         if body.get(name) is not None:
             raise ApiError(400, f"`{name}` is a chat completions field: send it to /v1/chat/completions", name,
                            "unsupported_parameter")
-    return Prompt(ids, max_tokens, max_tokens, "prompt", raw=True)
+    return Prompt(ids, max_tokens, max_tokens, "prompt", raw=True, logprobs=top is not None, top_logprobs=top or 0)
 
 
 def check_model(body: dict, model_name: str) -> None:

@@ -142,13 +142,40 @@ class ChatCompletion(Completion):
 class TextCompletion(Completion):
     id_prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
 
+    def __init__(self, model: str, tokenizer, logprobs: bool = False):
+        super().__init__(model, tokenizer, logprobs)
+        self.streamed_text = 0  # characters of token text streamed so far (the next text_offset)
+
     def choice(self, pieces: list, result: GenerationResult) -> dict:
         text = "".join(p.delta.content for p in pieces)
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
+        logprobs = self.legacy_logprobs(pieces, 0)[0] if self.logprobs else None
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
     def events(self, piece: Piece) -> list:
-        return [self.chunk({"text": piece.delta.content, "logprobs": None, "finish_reason": None})] \
-            if piece.delta.content else []
+        logprobs = None
+        if self.logprobs and piece.token is not None:
+            logprobs, self.streamed_text = self.legacy_logprobs([piece], self.streamed_text)
+        return [self.chunk({"text": piece.delta.content, "logprobs": logprobs, "finish_reason": None})] \
+            if piece.delta.content or logprobs else []
+
+    def legacy_logprobs(self, pieces: list, offset: int) -> tuple:
+        """(the pieces' tokens in the legacy completions shape, the offset after them): each token's
+        text and logprob, its alternatives by text (the token itself always among them, as OpenAI
+        gives it), and where its text starts (`offset` for the first)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for piece in pieces:
+            if piece.token is None:
+                continue
+            text = self.tokenizer.decode([piece.token])
+            alternatives = {}
+            for token, logprob in zip(piece.top.tokens, piece.top.logprobs) if piece.top is not None else ():
+                alternatives.setdefault(self.tokenizer.decode([token]), logprob)
+            alternatives.setdefault(text, piece.logprob)
+            for key, value in (("tokens", text), ("token_logprobs", piece.logprob), ("top_logprobs", alternatives),
+                               ("text_offset", offset)):
+                out[key].append(value)
+            offset += len(text)
+        return out, offset
 
     def last_choice(self, result: GenerationResult) -> dict:
         return {"text": "", "logprobs": None, "finish_reason": result.finish_reason}

@@ -48,16 +48,27 @@ class RawText:
     tool_calls: list = []
 
     def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.detokenizer = tokenizer.detokenizer
         self.detokenizer.reset()
+        self.started = False  # some text is out
 
     def feed(self, token: int) -> ReplyDelta:
         self.detokenizer.add_token(token)
-        return ReplyDelta(content=self.detokenizer.last_segment)
+        return ReplyDelta(content=self._text(self.detokenizer.last_segment))
 
     def finish(self) -> ReplyDelta:
         self.detokenizer.finalize()
-        return ReplyDelta(content=self.detokenizer.last_segment)
+        return ReplyDelta(content=self._text(self.detokenizer.last_segment))
+
+    def _text(self, segment: str) -> str:
+        """mlx-lm's BPE detokenizer drops the text's leading space (right for a chat turn); a raw
+        completion continues its prompt, so there the space is the reply's."""
+        if segment and not self.started:
+            self.started = True
+            if self.tokenizer.decode(self.detokenizer.tokens) == " " + segment:
+                return " " + segment
+        return segment
 
 
 class ReplyParser:

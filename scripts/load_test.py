@@ -116,8 +116,8 @@ def make_jobs(tokenizer, requests: int, short: int, long: int, long_every: int, 
 def oracle_replies(oracle, tokenizer, jobs: list) -> dict:
     """{job.key: (text, finish, tokens)}: mlx-lm's generation in this process (`oracle`:
     mlx_lm.load's (model, tokenizer)), greedy or after mx.random.seed(job.seed), cut before the
-    first EOS, turned into text by `tokenizer` (the API's) as its raw completions do, or, for a
-    user message, as its reasoning and answer (cluster/reply.py's split, which the chat APIs use)."""
+    first EOS, turned into text by `tokenizer` (the API's): decoded whole for a raw completion, or,
+    for a user message, as its reasoning and answer (cluster/reply.py's split, which the chat APIs use)."""
     from mlx_lm.sample_utils import make_sampler
 
     from cluster.reply import ReplyParser, prompt_ends_thinking
@@ -129,12 +129,7 @@ def oracle_replies(oracle, tokenizer, jobs: list) -> dict:
             sampler = None if job.seed is None else make_sampler(SAMPLED_TEMPERATURE)
             tokens = oracle_reply(oracle, job.prompt, job.max_tokens, sampler, job.seed)
             if job.api == "completions":
-                detokenizer = tokenizer.detokenizer
-                detokenizer.reset()
-                for t in tokens:
-                    detokenizer.add_token(t)
-                detokenizer.finalize()
-                text = detokenizer.text
+                text = tokenizer.decode(tokens)
             else:
                 parser = ReplyParser(tokenizer, prompt_ends_thinking(tokenizer, job.prompt))
                 deltas = [parser.feed(t) for t in tokens] + [parser.finish()]

@@ -417,6 +417,39 @@ def test_top_logprobs_are_mlx_lms(api, client, expect, oracle, stream, speculate
     assert (after["accepted"] > before["accepted"]) == speculate, (before, after)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_completions_with_logprobs_are_mlx_lms(api, client, oracle, stream):
+    """/v1/completions (a raw prompt): mlx-lm's greedy text, and with the legacy `logprobs: 3`
+    each token's logprob, its alternatives by text (the token itself among them) and offsets."""
+    model, tokenizer = oracle
+    prompt = "The capital of France is"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    want, top = [], []
+    for token, lp in generate_step(mx.array(ids), model, max_tokens=12):
+        want.append((int(token), float(lp[int(token)])))
+        top.append({tokenizer.decode([i]): float(lp[i]) for i in reversed(mx.argsort(-lp)[:3].tolist())})
+        assert int(token) not in tokenizer.eos_token_ids, "pick a prompt whose greedy reply runs 12 tokens"
+    reply = client.completions.create(model=api.model_name, prompt=prompt, max_tokens=12, temperature=0, logprobs=3,
+                                      stream=stream)
+    if stream:
+        chunks = [c.choices[0] for c in reply]
+        text = "".join(c.text for c in chunks)
+        parts = [c.logprobs for c in chunks if c.logprobs]
+        logprobs = {key: [v for part in parts for v in getattr(part, key)] for key in
+                    ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        assert reply.usage.prompt_tokens == len(ids)
+        text, logprobs = reply.choices[0].text, reply.choices[0].logprobs.model_dump()
+    assert text == tokenizer.decode([t for t, _ in want])
+    assert logprobs["tokens"] == [tokenizer.decode([t]) for t, _ in want]
+    assert logprobs["token_logprobs"] == pytest.approx([lp for _, lp in want], abs=1e-4)
+    for got, expected, (token, lp) in zip(logprobs["top_logprobs"], top, want):
+        expected.setdefault(tokenizer.decode([token]), lp)
+        assert got == pytest.approx(expected, abs=1e-4)
+    pieces = logprobs["tokens"]
+    assert logprobs["text_offset"] == [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+
+
 def test_generate_events_carry_top_logprobs(api, expect):
     """gRPC Generate (the chat CLI's and any client's): each TokenEvent carries its alternatives."""
     want = expect(chat("Say something."), 24, thinking=False)

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from cluster.reply import ReplyParser, StopMatcher, ToolCall, prompt_ends_thinking
+from cluster.reply import RawText, ReplyParser, StopMatcher, ToolCall, prompt_ends_thinking
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,16 @@ def test_multibyte_text_split_over_tokens_reassembles(tok, thinking):
     assert (content if thinking else reasoning) == "" and calls == []
     # no delta ever carries half a character
     assert not any("\ufffd" in d.reasoning + d.content for d in deltas)
+
+
+@pytest.mark.parametrize("text", [" Paris, France", "Paris", "  two spaces", " Grüße 🙂"])
+def test_raw_text_is_the_tokens_decoded_leading_space_included(tok, text):
+    """A raw completion continues its prompt: its text is exactly the tokens decoded (mlx-lm's BPE
+    streaming detokenizer alone drops a leading space), and no delta carries half a character."""
+    parser = RawText(tok)
+    deltas = [parser.feed(t) for t in ids(tok, text)] + [parser.finish()]
+    assert "".join(d.content for d in deltas) == text
+    assert not any("\ufffd" in d.content for d in deltas)
 
 
 def test_multibyte_text_on_both_sides_of_think_end(tok):
