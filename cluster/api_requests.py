@@ -63,6 +63,7 @@ class Prompt:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported beside each token (with logprobs)
     constraint: ConstraintSpec | None = None
+    prediction: list = dataclasses.field(default_factory=list)  # token ids the reply is expected to be
 
 
 async def read_body(request: Request, coordinator) -> dict:
@@ -95,7 +96,7 @@ def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLo
     params.top_logprobs = p.top_logprobs
     generation = GenerationRequest(p.ids, p.max_tokens, params, default_max_tokens=p.default_max_tokens,
                                    stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
-                                   constraint=p.constraint, speculate=_speculate(body))
+                                   constraint=p.constraint, speculate=_speculate(body), prediction=p.prediction)
     flags = _stream_flags(body)
     n = _number(body, "n", 1, low=1, high=MAX_CHOICES, integer=True)
     if n > 1 and flags["stream"]:
@@ -156,7 +157,30 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
     return Prompt(ids, max_tokens, DEFAULT_MAX_TOKENS, "messages", raw=False, logprobs=bool(logprobs),
-                  top_logprobs=top_logprobs, constraint=constraint)
+                  top_logprobs=top_logprobs, constraint=constraint, prediction=_prediction(body, tokenizer))
+
+
+def _prediction(body: dict, tokenizer) -> list:
+    """OpenAI's predicted outputs (`{"type": "content", "content": TEXT or text parts}`: what the
+    client expects the reply to be, e.g. a file it asks to have edited) as token ids, drafted
+    first when the reply is decoded speculatively; it never changes the reply, only its speed."""
+    prediction = body.get("prediction")
+    if prediction is None:
+        return []
+    if not isinstance(prediction, dict) or prediction.get("type") != "content":
+        raise ApiError(400, '`prediction` must be {"type": "content", "content": "the text you expect"}', "prediction")
+    content = prediction.get("content")
+    if not isinstance(content, (str, list)):
+        raise ApiError(400, "`prediction.content` must be a string or a list of text parts", "prediction.content")
+    for j, part in enumerate(content if isinstance(content, list) else []):
+        _check_part(part, f"prediction.content[{j}]")
+    if isinstance(content, list):
+        content = "".join(part["text"] for part in content)
+    try:
+        return tokenizer.encode(content)
+    except ContextTooLong as e:
+        raise ApiError(400, f"`prediction` is longer than any reply can be: past the planned context of {e.context} "
+                            "tokens", "prediction") from e
 
 
 def shaping_fields(read: Callable, *args):

@@ -222,11 +222,12 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None, shaper=None, speculate: bool | None = None):
-        """Yield (token id, logprob, TopLogprobs or None) for `prompt`: Scheduler.generate, once the cluster is ready."""
+                 deadline: float | None = None, shaper=None, speculate: bool | None = None, prediction: list = ()):
+        """Yield (token id, logprob, TopLogprobs or None) for `prompt`: Scheduler.generate, once the
+        cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper, speculate)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper, speculate, prediction)
 
     def prompt_tokens(self, request: pb.GenerateRequest, max_tokens: int) -> list:
         if request.prompt_tokens:
@@ -274,7 +275,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 self.prompt_tokens(request, max_tokens), max_tokens, request.sampling, arrived=arrived,
                 deadline=arrived + left if left is not None and left < 1e6 else None,
                 cancelled=lambda: not context.is_active(), constraint=self.constraint(request),
-                speculate=request.speculate if request.HasField("speculate") else None))
+                speculate=request.speculate if request.HasField("speculate") else None,
+                prediction=list(request.prediction_tokens)))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
                                       logprob=piece.logprob or 0.0, top=piece.top)

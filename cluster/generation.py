@@ -44,6 +44,7 @@ class GenerationRequest:
     arrived: float = field(default_factory=time.monotonic)  # TTFT counts from here
     constraint: ConstraintSpec | None = None  # the grammar the reply is held to (its `thinking` is set here)
     speculate: bool | None = None     # force (True) or disable (False) speculative decoding; None: --speculate
+    prediction: list = field(default_factory=list)  # token ids the client expects the reply to be, drafted first
 
 
 @dataclass
@@ -110,8 +111,8 @@ class GenerationLoop:
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
                  chain_names: Callable[[], list], vocab_size: int):
-        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate) yields (token id, logprob, top):
-        # Coordinator.generate
+        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate, prediction) yields
+        # (token id, logprob, top): Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
         self.vocab_size = vocab_size  # the head's outputs: top_k must stay below it
         self.tokens, self.chain_names = tokens, chain_names
@@ -127,6 +128,12 @@ class GenerationLoop:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, error)
         if any(not 0 <= t < self.vocab_size for t in request.prompt):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in request.prediction):
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prediction token ids must be in [0, {self.vocab_size})")
+        if len(request.prediction) > self.context:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"a prediction of {len(request.prediction)} tokens is "
+                                f"longer than any reply can be (the planned context is {self.context} tokens)")
         max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(request.default_max_tokens, self.context - len(request.prompt)))
@@ -214,7 +221,7 @@ class Generation:
         loop.started()
         parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
         tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline,
-                             self.shaper, request.speculate)
+                             self.shaper, request.speculate, request.prediction)
         count, first, last, ended, finish = 0, None, None, None, "error"
         try:
             for token, logprob, top in tokens:

@@ -308,11 +308,12 @@ class Scheduler:
         return replies
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None, shaper: Shaper | None = None, speculate: bool | None = None):
+                 deadline: float | None = None, shaper: Shaper | None = None, speculate: bool | None = None,
+                 prediction: list = ()):
         """Yield (token id, logprob, TopLogprobs or None) like mlx-lm's generate_step: prefill
         prompt[:-1] in chunks, then the last prompt token, then one token at a time, or with a
         draft of the next ones (speculation.py; `speculate` forces or disables it, None leaves it
-        to --speculate).
+        to --speculate, or to `prediction`: the tokens the client expects, drafted first).
 
         When `prompt` continues a cached conversation (prompt_cache.pick_reusable), the nodes'
         caches for the shared prefix are reused and only the rest is prefilled; afterwards the
@@ -336,9 +337,9 @@ class Scheduler:
         draft = []   # of the step in flight
         rng_state = None  # the last stage's random state after the last draw
         recoveries = 0
-        speculator = Speculator(speculation_mode(self.speculate, speculate, sampling, constrained=shaper is not None),
-                                self.step_cost)
-        lookup = PromptLookup(prompt)
+        speculator = Speculator(speculation_mode(self.speculate, speculate, sampling, constrained=shaper is not None,
+                                                 predicted=bool(prediction)), self.step_cost)
+        lookup = PromptLookup(prompt, prediction)
 
         def request(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None, drafted=()):
             r = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,

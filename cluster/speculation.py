@@ -15,6 +15,7 @@ experts; on a compute-bound CPU about the cost of a position). The session draft
 gives the most tokens per step's cost, and nothing where no k gains MIN_GAIN.
 """
 
+import bisect
 import threading
 
 from .generated import kimi_cluster_pb2 as pb
@@ -33,14 +34,18 @@ MODES = ("auto", "on", "off")
 
 
 def speculation_mode(default: str, requested: bool | None, sampling: pb.SamplingParams,
-                     constrained: bool = False) -> str:
+                     constrained: bool = False, predicted: bool = False) -> str:
     """'on', 'off' or 'auto' for one request. `requested`: the request's own `speculate`.
     `constrained`: its logits are masked or penalised at the last stage per position (a grammar,
     a repetition penalty): the mask for position i+1 depends on token i, so a draft cannot be
-    verified in one step, and it never speculates. Under auto a seeded sampled request does not
-    speculate, so its tokens stay those of mlx-lm's generation with that seed."""
+    verified in one step, and it never speculates. `predicted`: the client sent what it expects
+    the reply to be, which asks for speculation unless `requested` says otherwise. Under auto a
+    seeded sampled request does not speculate, so its tokens stay those of mlx-lm's generation
+    with that seed."""
     if constrained:
         return "off"
+    if requested is None and predicted:
+        requested = True
     if requested is not None:
         return "on" if requested else "off"
     if default == "auto" and sampling.temperature > 0 and sampling.HasField("seed"):
@@ -51,19 +56,58 @@ def speculation_mode(default: str, requested: bool | None, sampling: pb.Sampling
 class PromptLookup:
     """A session's tokens, indexed by n-gram as they grow; drafts the continuation of the latest
     earlier occurrence of the longest suffix found (a continuation that reaches the end goes on
-    repeating what it copied, so a reply in a loop is drafted k tokens ahead)."""
+    repeating what it copied, so a reply in a loop is drafted k tokens ahead).
 
-    def __init__(self, tokens: list):
+    With a `prediction` (what the client expects the reply to be: OpenAI's predicted outputs, a
+    file to be returned with a few edits), the reply is first drafted from it: its start, then
+    what follows the place in it the reply's last tokens match (the longest suffix, at or after
+    where the reply last stood in it, so an edit is stepped over and the copy picks up after it)."""
+
+    def __init__(self, tokens: list, prediction: list = ()):
         self.tokens: list = []
         self._after: dict = {}  # n-gram -> the position after its latest occurrence
         self._indexed = 0       # n-grams ending before this position are in _after
         self.extend(tokens)
+        self.reply_start = len(self.tokens)
+        self.prediction = list(prediction)
+        self._predicted: dict = {}  # n-gram -> the positions after its occurrences in the prediction, in order
+        for e in range(1, len(self.prediction) + 1):
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, e) + 1):
+                self._predicted.setdefault(tuple(self.prediction[e - n:e]), []).append(e)
+        self._in_prediction = 0  # where in the prediction the reply's end stands (None: lost)
+        self._stood = 0  # where it last stood
+        self._seen = len(self.tokens)  # the session's tokens when it was placed
 
     def extend(self, tokens):
         self.tokens.extend(tokens)
 
     def draft(self, k: int) -> list:
-        """Up to k tokens that may come next ([] where no suffix occurred before)."""
+        """Up to k tokens that may come next ([] where nothing predicts them)."""
+        return (self.prediction and self._from_prediction(k)) or self._looked_up(k)
+
+    def _from_prediction(self, k: int) -> list:
+        came, self._seen = self.tokens[self._seen:], len(self.tokens)
+        at = self._in_prediction
+        if at is not None and self.prediction[at:at + len(came)] == came:
+            at += len(came)
+        else:  # an edit, or it had lost its place
+            at = self._place_in_prediction()
+        self._in_prediction = at
+        if at is not None:
+            self._stood = at
+        return self.prediction[at:at + k] if at is not None else []
+
+    def _place_in_prediction(self) -> int | None:
+        """Where in the prediction the reply's last tokens end: the first occurrence of the longest
+        suffix found at or after where the reply last stood (a reply never goes back in it), or None."""
+        replied, since = len(self.tokens) - self.reply_start, self._stood
+        for n in range(min(MAX_NGRAM, replied), MIN_NGRAM - 1, -1):
+            positions = self._predicted.get(tuple(self.tokens[-n:]), [])
+            if (i := bisect.bisect_left(positions, since)) < len(positions):
+                return positions[i]
+        return None
+
+    def _looked_up(self, k: int) -> list:
         t, end = self.tokens, len(self.tokens)
         for e in range(self._indexed, end):  # every n-gram ending before the last token's end
             for n in range(MIN_NGRAM, min(MAX_NGRAM, e) + 1):

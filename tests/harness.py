@@ -146,13 +146,15 @@ class LocalCluster:
     def node_stub(self, node: NodeProcess):
         return node_stub(open_channel(node.address, self.secret))
 
-    def generate(self, prompt_tokens=None, messages=None, max_tokens=48, timeout=120, speculate=None, **sampling):
-        """(token ids, DoneEvent) of one Generate; `speculate` True or False forces speculation on or off."""
+    def generate(self, prompt_tokens=None, messages=None, max_tokens=48, timeout=120, speculate=None, prediction=(),
+                 **sampling):
+        """(token ids, DoneEvent) of one Generate; `speculate` True or False forces speculation on or off;
+        `prediction`: the token ids the reply is expected to be."""
         seed = sampling.pop("seed", None)
         params = pb.SamplingParams(**sampling)
         if seed is not None:
             params.seed = seed
-        request = pb.GenerateRequest(max_tokens=max_tokens, sampling=params)
+        request = pb.GenerateRequest(max_tokens=max_tokens, sampling=params, prediction_tokens=prediction)
         if speculate is not None:
             request.speculate = speculate
         if prompt_tokens is not None:

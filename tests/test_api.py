@@ -618,6 +618,35 @@ def test_speculate_forced_or_disabled_keeps_the_reply(api, client, expect):
         assert (after["drafted"] > before["drafted"]) == speculate, (before, after)
 
 
+def test_a_prediction_never_changes_the_reply(api, client, expect):
+    """OpenAI's predicted outputs: the reply the client expects is drafted first (speculation on
+    for the request, though the cluster's --speculate is off); right, given as text parts, edited
+    or wrong, the reply is mlx-lm's. (How much a right one saves is tested on the scripted model,
+    tests/test_scripted.py: this random model's replies are not what their text encodes to.)"""
+    messages = chat("Repeat my words.", system="You are a helpful assistant.")
+    want = expect(messages, 48, thinking=False)
+    edited = want.content[:len(want.content) // 3] + " an edit " + want.content[len(want.content) // 2:]
+    for prediction in (want.content, [{"type": "text", "text": want.content}], edited, "Nothing like it at all."):
+        before = json.loads(raw(api, "/cluster")[1])["speculation"]
+        reply = create(client, api, messages, 48, extra_body=NO_THINKING,
+                       prediction={"type": "content", "content": prediction})
+        assert reply.choices[0].message.content == want.content, prediction
+        after = json.loads(raw(api, "/cluster")[1])["speculation"]
+        assert after["drafted"] > before["drafted"], prediction
+
+
+@pytest.mark.parametrize("prediction,param", [
+    ("text", "prediction"), ({"type": "image", "content": "x"}, "prediction"),
+    ({"type": "content", "content": 7}, "prediction.content"),
+    ({"type": "content", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "prediction.content[0]"),
+    ({"type": "content", "content": LONG * 2}, "prediction"),
+], ids=["string", "other-type", "number", "image-part", "past-the-context"])
+def test_bad_prediction_is_refused_naming_it(api, prediction, param):
+    status, body = raw(api, "/chat/completions", {"messages": chat("Hi!"), "max_tokens": 4, "prediction": prediction})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == param and f"`{param}" in error["message"], body
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_timeout_stops_the_request_and_frees_its_caches(api, client, expect, stream):
     """`timeout` (seconds) is the client's deadline: a reply that cannot be done in time stops,

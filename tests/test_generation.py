@@ -32,7 +32,7 @@ class MlxLmTokens:
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, prompt, max_tokens, sampling, stats, deadline, shaper=None, speculate=None):
+    def __call__(self, prompt, max_tokens, sampling, stats, deadline, shaper=None, speculate=None, prediction=()):
         self.calls.append((max_tokens, sampling))
         stats.update(session_id="in-process", cached_tokens=0)
 
@@ -114,6 +114,10 @@ def test_sampling_the_model_cannot_honour_and_foreign_ids_refused(loop, vocab, c
         loop.start(GenerationRequest(chat_prompt_ids, 4, pb.SamplingParams(top_logprobs=21)))
     with pytest.raises(GenerateError, match=r"prompt token ids must be in \[0, "):
         loop.start(GenerationRequest(chat_prompt_ids + [vocab], 4, pb.SamplingParams()))
+    with pytest.raises(GenerateError, match=r"prediction token ids must be in \[0, "):
+        loop.start(GenerationRequest(chat_prompt_ids, 4, pb.SamplingParams(), prediction=[1, vocab]))
+    with pytest.raises(GenerateError, match=f"longer than any reply can be .the planned context is {CONTEXT} tokens"):
+        loop.start(GenerationRequest(chat_prompt_ids, 4, pb.SamplingParams(), prediction=[1] * (CONTEXT + 1)))
     assert not loop.tokens.calls
     assert list(loop.start(GenerationRequest(chat_prompt_ids, 2, pb.SamplingParams(top_k=vocab - 1))))
 

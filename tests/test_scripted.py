@@ -120,6 +120,25 @@ def test_api_instant_mode_skips_the_thinking(api, client):
     assert not (reply.choices[0].message.model_extra or {}).get("reasoning_content")
 
 
+def test_a_right_prediction_is_verified_many_tokens_a_step(api, scripted_dir):
+    """Predicted outputs (here as token ids over gRPC Generate): the script's reply, of which the
+    prompt holds nothing for prompt lookup to draft, takes at most half a step per token when
+    predicted right, a few steps more when predicted with an edit, and is the same reply whatever
+    was predicted."""
+    ids = script_ids(load_tokenizer(scripted_dir), SCRIPT)
+    prompt, reply = ids[:1], ids[1:-1]  # the trigger, and the script up to its closing EOS
+    edited = reply[:10] + [ids[0]] * 2 + reply[12:]
+    steps = {}
+    for name, prediction in (("none", ()), ("right", reply), ("edited", edited), ("wrong", reply[::-1])):
+        before = api.memory_map().speculation
+        got, _ = api.generate(prompt_tokens=prompt, max_tokens=len(reply) + 1, prediction=prediction, speculate=True)
+        assert got == reply, name
+        after = api.memory_map().speculation
+        steps[name] = after.steps - before.steps
+    assert steps["right"] <= len(reply) / 2 and steps["right"] < steps["edited"] < steps["none"], steps
+    assert steps["none"] == len(reply) + 1 >= steps["wrong"], steps  # none drafted: a step per token, one for EOS
+
+
 RESPONSES_TOOL = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
 CALL_ID = "functions.get_weather:0"
 

@@ -39,6 +39,25 @@ def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
     assert PromptLookup([1, 7, 8, 7, 8]).draft(5) == [7, 8, 7, 8, 7]
 
 
+def test_a_prediction_is_drafted_first_and_followed_past_an_edit():
+    prompt, prediction = [50, 51, 52], [1, 2, 3, 4, 5, 6, 7, 8]
+    lookup = PromptLookup(prompt, prediction)
+    assert lookup.draft(3) == [1, 2, 3]       # nothing replied yet: the prediction's start
+    lookup.extend([1, 2])
+    assert lookup.draft(3) == [3, 4, 5]
+    lookup.extend([3, 40, 41])                 # an edit: 4 5 replaced by 40 41
+    assert lookup.draft(3) == []               # nothing the reply ends with is predicted, nor in the session
+    lookup.extend([6])
+    assert lookup.draft(3) == [7, 8]           # the copy picks up after the edit
+    lookup.extend([7, 8, 51])
+    assert lookup.draft(2) == [52, 1]          # past the prediction: looked up in the session as before
+    # where the reply's last token occurs twice, the place at or after where it stood is taken
+    repeated = PromptLookup([], [9, 1, 2, 9, 3, 4])
+    repeated.extend([9, 1, 2, 9])
+    assert repeated.draft(2) == [3, 4]
+    assert PromptLookup([1, 2, 1], []).draft(2) == [2, 1]  # no prediction: prompt lookup alone
+
+
 def test_draft_length_follows_acceptance_and_cost():
     assert best_draft(0.0, 0.1, MAX_DRAFT)[0] == 0
     assert best_draft(0.95, 0.02, MAX_DRAFT)[0] == MAX_DRAFT
@@ -82,6 +101,8 @@ def test_speculation_mode_per_request():
     assert speculation_mode("auto", True, seeded) == "on"
     assert speculation_mode("on", False, greedy) == "off"
     assert speculation_mode("on", True, greedy, constrained=True) == "off"  # a mask per position
+    assert speculation_mode("off", None, seeded, predicted=True) == "on"  # a prediction asks for it
+    assert speculation_mode("auto", False, greedy, predicted=True) == "off"  # unless the request says otherwise
 
 
 # ---- the last stage's verification -----------------------------------------------------------------
