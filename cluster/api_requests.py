@@ -32,10 +32,13 @@ IMAGE_PARTS = ("image_url", "image", "input_image")
 
 
 # Accepted by OpenAI, not done here: a request that asks for them is refused rather than ignored.
-UNSUPPORTED = {
+UNSUPPORTED = {  # asked for when the function says so; a reply without them would be a wrong one
     "best_of": lambda v: v not in (None, 1),
     "echo": bool,
     "suffix": bool,
+    "audio": lambda v: v is not None,  # Kimi reads and writes text only
+    "modalities": lambda v: v not in (None, ["text"]),
+    "web_search_options": lambda v: v is not None,  # no search runs here
 }
 
 
