@@ -8,7 +8,10 @@ false), on a 2-stage cluster of separate node processes on loopback.
 
 Three tasks: a copy-heavy agent task (return a given file with a few edits) and a free one (a short
 question), both greedy, and the free one sampled (temperature 1, no seed, so `auto` speculates with
-the rejection rule): where few drafts hold, speculation must turn itself off rather than cost. Each
+the rejection rule): where few drafts hold, speculation must turn itself off rather than cost. A
+fourth, `predict`, is the greedy free task sent with a prediction (OpenAI's predicted outputs, as
+GenerateRequest.prediction_tokens) that is right: the reply itself, from a run before the rounds,
+what a client that knows the reply (an editor sending the file back) gains at most. Each
 round runs every task without and with speculation (in turns first and second, so a drift of the
 machine's load evens out); tok/s is the median over rounds of the reply's tokens after its first
 over its decode time (the DoneEvent's), steps per token comes from the coordinator's memory map
@@ -58,7 +61,9 @@ def cheapest(items):
 COPY_TASK = ("Return this file with `total` renamed to `sum_prices` and a docstring added to "
              f"`cheapest`; change nothing else.\n\n```python\n{FILE}```")
 FREE_TASK = "Why is the sky blue?"
-TASKS = (("copy", COPY_TASK, 0.0), ("free", FREE_TASK, 0.0), ("sampled", FREE_TASK, 1.0))  # name, prompt, temperature
+# name, prompt, temperature, predicted (the client sends the reply it expects: here the plain reply itself)
+TASKS = (("copy", COPY_TASK, 0.0, False), ("free", FREE_TASK, 0.0, False), ("sampled", FREE_TASK, 1.0, False),
+         ("predict", FREE_TASK, 0.0, True))
 
 
 def checkpoint(work: Path) -> tuple:
@@ -72,10 +77,10 @@ def checkpoint(work: Path) -> tuple:
     return out, "the tiny random-weight model (make-tiny, 6 layers; mlx_kimi/trained/ is not there)"
 
 
-def run(cluster, prompt: list, tokens: int, speculate: bool | None, temperature: float) -> tuple:
+def run(cluster, prompt: list, tokens: int, speculate: bool | None, temperature: float, prediction=()) -> tuple:
     """(token ids, decode tok/s, (sampling steps, tokens), drafted, accepted) of one reply."""
     before = cluster.memory_map().speculation
-    request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=tokens,
+    request = pb.GenerateRequest(prompt_tokens=prompt, max_tokens=tokens, prediction_tokens=prediction,
                                  sampling=pb.SamplingParams(temperature=temperature))
     if speculate is not None:
         request.speculate = speculate
@@ -116,13 +121,15 @@ def main():
               f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}; {what}; 2 stages, "
               f"{tokens} tokens per reply at most, {rounds} round(s)")
         results = {}
-        for name, text, temperature in TASKS:
+        for name, text, temperature, predicted in TASKS:
             prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                         add_generation_prompt=True))
+            prediction = run(cluster, prompt, tokens, False, temperature)[0] if predicted else ()
             runs = {False: [], None: []}
             for i in range(rounds):  # each round in the other order, so a drift of the machine's load evens out
                 for speculate in ((False, None) if i % 2 == 0 else (None, False)):
-                    runs[speculate].append(run(cluster, prompt, tokens, speculate, temperature))
+                    runs[speculate].append(run(cluster, prompt, tokens, speculate, temperature,
+                                               prediction if speculate is None else ()))
             plain, spec = runs[False], runs[None]
             if temperature == 0 and any(r[0] != plain[0][0] for r in plain + spec):
                 raise SystemExit(f"{name}: the replies with and without speculation differ (greedy): a bug")
