@@ -109,6 +109,10 @@ def template_tools(body: dict) -> list | None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ApiError(400, "`tools` must be a list of tool definitions", "tools")
+    for i, tool in enumerate(tools):
+        if tool.get("type") not in (None, "custom"):  # web_search_20250305, bash_20250124, ...: run by Anthropic
+            raise ApiError(400, f"`tools[{i}]` is a tool Anthropic's servers run ({str(tool.get('type'))[:40]!r}); "
+                                "none runs here: declare your own tools with a name and an input_schema", f"tools[{i}]")
     return [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
                                               "parameters": t.get("input_schema", {"type": "object"})}}
             for t in tools]
@@ -119,6 +123,10 @@ def messages_prompt(body: dict, tokenizer) -> Prompt:
     max_tokens = _number(body, "max_tokens", None, low=1, integer=True)
     if max_tokens is None:
         raise ApiError(400, "`max_tokens` is required", "max_tokens")
+    for name in ("mcp_servers", "container"):  # what Anthropic's servers connect to or run code in
+        if body.get(name) is not None:
+            raise ApiError(400, f"`{name}` is not supported here (no MCP connector or code container runs on this "
+                                "cluster): drop it, and call your tools yourself", name, "unsupported_parameter")
     thinking = _thinking(body)
     tools = template_tools(body)
     if isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") == "none":

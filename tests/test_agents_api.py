@@ -4,6 +4,7 @@ structured outputs, tool calls held to their schemas, penalties, `n`, and Anthro
 on the same checkpoint with the same logits processors (mlx_kimi/constrain.py, penalties.py)."""
 
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -283,6 +284,18 @@ def test_anthropic_errors_have_anthropics_shape(api, claude):
     body = json.loads(missing.value.read())
     assert missing.value.code == 400 and body["error"] == {"type": "invalid_request_error",
                                                            "message": "`max_tokens` is required"}
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "`tools[0]` is a tool Anthropic's servers run"),
+    ({"mcp_servers": [{"type": "url", "url": "https://example.com/sse", "name": "x"}]}, "`mcp_servers` is not supported"),
+    ({"container": "container_1"}, "`container` is not supported"),
+], ids=["server-tool", "mcp", "container"])
+def test_anthropic_server_side_features_are_refused_by_name(api, claude, extra, says):
+    """What Anthropic's own servers would run (their tools, an MCP connector, a code container) is
+    refused, never silently left out of a reply that would then pretend to have used it."""
+    with pytest.raises(anthropic.BadRequestError, match=re.escape(says)):
+        create(claude, api, extra_body=extra)
 
 
 # ---- kimi-cluster chat ------------------------------------------------------------------------------------
