@@ -306,7 +306,8 @@ def test_fuzz_responses_items_and_tools(fuzzed):
     @FUZZ
     @given(items=st.lists(responses_items, max_size=3), tools=st.lists(flat_tools, max_size=2),
            fields=st.dictionaries(st.sampled_from(["tool_choice", "text", "reasoning", "instructions",
-                                                   "parallel_tool_calls", "stream"]), json_values, max_size=3),
+                                                   "parallel_tool_calls", "stream", "include", "top_logprobs"]),
+                                  json_values | st.just(["message.output_text.logprobs"]), max_size=3),
            with_message=st.booleans())
     def run(items, tools, fields, with_message):
         message = [{"role": "user", "content": "Hi"}] if with_message else []
@@ -331,14 +332,21 @@ chat_messages = st.fixed_dictionaries(
               "reasoning_content": json_values, "name": json_values})
 
 
+predictions = st.fixed_dictionaries({}, optional={"type": st.just("content") | json_values,
+                                                  "content": st.text(max_size=20) | st.lists(content_parts, max_size=2)
+                                                  | json_values}) | json_values
+
+
 def test_fuzz_chat_messages(fuzzed):
-    """Chat completions' own shapes (roles, content parts, assistant tool calls and tool replies),
-    each field arbitrary, after a valid user message."""
+    """Chat completions' own shapes (roles, content parts, assistant tool calls and tool replies, a
+    prediction, logprobs with top_logprobs), each field arbitrary, after a valid user message."""
     @FUZZ
-    @given(messages=st.lists(chat_messages, max_size=3), stream=st.booleans())
-    def run(messages, stream):
+    @given(messages=st.lists(chat_messages, max_size=3), stream=st.booleans(),
+           fields=st.fixed_dictionaries({}, optional={"prediction": predictions, "logprobs": st.booleans() | json_values,
+                                                      "top_logprobs": st.integers(-2, 22) | json_values}))
+    def run(messages, stream, fields):
         _post_answered(fuzzed, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}, *messages],
-                                                        "max_tokens": 2, "stream": stream})
+                                                        "max_tokens": 2, "stream": stream, **fields})
 
     _without_tracebacks(fuzzed, run)
     _unharmed(fuzzed)
@@ -356,10 +364,11 @@ def test_fuzz_messages_blocks_and_tools(fuzzed):
                           max_size=3),
            tools=st.lists(st.fixed_dictionaries({}, optional={"name": st.just("f") | json_values,
                                                               "input_schema": schemas | json_values,
-                                                              "description": json_values}), max_size=2),
+                                                              "description": json_values,
+                                                              "type": st.just("custom") | json_values}), max_size=2),
            fields=st.dictionaries(st.sampled_from(["tool_choice", "system", "thinking", "stop_sequences",
-                                                   "stream"]), json_values | st.lists(content_blocks, max_size=2),
-                                  max_size=3))
+                                                   "stream", "mcp_servers", "container"]),
+                                  json_values | st.lists(content_blocks, max_size=2), max_size=3))
     def run(turns, tools, fields):
         messages = [{"role": "user", "content": "Hi"}, *({"role": r, "content": c} for r, c in turns)]
         _post_answered(fuzzed, "/v1/messages", {**fields, "messages": messages, "tools": tools, "max_tokens": 2})
