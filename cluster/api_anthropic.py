@@ -11,7 +11,7 @@ guards, sampling, the context check and the reply's end are the OpenAI endpoints
 import json
 import uuid
 
-from .api_requests import Prompt, _number, _stop, _thinking, _typed, shaping_fields
+from .api_requests import Prompt, _number, _stop, _thinking, _typed, shaping_fields, thinking_budget
 from .api_responses import ApiError, Completion, sse
 from .generation import GenerationResult, Piece
 from .structured import constraint_spec
@@ -138,7 +138,8 @@ def messages_prompt(body: dict, tokenizer) -> Prompt:
         ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra)
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
-    return Prompt(list(ids), max_tokens, max_tokens, "messages", raw=False, constraint=constraint)
+    return Prompt(list(ids), max_tokens, max_tokens, "messages", raw=False, constraint=constraint,
+                  thinking_budget=thinking_budget(body))
 
 
 def openai_fields(body: dict) -> dict:

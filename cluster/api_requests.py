@@ -67,6 +67,7 @@ class Prompt:
     top_logprobs: int = 0  # alternatives reported beside each token (with logprobs)
     constraint: ConstraintSpec | None = None
     prediction: list = dataclasses.field(default_factory=list)  # token ids the reply is expected to be
+    thinking_budget: int | None = None  # reasoning tokens, at most
 
 
 async def read_body(request: Request, coordinator) -> dict:
@@ -99,7 +100,8 @@ def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLo
     params.top_logprobs = p.top_logprobs
     generation = GenerationRequest(p.ids, p.max_tokens, params, default_max_tokens=p.default_max_tokens,
                                    stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
-                                   constraint=p.constraint, speculate=_speculate(body), prediction=p.prediction)
+                                   constraint=p.constraint, speculate=_speculate(body), prediction=p.prediction,
+                                   thinking_budget=p.thinking_budget)
     flags = _stream_flags(body)
     n = _number(body, "n", 1, low=1, high=MAX_CHOICES, integer=True)
     if n > 1 and flags["stream"]:
@@ -160,7 +162,8 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     except Exception as e:  # the template refused these messages
         raise ApiError(400, f"`messages` cannot be rendered with the model's chat template: {e}", "messages")
     return Prompt(ids, max_tokens, DEFAULT_MAX_TOKENS, "messages", raw=False, logprobs=bool(logprobs),
-                  top_logprobs=top_logprobs, constraint=constraint, prediction=_prediction(body, tokenizer))
+                  top_logprobs=top_logprobs, constraint=constraint, prediction=_prediction(body, tokenizer),
+                  thinking_budget=thinking_budget(body))
 
 
 def _prediction(body: dict, tokenizer) -> list:
@@ -344,6 +347,18 @@ def _stream_flags(body: dict) -> dict:
     if include_usage is not None and not isinstance(include_usage, bool):
         raise ApiError(400, "`stream_options.include_usage` must be true or false", "stream_options.include_usage")
     return {"stream": stream, "include_usage": bool(include_usage)}
+
+
+def thinking_budget(body: dict) -> int | None:
+    """Anthropic's `thinking: {"type": "enabled", "budget_tokens": N}` (read on chat completions too):
+    the reply thinks at most N tokens, then </think> is its next one."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") == "disabled" or thinking.get("budget_tokens") is None:
+        return None
+    budget = thinking["budget_tokens"]
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ApiError(400, f"`thinking.budget_tokens` must be an integer >= 0, got {budget!r}", "thinking.budget_tokens")
+    return budget
 
 
 def _thinking(body: dict):

@@ -276,7 +276,8 @@ class Coordinator(pb_grpc.CoordinatorServicer):
                 deadline=arrived + left if left is not None and left < 1e6 else None,
                 cancelled=lambda: not context.is_active(), constraint=self.constraint(request),
                 speculate=request.speculate if request.HasField("speculate") else None,
-                prediction=list(request.prediction_tokens)))
+                prediction=list(request.prediction_tokens),
+                thinking_budget=request.thinking_budget if request.HasField("thinking_budget") else None))
             for piece in generation:
                 token = pb.TokenEvent(id=-1 if piece.token is None else piece.token, text=piece.delta.content,
                                       logprob=piece.logprob or 0.0, top=piece.top)

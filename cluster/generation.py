@@ -19,10 +19,10 @@ from mlx_kimi.constrain import Constraint, ConstraintError, ConstraintSpec, cach
 from mlx_kimi.kimi_tokenizer import count_past
 
 from .generated import kimi_cluster_pb2 as pb
-from .reply import RawText, ReplyDelta, ReplyParser, StopMatcher, prompt_ends_thinking
+from .reply import THINK_END, RawText, ReplyDelta, ReplyParser, StopMatcher, prompt_ends_thinking
 from .sampling import with_defaults
 from .scheduler import GenerateError, sampling_error
-from .shaping import Shaper, check_step, penalties_of
+from .shaping import Shaper, ThinkingBudget, check_step, penalties_of
 
 log = logging.getLogger("kimi_cluster.generation")
 
@@ -45,6 +45,7 @@ class GenerationRequest:
     constraint: ConstraintSpec | None = None  # the grammar the reply is held to (its `thinking` is set here)
     speculate: bool | None = None     # force (True) or disable (False) speculative decoding; None: --speculate
     prediction: list = field(default_factory=list)  # token ids the client expects the reply to be, drafted first
+    thinking_budget: int | None = None  # a reply that starts thinking ends its thinking after this many tokens
 
 
 @dataclass
@@ -142,20 +143,28 @@ class GenerationLoop:
         return Generation(self, request, sampling, max_tokens, self.shaper(request, sampling))
 
     def shaper(self, request: GenerationRequest, sampling: pb.SamplingParams) -> Shaper | None:
-        """The reply's grammar and penalties, kept here where its tokens are (None: neither)."""
+        """The reply's grammar, penalties and thinking budget, kept here where its tokens are (None:
+        none of them)."""
         penalties, spec = penalties_of(sampling), request.constraint
         try:
             check_step(pb.ForwardRequest(sampling=sampling), self.vocab_size)
         except ValueError as e:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        thinking = prompt_ends_thinking(self.tokenizer, request.prompt)
+        budget = None
+        if request.thinking_budget is not None and thinking:
+            budget = ThinkingBudget(request.thinking_budget, self.tokenizer.convert_tokens_to_ids(THINK_END),
+                                    self.vocab_size)
+        constraint = None
         if spec is not None and spec.constrains:
-            spec = dataclasses.replace(spec, thinking=prompt_ends_thinking(self.tokenizer, request.prompt))
+            spec = dataclasses.replace(spec, thinking=thinking)
             try:
                 constraint = Constraint.for_spec(spec, self.tokenizer, self.vocab_size, self.tokenizer.eos_token_ids)
             except ConstraintError as e:
                 raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-            return Shaper(request.prompt, penalties, constraint)
-        return Shaper(request.prompt, penalties) if penalties.active else None
+        if constraint is None and budget is None and not penalties.active:
+            return None
+        return Shaper(request.prompt, penalties, constraint, budget)
 
     def warm(self) -> None:
         """Build the grammar engine's tokenizer now (about 2 s for Kimi's 163,840 tokens on a slow

@@ -73,17 +73,37 @@ def shape_logits(logits: mx.array, request: pb.ForwardRequest) -> mx.array:
 
 
 @dataclass
+class ThinkingBudget:
+    """A reply that starts inside <think> may think `tokens` tokens: the next one is </think>."""
+    tokens: int
+    think_end: int
+    vocab_size: int
+
+    def due(self, reply: list) -> bool:
+        """Whether the token after `reply` must be </think>: it has thought its tokens, and not ended."""
+        return len(reply) == self.tokens and self.think_end not in reply
+
+    def mask(self) -> np.ndarray:
+        words = np.zeros(words_for(self.vocab_size), dtype=np.uint32)
+        words[self.think_end // 32] = np.uint32(1 << (self.think_end % 32))
+        return words
+
+
+@dataclass
 class Shaper:
     """One reply's shaping, kept where its tokens are: fills each sampling step's fields."""
     prompt: list
     penalties: Penalties
     constraint: Constraint | None = None
+    budget: ThinkingBudget | None = None
 
     def fill(self, request: pb.ForwardRequest, reply: list) -> None:
         """Set `request`'s allowed_tokens and penalty_history for sampling after `reply`."""
         if self.constraint is not None:
             self.constraint.sync(reply)
             request.allowed_tokens = self.constraint.mask().tobytes()
+        if self.budget is not None and self.budget.due(reply):
+            request.allowed_tokens = self.budget.mask().tobytes()  # thinking ends here, whatever else allowed
         size = self.penalties.history_size
         if size:
             tail = (self.prompt[-size:] + reply)[-size:] if len(reply) < size else reply[-size:]

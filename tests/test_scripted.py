@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from unittest.mock import ANY as ANY_MESSAGE
 
+import anthropic
 import mlx.core as mx
 import mlx_lm
 import openai
@@ -118,6 +119,52 @@ def test_api_instant_mode_skips_the_thinking(api, client):
     reply = create(client, api, extra_body={"thinking": False})
     assert reply.choices[0].message.content == CONTENT
     assert not (reply.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def budgeted_reply(scripted_dir, budget: int) -> str:
+    """mlx-lm's greedy reply to MESSAGES with </think> forced after `budget` reasoning tokens (a
+    logits processor leaving it the only choice), decoded whole."""
+    model, tokenizer = mlx_lm.load(str(scripted_dir))
+    prompt = tokenizer.apply_chat_template(MESSAGES, tools=[WEATHER_TOOL], add_generation_prompt=True)
+    think_end = tokenizer.convert_tokens_to_ids("</think>")
+
+    def force(tokens, logits):
+        if len(tokens) - len(prompt) == budget:
+            return mx.where(mx.arange(logits.shape[-1]) == think_end, logits, -mx.inf)
+        return logits
+
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=80, logits_processors=[force]):
+        if int(token) in tokenizer.eos_token_ids:
+            break
+        out.append(int(token))
+    return tokenizer.decode(out)
+
+
+@pytest.mark.parametrize("budget", [0, 2])
+def test_a_thinking_budget_ends_the_thinking_as_mlx_lm_forced_does(api, client, scripted_dir, budget):
+    """`thinking: {"type": "enabled", "budget_tokens": N}` (Anthropic's, read on both APIs): after N
+    reasoning tokens the next is </think>, then the reply goes on as the model goes on."""
+    want = budgeted_reply(scripted_dir, budget)
+    reasoning, rest = want.split("</think>")
+    assert len(reasoning) < len(REASONING) and rest.startswith(CONTENT)  # the budget cut the thinking short
+    reply = create(client, api, extra_body={"thinking": {"type": "enabled", "budget_tokens": budget}})
+    message = reply.choices[0].message
+    assert ((message.model_extra or {}).get("reasoning_content") or "", message.content) == (reasoning, CONTENT)
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+    with anthropic.Anthropic(base_url=api.api_url.removesuffix("/v1"), api_key=API_KEY, max_retries=0) as claude:
+        message = claude.messages.create(model=api.model_name, max_tokens=80, system="Be brief.", tools=[{
+            "name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}],
+            messages=[{"role": "user", "content": "Weather?"}],
+            thinking={"type": "enabled", "budget_tokens": budget}, extra_body={"temperature": 0})
+    blocks = {b.type: b for b in message.content}
+    assert (blocks["thinking"].thinking if "thinking" in blocks else "") == reasoning
+    assert blocks["text"].text == CONTENT and blocks["tool_use"].name == "get_weather"
+
+
+def test_a_bad_thinking_budget_is_refused_naming_it(api, client):
+    with pytest.raises(openai.BadRequestError, match="`thinking.budget_tokens` must be an integer >= 0"):
+        create(client, api, extra_body={"thinking": {"type": "enabled", "budget_tokens": -1}})
 
 
 def test_a_right_prediction_is_verified_many_tokens_a_step(api, scripted_dir):

@@ -382,7 +382,7 @@ class Speculation(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling", "response_format_json", "tool_choice_json", "speculate", "prediction_tokens")
+    __slots__ = ("messages_json", "prompt_tokens", "tools_json", "thinking", "max_tokens", "sampling", "response_format_json", "tool_choice_json", "speculate", "prediction_tokens", "thinking_budget")
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +393,7 @@ class GenerateRequest(_message.Message):
     TOOL_CHOICE_JSON_FIELD_NUMBER: _ClassVar[int]
     SPECULATE_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    THINKING_BUDGET_FIELD_NUMBER: _ClassVar[int]
     messages_json: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     tools_json: str
@@ -403,7 +404,8 @@ class GenerateRequest(_message.Message):
     tool_choice_json: str
     speculate: bool
     prediction_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, messages_json: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., tools_json: _Optional[str] = ..., thinking: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format_json: _Optional[str] = ..., tool_choice_json: _Optional[str] = ..., speculate: _Optional[bool] = ..., prediction_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    thinking_budget: int
+    def __init__(self, messages_json: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., tools_json: _Optional[str] = ..., thinking: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format_json: _Optional[str] = ..., tool_choice_json: _Optional[str] = ..., speculate: _Optional[bool] = ..., prediction_tokens: _Optional[_Iterable[int]] = ..., thinking_budget: _Optional[int] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("id", "text", "logprob", "top")
