@@ -52,6 +52,7 @@ def script_ids(tokenizer, script: str) -> list:
     if not pieces:
         raise ScriptError("the script is empty")
     successor: dict = {}
+    encoded: dict = {}  # chunk -> its ids: the search tries the same chunks again and again
     steps = 0
 
     def chain(prev, ids):
@@ -81,7 +82,10 @@ def script_ids(tokenizer, script: str) -> list:
         text, special = pieces[piece]
         ends = [len(text)] if special else range(min(len(text), pos + MAX_CHUNK_CHARS), pos, -1)
         for end in ends:
-            ids = tokenizer.encode(text if special else text[pos:end], add_special_tokens=False)
+            chunk = text if special else text[pos:end]
+            if chunk not in encoded:
+                encoded[chunk] = tokenizer.encode(chunk, add_special_tokens=False)
+            ids = encoded[chunk]
             made = chain(prev, ids)
             if made is None:
                 continue
