@@ -142,6 +142,8 @@ def too_long(e: ContextTooLong, field: str) -> ApiError:
 def chat_prompt(body: dict, tokenizer) -> Prompt:
     messages = _messages(body)
     thinking = _thinking(body)
+    if thinking is None and _typed(body, "reasoning_effort", str, 'a string such as "none" or "high"') == "none":
+        thinking = False  # OpenAI's way to ask for no reasoning: Kimi's instant mode
     max_tokens = _number(body, "max_completion_tokens", None, low=1, integer=True)
     max_tokens = _number(body, "max_tokens", max_tokens, low=1, integer=True)
     tools = body.get("tools")

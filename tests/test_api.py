@@ -153,8 +153,8 @@ def test_models_lists_the_served_model(api, client, tiny_dir):
     assert [m.id for m in client.models.list().data] == [api.model_name]
 
 
-@pytest.mark.parametrize("how", [{"thinking": False}, {"chat_template_kwargs": {"thinking": False}}],
-                         ids=["thinking", "chat_template_kwargs"])
+@pytest.mark.parametrize("how", [{"thinking": False}, {"chat_template_kwargs": {"thinking": False}},
+                                 {"reasoning_effort": "none"}], ids=["thinking", "chat_template_kwargs", "reasoning_effort"])
 def test_greedy_without_thinking_matches_mlx_lm(api, client, expect, how):
     messages = chat("Hi!")
     want = expect(messages, 40, thinking=False)
