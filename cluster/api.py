@@ -103,6 +103,8 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
         job, generations = await anyio.to_thread.run_sync(prepare, prompt, body, arrived, limiter=preparing)
         out = shape(model_name, tokenizer, job.logprobs)
         out.prompt_tokens = len(job.generation.prompt)
+        if job.echo:  # /v1/completions
+            out.echoed, out.keep_reply = job.generation.prompt, job.keep_reply
         if job.stream:
             return StreamingResponse(stream_reply(generations[0], out, job.include_usage, stream_steps),
                                      media_type="text/event-stream")

@@ -34,7 +34,6 @@ IMAGE_PARTS = ("image_url", "image", "input_image")
 # Accepted by OpenAI, not done here: a request that asks for them is refused rather than ignored.
 UNSUPPORTED = {  # asked for when the function says so; a reply without them would be a wrong one
     "best_of": lambda v: v not in (None, 1),
-    "echo": bool,
     "suffix": bool,
     "audio": lambda v: v is not None,  # Kimi reads and writes text only
     "modalities": lambda v: v not in (None, ["text"]),
@@ -52,6 +51,8 @@ class ApiRequest:
     include_usage: bool
     logprobs: bool = False
     n: int = 1  # replies wanted; each draws with seed + its index when a seed is given
+    echo: bool = False        # the reply's text (and logprobs) begin with the prompt's
+    keep_reply: bool = True   # False: max_tokens 0, the prompt is only scored (the one token drawn is dropped)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Prompt:
     constraint: ConstraintSpec | None = None
     prediction: list = dataclasses.field(default_factory=list)  # token ids the reply is expected to be
     thinking_budget: int | None = None  # reasoning tokens, at most
+    echo: bool = False
+    keep_reply: bool = True
 
 
 async def read_body(request: Request, coordinator) -> dict:
@@ -101,13 +104,15 @@ def read_request(body: dict, arrived: float, model_name: str, loop: GenerationLo
     generation = GenerationRequest(p.ids, p.max_tokens, params, default_max_tokens=p.default_max_tokens,
                                    stops=_stop(body), raw=p.raw, deadline=_deadline(body, arrived), arrived=arrived,
                                    constraint=p.constraint, speculate=_speculate(body), prediction=p.prediction,
-                                   thinking_budget=p.thinking_budget)
+                                   thinking_budget=p.thinking_budget, score_prompt=p.echo and p.logprobs)
     flags = _stream_flags(body)
     n = _number(body, "n", 1, low=1, high=MAX_CHOICES, integer=True)
     if n > 1 and flags["stream"]:
         raise ApiError(400, "`n` > 1 is not streamed here: ask for the replies whole, or send one request per reply",
                        "n", "unsupported_parameter")
-    return ApiRequest(generation, p.field, logprobs=p.logprobs, n=n, **flags)
+    if p.echo and flags["stream"]:
+        raise ApiError(400, "`echo` is not streamed here: ask for the reply whole", "echo", "unsupported_parameter")
+    return ApiRequest(generation, p.field, logprobs=p.logprobs, n=n, echo=p.echo, keep_reply=p.keep_reply, **flags)
 
 
 def start(loop: GenerationLoop, request: ApiRequest) -> list:
@@ -140,6 +145,9 @@ def too_long(e: ContextTooLong, field: str) -> ApiError:
 
 
 def chat_prompt(body: dict, tokenizer) -> Prompt:
+    if body.get("echo"):
+        raise ApiError(400, "not supported by kimi-cluster: `echo` on chat completions (it is /v1/completions' field: "
+                            "send the raw prompt there)", "echo", "unsupported_parameter")
     messages = _messages(body)
     thinking = _thinking(body)
     if thinking is None and _typed(body, "reasoning_effort", str, 'a string such as "none" or "high"') == "none":
@@ -200,16 +208,24 @@ def shaping_fields(read: Callable, *args):
 
 
 def text_prompt(body: dict, tokenizer) -> Prompt:
+    """A raw prompt: text, or token ids (as evaluation harnesses send them). `echo` puts the prompt
+    before the reply; with `logprobs`, every prompt token after the first is scored (lm-eval's
+    loglikelihood requests), and `max_tokens` 0 scores the prompt alone."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "`prompt` must be a non-empty string (one prompt per request)", "prompt")
-    try:
-        ids = tokenizer.encode(prompt)
-    except ContextTooLong as e:
-        raise too_long(e, "prompt") from e
-    max_tokens = _number(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, low=1, integer=True)
+    if _token_ids(prompt):
+        ids = list(prompt)  # the generation loop checks them against the vocabulary and the context
+    elif isinstance(prompt, str) and prompt:
+        try:
+            ids = tokenizer.encode(prompt)
+        except ContextTooLong as e:
+            raise too_long(e, "prompt") from e
+    else:
+        raise ApiError(400, "`prompt` must be a non-empty string or a list of token ids (one prompt per request)",
+                       "prompt")
+    echo = bool(_typed(body, "echo", bool, "true or false"))
+    max_tokens = _number(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, low=0 if echo else 1, integer=True)
     # the legacy field: how many alternatives to report beside each token (0: the token's own only)
     top = None if body.get("logprobs") is None or body.get("logprobs") is False else \
         _number(body, "logprobs", None, low=0, high=MAX_TOP_LOGPROBS, integer=True)
@@ -217,7 +233,13 @@ def text_prompt(body: dict, tokenizer) -> Prompt:
         if body.get(name) is not None:
             raise ApiError(400, f"`{name}` is a chat completions field: send it to /v1/chat/completions", name,
                            "unsupported_parameter")
-    return Prompt(ids, max_tokens, max_tokens, "prompt", raw=True, logprobs=top is not None, top_logprobs=top or 0)
+    return Prompt(ids, max(max_tokens, 1), max(max_tokens, 1), "prompt", raw=True, logprobs=top is not None,
+                  top_logprobs=top or 0, echo=echo, keep_reply=max_tokens > 0)
+
+
+def _token_ids(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and \
+        all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
 
 
 def check_model(body: dict, model_name: str) -> None:

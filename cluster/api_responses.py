@@ -3,6 +3,7 @@
 thread of its own, or a stream of server-sent events with keepalive comments."""
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -145,33 +146,48 @@ class TextCompletion(Completion):
     def __init__(self, model: str, tokenizer, logprobs: bool = False):
         super().__init__(model, tokenizer, logprobs)
         self.streamed_text = 0  # characters of token text streamed so far (the next text_offset)
+        self.echoed: list | None = None  # `echo`: the prompt's ids, which the reply's text begins with
+        self.keep_reply = True  # False: max_tokens 0 (the prompt scored alone; the token drawn is dropped)
+
+    def whole(self, pieces: list, result: GenerationResult) -> dict:
+        if not self.keep_reply:
+            pieces, result = [], dataclasses.replace(result, completion_tokens=0)
+        return super().whole(pieces, result)
 
     def choice(self, pieces: list, result: GenerationResult) -> dict:
         text = "".join(p.delta.content for p in pieces)
-        logprobs = self.legacy_logprobs(pieces, 0)[0] if self.logprobs else None
+        entries = [(p.token, p.logprob, p.top) for p in pieces if p.token is not None]
+        if self.echoed is not None:
+            text = self.tokenizer.decode(self.echoed) + text
+            scores = result.prompt_logprobs or [(None, None)] * (len(self.echoed) - 1)
+            entries = [(self.echoed[0], None, None)] + [(token, logprob, top) for token, (logprob, top)
+                                                         in zip(self.echoed[1:], scores)] + entries
+        logprobs = self.legacy_logprobs(entries, 0)[0] if self.logprobs else None
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
     def events(self, piece: Piece) -> list:
         logprobs = None
         if self.logprobs and piece.token is not None:
-            logprobs, self.streamed_text = self.legacy_logprobs([piece], self.streamed_text)
+            logprobs, self.streamed_text = self.legacy_logprobs([(piece.token, piece.logprob, piece.top)],
+                                                                self.streamed_text)
         return [self.chunk({"text": piece.delta.content, "logprobs": logprobs, "finish_reason": None})] \
             if piece.delta.content or logprobs else []
 
-    def legacy_logprobs(self, pieces: list, offset: int) -> tuple:
-        """(the pieces' tokens in the legacy completions shape, the offset after them): each token's
-        text and logprob, its alternatives by text (the token itself always among them, as OpenAI
-        gives it), and where its text starts (`offset` for the first)."""
+    def legacy_logprobs(self, entries: list, offset: int) -> tuple:
+        """(tokens in the legacy completions shape, the offset after them) for `entries` of (token,
+        logprob, TopLogprobs or None): each token's text and logprob, its alternatives by text (the
+        token itself always among them, as OpenAI gives it), and where its text starts (`offset`
+        for the first). An echoed prompt's first token has no logprob: null, and no alternatives."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for piece in pieces:
-            if piece.token is None:
-                continue
-            text = self.tokenizer.decode([piece.token])
-            alternatives = {}
-            for token, logprob in zip(piece.top.tokens, piece.top.logprobs) if piece.top is not None else ():
-                alternatives.setdefault(self.tokenizer.decode([token]), logprob)
-            alternatives.setdefault(text, piece.logprob)
-            for key, value in (("tokens", text), ("token_logprobs", piece.logprob), ("top_logprobs", alternatives),
+        for token, logprob, top in entries:
+            text = self.tokenizer.decode([token])
+            alternatives = None
+            if logprob is not None:
+                alternatives = {}
+                for other, other_logprob in zip(top.tokens, top.logprobs) if top is not None else ():
+                    alternatives.setdefault(self.tokenizer.decode([other]), other_logprob)
+                alternatives.setdefault(text, logprob)
+            for key, value in (("tokens", text), ("token_logprobs", logprob), ("top_logprobs", alternatives),
                                ("text_offset", offset)):
                 out[key].append(value)
             offset += len(text)

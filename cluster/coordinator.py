@@ -222,12 +222,14 @@ class Coordinator(pb_grpc.CoordinatorServicer):
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
-                 deadline: float | None = None, shaper=None, speculate: bool | None = None, prediction: list = ()):
+                 deadline: float | None = None, shaper=None, speculate: bool | None = None, prediction: list = (),
+                 score_prompt: bool = False):
         """Yield (token id, logprob, TopLogprobs or None) for `prompt`: Scheduler.generate, once the
         cluster is ready."""
         if self.state != "ready":
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, f"cluster is {self.state}: {self.message}")
-        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper, speculate, prediction)
+        yield from self.scheduler.generate(prompt, max_tokens, sampling, stats, deadline, shaper, speculate, prediction,
+                                           score_prompt)
 
     def prompt_tokens(self, request: pb.GenerateRequest, max_tokens: int) -> list:
         if request.prompt_tokens:

@@ -46,6 +46,7 @@ class GenerationRequest:
     speculate: bool | None = None     # force (True) or disable (False) speculative decoding; None: --speculate
     prediction: list = field(default_factory=list)  # token ids the client expects the reply to be, drafted first
     thinking_budget: int | None = None  # a reply that starts thinking ends its thinking after this many tokens
+    score_prompt: bool = False  # compute each prompt token's logprob (GenerationResult.prompt_logprobs)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class GenerationResult:
     ttft_s: float
     decode_s: float  # from the first token to the last
     stop_sequence: str | None = None  # the stop string that ended the reply
+    prompt_logprobs: list | None = None  # with score_prompt: (logprob, TopLogprobs or None) of prompt[1:]
 
 
 class ContextTooLong(GenerateError):
@@ -112,8 +114,8 @@ class GenerationLoop:
 
     def __init__(self, tokenizer, context: int, sampling_defaults: dict, tokens: Callable,
                  chain_names: Callable[[], list], vocab_size: int):
-        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate, prediction) yields
-        # (token id, logprob, top): Coordinator.generate
+        # tokens(prompt, max_tokens, sampling, stats, deadline, shaper, speculate, prediction, score_prompt)
+        # yields (token id, logprob, top): Coordinator.generate
         self.tokenizer, self.context, self.sampling_defaults = tokenizer, context, sampling_defaults
         self.vocab_size = vocab_size  # the head's outputs: top_k must stay below it
         self.tokens, self.chain_names = tokens, chain_names
@@ -230,7 +232,7 @@ class Generation:
         loop.started()
         parser, stop, eos = self._parser(), StopMatcher(request.stops), loop.tokenizer.eos_token_ids
         tokens = loop.tokens(request.prompt, self.max_tokens, self.sampling, self.stats, request.deadline,
-                             self.shaper, request.speculate, request.prediction)
+                             self.shaper, request.speculate, request.prediction, request.score_prompt)
         count, first, last, ended, finish = 0, None, None, None, "error"
         try:
             for token, logprob, top in tokens:
@@ -263,5 +265,5 @@ class Generation:
                 prompt_tokens=len(request.prompt), completion_tokens=count,
                 cached_tokens=self.stats.get("cached_tokens", 0),
                 ttft_s=(first or now) - request.arrived, decode_s=(last - first) if first else 0.0,
-                stop_sequence=stop.matched)
+                stop_sequence=stop.matched, prompt_logprobs=self.stats.get("prompt_logprobs"))
             loop.finished(self.result, self.stats)

@@ -89,8 +89,14 @@ def produced_by(reply: pb.ForwardReply) -> list:
     """(token, logprob, its TopLogprobs or None: sampling.top_logprobs) for every token a sampling
     step produced: its accepted draft and one more, or its one token."""
     pairs = list(zip(reply.tokens, reply.logprobs)) or [(reply.token, reply.logprob)]
-    tops = list(reply.top)
-    return [(token, logprob, tops[i] if i < len(tops) else None) for i, (token, logprob) in enumerate(pairs)]
+    return [(token, logprob, top) for (token, logprob), top in zip(pairs, _tops(reply, len(pairs)))]
+
+
+def _tops(reply: pb.ForwardReply, n: int | None = None) -> list:
+    """The reply's TopLogprobs per token or position, None for each where none came (n of them,
+    or as many as its logprobs)."""
+    n = len(reply.logprobs) if n is None else n
+    return list(reply.top)[:n] + [None] * (n - len(reply.top))
 
 
 def deadline_message(when: str, running: int) -> str:
@@ -309,7 +315,7 @@ class Scheduler:
 
     def generate(self, prompt: list, max_tokens: int, sampling: pb.SamplingParams, stats: dict | None = None,
                  deadline: float | None = None, shaper: Shaper | None = None, speculate: bool | None = None,
-                 prediction: list = ()):
+                 prediction: list = (), score_prompt: bool = False):
         """Yield (token id, logprob, TopLogprobs or None) like mlx-lm's generate_step: prefill
         prompt[:-1] in chunks, then the last prompt token, then one token at a time, or with a
         draft of the next ones (speculation.py; `speculate` forces or disables it, None leaves it
@@ -322,13 +328,18 @@ class Scheduler:
         `deadline` (time.monotonic(): the client's) bounds the whole request, its wait behind
         other requests included; without one it runs as long as the chain is alive (a busy
         cluster only makes it slower). `shaper` (shaping.py) gives every sampling step the
-        grammar's mask and the penalties' history for the reply so far, replays included."""
+        grammar's mask and the penalties' history for the reply so far, replays included.
+        `score_prompt`: the prompt is prefilled whole (no cached prefix) with each token's logprob
+        after the ones before it computed at the last stage: stats["prompt_logprobs"] receives
+        (logprob, TopLogprobs or None) for prompt[1:]."""
         stats = {} if stats is None else stats
         began = time.monotonic()
         if deadline and began >= deadline:
             raise GenerateError(grpc.StatusCode.DEADLINE_EXCEEDED, deadline_message(
                 "before it started: it waited its turn", self.running))
         session_id, cached = self.sessions.claim(prompt)
+        if score_prompt:  # every position is computed again (the stages trim the session's caches to 0)
+            cached = 0
         spec = pb.Speculation()  # this request's sampling steps
         stats.update(session_id=session_id, cached_tokens=cached, speculation=spec)
         max_positions = len(prompt) + max_tokens
@@ -341,12 +352,14 @@ class Scheduler:
                                                  predicted=bool(prediction)), self.step_cost)
         lookup = PromptLookup(prompt, prediction)
 
-        def request(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None, drafted=()):
+        def request(tokens: list, offset: int, sample: bool, new_generation: bool = False, rng=None, drafted=(),
+                    targets=()):
             r = pb.ForwardRequest(session_id=session_id, sampling=sampling, max_positions=max_positions,
                                   offset=offset, sample=sample, new_generation=new_generation,
                                   coordinator_id=self.membership.coordinator_id, draft=drafted)
             r.tokens.extend(tokens)
             r.tokens.extend(drafted)
+            r.targets.extend(targets)
             if rng is not None:
                 r.rng_state = rng
             if sample and shaper is not None:  # the mask and history tail for the reply so far
@@ -355,9 +368,13 @@ class Scheduler:
 
         def run_steps(requests: list) -> pb.ForwardReply:
             """Send a session's steps down the chain together; the last one's reply."""
+            return run_all(requests)[-1]
+
+        def run_all(requests: list) -> list:
+            """Send a session's steps down the chain together; their replies."""
             while True:
                 try:
-                    return self._forward(requests, deadline)[-1]
+                    return self._forward(requests, deadline)
                 except SilentStep as e:
                     raise SessionLost(e.code, e.message) from e
                 except StageError as e:
@@ -383,16 +400,26 @@ class Scheduler:
                 self.step_cost.record(1 + len(draft), time.monotonic() - began)
             return reply
 
-        def prefill(tokens: list, offset: int, sample: bool = True) -> list:
+        def prefill(tokens: list, offset: int, sample: bool = True, score: bool = False) -> list:
             """The steps of a prefill: chunks of at most prefill_chunk tokens, then the last token
             alone (sampled unless replaying). They are sent at once: chunk k+1 enters the first
-            stage while chunk k is on the next one, and decodes run between chunks on every stage."""
+            stage while chunk k is on the next one, and decodes run between chunks on every stage.
+            `score`: each chunk asks for the logprob of the token after each of its positions."""
             steps = []
             while len(tokens) - offset > 1:
                 n = min(self.prefill_chunk, len(tokens) - offset - 1)
-                steps.append(request(tokens[offset:offset + n], offset, sample=False))
+                steps.append(request(tokens[offset:offset + n], offset, sample=False,
+                                     targets=tokens[offset + 1:offset + n + 1] if score else ()))
                 offset += n
             return steps + [request(tokens[offset:], offset, sample=sample, new_generation=sample)]
+
+        def start(offset: int) -> pb.ForwardReply:
+            """The prompt's prefill from `offset` and the first token (scoring the prompt if asked)."""
+            replies = run_all(prefill(prompt, offset, score=score_prompt))
+            if score_prompt:
+                stats["prompt_logprobs"] = [(logprob, top) for chunk in replies[:-1]
+                                            for logprob, top in zip(chunk.logprobs, _tops(chunk))]
+            return replies[-1]
 
         def resume() -> pb.ForwardReply:
             """A new session on the chain as it is now, computing what the lost one held in the
@@ -405,7 +432,7 @@ class Scheduler:
             session_id = uuid.uuid4().hex
             stats.update(session_id=session_id, cached_tokens=0)
             if not generated:
-                return run_steps(prefill(prompt, 0))
+                return start(0)
             replay, offset = [], 0
             for width in widths:
                 replay.append(request(generated[offset:offset + width], len(prompt) + offset, sample=False))
@@ -430,7 +457,7 @@ class Scheduler:
         with self._ring_lock:
             self.running += 1
         try:
-            reply, guess = attempt(lambda: run_steps(prefill(prompt, cached))), []
+            reply, guess = attempt(lambda: start(cached)), []
             while True:
                 produced = produced_by(reply)
                 rng_state = reply.rng_state

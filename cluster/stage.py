@@ -76,6 +76,7 @@ def _onward(request: pb.ForwardRequest, out: mx.array) -> pb.ForwardRequest:
         session_id=request.session_id, offset=request.offset, sample=request.sample,
         sampling=request.sampling, max_positions=request.max_positions, new_generation=request.new_generation,
         coordinator_id=request.coordinator_id, reply_to=request.reply_to, ticket=request.ticket, draft=request.draft,
+        targets=request.targets,
     )
     encode_tensor(out, onward.hidden)
     if request.HasField("rng_state"):
@@ -99,6 +100,28 @@ def _check_draft(request: pb.ForwardRequest, positions: int, vocab: int, first: 
     if request.allowed_tokens or request.penalty_history or penalties_of(request.sampling).active:
         raise WireError("a step with a grammar mask or penalties cannot carry a draft (each position's mask "
                         "depends on the token before it)")
+
+
+def _check_targets(request: pb.ForwardRequest, positions: int, vocab: int):
+    """Scoring targets: one token per position of a prefill step."""
+    if request.sample:
+        raise WireError("`targets` score a prefill step: a sampling step has none")
+    if len(request.targets) != positions:
+        raise WireError(f"`targets` holds a token for each of the step's {positions} positions, not {len(request.targets)}")
+    if any(not 0 <= t < vocab for t in request.targets):
+        raise WireError(f"target token ids must be in [0, {vocab})")
+
+
+def _scored(out: mx.array, request: pb.ForwardRequest) -> pb.ForwardReply:
+    """A scored prefill step's reply: each target's logprob after its position (and, with
+    top_logprobs, each position's most likely tokens), from the raw logits."""
+    logits = out[0]
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    reply = pb.ForwardReply(sampled=False)
+    reply.logprobs.extend(logprobs[mx.arange(logits.shape[0]), mx.array(list(request.targets))].tolist())
+    if request.sampling.top_logprobs:
+        reply.top.extend(most_likely(logprobs, request.sampling.top_logprobs))
+    return reply
 
 
 def _streamed(reply: Future, seq: int) -> pb.ForwardReply:
@@ -152,14 +175,15 @@ class Stage:
 
     def request_limit(self) -> tuple[int, str]:
         """(bytes, why): the largest Forward message this stage can be sent, from its plan: its
-        prefill chunk of hidden states (float32 at most; token ids on the first stage) and what a
-        sampling step adds (the grammar's mask, the penalties' history). Nothing loaded: a control
-        message's, as every step is refused then."""
+        prefill chunk of hidden states (float32 at most; token ids on the first stage) with a scoring
+        target each, and what a sampling step adds (the grammar's mask, the penalties' history).
+        Nothing loaded: a control message's, as every step is refused then."""
         loaded = self.loaded
         if loaded is None:
             return CONTROL_MESSAGE_BYTES, "no slice is loaded here"
         args = loaded.slice.args
         per_position = 5 if loaded.slice.is_first else 4 * args.hidden_size  # a varint token id; a float32 row
+        per_position += 5  # a varint target
         extras = 4 * words_for(args.vocab_size) + 5 * MAX_CONTEXT + CONTROL_MESSAGE_BYTES
         return (loaded.prefill_chunk * per_position + extras,
                 f"its planned prefill chunk of {loaded.prefill_chunk} positions, and a sampling step's mask and history")
@@ -267,6 +291,8 @@ class Stage:
                             f"chunk), not {n}")
         if request.draft:
             _check_draft(request, n, loaded.slice.args.vocab_size, loaded.slice.is_first)
+        if request.targets:
+            _check_targets(request, n, loaded.slice.args.vocab_size)
         if request.offset + n > request.max_positions:  # what the session reserved: it never holds more
             raise WireError(f"chunk ends at position {request.offset + n}, past max_positions {request.max_positions} "
                             "(the positions its session reserves; every request must cover its own)")
@@ -438,7 +464,7 @@ class Stage:
         if not loaded.slice.is_last:
             return out
         if not request.sample:
-            return pb.ForwardReply(sampled=False)
+            return _scored(out, request) if request.targets else pb.ForwardReply(sampled=False)
         if request.new_generation:
             session.sampler = None
         rng_state = request.rng_state if request.HasField("rng_state") else None

@@ -450,6 +450,49 @@ def test_completions_with_logprobs_are_mlx_lms(api, client, oracle, stream):
     assert logprobs["text_offset"] == [sum(map(len, pieces[:i])) for i in range(len(pieces))]
 
 
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_scores_the_prompt_as_mlx_lm_does(api, client, oracle, max_tokens):
+    """/v1/completions with `echo` and `logprobs` (how evaluation harnesses ask for a text's
+    loglikelihood, its prompt as token ids): the text begins with the prompt; every prompt token
+    after the first has mlx-lm's logprob of it after the ones before (a prompt of two prefill chunks:
+    the last stage scores each chunk), with its top alternatives; max_tokens 0 scores it alone."""
+    model, tokenizer = oracle
+    ids = tokenizer.encode(" ".join(map(str, range(100, 220))), add_special_tokens=False)
+    assert 256 < len(ids) < CONTEXT - 4, len(ids)  # past one prefill chunk (256), within the context
+    logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+    scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    reply_ids = []
+    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+        reply_ids.append(int(token))
+    reply = client.completions.create(model=api.model_name, prompt=[ids], max_tokens=max_tokens, temperature=0,
+                                      echo=True, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text == tokenizer.decode(ids) + tokenizer.decode(reply_ids)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), max_tokens)
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in ids + reply_ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    want = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert logprobs.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    for i, got in enumerate(logprobs.top_logprobs[1:len(ids)]):
+        best = {tokenizer.decode([t]): scores[i, t].item() for t in reversed(mx.argsort(-scores[i])[:2].tolist())}
+        best.setdefault(tokenizer.decode([ids[i + 1]]), want[i])
+        assert got == pytest.approx(best, abs=1e-4), i
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "Hi", "echo": True, "stream": True}, "echo"),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": [1, "two"]}, "prompt"),
+    ({"prompt": [[1, 2], [3]]}, "prompt"),
+    ({"prompt": "Hi", "echo": "yes"}, "echo"),
+], ids=["echo-streamed", "max_tokens-0-without-echo", "mixed-ids", "two-prompts", "echo-not-bool"])
+def test_bad_completions_request_is_refused_naming_the_field(api, body, param):
+    status, text = raw(api, "/completions", body)
+    error = json.loads(text)["error"]
+    assert status == 400 and error["param"] == param and f"`{param}`" in error["message"], text
+
+
 def test_generate_events_carry_top_logprobs(api, expect):
     """gRPC Generate (the chat CLI's and any client's): each TokenEvent carries its alternatives."""
     want = expect(chat("Say something."), 24, thinking=False)

@@ -352,6 +352,23 @@ def test_fuzz_chat_messages(fuzzed):
     _unharmed(fuzzed)
 
 
+def test_fuzz_completions_prompts_echo_and_logprobs(fuzzed):
+    """/v1/completions' own shapes: a prompt of text, token ids (nested or not, in range or not) or
+    anything, with echo, logprobs and max_tokens arbitrary."""
+    @FUZZ
+    @given(prompt=st.text(max_size=20) | st.lists(st.integers(-2, 600), max_size=6)
+           | st.lists(st.lists(st.integers(0, 600), max_size=4), max_size=2) | json_values,
+           fields=st.fixed_dictionaries({}, optional={"echo": st.booleans() | json_values,
+                                                      "logprobs": st.integers(-1, 21) | json_values,
+                                                      "max_tokens": st.integers(-1, 3) | json_values,
+                                                      "stream": st.booleans()}))
+    def run(prompt, fields):
+        _post_answered(fuzzed, "/v1/completions", {"max_tokens": 2, **fields, "prompt": prompt})
+
+    _without_tracebacks(fuzzed, run)
+    _unharmed(fuzzed)
+
+
 content_blocks = typed(["text", "thinking", "redacted_thinking", "tool_use", "tool_result", "image", "document"],
                        ["text", "thinking", "id", "name", "input", "tool_use_id", "content", "is_error"])
 

@@ -32,7 +32,8 @@ class MlxLmTokens:
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, prompt, max_tokens, sampling, stats, deadline, shaper=None, speculate=None, prediction=()):
+    def __call__(self, prompt, max_tokens, sampling, stats, deadline, shaper=None, speculate=None, prediction=(),
+                 score_prompt=False):
         self.calls.append((max_tokens, sampling))
         stats.update(session_id="in-process", cached_tokens=0)
 

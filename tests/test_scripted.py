@@ -392,9 +392,10 @@ def script_tokens_until(scripted_dir, stop: str) -> list:
 
 @pytest.mark.parametrize("extra, names", [
     ({"best_of": 2}, "`best_of`"),
-    ({"echo": True, "suffix": "x"}, "`echo`, `suffix`"),
+    ({"best_of": 3, "suffix": "x"}, "`best_of`, `suffix`"),
     ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "`audio`, `modalities`"),
     ({"web_search_options": {}}, "`web_search_options`"),
+    ({"echo": True}, "`echo` on chat completions"),
 ])
 def test_unsupported_parameters_are_refused_by_name(api, client, extra, names):
     with pytest.raises(openai.BadRequestError, match=f"not supported by kimi-cluster: {names}"):
