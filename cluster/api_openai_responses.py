@@ -21,7 +21,7 @@ import uuid
 from .api_requests import DEFAULT_MAX_TOKENS, IMAGE_PARTS, Prompt, _number, _thinking, _typed, too_long
 from .shaping import MAX_TOP_LOGPROBS
 from .api_responses import ApiError, Completion, sse
-from .generation import ContextTooLong, GenerationResult, Piece
+from .generation import ContextTooLong, GenerationResult, Piece, PromptTokenizer
 from .structured import FieldError, constraint_spec
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -238,8 +238,15 @@ def responses_prompt(body: dict, tokenizer) -> Prompt:
         tools = None
     extra = {} if thinking is None else {"thinking": thinking}
     messages = template_messages(body)
+    truncation = body.get("truncation")
+    if truncation not in (None, "auto", "disabled"):
+        raise ApiError(400, '`truncation` must be "auto" or "disabled"', "truncation")
+    if truncation == "auto":  # the oldest turns go until the rest fits with room for max_output_tokens
+        tokenizer = PromptTokenizer(tokenizer.tokenizer, tokenizer.context, max_tokens or 1)
     try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **extra)
+        ids = _rendered(messages, truncation == "auto",
+                        lambda kept: tokenizer.apply_chat_template(kept, tools=tools, add_generation_prompt=True,
+                                                                   **extra))
     except ContextTooLong as e:
         raise too_long(e, "input") from e
     except Exception as e:  # the template refused these messages
@@ -247,6 +254,31 @@ def responses_prompt(body: dict, tokenizer) -> Prompt:
     top_logprobs = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
     return Prompt(list(ids), max_tokens, DEFAULT_MAX_TOKENS, "input", raw=False, constraint=constraint,
                   logprobs=LOGPROBS_INCLUDE in _include(body) or top_logprobs > 0, top_logprobs=top_logprobs)
+
+
+def _rendered(messages: list, truncate: bool, render) -> list:
+    """render(messages); where they do not fit the context (ContextTooLong) and `truncate`, the
+    fewest of the oldest turns are left out that let the rest fit: a cut falls before a user
+    message (a turn's tool calls and results stay together), the leading system messages (the
+    instructions) are kept, and so is the last user turn (if it alone does not fit, the refusal
+    stands)."""
+    try:
+        return render(messages)
+    except ContextTooLong:
+        if not truncate:
+            raise
+    head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    cuts = [i for i in range(head + 1, len(messages)) if messages[i]["role"] == "user"]
+    fitted, low, high = None, 0, len(cuts) - 1
+    while low <= high:  # the first cut that fits (leaving out more only makes it shorter)
+        mid = (low + high) // 2
+        try:
+            fitted, high = render(messages[:head] + messages[cuts[mid]:]), mid - 1
+        except ContextTooLong:
+            low = mid + 1
+    if fitted is None:
+        return render(messages[:head] + messages[cuts[-1]:] if cuts else messages)  # raises the refusal
+    return fitted
 
 
 def _include(body: dict) -> list:

@@ -306,8 +306,9 @@ def test_fuzz_responses_items_and_tools(fuzzed):
     @FUZZ
     @given(items=st.lists(responses_items, max_size=3), tools=st.lists(flat_tools, max_size=2),
            fields=st.dictionaries(st.sampled_from(["tool_choice", "text", "reasoning", "instructions",
-                                                   "parallel_tool_calls", "stream", "include", "top_logprobs"]),
-                                  json_values | st.just(["message.output_text.logprobs"]), max_size=3),
+                                                   "parallel_tool_calls", "stream", "include", "top_logprobs",
+                                                   "truncation"]),
+                                  json_values | st.sampled_from([["message.output_text.logprobs"], "auto"]), max_size=3),
            with_message=st.booleans())
     def run(items, tools, fields, with_message):
         message = [{"role": "user", "content": "Hi"}] if with_message else []

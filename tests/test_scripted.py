@@ -321,6 +321,36 @@ def test_responses_api_refuses_what_it_cannot_do_by_name(api, client, extra, fie
     assert refused.value.body["param"] == field
 
 
+def test_responses_truncation_auto_leaves_out_the_fewest_oldest_turns(api, client):
+    """A conversation past the context (512 here, 80 of it for the reply) is refused, and with
+    `truncation: "auto"` answered from its instructions and the fewest of its latest turns that
+    fit: chat completions on those same messages count the same prompt tokens, and with one turn
+    more they do not fit."""
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"Turn {i}: " + "some earlier words " * 12},
+                  {"role": "assistant", "content": f"Noted {i}."}]
+    turns.append({"role": "user", "content": "Weather?"})
+    with pytest.raises(openai.BadRequestError, match="context"):
+        respond(client, api, input=turns)
+    reply = respond(client, api, input=turns, truncation="auto")
+    assert [(i.type, i.content[0].text) for i in reply.output if i.type == "reasoning"] == [("reasoning", REASONING)]
+
+    def chat_prompt_tokens(kept: list) -> int | None:
+        """The prompt tokens chat completions counts for these turns, None where they do not fit."""
+        try:
+            return client.chat.completions.create(model=api.model_name, max_tokens=80, tools=[WEATHER_TOOL],
+                                                  messages=[{"role": "system", "content": "Be brief."}, *kept]
+                                                  ).usage.prompt_tokens
+        except openai.BadRequestError as e:
+            assert "context" in str(e)
+            return None
+
+    counts = {i: chat_prompt_tokens(turns[i:]) for i in range(2, len(turns), 2)}  # a cut before each user turn
+    fewest = min(i for i, n in counts.items() if n is not None)
+    assert fewest > 2 and counts[fewest] == reply.usage.input_tokens and reply.usage.input_tokens + 80 <= 512, counts
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_api_stop_string_inside_multibyte_text(api, client, stream):
     reply = create(client, api, stop=["界"], stream=stream)
