@@ -114,13 +114,15 @@ def _check_targets(request: pb.ForwardRequest, positions: int, vocab: int):
 
 def _scored(out: mx.array, request: pb.ForwardRequest) -> pb.ForwardReply:
     """A scored prefill step's reply: each target's logprob after its position (and, with
-    top_logprobs, each position's most likely tokens), from the raw logits."""
+    top_logprobs, each position's most likely tokens), from the raw logits. Beyond the chunk's
+    logits (positions x vocabulary) it makes nothing as wide: a row's logsumexp, then the few
+    logits it reports, less it."""
     logits = out[0]
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    reply = pb.ForwardReply(sampled=False)
-    reply.logprobs.extend(logprobs[mx.arange(logits.shape[0]), mx.array(list(request.targets))].tolist())
+    normalizer = mx.logsumexp(logits, axis=-1)  # in the logits' dtype, as a sampling step's logprobs
+    chosen = logits[mx.arange(logits.shape[0]), mx.array(list(request.targets))] - normalizer
+    reply = pb.ForwardReply(sampled=False, logprobs=chosen.tolist())
     if request.sampling.top_logprobs:
-        reply.top.extend(most_likely(logprobs, request.sampling.top_logprobs))
+        reply.top.extend(most_likely(logits, request.sampling.top_logprobs, normalizer))
     return reply
 
 

@@ -109,13 +109,16 @@ def _filtered(logprobs: mx.array, params: pb.SamplingParams) -> mx.array:
 
 
 
-def most_likely(logprobs: mx.array, n: int) -> list:
+def most_likely(logprobs: mx.array, n: int, normalizer: mx.array | None = None) -> list:
     """For each row of `logprobs`, its `n` most likely tokens, most likely first, with their
     logprobs: a TopLogprobs per row. Tokens that cannot be drawn (-inf: masked by a grammar or a
-    bias) are left out, so a row may hold fewer."""
+    bias) are left out, so a row may hold fewer. `normalizer`: `logprobs` are logits, and this,
+    each row's logsumexp, turns the chosen ones into logprobs (no second matrix the vocabulary wide)."""
     n = min(n, logprobs.shape[-1])
     ids = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[:, :n]
     values = mx.take_along_axis(logprobs, ids, axis=-1)
+    if normalizer is not None:
+        values = values - normalizer[:, None]
     order = mx.argsort(-values, axis=-1)
     ids, values = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
     return [pb.TopLogprobs(tokens=[t for t, v in zip(row_ids, row) if v > -math.inf],
