@@ -148,6 +148,10 @@ def chat_prompt(body: dict, tokenizer) -> Prompt:
     if body.get("echo"):
         raise ApiError(400, "not supported by kimi-cluster: `echo` on chat completions (it is /v1/completions' field: "
                             "send the raw prompt there)", "echo", "unsupported_parameter")
+    for name in ("functions", "function_call"):  # a reply without the call asked for would be a wrong one
+        if body.get(name) is not None:
+            raise ApiError(400, f"not supported by kimi-cluster: `{name}` (OpenAI's deprecated function calling): "
+                                "send `tools` and `tool_choice`", name, "unsupported_parameter")
     messages = _messages(body)
     thinking = _thinking(body)
     if thinking is None and _typed(body, "reasoning_effort", str, 'a string such as "none" or "high"') == "none":

@@ -93,9 +93,10 @@ class ChatSession:
     """The conversation and the chat settings; no I/O, so every method is unit-testable."""
 
     def __init__(self, system: str | None = None, thinking: bool | None = None, response_format: str = "",
-                 tools: str = ""):
+                 tools: str = "", thinking_budget: int | None = None):
         self.system = system
         self.thinking: bool | None = thinking  # None: the chat template's default
+        self.thinking_budget = thinking_budget  # a reply thinks at most this many tokens (None: as long as it does)
         self.response_format, self.tools = response_format, tools  # JSON text (--json-schema, --tools)
         self.messages: list = []
         self.last_stats: ReplyStats | None = None
@@ -162,6 +163,8 @@ class ChatSession:
             request.sampling.CopyFrom(sampling)
         if self.thinking is not None:
             request.thinking = self.thinking
+        if self.thinking_budget is not None:
+            request.thinking_budget = self.thinking_budget
         return request
 
 
@@ -286,12 +289,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="start with thinking on (toggle with /think)")
     think.add_argument("--no-thinking", dest="thinking", action="store_const", const=False,
                        help="start with thinking off")
+    p.add_argument("--thinking-budget", metavar="N", type=_budget,
+                   help="a reply thinks at most N tokens: then </think> is its next one, and it answers")
     p.add_argument("--json-schema", metavar="FILE", type=json_file,
                    help="a JSON schema every reply must match (after the thinking); the cluster refuses one it "
                         "cannot enforce, naming the keyword")
     p.add_argument("--tools", metavar="FILE", type=json_file,
                    help="tools the model may call (OpenAI's list of {\"type\": \"function\", ...}); each call's "
                         "arguments are held to its schema and shown as they arrive")
+
+
+def _budget(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"the thinking budget is a number of tokens (0 or more), not {text!r}")
+    return int(text)
 
 
 def json_file(path: str) -> str:
@@ -326,7 +337,7 @@ def run_from_args(args, stub, sampling) -> None:
         print_map(map_json(stub.MemoryMap(pb.MemoryMapRequest(), timeout=30)), console)
 
     session = ChatSession(system=args.system, thinking=args.thinking, response_format=response_format(args),
-                          tools=args.tools or "")
+                          tools=args.tools or "", thinking_budget=args.thinking_budget)
     # Ctrl-C cancels a reply even when this process was started with SIGINT ignored (a shell's
     # background job without job control passes it on so, and Python then keeps it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)

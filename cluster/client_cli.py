@@ -42,6 +42,8 @@ def cmd_chat(args) -> None:
                                  tools_json=args.tools or "")
     if args.thinking is not None:
         request.thinking = args.thinking
+    if args.thinking_budget is not None:
+        request.thinking_budget = args.thinking_budget
     show = None if args.json else (lambda token: print(token.text, end="", flush=True))
     call = stub.Generate(request, timeout=args.timeout)
     try:

@@ -372,6 +372,18 @@ def test_cli_chat_prints_the_scripted_reply(api):
     assert reply["text"] == SCRIPT[len("<think>"):-len("<|im_end|>")] and reply["finish_reason"] == "stop"
 
 
+def test_cli_chat_thinking_budget(api, scripted_dir):
+    """`kimi-cluster chat --thinking-budget N`: the reply's thinking ends after N tokens, as mlx-lm's
+    with </think> forced there (the bigram model's reply does not depend on the rest of the prompt);
+    a budget that is not a count is refused naming the flag."""
+    done = api.cli("chat", "--coordinator", api.coordinator.address, "--prompt", "Weather?", "--json",
+                   "--thinking-budget", "2")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["text"] == budgeted_reply(scripted_dir, 2)
+    refused = api.cli("chat", "--coordinator", api.coordinator.address, "--prompt", "Weather?", "--thinking-budget", "-1")
+    assert refused.returncode == 2 and "--thinking-budget" in refused.stderr and "a number of tokens" in refused.stderr
+
+
 # ---- API completeness --------------------------------------------------------------------------------
 
 
@@ -426,6 +438,8 @@ def script_tokens_until(scripted_dir, stop: str) -> list:
     ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "`audio`, `modalities`"),
     ({"web_search_options": {}}, "`web_search_options`"),
     ({"echo": True}, "`echo` on chat completions"),
+    ({"functions": [{"name": "get_weather", "parameters": {}}]}, "`functions`"),
+    ({"function_call": "auto"}, "`function_call`"),
 ])
 def test_unsupported_parameters_are_refused_by_name(api, client, extra, names):
     with pytest.raises(openai.BadRequestError, match=f"not supported by kimi-cluster: {names}"):
