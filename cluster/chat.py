@@ -322,6 +322,12 @@ def response_format(args) -> str:
     return json.dumps({"type": "json_schema", "json_schema": {"name": "cli", "schema": json.loads(args.json_schema)}})
 
 
+def session_from_args(args) -> ChatSession:
+    """A conversation with the settings `kimi-cluster chat`'s flags give (REPL and --prompt alike)."""
+    return ChatSession(system=args.system, thinking=args.thinking, response_format=response_format(args),
+                       tools=args.tools or "", thinking_budget=args.thinking_budget)
+
+
 def run_from_args(args, stub, sampling) -> None:
     """Run the REPL for parsed `kimi-cluster chat` arguments against a connected coordinator."""
     from .generated import kimi_cluster_pb2 as pb
@@ -336,8 +342,7 @@ def run_from_args(args, stub, sampling) -> None:
     def show_map():
         print_map(map_json(stub.MemoryMap(pb.MemoryMapRequest(), timeout=30)), console)
 
-    session = ChatSession(system=args.system, thinking=args.thinking, response_format=response_format(args),
-                          tools=args.tools or "", thinking_budget=args.thinking_budget)
+    session = session_from_args(args)
     # Ctrl-C cancels a reply even when this process was started with SIGINT ignored (a shell's
     # background job without job control passes it on so, and Python then keeps it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from . import client
 from .auth import AuthError
-from .chat import add_arguments as add_chat_arguments, response_format, run_from_args
+from .chat import add_arguments as add_chat_arguments, run_from_args, session_from_args
 from .cli_args import SECRET_HELP, console, fail
 from .client import DEFAULT_PORT
 from .units import format_bytes
@@ -27,23 +27,15 @@ def _sampling(args):
 
 
 def cmd_chat(args) -> None:
-    from .generated import kimi_cluster_pb2 as pb
-
     if args.prompt is None:
         if args.json:
             fail("--json needs --prompt")
         return run_from_args(args, _connect(args), _sampling(args))
 
     stub = _connect(args)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}]
-    request = pb.GenerateRequest(messages_json=json.dumps(messages), max_tokens=args.max_tokens,
-                                 sampling=_sampling(args), response_format_json=response_format(args),
-                                 tools_json=args.tools or "")
-    if args.thinking is not None:
-        request.thinking = args.thinking
-    if args.thinking_budget is not None:
-        request.thinking_budget = args.thinking_budget
+    session = session_from_args(args)
+    session.messages.append({"role": "user", "content": args.prompt})  # as typed, even if it starts with "/"
+    request = session.request(_sampling(args), args.max_tokens)
     show = None if args.json else (lambda token: print(token.text, end="", flush=True))
     call = stub.Generate(request, timeout=args.timeout)
     try:
