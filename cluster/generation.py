@@ -129,14 +129,14 @@ class GenerationLoop:
         sampling = with_defaults(request.sampling, self.sampling_defaults)
         if error := sampling_error(sampling, self.vocab_size):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, error)
-        if any(not 0 <= t < self.vocab_size for t in request.prompt):
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt token ids must be in [0, {self.vocab_size})")
-        if any(not 0 <= t < self.vocab_size for t in request.prediction):
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"prediction token ids must be in [0, {self.vocab_size})")
+        for name, ids in (("prompt", request.prompt), ("prediction", request.prediction)):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name} token ids must be in [0, {self.vocab_size})")
         if len(request.prediction) > self.context:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"a prediction of {len(request.prediction)} tokens is "
-                                f"longer than any reply can be (the planned context is {self.context} tokens)")
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a prediction of {len(request.prediction)} tokens is longer than any reply can be "
+                                f"(the planned context is {self.context} tokens)")
         max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(request.default_max_tokens, self.context - len(request.prompt)))

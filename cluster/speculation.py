@@ -74,8 +74,8 @@ class PromptLookup:
         for e in range(1, len(self.prediction) + 1):
             for n in range(MIN_NGRAM, min(MAX_NGRAM, e) + 1):
                 self._predicted.setdefault(tuple(self.prediction[e - n:e]), []).append(e)
-        self._in_prediction = 0  # where in the prediction the reply's end stands (None: lost)
-        self._stood = 0  # where it last stood
+        self._at = 0  # where in the prediction the reply's end stands, or last stood when it is lost
+        self._placed = True  # the reply's end is at _at (False: it left the prediction there)
         self._seen = len(self.tokens)  # the session's tokens when it was placed
 
     def extend(self, tokens):
@@ -87,23 +87,21 @@ class PromptLookup:
 
     def _from_prediction(self, k: int) -> list:
         came, self._seen = self.tokens[self._seen:], len(self.tokens)
-        at = self._in_prediction
-        if at is not None and self.prediction[at:at + len(came)] == came:
-            at += len(came)
+        if self._placed and self.prediction[self._at:self._at + len(came)] == came:
+            self._at += len(came)
         else:  # an edit, or it had lost its place
             at = self._place_in_prediction()
-        self._in_prediction = at
-        if at is not None:
-            self._stood = at
-        return self.prediction[at:at + k] if at is not None else []
+            self._placed = at is not None
+            self._at = at if self._placed else self._at
+        return self.prediction[self._at:self._at + k] if self._placed else []
 
     def _place_in_prediction(self) -> int | None:
         """Where in the prediction the reply's last tokens end: the first occurrence of the longest
         suffix found at or after where the reply last stood (a reply never goes back in it), or None."""
-        replied, since = len(self.tokens) - self.reply_start, self._stood
+        replied = len(self.tokens) - self.reply_start
         for n in range(min(MAX_NGRAM, replied), MIN_NGRAM - 1, -1):
             positions = self._predicted.get(tuple(self.tokens[-n:]), [])
-            if (i := bisect.bisect_left(positions, since)) < len(positions):
+            if (i := bisect.bisect_left(positions, self._at)) < len(positions):
                 return positions[i]
         return None
 

@@ -107,7 +107,8 @@ def _check_targets(request: pb.ForwardRequest, positions: int, vocab: int):
     if request.sample:
         raise WireError("`targets` score a prefill step: a sampling step has none")
     if len(request.targets) != positions:
-        raise WireError(f"`targets` holds a token for each of the step's {positions} positions, not {len(request.targets)}")
+        raise WireError(f"`targets` holds a token for each of the step's {positions} positions, "
+                        f"not {len(request.targets)}")
     if any(not 0 <= t < vocab for t in request.targets):
         raise WireError(f"target token ids must be in [0, {vocab})")
 
