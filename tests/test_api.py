@@ -480,6 +480,31 @@ def test_echo_scores_the_prompt_as_mlx_lm_does(api, client, oracle, max_tokens):
         assert got == pytest.approx(best, abs=1e-4), i
 
 
+def test_long_prompts_scored_at_once_each_score_as_mlx_lm(api, client, oracle, expect):
+    """Three prompts of two prefill chunks each scored at once, beside a chat reply: every score is
+    its own prompt's (the chunks of one request never take another's targets)."""
+    model, tokenizer = oracle
+    prompts = [tokenizer.encode(" ".join(map(str, range(start, start + 120))), add_special_tokens=False)
+               for start in (100, 400, 700)]
+    assert all(len(ids) > 256 for ids in prompts) and len({tuple(ids) for ids in prompts}) == 3
+    want_chat = expect(chat("Describe a cat."), 24, thinking=False)
+
+    def score(ids):
+        return client.completions.create(model=api.model_name, prompt=[ids], max_tokens=0, echo=True, logprobs=0,
+                                         temperature=0).choices[0].logprobs.token_logprobs
+
+    with ThreadPoolExecutor(4) as pool:
+        scored = [pool.submit(score, ids) for ids in prompts]
+        replied = pool.submit(create, client, api, chat("Describe a cat."), 24, extra_body=NO_THINKING)
+        for ids, future in zip(prompts, scored):
+            logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+            scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            want = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+            got = future.result()
+            assert got[0] is None and got[1:] == pytest.approx(want, abs=1e-4)
+        assert replied.result().choices[0].message.content == want_chat.content
+
+
 @pytest.mark.parametrize("body,param", [
     ({"prompt": "Hi", "echo": True, "stream": True}, "echo"),
     ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
