@@ -305,7 +305,6 @@ class ResponseObject(Completion):
         self.output = []            # the items so far
         self.item = None            # the reasoning or message item text is being added to
         self.sequence = 0
-        self.reasoning_tokens = 0
         self.unsent = []  # logprobs of tokens whose text is not out yet (with `logprobs`)
 
     # ---- whole ----
@@ -326,7 +325,7 @@ class ResponseObject(Completion):
             body["usage"] = {"input_tokens": result.prompt_tokens,
                              "input_tokens_details": {"cached_tokens": result.cached_tokens},
                              "output_tokens": result.completion_tokens,
-                             "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                             "output_tokens_details": {"reasoning_tokens": result.reasoning_tokens},
                              "total_tokens": result.prompt_tokens + result.completion_tokens}
         return body
 
@@ -343,8 +342,6 @@ class ResponseObject(Completion):
     def _add(self, piece: Piece) -> list:
         """The piece added to the output items; the (type, body) of the events that say so."""
         lines = []
-        if piece.delta.reasoning and piece.token is not None:
-            self.reasoning_tokens += 1
         if self.logprobs and piece.token is not None:
             self.unsent.append(self.logprob_json(piece))
         for kind, text in (("reasoning", piece.delta.reasoning), ("message", piece.delta.content)):

@@ -54,7 +54,10 @@ def sse(body: dict) -> str:
 def usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": result.reasoning_tokens,
+                                          "accepted_prediction_tokens": result.accepted_prediction_tokens,
+                                          "rejected_prediction_tokens": result.rejected_prediction_tokens}}
 
 
 class Completion:

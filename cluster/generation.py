@@ -70,6 +70,9 @@ class GenerationResult:
     decode_s: float  # from the first token to the last
     stop_sequence: str | None = None  # the stop string that ended the reply
     prompt_logprobs: list | None = None  # with score_prompt: (logprob, TopLogprobs or None) of prompt[1:]
+    reasoning_tokens: int = 0  # of completion_tokens, those of the thinking block
+    accepted_prediction_tokens: int = 0  # of the prediction's tokens, those drafted and kept
+    rejected_prediction_tokens: int = 0  # the others
 
 
 class ContextTooLong(GenerateError):
@@ -260,10 +263,13 @@ class Generation:
         finally:
             tokens.close()  # the scheduler keeps the session for the next turn, or frees it if cancelled
             now = time.monotonic()
+            accepted = min(self.stats.get("accepted_prediction", 0), len(request.prediction))
             self.result = GenerationResult(
                 finish_reason="cancelled" if self.stats.get("cancelled") else finish,
                 prompt_tokens=len(request.prompt), completion_tokens=count,
                 cached_tokens=self.stats.get("cached_tokens", 0),
                 ttft_s=(first or now) - request.arrived, decode_s=(last - first) if first else 0.0,
-                stop_sequence=stop.matched, prompt_logprobs=self.stats.get("prompt_logprobs"))
+                stop_sequence=stop.matched, prompt_logprobs=self.stats.get("prompt_logprobs"),
+                reasoning_tokens=parser.reasoning_tokens, accepted_prediction_tokens=accepted,
+                rejected_prediction_tokens=len(request.prediction) - accepted)
             loop.finished(self.result, self.stats)

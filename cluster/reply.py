@@ -46,6 +46,7 @@ class RawText:
     """The ReplyParser interface for a raw completion: every token is text, special ones included."""
 
     tool_calls: list = []
+    reasoning_tokens = 0
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -81,6 +82,7 @@ class ReplyParser:
         self.detokenizer = tokenizer.detokenizer
         self.tool_tokens: list = []
         self.tool_calls: list = []
+        self.reasoning_tokens = 0  # inside the thinking block, </think> included (<think> where the reply opens it)
 
     def _flush(self) -> ReplyDelta:
         self.detokenizer.finalize()
@@ -95,6 +97,8 @@ class ReplyParser:
                 return ReplyDelta()
             self.mode = "content"
             return ReplyDelta(tool_calls=self._parse_tools())
+        if self.mode == "reasoning" or token == self.think_start:
+            self.reasoning_tokens += 1
         if token == self.think_start:
             delta, self.mode = self._flush(), "reasoning"
             return delta

@@ -331,7 +331,8 @@ class Scheduler:
         grammar's mask and the penalties' history for the reply so far, replays included.
         `score_prompt`: the prompt is prefilled whole (no cached prefix) with each token's logprob
         after the ones before it computed at the last stage: stats["prompt_logprobs"] receives
-        (logprob, TopLogprobs or None) for prompt[1:]."""
+        (logprob, TopLogprobs or None) for prompt[1:]. stats["accepted_prediction"]: how many of
+        the tokens drafted from `prediction` the reply kept."""
         stats = {} if stats is None else stats
         began = time.monotonic()
         if deadline and began >= deadline:
@@ -341,7 +342,7 @@ class Scheduler:
         if score_prompt:  # every position is computed again (the stages trim the session's caches to 0)
             cached = 0
         spec = pb.Speculation()  # this request's sampling steps
-        stats.update(session_id=session_id, cached_tokens=cached, speculation=spec)
+        stats.update(session_id=session_id, cached_tokens=cached, speculation=spec, accepted_prediction=0)
         max_positions = len(prompt) + max_tokens
         generated, kept = [], False
         widths = []  # positions each decode step left in the caches (its token and the drafted ones accepted)
@@ -464,6 +465,8 @@ class Scheduler:
                 if generated:
                     widths.append(len(produced))
                 self._count(spec, len(draft), len(produced))
+                if lookup.predicted:
+                    stats["accepted_prediction"] += len(produced) - 1
                 speculator.observe(guess, [token for token, _, _ in produced])
                 for token, logprob, top in produced:
                     generated.append(token)

@@ -77,13 +77,16 @@ class PromptLookup:
         self._at = 0  # where in the prediction the reply's end stands, or last stood when it is lost
         self._placed = True  # the reply's end is at _at (False: it left the prediction there)
         self._seen = len(self.tokens)  # the session's tokens when it was placed
+        self.predicted = False  # the last draft came from the prediction
 
     def extend(self, tokens):
         self.tokens.extend(tokens)
 
     def draft(self, k: int) -> list:
         """Up to k tokens that may come next ([] where nothing predicts them)."""
-        return (self.prediction and self._from_prediction(k)) or self._looked_up(k)
+        predicted = self._from_prediction(k) if self.prediction else []
+        self.predicted = bool(predicted)
+        return predicted or self._looked_up(k)
 
     def _from_prediction(self, k: int) -> list:
         came, self._seen = self.tokens[self._seen:], len(self.tokens)

@@ -8,8 +8,10 @@ import secrets
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import mlx.core as mx
 import pytest
 
 from mlx_lm.sample_utils import make_sampler
@@ -41,17 +43,14 @@ def middle_of(cluster):
 
 
 def generate_during(cluster, requests: list, interrupt, after_tokens: int = 5) -> list:
-    """Run every (prompt ids, SamplingParams, max_tokens[, response_format_json]) of `requests` at
-    once, call `interrupt()` once each has streamed `after_tokens` tokens, and return each one's
-    token ids (or its error)."""
+    """Run every pb.GenerateRequest of `requests` at once, call `interrupt()` once each has streamed
+    `after_tokens` tokens, and return each one's token ids (or its error)."""
     streamed = [threading.Event() for _ in requests]
     results = [None] * len(requests)
 
-    def generate(i, prompt_ids, sampling, max_tokens, response_format=""):
+    def generate(i, request):
         ids = []
         try:
-            request = pb.GenerateRequest(prompt_tokens=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-                                         response_format_json=response_format)
             for event in cluster.client.Generate(request, timeout=180):
                 if event.HasField("token") and event.token.id >= 0:
                     ids.append(event.token.id)
@@ -62,7 +61,7 @@ def generate_during(cluster, requests: list, interrupt, after_tokens: int = 5) -
             results[i] = e
         streamed[i].set()
 
-    threads = [threading.Thread(target=generate, args=(i, *r)) for i, r in enumerate(requests)]
+    threads = [threading.Thread(target=generate, args=(i, r)) for i, r in enumerate(requests)]
     for t in threads:
         t.start()
     try:
@@ -84,7 +83,7 @@ ANSWER = {"type": "object", "additionalProperties": False, "required": ["name", 
 
 @pytest.fixture(scope="module")
 def eight_generations(oracle, make_chat_prompt):
-    """([(prompt ids, SamplingParams, max_tokens[, response_format_json])] of 8 requests, greedy and
+    """([pb.GenerateRequest] of 8 requests, greedy and
     seeded, and the tokens of each from the oracle): the last two with penalties and a JSON schema
     (an instant-mode prompt, so the grammar holds the reply from its first token), whose grammar
     state and penalty history a replay must rebuild exactly."""
@@ -96,7 +95,7 @@ def eight_generations(oracle, make_chat_prompt):
             if seed is not None:
                 sampling.seed = seed
             sampler = make_sampler(temperature) if temperature else None
-            requests.append((prompt, sampling, GREEDY_TOKENS))
+            requests.append(pb.GenerateRequest(prompt_tokens=prompt, sampling=sampling, max_tokens=GREEDY_TOKENS))
             expected.append(oracle_reply(oracle, prompt, GREEDY_TOKENS, sampler=sampler, seed=seed))
     tokenizer = oracle[1]
     instant = list(tokenizer.apply_chat_template([{"role": "user", "content": "Go on"}], add_generation_prompt=True,
@@ -107,7 +106,8 @@ def eight_generations(oracle, make_chat_prompt):
         put_penalties(sampling, penalties)
         constraint = Constraint.for_spec(ConstraintSpec(json_schema=ANSWER), tokenizer, 512, tokenizer.eos_token_ids)
         fmt = json.dumps({"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}})
-        requests.append((instant, sampling, GREEDY_TOKENS, fmt))
+        requests.append(pb.GenerateRequest(prompt_tokens=instant, sampling=sampling, max_tokens=GREEDY_TOKENS,
+                                            response_format_json=fmt))
         expected.append(oracle_reply(oracle, instant, GREEDY_TOKENS, sampler=make_sampler(0.8), seed=seed,
                                      logits_processors=penalties.processors() + [constraint.processor(len(instant))]))
     return requests, expected
@@ -152,7 +152,7 @@ def test_killed_node_layers_move_and_every_generation_keeps_its_tokens(tmp_path,
         cluster.peers[cluster.peers.index(last)] = restarted
         poll(cluster.memory_map, lambda m: {n.name: n.status for n in m.nodes}[last.name] == "spare", 30,
              "the restarted node to be a spare")
-        ids, _ = cluster.generate(prompt_tokens=requests[0][0], max_tokens=GREEDY_TOKENS)
+        ids, _ = cluster.generate(prompt_tokens=requests[0].prompt_tokens, max_tokens=GREEDY_TOKENS)
         assert ids == expected[0]
 
 
@@ -225,8 +225,8 @@ def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir
             finally:
                 middle.kill(signal.SIGCONT)
 
-        params = pb.SamplingParams()
-        [ids] = generate_during(cluster, [(chat_prompt_ids, params, GREEDY_TOKENS)], stall_until_degraded)
+        request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=GREEDY_TOKENS)
+        [ids] = generate_during(cluster, [request], stall_until_degraded)
         assert ids == expected
         reply = cluster.memory_map()
         assert reply.state == "ready" and {n.name: n.status for n in reply.nodes}[middle_name] == "ready"
@@ -234,6 +234,42 @@ def test_stalled_node_the_others_cannot_replace_is_waited_for(tmp_path, tiny_dir
         for node in cluster.nodes:  # only the finished reply's session is left (cached for a next turn)
             health = cluster.node_stub(node).Health(pb.HealthRequest(), timeout=10)
             assert health.sessions == 1, (node.name, health)
+
+
+def test_a_prompt_being_scored_when_a_node_is_lost_is_scored_again_as_mlx_lm(tmp_path, tiny_dir, oracle):
+    """/v1/completions scoring a prompt of two prefill chunks (`echo`, `logprobs`) while the last
+    stage is paused, then killed: the first stage has the prompt, the last never answers; the
+    layers move and the prompt is scored again from its start, every logprob mlx-lm's, and the
+    reply after it too."""
+    model, tokenizer = oracle
+    ids = tokenizer.encode(" ".join(map(str, range(100, 220))), add_special_tokens=False)
+    logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+    scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    want = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    reply_ids = oracle_reply(oracle, ids, 3)
+    key = secrets.token_hex(8)
+    with harness.ApiCluster(tmp_path, tiny_dir, stages=2,
+                            coordinator_extra=["--api-port", "0", "--api-key", key, "--context", "1024"]) as api:
+        client = harness.openai_client(api, key).with_options(timeout=120)
+        [last] = api.peers
+        first = api.node_stub(api.coordinator)
+        assert first.Health(pb.HealthRequest(), timeout=10).sessions == 0
+        last.kill(signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                scored = pool.submit(client.completions.create, model=api.model_name, prompt=[ids], max_tokens=3,
+                                     temperature=0, echo=True, logprobs=1)
+                poll(lambda: first.Health(pb.HealthRequest(), timeout=10).sessions, lambda n: n == 1, 30,
+                     "the first stage to hold the prompt's session")
+                last.kill(signal.SIGKILL)
+                reply = scored.result()
+        finally:
+            last.kill(signal.SIGCONT)
+        assert "replaying" in api.coordinator.log()
+    choice = reply.choices[0]
+    assert choice.text == tokenizer.decode(ids) + tokenizer.decode(reply_ids)
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
 
 
 def test_a_node_started_with_peer_coordinator_joins_it(tmp_path, tiny_dir, oracle, chat_prompt_ids):
@@ -275,8 +311,8 @@ def test_node_back_on_another_port_without_mdns_is_attached_again(tmp_path, tiny
             assert back.address != peer.address
             cluster.peers[0] = back
 
-        [ids] = generate_during(cluster, [(chat_prompt_ids, pb.SamplingParams(), GREEDY_TOKENS)],
-                                kill_and_restart_elsewhere)
+        request = pb.GenerateRequest(prompt_tokens=chat_prompt_ids, max_tokens=GREEDY_TOKENS)
+        [ids] = generate_during(cluster, [request], kill_and_restart_elsewhere)
         assert ids == expected
         reply = cluster.memory_map()
         entry = next(n for n in reply.nodes if n.name == peer.name)

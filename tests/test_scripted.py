@@ -186,6 +186,32 @@ def test_a_right_prediction_is_verified_many_tokens_a_step(api, scripted_dir):
     assert steps["none"] == len(reply) + 1 >= steps["wrong"], steps  # none drafted: a step per token, one for EOS
 
 
+def test_usage_counts_the_reasoning_and_the_prediction_kept(api, client, scripted_dir):
+    """completion_tokens_details as OpenAI gives them: reasoning_tokens are the thinking block's
+    (its text and </think>), in chat completions and the Responses API alike; a prediction's
+    tokens are accepted where drafted and kept, rejected otherwise (here its text encodes the
+    tool call in other tokens than the script's), none without one. (Without tools: their schemas
+    would constrain the reply, and a constrained reply drafts nothing.)"""
+    tokenizer = load_tokenizer(scripted_dir)
+    ids = script_ids(tokenizer, SCRIPT)
+    thought = ids.index(tokenizer.convert_tokens_to_ids("</think>"))  # the reply starts after the prompt's <think>
+    plain = create(client, api).usage
+    assert plain.completion_tokens == len(ids) - 2  # neither the prompt's <think> nor the EOS
+    details = plain.completion_tokens_details
+    assert (details.reasoning_tokens, details.accepted_prediction_tokens, details.rejected_prediction_tokens) == \
+        (thought, 0, 0)
+    assert respond(client, api).usage.output_tokens_details.reasoning_tokens == thought
+    prediction = SCRIPT[len("<think>"):]
+    predicted = tokenizer.encode(prediction)
+    assert predicted != ids[1:], "the prediction should differ from the reply somewhere"
+    reply = client.chat.completions.create(model=api.model_name, messages=MESSAGES, max_tokens=80, temperature=0,
+                                           prediction={"type": "content", "content": prediction})
+    assert reply.choices[0].message.content == CONTENT
+    details = reply.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == len(predicted)
+    assert len(predicted) // 2 < details.accepted_prediction_tokens < len(predicted), details
+
+
 RESPONSES_TOOL = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
 CALL_ID = "functions.get_weather:0"
 

@@ -261,21 +261,26 @@ def test_a_request_cancelled_mid_verification_frees_its_caches(cluster2, oracle,
 
 
 def test_a_node_killed_mid_generation_replays_exactly(tmp_path, tiny_dir, oracle, make_chat_prompt):
-    """kill -9 of the last stage of three during speculating generations, greedy and seeded: the
-    stage before takes its layers, each session is replayed in the steps it ran (the drafted
-    tokens accepted included) and then verifies the same draft with the same random state; every
-    reply equals an uninterrupted run (mlx-lm's for greedy, the same cluster's before the kill for
-    the seeded ones)."""
+    """kill -9 of the last stage of three during speculating generations, greedy and seeded, and
+    one drafting from a prediction with an edit in it: the stage before takes its layers, each
+    session is replayed in the steps it ran (the drafted tokens accepted included) and then
+    verifies the same draft with the same random state; the prediction's lookup keeps its place.
+    Every reply equals an uninterrupted run (mlx-lm's for greedy, the same cluster's before the
+    kill for the seeded ones)."""
     tokenizer = oracle[1]
     prompts = [make_chat_prompt(tokenizer, t) for t in (COPY_TEXT, "Hi!")]
     with LocalCluster(tmp_path, tiny_dir, stages=3, coordinator_extra=["--speculate", "on"]) as cluster:
         requests, expected = [], []
         for i, prompt in enumerate(prompts):
-            requests.append((prompt, pb.SamplingParams(temperature=0.0), 64))
+            requests.append(pb.GenerateRequest(prompt_tokens=prompt, max_tokens=64))
             expected.append(oracle_reply(oracle, prompt, 64))
             seeded = pb.SamplingParams(temperature=0.8, seed=40 + i)
-            requests.append((prompt, seeded, 64))
+            requests.append(pb.GenerateRequest(prompt_tokens=prompt, max_tokens=64, sampling=seeded))
             expected.append(_generate(cluster, prompt, 64, temperature=0.8, seed=40 + i))
+        assert len(expected[2]) > 30, "the greedy reply to 'Hi!' must run past the prediction's edit"
+        edited = expected[2][:20] + expected[2][22:]  # the reply less two tokens: where it leaves it, found again
+        requests.append(pb.GenerateRequest(prompt_tokens=prompts[1], max_tokens=64, prediction_tokens=edited))
+        expected.append(expected[2])
         last = next(n for n in cluster.peers if stage_ranges(cluster.memory_map())[n.name] == (4, 6))
         drafted = cluster.memory_map().speculation.drafted
         results = generate_during(cluster, requests, lambda: last.kill(signal.SIGKILL), after_tokens=3)
