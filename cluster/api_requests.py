@@ -22,7 +22,7 @@ from .scheduler import GenerateError
 from .shaping import MAX_TOP_LOGPROBS, put_penalties
 from .structured import FieldError, constraint_spec, penalties
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 8                  # `n`: replies to one prompt, generated one after another on its one prefill
 DEFAULT_MAX_TOKENS = 1024        # a chat reply that names no max_tokens: up to this, as the context allows
@@ -318,7 +318,9 @@ def _messages(body: dict) -> list:
         if m["role"] == "tool" and not m.get("tool_call_id"):
             raise ApiError(400, f"`messages[{i}].tool_call_id` is required for tool messages",
                            f"messages[{i}].tool_call_id")
-    return messages
+    # "developer" is OpenAI's newer name for the system message (its clients send it to reasoning
+    # models); Kimi's chat template knows only "system" and would drop it
+    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
 
 def _check_part(part, where: str) -> None:

@@ -148,6 +148,17 @@ def raw(api, path: str, body: dict | None = None, key: str | None = API_KEY):
 # ---- models, greedy text, streaming ---------------------------------------------------------------
 
 
+def test_a_developer_message_is_a_system_message(api, client, expect):
+    """OpenAI's clients send reasoning models their instructions as a "developer" message: it is
+    the system message (the chat template knows no other), so the reply is the same."""
+    messages = chat("Hi!", system="Answer in one word.")
+    want = expect(messages, 12, thinking=False)
+    developer = [{**messages[0], "role": "developer"}, messages[1]]
+    reply = create(client, api, developer, 12, extra_body={"thinking": False})
+    assert reply.choices[0].message.content == want.content
+    assert reply.usage.prompt_tokens == len(want.prompt)
+
+
 def test_models_lists_the_served_model(api, client, tiny_dir):
     assert api.model_name == tiny_dir.name  # the checkpoint directory's name, as `up` printed it
     assert [m.id for m in client.models.list().data] == [api.model_name]
