@@ -220,9 +220,12 @@ def whole(generations: list, reply: Completion) -> dict:
         return bodies[0]
     out = bodies[0]
     out["choices"] = [{**body["choices"][0], "index": i} for i, body in enumerate(bodies)]
-    completion = sum(body["usage"]["completion_tokens"] for body in bodies)
-    out["usage"] = {**out["usage"], "completion_tokens": completion,
-                    "total_tokens": out["usage"]["prompt_tokens"] + completion}
+    usages = [body["usage"] for body in bodies]
+    completion = sum(u["completion_tokens"] for u in usages)
+    details = {key: sum(u["completion_tokens_details"][key] for u in usages)
+               for key in usages[0]["completion_tokens_details"]}
+    out["usage"] = {**usages[0], "completion_tokens": completion, "completion_tokens_details": details,
+                    "total_tokens": usages[0]["prompt_tokens"] + completion}
     return out
 
 

@@ -201,6 +201,9 @@ def test_usage_counts_the_reasoning_and_the_prediction_kept(api, client, scripte
     assert (details.reasoning_tokens, details.accepted_prediction_tokens, details.rejected_prediction_tokens) == \
         (thought, 0, 0)
     assert respond(client, api).usage.output_tokens_details.reasoning_tokens == thought
+    both = create(client, api, n=2).usage  # the replies' counts together
+    assert (both.completion_tokens, both.completion_tokens_details.reasoning_tokens) == \
+        (2 * (len(ids) - 2), 2 * thought)
     prediction = SCRIPT[len("<think>"):]
     predicted = tokenizer.encode(prediction)
     assert predicted != ids[1:], "the prediction should differ from the reply somewhere"
