@@ -20,8 +20,10 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from .api_anthropic import AnthropicMessage, count_tokens, messages_prompt, openai_fields
 from .api_guards import Guard, RequireKey
@@ -58,8 +60,17 @@ def build_app(coordinator, model_name: str, api_key: str | None = None, hosts: s
     @app.exception_handler(HTTPException)  # no such path or method (routes, the web view's files): our shape
     async def http_error(request, error: HTTPException):
         where = f"{request.scope['method']} {request.scope['path'][:200]}"
-        return ApiError(error.status_code, f"{where}: {error.detail}", code="not_found" if error.status_code == 404
-                        else None).response()
+        routes = [r for r in app.routes if isinstance(r, APIRoute)]
+        # an endpoint's path with another method: the web view's files may have answered it instead
+        if methods := sorted(m for r in routes if r.matches(request.scope)[0] == Match.PARTIAL for m in r.methods):
+            return ApiError(405, f"{where}: use {', '.join(methods)}", code="method_not_allowed").response()
+        if request.url.path.startswith("/v1/"):
+            served = ", ".join(f"{method} {r.path_format}" for r in routes if r.path.startswith("/v1/")
+                               for method in r.methods)
+            return ApiError(404, f"{where}: no such endpoint here; this API serves {served}",
+                            code="not_found").response()
+        return ApiError(error.status_code, f"{where}: {error.detail}",
+                        code="not_found" if error.status_code == 404 else None).response()
 
     @app.get("/health")
     async def health():

@@ -159,6 +159,21 @@ def test_a_developer_message_is_a_system_message(api, client, expect):
     assert reply.usage.prompt_tokens == len(want.prompt)
 
 
+@pytest.mark.parametrize("path,body,status,says", [
+    ("/embeddings", {"input": "hi"}, 404, "no such endpoint here; this API serves GET /v1/models, "),
+    ("/chat/completions", None, 405, "GET /v1/chat/completions: use POST"),
+    ("/models", {}, 405, "POST /v1/models: use GET"),
+], ids=["unknown-endpoint", "chat-by-GET", "models-by-POST"])
+def test_a_path_or_method_not_served_is_named(api, path, body, status, says):
+    """An endpoint this API lacks is a 404 listing those it has (a POST had been "Method Not
+    Allowed", from the web view's files); a known one by another method says which to use."""
+    got, text = raw(api, path, body)
+    error = json.loads(text)["error"]
+    assert got == status and says in error["message"], (got, error)
+    if status == 404:
+        assert "POST /v1/chat/completions" in error["message"] and error["code"] == "not_found"
+
+
 def test_models_lists_the_served_model(api, client, tiny_dir):
     assert api.model_name == tiny_dir.name  # the checkpoint directory's name, as `up` printed it
     assert [m.id for m in client.models.list().data] == [api.model_name]
