@@ -18,7 +18,8 @@ from pathlib import Path
 
 import mlx_lm.utils
 import tiktoken
-from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper, _infer_tool_parser
+from mlx_lm.tokenizer_utils import (BPEStreamingDetokenizer, StreamingDetokenizer, TokenizerWrapper, _byte_decoder,
+                                    _infer_tool_parser)
 from transformers import PreTrainedConfig
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -275,6 +276,20 @@ class ByteStreamingDetokenizer(StreamingDetokenizer):
         self._utf8.reset()
 
 
+class ExactBPEStreamingDetokenizer(BPEStreamingDetokenizer):
+    """mlx-lm's streaming detokenizer for byte-level BPE (a tokenizer.json), but a token holding the
+    byte 0 gives "\x00": mlx-lm's takes byte 0 for "not a byte" and gives "Ā", the byte's stand-in
+    in the vocabulary (mlx-lm 0.32.2)."""
+
+    def _decode_bytes(self, seq):
+        byte_decoder = _byte_decoder()
+        out = bytearray()
+        for c in seq:
+            byte = byte_decoder.get(c)
+            out.extend(c.encode() if byte is None else (byte,))
+        return out.decode("utf-8", "replace")
+
+
 def _kimi_wrapper(path: Path, eos_token_ids: list) -> TokenizerWrapper:
     tokenizer = KimiTokenizer(path)
     parser = tokenizer.init_kwargs.get("tool_parser_type") or _infer_tool_parser(tokenizer)
@@ -323,7 +338,10 @@ def load_tokenizer(path, eos_token_ids=None) -> TokenizerWrapper:
     if (path / "tokenizer.json").is_file():
         # An empty model config, so transformers never reads config.json (it does not know kimi_k2).
         extra = {"config": PreTrainedConfig(), "trust_remote_code": False}
-        return mlx_lm.utils.load_tokenizer(path, extra, eos_token_ids=eos)
+        wrapper = mlx_lm.utils.load_tokenizer(path, extra, eos_token_ids=eos)
+        if type(wrapper._detokenizer) is BPEStreamingDetokenizer:
+            wrapper._detokenizer = ExactBPEStreamingDetokenizer(wrapper._tokenizer)
+        return wrapper
     found = sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".model", ".py", ".jinja", ".tiktoken"))
     raise ValueError(
         f"{path}: no tokenizer this project can load without running the checkpoint's code. Supported: Kimi's "

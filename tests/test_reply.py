@@ -5,9 +5,8 @@ StopMatcher (stop strings over text that arrives in pieces)."""
 import json
 
 import pytest
-from mlx_lm.utils import load_tokenizer
-
 from cluster.reply import RawText, ReplyParser, StopMatcher, ToolCall, prompt_ends_thinking
+from mlx_kimi.kimi_tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +98,21 @@ def test_multibyte_text_split_over_tokens_reassembles(tok, thinking):
     assert not any("\ufffd" in d.reasoning + d.content for d in deltas)
 
 
-@pytest.mark.parametrize("text", [" Paris, France", "Paris", "  two spaces", " Grüße 🙂"])
+@pytest.mark.parametrize("text", [" Paris, France", "Paris", "  two spaces", " Grüße 🙂", "a\x00b\x00"])
 def test_raw_text_is_the_tokens_decoded_leading_space_included(tok, text):
     """A raw completion continues its prompt: its text is exactly the tokens decoded (mlx-lm's BPE
-    streaming detokenizer alone drops a leading space), and no delta carries half a character."""
+    streaming detokenizer alone drops a leading space, and gives a NUL byte as "Ā"), and no delta
+    carries half a character."""
     parser = RawText(tok)
     deltas = [parser.feed(t) for t in ids(tok, text)] + [parser.finish()]
     assert "".join(d.content for d in deltas) == text
     assert not any("\ufffd" in d.content for d in deltas)
+
+
+def test_a_nul_byte_is_text_in_reasoning_and_content(tok):
+    tokens = ids(tok, "x\x00") + [special(tok, "</think>")] + ids(tok, "\x00y")
+    reasoning, content, _, _ = feed_all(ReplyParser(tok, thinking=True), tokens)
+    assert (reasoning, content) == ("x\x00", "\x00y")
 
 
 def test_multibyte_text_on_both_sides_of_think_end(tok):
