@@ -52,23 +52,28 @@ class RawText:
         self.tokenizer = tokenizer
         self.detokenizer = tokenizer.detokenizer
         self.detokenizer.reset()
-        self.started = False  # some text is out
+        self.streamed = ""  # the text given out so far
 
     def feed(self, token: int) -> ReplyDelta:
         self.detokenizer.add_token(token)
-        return ReplyDelta(content=self._text(self.detokenizer.last_segment))
+        return ReplyDelta(content=self._out(self.detokenizer.last_segment))
 
     def finish(self) -> ReplyDelta:
         self.detokenizer.finalize()
-        return ReplyDelta(content=self._text(self.detokenizer.last_segment))
+        text = self._out(self.detokenizer.last_segment)
+        whole = self.tokenizer.decode(self.detokenizer.tokens)
+        if len(whole) > len(self.streamed) and whole.startswith(self.streamed):
+            # mlx-lm's BPE detokenizer holds a lone space back for the next token, and drops it at the end
+            text += whole[len(self.streamed):]
+            self.streamed = whole
+        return ReplyDelta(content=text)
 
-    def _text(self, segment: str) -> str:
+    def _out(self, segment: str) -> str:
         """mlx-lm's BPE detokenizer drops the text's leading space (right for a chat turn); a raw
         completion continues its prompt, so there the space is the reply's."""
-        if segment and not self.started:
-            self.started = True
-            if self.tokenizer.decode(self.detokenizer.tokens) == " " + segment:
-                return " " + segment
+        if segment and not self.streamed and self.tokenizer.decode(self.detokenizer.tokens) == " " + segment:
+            segment = " " + segment
+        self.streamed += segment
         return segment
 
 

@@ -5,6 +5,8 @@ StopMatcher (stop strings over text that arrives in pieces)."""
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cluster.reply import RawText, ReplyParser, StopMatcher, ToolCall, prompt_ends_thinking
 from mlx_kimi.kimi_tokenizer import load_tokenizer
 
@@ -98,15 +100,23 @@ def test_multibyte_text_split_over_tokens_reassembles(tok, thinking):
     assert not any("\ufffd" in d.reasoning + d.content for d in deltas)
 
 
-@pytest.mark.parametrize("text", [" Paris, France", "Paris", "  two spaces", " Grüße 🙂", "a\x00b\x00"])
+@pytest.mark.parametrize("text", [" Paris, France", "Paris", "  two spaces", " Grüße 🙂", "a\x00b\x00", " "])
 def test_raw_text_is_the_tokens_decoded_leading_space_included(tok, text):
     """A raw completion continues its prompt: its text is exactly the tokens decoded (mlx-lm's BPE
-    streaming detokenizer alone drops a leading space, and gives a NUL byte as "Ā"), and no delta
-    carries half a character."""
+    streaming detokenizer alone drops a leading space, a reply of one space, and gives a NUL byte as
+    "Ā"), and no delta carries half a character."""
     parser = RawText(tok)
     deltas = [parser.feed(t) for t in ids(tok, text)] + [parser.finish()]
     assert "".join(d.content for d in deltas) == text
     assert not any("\ufffd" in d.content for d in deltas)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_raw_ids_stream_exactly_their_decoding(tok, data):
+    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), min_size=1, max_size=10))
+    parser = RawText(tok)
+    assert "".join(parser.feed(t).content for t in ids) + parser.finish().content == tok.decode(ids)
 
 
 def test_a_nul_byte_is_text_in_reasoning_and_content(tok):
