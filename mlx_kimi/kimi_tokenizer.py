@@ -339,7 +339,8 @@ def load_tokenizer(path, eos_token_ids=None) -> TokenizerWrapper:
         # An empty model config, so transformers never reads config.json (it does not know kimi_k2).
         extra = {"config": PreTrainedConfig(), "trust_remote_code": False}
         wrapper = mlx_lm.utils.load_tokenizer(path, extra, eos_token_ids=eos)
-        if type(wrapper._detokenizer) is BPEStreamingDetokenizer:
+        # a private field of mlx-lm's wrapper: where a later mlx-lm has none, its own detokenizer stays
+        if type(getattr(wrapper, "_detokenizer", None)) is BPEStreamingDetokenizer:
             wrapper._detokenizer = ExactBPEStreamingDetokenizer(wrapper._tokenizer)
         return wrapper
     found = sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".model", ".py", ".jinja", ".tiktoken"))
