@@ -108,7 +108,6 @@ def _filtered(logprobs: mx.array, params: pb.SamplingParams) -> mx.array:
     return logprobs
 
 
-
 def most_likely(logprobs: mx.array, n: int, normalizer: mx.array | None = None) -> list:
     """For each row of `logprobs`, its `n` most likely tokens, most likely first, with their
     logprobs: a TopLogprobs per row. Tokens that cannot be drawn (-inf: masked by a grammar or a
