@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from .generated import kimi_cluster_pb2 as pb
-from .shaping import MAX_TOP_LOGPROBS, Shaper, penalties_of
+from .shaping import Shaper, penalties_of
 from .link import ForwardLink, StageError, failure_of, reply_of
 from .prompt_cache import CachedSession
 from .speculation import PromptLookup, Speculator, StepCost, speculation_mode
@@ -76,8 +76,6 @@ def sampling_error(s: pb.SamplingParams, vocab_size: int) -> str | None:
         return f"top_k must be below the model's vocabulary of {vocab_size} tokens (0 turns it off), got {s.top_k}"
     if not 0 <= s.min_p <= 1:
         return f"min_p must be in [0, 1], got {s.min_p}"
-    if s.top_logprobs > MAX_TOP_LOGPROBS:
-        return f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}"
     try:
         penalties_of(s)
     except ValueError as e:
