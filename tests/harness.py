@@ -43,6 +43,14 @@ def oracle_reply(oracle, prompt_ids, max_tokens: int, sampler=None, seed=None, l
     return out
 
 
+def oracle_scores(oracle, ids: list) -> tuple:
+    """(log-softmax at every position of `ids`, float32; each token after the first's logprob after
+    the ones before it): mlx-lm's scoring of a prompt, what /v1/completions' `echo` with `logprobs` gives."""
+    logits = oracle[0](mx.array(ids)[None])[0].astype(mx.float32)
+    scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return scores, [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
 def tight_memory(model_dir: Path, nodes: int, context: int = 32768) -> str:
     """A --memory with which `nodes` equal nodes hold the model and one fewer cannot (so a lost
     node's layers have nowhere to go and the cluster must wait for it)."""

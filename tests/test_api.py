@@ -25,7 +25,7 @@ from mlx_lm.utils import common_prefix_len
 
 import harness
 from cluster.generated import kimi_cluster_pb2 as pb
-from harness import KIMI, ApiCluster, poll
+from harness import KIMI, ApiCluster, oracle_scores, poll
 
 API_KEY = "sk-test-0123456789"
 CONTEXT = 512
@@ -485,8 +485,7 @@ def test_echo_scores_the_prompt_as_mlx_lm_does(api, client, oracle, max_tokens):
     model, tokenizer = oracle
     ids = tokenizer.encode(" ".join(map(str, range(100, 220))), add_special_tokens=False)
     assert 256 < len(ids) < CONTEXT - 4, len(ids)  # past one prefill chunk (256), within the context
-    logits = model(mx.array(ids)[None])[0].astype(mx.float32)
-    scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    scores, want = oracle_scores(oracle, ids)
     reply_ids = []
     for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
         reply_ids.append(int(token))
@@ -498,7 +497,6 @@ def test_echo_scores_the_prompt_as_mlx_lm_does(api, client, oracle, max_tokens):
     logprobs = choice.logprobs
     assert logprobs.tokens == [tokenizer.decode([t]) for t in ids + reply_ids]
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
-    want = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     assert logprobs.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
     for i, got in enumerate(logprobs.top_logprobs[1:len(ids)]):
         best = {tokenizer.decode([t]): scores[i, t].item() for t in reversed(mx.argsort(-scores[i])[:2].tolist())}
@@ -523,9 +521,7 @@ def test_long_prompts_scored_at_once_each_score_as_mlx_lm(api, client, oracle, e
         scored = [pool.submit(score, ids) for ids in prompts]
         replied = pool.submit(create, client, api, chat("Describe a cat."), 24, extra_body=NO_THINKING)
         for ids, future in zip(prompts, scored):
-            logits = model(mx.array(ids)[None])[0].astype(mx.float32)
-            scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            want = [scores[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+            _, want = oracle_scores(oracle, ids)
             got = future.result()
             assert got[0] is None and got[1:] == pytest.approx(want, abs=1e-4)
         assert replied.result().choices[0].message.content == want_chat.content
